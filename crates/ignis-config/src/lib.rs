@@ -67,7 +67,13 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn at(path: &Path, text: &str, offset: usize, key: impl Into<String>, message: impl Into<String>) -> Self {
+    fn at(
+        path: &Path,
+        text: &str,
+        offset: usize,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         let (line, column) = line_col(text, offset);
         ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -115,10 +121,10 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Most header fields accepted in one request.
     pub max_headers: usize,
-    /// Time allowed to receive a complete request head.
+    /// Time allowed to receive a complete request head, counted from the
+    /// moment the connection is ready for its next request: it is also how
+    /// long an idle keep-alive connection stays open.
     pub header_read_timeout: Duration,
-    /// Time an idle keep-alive connection is kept open.
-    pub idle_timeout: Duration,
     /// Use the pooling instance allocator (falls back to on-demand if the reservation fails).
     pub pooling: bool,
 }
@@ -210,7 +216,6 @@ struct RawServer {
     max_header_bytes: Option<ByteSize>,
     max_headers: Option<Spanned<u32>>,
     header_read_timeout: Option<HumanDuration>,
-    idle_timeout: Option<HumanDuration>,
     pooling: Option<bool>,
 }
 
@@ -254,8 +259,15 @@ impl Manifest {
 
     /// Parses and validates manifest `text` as if it were read from `path`.
     pub fn from_str_at(text: &str, path: &Path) -> Result<Manifest, ConfigError> {
-        let de = toml::Deserializer::parse(text)
-            .map_err(|e| ConfigError::at(path, text, e.span().map_or(0, |s| s.start), "<document>", e.message()))?;
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            ConfigError::at(
+                path,
+                text,
+                e.span().map_or(0, |s| s.start),
+                "<document>",
+                e.message(),
+            )
+        })?;
         let raw: RawManifest = serde_path_to_error::deserialize(de).map_err(|e| {
             // `Spanned` fields show up as a private segment in the path; drop it.
             let key = e
@@ -267,7 +279,11 @@ impl Manifest {
                 .join(".");
             let inner = e.inner();
             let offset = inner.span().map_or(0, |s| s.start);
-            let key = if key == "." { "<document>".to_string() } else { key };
+            let key = if key == "." {
+                "<document>".to_string()
+            } else {
+                key
+            };
             ConfigError::at(path, text, offset, key, inner.message())
         })?;
         Validator { path, text }.manifest(raw)
@@ -285,7 +301,12 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn err(&self, offset: usize, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    fn err(
+        &self,
+        offset: usize,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         ConfigError::at(self.path, self.text, offset, key, message)
     }
 
@@ -321,54 +342,96 @@ impl Validator<'_> {
         let listen = match raw.listen {
             None => DEFAULT_LISTEN.parse().expect("valid default"),
             Some(s) => s.get_ref().parse().map_err(|e| {
-                self.err(s.span().start, "server.listen", format!("`{}` is not an address like 127.0.0.1:8080: {e}", s.get_ref()))
+                self.err(
+                    s.span().start,
+                    "server.listen",
+                    format!(
+                        "`{}` is not an address like 127.0.0.1:8080: {e}",
+                        s.get_ref()
+                    ),
+                )
             })?,
         };
         if let Some(d) = &raw.epoch_tick
             && (d.duration < Duration::from_micros(100) || d.duration > Duration::from_millis(100))
         {
-            return Err(self.err(d.span.start, "server.epoch_tick", "must be between 100us and 100ms"));
+            return Err(self.err(
+                d.span.start,
+                "server.epoch_tick",
+                "must be between 100us and 100ms",
+            ));
         }
-        let epoch_tick = raw.epoch_tick.map_or(Duration::from_millis(1), |d| d.duration);
+        let epoch_tick = raw
+            .epoch_tick
+            .map_or(Duration::from_millis(1), |d| d.duration);
         let max_header_bytes = match raw.max_header_bytes {
             None => 16 * 1024,
             Some(b) if !(8192..=1 << 20).contains(&b.bytes) => {
-                return Err(self.err(b.span.start, "server.max_header_bytes", "must be between 8KiB and 1MiB"));
+                return Err(self.err(
+                    b.span.start,
+                    "server.max_header_bytes",
+                    "must be between 8KiB and 1MiB",
+                ));
             }
             Some(b) => b.bytes as usize,
         };
         let max_headers = match raw.max_headers {
             None => 100,
             Some(n) if *n.get_ref() == 0 || *n.get_ref() > 1000 => {
-                return Err(self.err(n.span().start, "server.max_headers", "must be between 1 and 1000"));
+                return Err(self.err(
+                    n.span().start,
+                    "server.max_headers",
+                    "must be between 1 and 1000",
+                ));
             }
             Some(n) => *n.get_ref() as usize,
         };
         Ok(ServerConfig {
             listen,
-            cache_dir: raw
-                .cache_dir
-                .map_or_else(|| self.resolve(Path::new(".ignis/cache")), |p| self.resolve(&p)),
+            cache_dir: raw.cache_dir.map_or_else(
+                || self.resolve(Path::new(".ignis/cache")),
+                |p| self.resolve(&p),
+            ),
             epoch_tick,
-            shutdown_grace: raw.shutdown_grace.map_or(Duration::from_secs(10), |d| d.duration),
+            shutdown_grace: raw
+                .shutdown_grace
+                .map_or(Duration::from_secs(10), |d| d.duration),
             max_header_bytes,
             max_headers,
-            header_read_timeout: raw.header_read_timeout.map_or(Duration::from_secs(10), |d| d.duration),
-            idle_timeout: raw.idle_timeout.map_or(Duration::from_secs(60), |d| d.duration),
+            header_read_timeout: raw
+                .header_read_timeout
+                .map_or(Duration::from_secs(10), |d| d.duration),
             pooling: raw.pooling.unwrap_or(true),
         })
     }
 
-    fn function(&self, name: &str, offset: usize, raw: RawFunction) -> Result<FunctionConfig, ConfigError> {
+    fn function(
+        &self,
+        name: &str,
+        offset: usize,
+        raw: RawFunction,
+    ) -> Result<FunctionConfig, ConfigError> {
         let key = |k: &str| format!("functions.{name}.{k}");
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            return Err(self.err(offset, format!("functions.{name}"), "function names use letters, digits, '-' and '_'"));
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(self.err(
+                offset,
+                format!("functions.{name}"),
+                "function names use letters, digits, '-' and '_'",
+            ));
         }
         let source = match (raw.component, raw.build) {
             (Some(c), None) => ComponentSource::Wasm(self.resolve(&c)),
             (None, Some(b)) => ComponentSource::RustCrate(self.resolve(&b)),
             (Some(_), Some(_)) => {
-                return Err(self.err(offset, format!("functions.{name}"), "set either `component` or `build`, not both"));
+                return Err(self.err(
+                    offset,
+                    format!("functions.{name}"),
+                    "set either `component` or `build`, not both",
+                ));
             }
             (None, None) => {
                 return Err(self.err(
@@ -381,7 +444,11 @@ impl Validator<'_> {
         let mut limits = Limits::default();
         if let Some(m) = raw.memory {
             if !(64 * 1024..=4 << 30).contains(&m.bytes) {
-                return Err(self.err(m.span.start, key("memory"), "must be between 64KiB and 4GiB"));
+                return Err(self.err(
+                    m.span.start,
+                    key("memory"),
+                    "must be between 64KiB and 4GiB",
+                ));
             }
             limits.memory_bytes = m.bytes;
         }
@@ -398,7 +465,11 @@ impl Validator<'_> {
         }
         if let Some(c) = raw.max_concurrency {
             if *c.get_ref() == 0 || *c.get_ref() > 10_000 {
-                return Err(self.err(c.span().start, key("max_concurrency"), "must be between 1 and 10000"));
+                return Err(self.err(
+                    c.span().start,
+                    key("max_concurrency"),
+                    "must be between 1 and 10000",
+                ));
             }
             limits.max_concurrency = *c.get_ref();
         }
@@ -412,7 +483,10 @@ impl Validator<'_> {
                 return Err(self.err(
                     h.span().start,
                     key("allowed_outbound_hosts"),
-                    format!("`{}` is not a host pattern (host, host:port, *.domain or *)", h.get_ref()),
+                    format!(
+                        "`{}` is not a host pattern (host, host:port, *.domain or *)",
+                        h.get_ref()
+                    ),
                 ));
             }
             allowed.push(v);
@@ -440,7 +514,11 @@ impl Validator<'_> {
             return Err(self.err(raw.path.span().start, key("path"), "must start with '/'"));
         }
         if path.contains("...") && !path.ends_with("/...") {
-            return Err(self.err(raw.path.span().start, key("path"), "'...' is only allowed as a final segment: `/prefix/...`"));
+            return Err(self.err(
+                raw.path.span().start,
+                key("path"),
+                "'...' is only allowed as a final segment: `/prefix/...`",
+            ));
         }
         if !functions.contains_key(raw.function.get_ref()) {
             return Err(self.err(
@@ -455,7 +533,11 @@ impl Validator<'_> {
                 let v = h.get_ref().trim().to_ascii_lowercase();
                 let bare = v.strip_prefix("*.").unwrap_or(&v);
                 if bare.is_empty() || bare.contains('*') || bare.contains('/') {
-                    return Err(self.err(h.span().start, key("host"), "host patterns are `example.com` or `*.example.com`"));
+                    return Err(self.err(
+                        h.span().start,
+                        key("host"),
+                        "host patterns are `example.com` or `*.example.com`",
+                    ));
                 }
                 Some(v)
             }
@@ -465,8 +547,15 @@ impl Validator<'_> {
             path: path.clone(),
             function: raw.function.into_inner(),
         };
-        if earlier.iter().any(|r| r.host == route.host && r.path == route.path) {
-            return Err(self.err(raw.path.span().start, key("path"), "another route already has this host and path"));
+        if earlier
+            .iter()
+            .any(|r| r.host == route.host && r.path == route.path)
+        {
+            return Err(self.err(
+                raw.path.span().start,
+                key("path"),
+                "another route already has this host and path",
+            ));
         }
         Ok(route)
     }

@@ -55,7 +55,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "GiB" => 1 << 30,
         _ => return Err(err()),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 /// Parses `250ms`-style durations.
@@ -76,7 +77,9 @@ impl<'de> Deserialize<'de> for ByteSize {
         let v = Spanned::<Repr>::deserialize(d)?;
         let span = v.span();
         let bytes = match v.into_inner() {
-            Repr::Int(n) => u64::try_from(n).map_err(|_| de::Error::custom("a size cannot be negative"))?,
+            Repr::Int(n) => {
+                u64::try_from(n).map_err(|_| de::Error::custom("a size cannot be negative"))?
+            }
             Repr::Str(s) => parse_size(&s).map_err(de::Error::custom)?,
         };
         Ok(ByteSize { bytes, span })
@@ -88,7 +91,11 @@ impl<'de> Deserialize<'de> for HumanDuration {
         let v = Spanned::<Repr>::deserialize(d)?;
         let span = v.span();
         let duration = match v.into_inner() {
-            Repr::Int(_) => return Err(de::Error::custom("write durations with a unit, like \"250ms\" or \"5s\"")),
+            Repr::Int(_) => {
+                return Err(de::Error::custom(
+                    "write durations with a unit, like \"250ms\" or \"5s\"",
+                ));
+            }
             Repr::Str(s) => parse_duration(&s).map_err(de::Error::custom)?,
         };
         Ok(HumanDuration { duration, span })

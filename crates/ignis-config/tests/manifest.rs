@@ -11,7 +11,13 @@ fn parse(text: &str) -> Result<Manifest, ConfigError> {
 
 fn invalid(text: &str) -> (usize, String, String) {
     match parse(text) {
-        Err(ConfigError::Invalid { line, key, message, path, .. }) => {
+        Err(ConfigError::Invalid {
+            line,
+            key,
+            message,
+            path,
+            ..
+        }) => {
             assert_eq!(path, Path::new("/app/ignis.toml"));
             (line, key, message)
         }
@@ -58,7 +64,10 @@ function = "built"
     assert_eq!(m.server.max_headers, 50);
     assert_eq!(m.server.cache_dir, Path::new("/app/.ignis/cache"));
     let hello = &m.functions["hello"];
-    assert_eq!(hello.source, ComponentSource::Wasm("/app/hello.wasm".into()));
+    assert_eq!(
+        hello.source,
+        ComponentSource::Wasm("/app/hello.wasm".into())
+    );
     assert_eq!(hello.tenant, "hello");
     assert_eq!(hello.limits.memory_bytes, 16 << 20);
     assert_eq!(hello.limits.cpu_time, Duration::from_millis(20));
@@ -66,9 +75,15 @@ function = "built"
     assert_eq!(hello.limits.max_concurrency, 8);
     assert_eq!(hello.limits.max_body_bytes, 1024);
     assert_eq!(hello.env["GREETING"], "hi");
-    assert_eq!(hello.allowed_outbound_hosts, ["api.example.com", "localhost:8081"]);
+    assert_eq!(
+        hello.allowed_outbound_hosts,
+        ["api.example.com", "localhost:8081"]
+    );
     let built = &m.functions["built"];
-    assert_eq!(built.source, ComponentSource::RustCrate("/app/src/built".into()));
+    assert_eq!(
+        built.source,
+        ComponentSource::RustCrate("/app/src/built".into())
+    );
     assert_eq!(built.tenant, "acme");
     assert_eq!(m.routes.len(), 2);
     assert_eq!(m.routes[1].host.as_deref(), Some("*.example.com"));
@@ -76,9 +91,8 @@ function = "built"
 
 #[test]
 fn unknown_key_names_line_and_key() {
-    let (line, key, message) = invalid(
-        "[functions.hello]\ncomponent = \"a.wasm\"\nmemroy = \"1MiB\"\n",
-    );
+    let (line, key, message) =
+        invalid("[functions.hello]\ncomponent = \"a.wasm\"\nmemroy = \"1MiB\"\n");
     assert_eq!(line, 3, "{message}");
     assert_eq!(key, "functions.hello.memroy");
     assert!(message.contains("memroy"), "{message}");
@@ -86,9 +100,8 @@ fn unknown_key_names_line_and_key() {
 
 #[test]
 fn bad_size_names_line_and_key() {
-    let (line, key, message) = invalid(
-        "\n[functions.hello]\ncomponent = \"a.wasm\"\nmemory = \"lots\"\n",
-    );
+    let (line, key, message) =
+        invalid("\n[functions.hello]\ncomponent = \"a.wasm\"\nmemory = \"lots\"\n");
     assert_eq!(line, 4, "{message}");
     assert_eq!(key, "functions.hello.memory");
     assert!(message.contains("lots"), "{message}");
@@ -96,7 +109,8 @@ fn bad_size_names_line_and_key() {
 
 #[test]
 fn wrong_type_names_line_and_key() {
-    let (line, key, message) = invalid("[functions.a]\ncomponent = \"a.wasm\"\nmax_concurrency = \"many\"\n");
+    let (line, key, message) =
+        invalid("[functions.a]\ncomponent = \"a.wasm\"\nmax_concurrency = \"many\"\n");
     assert_eq!(line, 3, "{message}");
     assert_eq!(key, "functions.a.max_concurrency");
 }
@@ -155,5 +169,8 @@ fn toml_syntax_errors_name_the_line() {
 #[test]
 fn missing_file_names_the_path() {
     let err = Manifest::load(Path::new("/definitely/not/here/ignis.toml")).unwrap_err();
-    assert!(err.to_string().contains("/definitely/not/here/ignis.toml"), "{err}");
+    assert!(
+        err.to_string().contains("/definitely/not/here/ignis.toml"),
+        "{err}"
+    );
 }

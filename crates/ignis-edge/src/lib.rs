@@ -1,1 +1,269 @@
-//! placeholder
+//! The Ignis HTTP front: a listener that speaks HTTP/1.1 and HTTP/2 (h2c,
+//! prior knowledge), routes each request by host and path to a function, and
+//! turns every failure into a response.
+//!
+//! ```no_run
+//! # async fn demo(manifest: ignis_config::Manifest, functions: std::collections::BTreeMap<String, std::sync::Arc<ignis_runtime::Function>>) -> anyhow::Result<()> {
+//! let edge = ignis_edge::Edge::new(&manifest, &functions)?;
+//! let server = ignis_edge::Server::bind(manifest.server.listen, edge).await?;
+//! println!("listening on {}", server.local_addr());
+//! server.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Request limits: the request head is capped in bytes and in header count
+//! (431 past either), the body is capped per function (413, at once from
+//! `Content-Length` or as soon as a streamed body crosses the cap), malformed
+//! requests get 400 from hyper, unknown routes 404. The time to receive a
+//! request head is bounded (`header_read_timeout`), which also closes idle
+//! keep-alive connections. Shutdown stops accepting, lets in-flight requests
+//! finish within the grace period, then closes what is left.
+
+mod body;
+mod routing;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use ignis_config::{Manifest, ServerConfig};
+use ignis_runtime::{Body, Function, GuestError, RequestMeta};
+use tokio::net::TcpListener;
+
+pub use routing::Router;
+
+/// Routing table plus the limits every request is held to.
+pub struct Edge {
+    router: Router<Function>,
+    server: ServerConfig,
+    next_id: AtomicU64,
+}
+
+/// Errors building or running the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// The routing table refers to a function that is not loaded.
+    #[error("routing: {0}")]
+    Routing(String),
+    /// Binding or accepting failed.
+    #[error("listener on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+impl Edge {
+    /// Builds the routing table from the manifest and the loaded functions.
+    pub fn new(
+        manifest: &Manifest,
+        functions: &BTreeMap<String, Arc<Function>>,
+    ) -> Result<Arc<Edge>, EdgeError> {
+        let router = Router::new(&manifest.routes, |name| functions.get(name).cloned())
+            .map_err(EdgeError::Routing)?;
+        Ok(Arc::new(Edge {
+            router,
+            server: manifest.server.clone(),
+            next_id: AtomicU64::new(1),
+        }))
+    }
+
+    /// Handles one request; never fails (every error is a response).
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let host = req
+            .uri()
+            .host()
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(strip_port)
+            })
+            .unwrap_or("");
+        let Some(function) = self.router.route(host, req.uri().path()).cloned() else {
+            return plain(
+                StatusCode::NOT_FOUND,
+                id,
+                "no route for this host and path\n".to_string(),
+            );
+        };
+        let max_body = function.limits().max_body_bytes;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > max_body) {
+            return plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                id,
+                format!("request body larger than {max_body} bytes\n"),
+            );
+        }
+        let (parts, incoming) = req.into_parts();
+        let (limited, exceeded) = body::Limited::new(incoming, max_body);
+        let req = Request::from_parts(parts, limited);
+        match function.handle(req, RequestMeta::new(id)).await {
+            Ok(mut resp) => {
+                resp.headers_mut()
+                    .insert("x-request-id", HeaderValue::from(id));
+                resp
+            }
+            Err(_) if exceeded.get() => plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                id,
+                format!("request body larger than {max_body} bytes\n"),
+            ),
+            Err(e) => error_response(&function, &e, id),
+        }
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+fn plain(status: StatusCode, id: u64, text: String) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(text))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert("x-request-id", HeaderValue::from(id));
+    resp
+}
+
+fn error_response(function: &Function, e: &GuestError, id: u64) -> Response<Body> {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    match e {
+        GuestError::Trap(detail) | GuestError::Internal(detail) => {
+            tracing::warn!(function = function.name(), request_id = id, detail = %detail, "{e}");
+        }
+        _ => tracing::info!(function = function.name(), request_id = id, "{e}"),
+    }
+    let mut resp = plain(
+        status,
+        id,
+        format!("{e} (function {}, request id {id})\n", function.name()),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+/// A bound listener, ready to serve an [`Edge`].
+pub struct Server {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    edge: Arc<Edge>,
+}
+
+impl Server {
+    /// Binds `addr` (use port 0 for an ephemeral port).
+    pub async fn bind(addr: SocketAddr, edge: Arc<Edge>) -> Result<Server, EdgeError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| EdgeError::Listen { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| EdgeError::Listen { addr, source })?;
+        Ok(Server {
+            listener,
+            local_addr,
+            edge,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    fn builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .max_buf_size(config.max_header_bytes.max(8192))
+            .max_headers(config.max_headers)
+            .header_read_timeout(config.header_read_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(config.max_header_bytes as u32)
+            .keep_alive_interval(Some(config.header_read_timeout))
+            .keep_alive_timeout(Duration::from_secs(10));
+        builder
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and gives
+    /// in-flight requests `shutdown_grace` to finish.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), EdgeError> {
+        let builder = Arc::new(Self::builder(&self.edge.server));
+        let graceful = GracefulShutdown::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let (stream, _peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let edge = self.edge.clone();
+            let service = hyper::service::service_fn(move |req| {
+                let edge = edge.clone();
+                async move { Ok::<_, Infallible>(edge.handle(req).await) }
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let conn = graceful.watch(conn.into_owned());
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+        drop(self.listener);
+        let grace = self.edge.server.shutdown_grace;
+        tracing::info!(
+            ?grace,
+            "shutting down: no longer accepting; waiting for in-flight requests"
+        );
+        match tokio::time::timeout(grace, graceful.shutdown()).await {
+            Ok(()) => tracing::info!("all connections closed"),
+            Err(_) => tracing::warn!("grace period over; closing remaining connections"),
+        }
+        Ok(())
+    }
+}

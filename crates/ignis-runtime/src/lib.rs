@@ -1,1 +1,42 @@
-//! placeholder
+//! The Ignis WebAssembly runtime: one wasmtime [`Engine`](wasmtime::Engine)
+//! per process, components compiled once and cached on disk, a fresh
+//! resource-limited instance per request.
+//!
+//! ```no_run
+//! # async fn demo(manifest: ignis_config::Manifest) -> anyhow::Result<()> {
+//! use ignis_runtime::{Runtime, RuntimeSettings};
+//!
+//! let runtime = Runtime::new(RuntimeSettings::from_manifest(&manifest))?;
+//! let hello = runtime.load_function(&manifest.functions["hello"], "hello.wasm".as_ref())?;
+//! // For each request: a fresh Store, instantiated from the prepared `InstancePre`.
+//! let request = http::Request::get("http://localhost/hello")
+//!     .body(http_body_util::Empty::<bytes::Bytes>::new().map_err(|never| match never {}))?;
+//! let response = hello.handle(request, ignis_runtime::RequestMeta::new(1)).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The pieces:
+//! - [`Runtime`]: the engine (pooling allocator with copy-on-write memory
+//!   images, falling back to on-demand allocation when the reservation fails),
+//!   the epoch ticker thread, the linker with WASI p2 and `wasi:http`, and the
+//!   [compile cache](cache).
+//! - [`Function`]: one deployed component with its `ProxyPre`, limits,
+//!   environment and outbound policy; [`Function::handle`] runs one request.
+//! - [`outbound`]: the allowlist and pooled client behind guest outbound HTTP.
+//! - Limits per request: a [`wasmtime::ResourceLimiter`] for memory, epoch
+//!   slices that make CPU-bound guests yield back to tokio, a CPU-time budget
+//!   measured while the guest is polled, and a wall-clock deadline.
+
+pub mod cache;
+mod engine;
+mod error;
+mod function;
+mod limits;
+pub mod outbound;
+mod stdio;
+
+pub use engine::{AllocatorKind, Runtime, RuntimeSettings};
+pub use error::{GuestError, LoadError};
+pub use function::{Body, BoxError, Function, FunctionStats, RequestMeta};
+/// The `wasi:http` host error type (request and response body errors).
+pub use wasmtime_wasi_http::Error as HttpError;

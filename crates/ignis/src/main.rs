@@ -1,1 +1,107 @@
-fn main() {}
+//! `ignis`: serve WebAssembly HTTP components from one binary.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ignis::app::{self, Sources};
+use ignis_config::Manifest;
+use tracing_subscriber::EnvFilter;
+
+/// Ignis runs untrusted WebAssembly HTTP components (wasi:http 0.2), each
+/// request in its own fresh, resource-limited instance.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the guest crates named in DIR/ignis.toml (installing the
+    /// wasm32-wasip2 target if needed) and serve them.
+    Up {
+        /// Directory holding ignis.toml.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Listen on this address instead of the manifest's `server.listen`
+        /// (use 127.0.0.1:0 for any free port).
+        #[arg(long, env = "IGNIS_LISTEN")]
+        listen: Option<SocketAddr>,
+    },
+    /// Serve the prebuilt components named in a manifest.
+    Serve {
+        /// Path to ignis.toml.
+        manifest: PathBuf,
+        /// Listen on this address instead of the manifest's `server.listen`.
+        #[arg(long, env = "IGNIS_LISTEN")]
+        listen: Option<SocketAddr>,
+    },
+    /// Validate a manifest and its components (imports, exports) without serving.
+    Check {
+        /// Path to ignis.toml.
+        manifest: PathBuf,
+        /// Also build functions declared with `build = "dir"`.
+        #[arg(long)]
+        build: bool,
+    },
+}
+
+fn load_manifest(path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Manifest> {
+    let mut manifest = Manifest::load(path)?;
+    if let Some(addr) = listen {
+        manifest.server.listen = addr;
+    }
+    Ok(manifest)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("IGNIS_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Up { dir, listen } => {
+            let manifest = load_manifest(&dir.join("ignis.toml"), listen)?;
+            let app = app::load(&manifest, Sources::Build)?;
+            runtime.block_on(app::serve(&manifest, app))
+        }
+        Command::Serve { manifest, listen } => {
+            let manifest = load_manifest(&manifest, listen)?;
+            let app = runtime.block_on(async { app::load(&manifest, Sources::PrebuiltOnly) })?;
+            runtime.block_on(app::serve(&manifest, app))
+        }
+        Command::Check { manifest, build } => {
+            let manifest = load_manifest(&manifest, None)?;
+            let sources = if build {
+                Sources::Build
+            } else {
+                Sources::PrebuiltOnly
+            };
+            let app = app::load(&manifest, sources).context("check failed")?;
+            for (name, f) in &app.functions {
+                println!(
+                    "ok: function `{name}` (tenant {}, cache {:?})",
+                    f.tenant(),
+                    f.cache_outcome()
+                );
+            }
+            println!(
+                "ok: {} functions, {} routes; {} compiled, {} from cache",
+                app.functions.len(),
+                manifest.routes.len(),
+                app.runtime.cache().compiles(),
+                app.runtime.cache().hits()
+            );
+            Ok(())
+        }
+    }
+}

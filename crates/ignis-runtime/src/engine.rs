@@ -1,0 +1,216 @@
+//! The process-wide engine, its epoch ticker and the shared linker.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ignis_config::{FunctionConfig, Manifest};
+use wasmtime::component::Linker;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+use crate::cache::CompileCache;
+use crate::error::LoadError;
+use crate::function::{Function, Host};
+
+/// Everything the runtime needs to know before any function loads.
+#[derive(Debug, Clone)]
+pub struct RuntimeSettings {
+    /// Use the pooling allocator (recommended); on failure the runtime falls back to on-demand.
+    pub pooling: bool,
+    /// Epoch slice: guests yield to the scheduler this often.
+    pub epoch_tick: Duration,
+    /// Directory for compiled components.
+    pub cache_dir: PathBuf,
+    /// Instance slots to reserve in the pool (all functions together).
+    pub instance_slots: u32,
+    /// The largest per-function memory limit (sizes a pool slot).
+    pub max_memory_bytes: u64,
+}
+
+impl RuntimeSettings {
+    /// Settings sized from a manifest: one pool slot per allowed concurrent
+    /// instance of each function, capped at 1,000.
+    pub fn from_manifest(m: &Manifest) -> Self {
+        let slots: u64 = m
+            .functions
+            .values()
+            .map(|f| u64::from(f.limits.max_concurrency))
+            .sum();
+        RuntimeSettings {
+            pooling: m.server.pooling,
+            epoch_tick: m.server.epoch_tick,
+            cache_dir: m.server.cache_dir.clone(),
+            instance_slots: slots.clamp(16, 1000) as u32,
+            max_memory_bytes: m
+                .functions
+                .values()
+                .map(|f| f.limits.memory_bytes)
+                .max()
+                .unwrap_or(64 << 20),
+        }
+    }
+}
+
+/// Which instance allocator the engine ended up with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllocatorKind {
+    /// Pre-reserved slots, copy-on-write memory images.
+    Pooling,
+    /// An mmap per instance (the fallback).
+    OnDemand,
+}
+
+/// The process-wide runtime: one engine, one epoch ticker, one linker.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<Host>,
+    cache: CompileCache,
+    allocator: AllocatorKind,
+    settings: RuntimeSettings,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+fn base_config() -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config.wasm_component_model(true);
+    // Copy-on-write images make instantiation independent of data-segment size.
+    config.memory_init_cow(true);
+    config
+}
+
+fn pooling_config(settings: &RuntimeSettings) -> PoolingAllocationConfig {
+    let slots = settings.instance_slots;
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(slots)
+        // A Rust std component has a handful of core instances (the program
+        // plus lowering shims); leave headroom for other toolchains.
+        .total_core_instances(slots.saturating_mul(8))
+        .total_memories(slots.saturating_mul(2))
+        .total_tables(slots.saturating_mul(4))
+        .total_stacks(slots)
+        .max_memory_size(settings.max_memory_bytes as usize)
+        // Reused slots are reset with memset up to this size instead of
+        // madvise, which is cheaper for the small heaps typical of functions.
+        .linear_memory_keep_resident(256 << 10)
+        .table_keep_resident(64 << 10);
+    pool
+}
+
+impl Runtime {
+    /// Builds the engine (pooling if asked and possible), starts the epoch
+    /// ticker and prepares the linker with WASI p2 and `wasi:http`.
+    pub fn new(settings: RuntimeSettings) -> anyhow::Result<Arc<Runtime>> {
+        let (engine, allocator) = if settings.pooling {
+            let mut config = base_config();
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling_config(
+                &settings,
+            )));
+            match Engine::new(&config) {
+                Ok(engine) => (engine, AllocatorKind::Pooling),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        slots = settings.instance_slots,
+                        "pooling allocator reservation failed; falling back to on-demand instance allocation (slower instantiation)"
+                    );
+                    (Engine::new(&base_config())?, AllocatorKind::OnDemand)
+                }
+            }
+        } else {
+            (Engine::new(&base_config())?, AllocatorKind::OnDemand)
+        };
+        tracing::info!(allocator = ?allocator, slots = settings.instance_slots, "wasmtime engine ready");
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        spawn_epoch_ticker(engine.clone(), settings.epoch_tick, stop_ticker.clone())?;
+
+        Ok(Arc::new(Runtime {
+            cache: CompileCache::new(settings.cache_dir.clone()),
+            engine,
+            linker,
+            allocator,
+            settings,
+            stop_ticker,
+        }))
+    }
+
+    /// The engine shared by every function.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Which allocator is in use.
+    pub fn allocator(&self) -> AllocatorKind {
+        self.allocator
+    }
+
+    /// The settings the runtime was built with.
+    pub fn settings(&self) -> &RuntimeSettings {
+        &self.settings
+    }
+
+    /// The compile cache.
+    pub fn cache(&self) -> &CompileCache {
+        &self.cache
+    }
+
+    /// Loads (from the compile cache, or compiling and caching) the component
+    /// at `wasm`, checks its imports and exports, and prepares it for
+    /// per-request instantiation.
+    pub fn load_function(
+        self: &Arc<Self>,
+        config: &FunctionConfig,
+        wasm: &Path,
+    ) -> Result<Arc<Function>, LoadError> {
+        let name = &config.name;
+        let (component, outcome) = self.cache.load_or_compile(&self.engine, name, wasm)?;
+        let instance_pre =
+            self.linker
+                .instantiate_pre(&component)
+                .map_err(|e| LoadError::MissingImport {
+                    function: name.clone(),
+                    path: wasm.to_path_buf(),
+                    reason: format!("{e:#}"),
+                })?;
+        let pre = ProxyPre::new(instance_pre).map_err(|e| LoadError::WrongWorld {
+            function: name.clone(),
+            path: wasm.to_path_buf(),
+            reason: format!("{e:#}"),
+        })?;
+        tracing::info!(function = %name, path = %wasm.display(), cache = ?outcome, "function loaded");
+        Function::new(self.clone(), config, pre, outcome).map_err(|e| LoadError::Other {
+            function: name.clone(),
+            reason: format!("{e:#}"),
+        })
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One thread per process advances the epoch; each tick is one scheduling slice.
+fn spawn_epoch_ticker(
+    engine: Engine,
+    tick: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("ignis-epoch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(tick);
+                engine.increment_epoch();
+            }
+        })?;
+    Ok(())
+}

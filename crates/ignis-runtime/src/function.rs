@@ -1,0 +1,474 @@
+//! One deployed function and the life of one request inside it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use ignis_config::{FunctionConfig, Limits};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use wasmtime::Store;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{
+    RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
+};
+
+use crate::Runtime;
+use crate::cache::CacheOutcome;
+use crate::error::GuestError;
+use crate::limits::{CpuBudget, CpuExceeded, MemoryLimiter};
+use crate::outbound::{Outbound, OutboundPolicy};
+use crate::stdio::LogCapture;
+
+/// Boxed error of response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The response body type: streamed from the guest as it writes.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Per-request facts the edge passes in.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestMeta {
+    /// Unique id of the request (logged, and shown in error bodies).
+    pub request_id: u64,
+    /// Whether the request arrived over TLS.
+    pub https: bool,
+}
+
+impl RequestMeta {
+    /// A plain-HTTP request with this id.
+    pub fn new(request_id: u64) -> Self {
+        RequestMeta {
+            request_id,
+            https: false,
+        }
+    }
+}
+
+/// Store data for one request.
+pub struct Host {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    hooks: Hooks,
+}
+
+struct Hooks {
+    outbound: Arc<Outbound>,
+}
+
+type IoFuture = Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>;
+
+impl WasiHttpHooks for Hooks {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: IoFuture,
+    ) -> Box<
+        dyn Future<Output = wasmtime_wasi_http::Result<(http::Response<WasiBody>, IoFuture)>>
+            + Send,
+    > {
+        let outbound = self.outbound.clone();
+        Box::new(async move {
+            let response = outbound.send(request, options).await?;
+            // The pool owns the connection task; nothing extra to drive here.
+            Ok((response, Box::new(async { Ok(()) }) as IoFuture))
+        })
+    }
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for Host {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// Counters for one function. `active` is the number of live instances.
+#[derive(Debug, Default)]
+pub struct FunctionStats {
+    /// Requests received.
+    pub requests: AtomicU64,
+    /// Instances alive now.
+    pub active: AtomicU64,
+    /// Guest traps (including memory-limit traps).
+    pub traps: AtomicU64,
+    /// Requests stopped for memory.
+    pub memory_kills: AtomicU64,
+    /// Requests stopped at the CPU budget.
+    pub cpu_kills: AtomicU64,
+    /// Requests stopped at the wall deadline.
+    pub wall_kills: AtomicU64,
+    /// Requests whose client went away before the guest finished.
+    pub cancelled: AtomicU64,
+    /// Requests refused because the function stayed at capacity.
+    pub rejected: AtomicU64,
+    changed: Notify,
+}
+
+impl FunctionStats {
+    /// Waits until no instance of the function is alive.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.changed.notified();
+            if self.active.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Keeps `active` right however the guest task ends (completion, abort, panic).
+struct ActiveGuard(Arc<FunctionStats>);
+
+impl ActiveGuard {
+    fn new(stats: Arc<FunctionStats>) -> Self {
+        stats.active.fetch_add(1, Ordering::SeqCst);
+        ActiveGuard(stats)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// Aborts the guest task when the request is abandoned (hyper drops the
+/// service future or the response body when the client goes away).
+struct Abandon {
+    task: Option<AbortHandle>,
+    stats: Arc<FunctionStats>,
+}
+
+impl Abandon {
+    fn disarm(&mut self) {
+        self.task = None;
+    }
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take()
+            && !task.is_finished()
+        {
+            task.abort();
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The guest's response body plus the guard that cancels the guest if the
+/// body is dropped before its end.
+struct GuardedBody {
+    inner: HyperOutgoingBody,
+    abandon: Abandon,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match polled {
+            Poll::Ready(None) => {
+                // Complete: let the guest finish whatever it does after the body.
+                self.abandon.disarm();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(r)) => Poll::Ready(Some(r.map_err(Into::into))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+enum Outcome {
+    Done,
+    Trap(wasmtime::Error),
+    Memory,
+    Cpu,
+    Wall,
+}
+
+/// A deployed function: a prepared component, its limits and its state.
+pub struct Function {
+    runtime: Arc<Runtime>,
+    name: Arc<str>,
+    tenant: String,
+    pre: ProxyPre<Host>,
+    limits: Limits,
+    env: Vec<(String, String)>,
+    outbound: Arc<Outbound>,
+    slots: Arc<Semaphore>,
+    stats: Arc<FunctionStats>,
+    cache_outcome: CacheOutcome,
+}
+
+impl Function {
+    pub(crate) fn new(
+        runtime: Arc<Runtime>,
+        config: &FunctionConfig,
+        pre: ProxyPre<Host>,
+        cache_outcome: CacheOutcome,
+    ) -> anyhow::Result<Arc<Function>> {
+        Ok(Arc::new(Function {
+            runtime,
+            name: config.name.as_str().into(),
+            tenant: config.tenant.clone(),
+            pre,
+            limits: config.limits.clone(),
+            env: config
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            outbound: Arc::new(Outbound::new(OutboundPolicy::new(
+                &config.allowed_outbound_hosts,
+            ))),
+            slots: Arc::new(Semaphore::new(config.limits.max_concurrency as usize)),
+            stats: Arc::new(FunctionStats::default()),
+            cache_outcome,
+        }))
+    }
+
+    /// The function's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The owning tenant.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// Its limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> &Arc<FunctionStats> {
+        &self.stats
+    }
+
+    /// Whether the component came from the compile cache.
+    pub fn cache_outcome(&self) -> CacheOutcome {
+        self.cache_outcome
+    }
+
+    /// Outbound TCP connections opened by this function's pool so far.
+    pub fn outbound_connections(&self) -> u64 {
+        self.outbound.connections_opened()
+    }
+
+    fn new_store(&self, request_id: u64) -> Store<Host> {
+        let mut wasi = WasiCtx::builder();
+        wasi.envs(&self.env)
+            .stdout(LogCapture::new(self.name.clone(), request_id, "stdout"))
+            .stderr(LogCapture::new(self.name.clone(), request_id, "stderr"))
+            .allow_tcp(false)
+            .allow_udp(false);
+        let host = Host {
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter::new(self.limits.memory_bytes),
+            hooks: Hooks {
+                outbound: self.outbound.clone(),
+            },
+        };
+        let mut store = Store::new(self.runtime.engine(), host);
+        store.limiter(|h| &mut h.limiter);
+        // Yield to tokio at every epoch tick: CPU-bound guests are time-sliced.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
+        store
+    }
+
+    /// Runs one request in a fresh instance. The response is returned as soon
+    /// as the guest sets it; its body streams while the guest writes it.
+    ///
+    /// Dropping the returned future (or the response body before its end)
+    /// cancels the guest and frees its instance.
+    pub async fn handle<B>(
+        &self,
+        request: http::Request<B>,
+        meta: RequestMeta,
+    ) -> Result<http::Response<Body>, GuestError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + self.limits.wall_time;
+        let permit =
+            match tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    return Err(GuestError::Capacity);
+                }
+            };
+        let mut store = self.new_store(meta.request_id);
+        let (tx, rx) = oneshot::channel();
+        let scheme = if meta.https {
+            Scheme::Https
+        } else {
+            Scheme::Http
+        };
+        let (req, out) = {
+            let mut http = store.data_mut().http();
+            let req = http
+                .new_incoming_request(scheme, request)
+                .map_err(|e| GuestError::Internal(format!("{e:#}")))?;
+            let out = http
+                .new_response_outparam(tx)
+                .map_err(|e| GuestError::Internal(format!("{e:#}")))?;
+            (req, out)
+        };
+        let task = tokio::spawn(run_task(
+            self.pre.clone(),
+            store,
+            req,
+            out,
+            TaskContext {
+                permit,
+                active: ActiveGuard::new(self.stats.clone()),
+                deadline,
+                cpu_budget: self.limits.cpu_time,
+                name: self.name.clone(),
+                request_id: meta.request_id,
+            },
+        ));
+        let mut abandon = Abandon {
+            task: Some(task.abort_handle()),
+            stats: self.stats.clone(),
+        };
+        match rx.await {
+            Ok(Ok(response)) => {
+                Ok(response.map(|inner| GuardedBody { inner, abandon }.boxed_unsync()))
+            }
+            Ok(Err(code)) => Err(GuestError::GuestErrorCode(format!("{code:?}"))),
+            Err(_) => {
+                // The guest ended (or dropped its response-outparam) without a response.
+                abandon.disarm();
+                let outcome = task
+                    .await
+                    .map_err(|e| GuestError::Internal(e.to_string()))?;
+                Err(match outcome {
+                    Outcome::Done => GuestError::NoResponse,
+                    Outcome::Trap(e) => GuestError::Trap(format!("{e:?}")),
+                    Outcome::Memory => GuestError::MemoryLimit,
+                    Outcome::Cpu => GuestError::CpuLimit,
+                    Outcome::Wall => GuestError::WallLimit,
+                })
+            }
+        }
+    }
+}
+
+struct TaskContext {
+    permit: OwnedSemaphorePermit,
+    active: ActiveGuard,
+    deadline: Instant,
+    cpu_budget: Duration,
+    name: Arc<str>,
+    request_id: u64,
+}
+
+async fn run_guest(
+    pre: &ProxyPre<Host>,
+    store: &mut Store<Host>,
+    req: wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostIncomingRequest>,
+    out: wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostResponseOutparam>,
+) -> wasmtime::Result<()> {
+    let proxy = pre.instantiate_async(&mut *store).await?;
+    proxy
+        .wasi_http_incoming_handler()
+        .call_handle(&mut *store, req, out)
+        .await
+}
+
+async fn run_task(
+    pre: ProxyPre<Host>,
+    mut store: Store<Host>,
+    req: wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostIncomingRequest>,
+    out: wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostResponseOutparam>,
+    cx: TaskContext,
+) -> Outcome {
+    let run = async move {
+        let result = run_guest(&pre, &mut store, req, out).await;
+        let denied = store.data().limiter.denied;
+        (result, denied)
+    };
+    let outcome =
+        match tokio::time::timeout_at(cx.deadline, CpuBudget::new(run, cx.cpu_budget)).await {
+            Err(_) => Outcome::Wall,
+            Ok(Err(CpuExceeded)) => Outcome::Cpu,
+            Ok(Ok((Ok(()), _))) => Outcome::Done,
+            Ok(Ok((Err(_), true))) => Outcome::Memory,
+            Ok(Ok((Err(e), false))) => Outcome::Trap(e),
+        };
+    let stats = &cx.active.0;
+    match &outcome {
+        Outcome::Done => {}
+        Outcome::Trap(e) => {
+            stats.traps.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(function = %cx.name, request_id = cx.request_id, error = ?e, "guest trapped");
+        }
+        Outcome::Memory => {
+            stats.traps.fetch_add(1, Ordering::Relaxed);
+            stats.memory_kills.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(function = %cx.name, request_id = cx.request_id, "guest stopped: memory limit exceeded");
+        }
+        Outcome::Cpu => {
+            stats.cpu_kills.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(function = %cx.name, request_id = cx.request_id, budget = ?cx.cpu_budget, "guest stopped: cpu time limit exceeded");
+        }
+        Outcome::Wall => {
+            stats.wall_kills.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(function = %cx.name, request_id = cx.request_id, "guest stopped: wall time limit exceeded");
+        }
+    }
+    drop(cx.permit);
+    outcome
+}

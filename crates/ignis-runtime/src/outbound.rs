@@ -1,0 +1,449 @@
+//! Outbound HTTP from guests: an allowlist per function and a pooled client.
+//!
+//! Rules, checked for every request a guest sends:
+//! 1. The host (and port) must match an entry of the function's
+//!    `allowed_outbound_hosts`: `api.example.com` (any port),
+//!    `api.example.com:8443`, `*.example.com`, or `*`. Nothing listed means
+//!    nothing allowed. A miss is `HTTP-request-denied` for the guest.
+//! 2. The addresses the host resolves to must be public unless the entry that
+//!    matched names the host exactly: loopback, private (RFC 1918, ULA),
+//!    link-local, CGNAT, unspecified and multicast addresses are refused with
+//!    `destination-IP-prohibited`. The check runs on the resolved addresses,
+//!    inside the connector, so a DNS answer cannot smuggle a private address
+//!    past a wildcard.
+//! 3. Connections are pooled per function and reused across requests
+//!    (HTTP/1.1 keep-alive), and TLS verifies certificates against the web PKI
+//!    roots.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::Uri;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostPattern {
+    Any,
+    Exact(String),
+    Suffix(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rule {
+    host: HostPattern,
+    port: Option<u16>,
+}
+
+/// What the allowlist says about a host and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Not listed.
+    Denied,
+    /// Listed by a wildcard: public addresses only.
+    PublicOnly,
+    /// Listed by exact name: any address it resolves to.
+    Explicit,
+}
+
+/// A function's outbound allowlist.
+#[derive(Debug, Clone, Default)]
+pub struct OutboundPolicy {
+    rules: Vec<Rule>,
+}
+
+impl OutboundPolicy {
+    /// Builds the policy from manifest entries (already lower-cased).
+    pub fn new(entries: &[String]) -> Self {
+        let rules = entries
+            .iter()
+            .map(|e| {
+                let (host, port) = split_host_port(e);
+                let host = if host == "*" {
+                    HostPattern::Any
+                } else if let Some(suffix) = host.strip_prefix("*.") {
+                    HostPattern::Suffix(format!(".{suffix}"))
+                } else {
+                    HostPattern::Exact(host.to_string())
+                };
+                Rule { host, port }
+            })
+            .collect();
+        OutboundPolicy { rules }
+    }
+
+    /// Checks a host (lower-case, brackets stripped for IPv6) and port.
+    pub fn check(&self, host: &str, port: u16) -> Decision {
+        let mut best = Decision::Denied;
+        for rule in &self.rules {
+            if rule.port.is_some_and(|p| p != port) {
+                continue;
+            }
+            match &rule.host {
+                HostPattern::Exact(h) if h == host => return Decision::Explicit,
+                HostPattern::Suffix(s) if host.ends_with(s.as_str()) => best = Decision::PublicOnly,
+                HostPattern::Any => best = Decision::PublicOnly,
+                _ => {}
+            }
+        }
+        best
+    }
+}
+
+fn split_host_port(s: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = s.strip_prefix('[') {
+        // [v6]:port
+        if let Some((h, p)) = rest.split_once(']') {
+            return (h, p.strip_prefix(':').and_then(|p| p.parse().ok()));
+        }
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => match p.parse() {
+            Ok(port) => (h, Some(port)),
+            Err(_) => (s, None),
+        },
+        _ => (s, None),
+    }
+}
+
+/// Whether an address is on the public internet.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64))
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let seg = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (seg[0] & 0xfe00) == 0xfc00
+                || (seg[0] & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+/// Connector errors, found again in the client's error chain to give the
+/// guest the right `error-code`.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("destination address {0} is not allowed")]
+    Prohibited(IpAddr),
+    #[error("dns lookup failed: {0}")]
+    Dns(io::Error),
+    #[error("connect failed: {0}")]
+    Connect(io::Error),
+    #[error("connect timed out")]
+    Timeout,
+    #[error("tls handshake failed: {0}")]
+    Tls(io::Error),
+    #[error("invalid uri")]
+    Uri,
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// A plain or TLS connection to an origin.
+pub struct Stream(Box<dyn Io>);
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_shutdown(cx)
+    }
+}
+
+impl Connection for Stream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+/// Resolves, applies the address policy, connects, and wraps in TLS for https.
+#[derive(Clone)]
+pub struct Connector {
+    policy: Arc<OutboundPolicy>,
+    tls: tokio_rustls::TlsConnector,
+    connect_timeout: Duration,
+    connections: Arc<AtomicU64>,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<Stream>;
+    type Error = ConnectErrorBox;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            this.connect(uri)
+                .await
+                .map_err(|e| ConnectErrorBox(Box::new(e)))
+        })
+    }
+}
+
+/// Boxed [`ConnectError`] (kept private; exposed only as a std error).
+#[derive(Debug)]
+pub struct ConnectErrorBox(Box<ConnectError>);
+
+impl std::fmt::Display for ConnectErrorBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ConnectErrorBox {}
+
+impl Connector {
+    async fn connect(&self, uri: Uri) -> Result<TokioIo<Stream>, ConnectError> {
+        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        let host = uri.host().ok_or(ConnectError::Uri)?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let explicit = self.policy.check(&host, port) == Decision::Explicit;
+        let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map_err(ConnectError::Dns)?
+                .collect(),
+        };
+        let mut last = None;
+        for addr in addrs {
+            if !explicit && !is_public(addr.ip()) {
+                last = Some(ConnectError::Prohibited(addr.ip()));
+                continue;
+            }
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Err(_) => last = Some(ConnectError::Timeout),
+                Ok(Err(e)) => last = Some(ConnectError::Connect(e)),
+                Ok(Ok(tcp)) => {
+                    let _ = tcp.set_nodelay(true);
+                    self.connections.fetch_add(1, Ordering::Relaxed);
+                    let stream = if https {
+                        let name = rustls::pki_types::ServerName::try_from(host.clone())
+                            .map_err(|_| ConnectError::Uri)?;
+                        Stream(Box::new(
+                            self.tls
+                                .connect(name, tcp)
+                                .await
+                                .map_err(ConnectError::Tls)?,
+                        ))
+                    } else {
+                        Stream(Box::new(tcp))
+                    };
+                    return Ok(TokioIo::new(stream));
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ConnectError::Dns(io::Error::other("no addresses"))))
+    }
+}
+
+/// A function's outbound side: its policy and its connection pool.
+pub struct Outbound {
+    policy: Arc<OutboundPolicy>,
+    client: Client<Connector, WasiBody>,
+    connections: Arc<AtomicU64>,
+}
+
+impl Outbound {
+    /// A pooled client that enforces `policy`.
+    pub fn new(policy: OutboundPolicy) -> Self {
+        let policy = Arc::new(policy);
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.into(),
+        };
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connections = Arc::new(AtomicU64::new(0));
+        let connector = Connector {
+            policy: policy.clone(),
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            connect_timeout: Duration::from_secs(10),
+            connections: connections.clone(),
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(32)
+            .build(connector);
+        Outbound {
+            policy,
+            client,
+            connections,
+        }
+    }
+
+    /// TCP connections opened so far (to see pooling work).
+    pub fn connections_opened(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Sends a guest's request if the policy allows it.
+    pub async fn send(
+        &self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+    ) -> Result<http::Response<WasiBody>, HttpError> {
+        let uri = request.uri();
+        let host = uri
+            .host()
+            .ok_or(HttpError::HttpRequestUriInvalid)?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        match self.policy.check(&host, port) {
+            Decision::Denied => {
+                tracing::warn!(host = %host, port, "outbound request denied: host not in allowed_outbound_hosts");
+                return Err(HttpError::HttpRequestDenied);
+            }
+            Decision::PublicOnly | Decision::Explicit => {}
+        }
+        let first_byte = options
+            .and_then(|o| o.first_byte_timeout)
+            .unwrap_or(Duration::from_secs(60));
+        let response = match tokio::time::timeout(first_byte, self.client.request(request)).await {
+            Err(_) => return Err(HttpError::ConnectionReadTimeout),
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(map_client_error(&e)),
+        };
+        Ok(response.map(|b| b.map_err(HttpError::from).boxed_unsync()))
+    }
+}
+
+fn map_client_error(e: &hyper_util::client::legacy::Error) -> HttpError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(ConnectErrorBox(inner)) = s.downcast_ref::<ConnectErrorBox>() {
+            tracing::warn!(error = %inner, "outbound connection failed");
+            return match **inner {
+                ConnectError::Prohibited(_) => HttpError::DestinationIpProhibited,
+                ConnectError::Dns(_) => HttpError::DnsError {
+                    rcode: None,
+                    info_code: None,
+                },
+                ConnectError::Connect(_) => HttpError::ConnectionRefused,
+                ConnectError::Timeout => HttpError::ConnectionTimeout,
+                ConnectError::Tls(_) => HttpError::TlsProtocolError,
+                ConnectError::Uri => HttpError::HttpRequestUriInvalid,
+            };
+        }
+        source = s.source();
+    }
+    tracing::warn!(error = %e, "outbound request failed");
+    HttpError::HttpProtocolError
+}
+
+/// Reads a full body (test and tooling helper).
+pub async fn collect(body: WasiBody) -> Result<Bytes, HttpError> {
+    Ok(body.collect().await?.to_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_matches_hosts_and_ports() {
+        let p = OutboundPolicy::new(&[
+            "api.example.com".into(),
+            "*.cdn.net".into(),
+            "localhost:8081".into(),
+        ]);
+        assert_eq!(p.check("api.example.com", 443), Decision::Explicit);
+        assert_eq!(p.check("img.cdn.net", 80), Decision::PublicOnly);
+        assert_eq!(p.check("cdn.net", 80), Decision::Denied);
+        assert_eq!(p.check("localhost", 8081), Decision::Explicit);
+        assert_eq!(p.check("localhost", 8082), Decision::Denied);
+        assert_eq!(p.check("evil.com", 443), Decision::Denied);
+        assert_eq!(
+            OutboundPolicy::new(&[]).check("a.com", 80),
+            Decision::Denied
+        );
+        assert_eq!(
+            OutboundPolicy::new(&["*".into()]).check("a.com", 80),
+            Decision::PublicOnly
+        );
+    }
+
+    #[test]
+    fn private_addresses_are_not_public() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+}

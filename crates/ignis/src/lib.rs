@@ -1,0 +1,7 @@
+//! The `ignis` command's building blocks: building guest crates, loading a
+//! manifest's functions into the runtime and serving them.
+//!
+//! The binary (`src/main.rs`) is only argument parsing around these.
+
+pub mod app;
+pub mod guest_build;
