@@ -134,9 +134,15 @@ pub struct FunctionStats {
 impl FunctionStats {
     /// Waits until no instance of the function is alive.
     pub async fn wait_idle(&self) {
+        self.wait_until(|s| s.active.load(Ordering::SeqCst) == 0)
+            .await;
+    }
+
+    /// Waits until `check` holds; re-checked each time an instance starts or ends.
+    pub async fn wait_until(&self, check: impl Fn(&Self) -> bool) {
         loop {
             let notified = self.changed.notified();
-            if self.active.load(Ordering::SeqCst) == 0 {
+            if check(self) {
                 return;
             }
             notified.await;
@@ -150,6 +156,7 @@ struct ActiveGuard(Arc<FunctionStats>);
 impl ActiveGuard {
     fn new(stats: Arc<FunctionStats>) -> Self {
         stats.active.fetch_add(1, Ordering::SeqCst);
+        stats.changed.notify_waiters();
         ActiveGuard(stats)
     }
 }

@@ -1,6 +1,8 @@
 //! `limits`: a deliberately misbehaving guest that shows (and tests) how Ignis
 //! contains one bad function.
 //!
+//! Routes are chosen by the last path segment (`/any/prefix/loop` is `/loop`).
+//!
 //! | path | what it does | what Ignis answers |
 //! | --- | --- | --- |
 //! | `/loop` | spins forever, never yields | 504 at the CPU or wall deadline |
@@ -10,6 +12,7 @@
 //! | `/drip?n=N` | sends N lines, 10 ms apart | a streamed 200 |
 //! | `/log?lines=N` | prints N lines to stdout | 200; lines go to the log, bounded |
 //! | `/noreply` | returns without a response | 500 |
+//! | `/consume` | reads the whole request body, then answers its length | 200, or 413 past `max_body` |
 //! | `/env?key=K` | prints the environment value K | 200 |
 
 use std::io::Write as _;
@@ -57,7 +60,9 @@ fn spin() -> u64 {
 impl wasip2::exports::http::incoming_handler::Guest for Limits {
     fn handle(request: IncomingRequest, out: ResponseOutparam) {
         let path = request.path_with_query().unwrap_or_default();
-        let route = path.split('?').next().unwrap_or("/").to_string();
+        // Dispatch on the last path segment, so the guest works under any route prefix.
+        let route = path.split('?').next().unwrap_or("/");
+        let route = format!("/{}", route.rsplit('/').next().unwrap_or(""));
         match route.as_str() {
             "/loop" => {
                 let x = spin();
@@ -82,7 +87,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Limits {
                 ResponseOutparam::set(out, Ok(resp));
                 let mut stream = body.write().unwrap();
                 for i in 0..num(&path, "n", 10) {
-                    if writeln!(stream, "drip {i}").is_err() || stream.flush().is_err() {
+                    if stream.write_all(format!("drip {i}\n").as_bytes()).is_err() || stream.flush().is_err() {
                         return;
                     }
                     monotonic_clock::subscribe_duration(10_000_000).block();
@@ -98,6 +103,14 @@ impl wasip2::exports::http::incoming_handler::Guest for Limits {
                 respond(out, 200, &format!("printed {lines} lines\n"));
             }
             "/noreply" => {}
+            "/consume" => {
+                let incoming = request.consume().unwrap();
+                let mut input = incoming.stream().unwrap();
+                let mut body = Vec::new();
+                // A body cut off by the host's size limit is an error here: trap.
+                std::io::Read::read_to_end(&mut input, &mut body).expect("request body read failed");
+                respond(out, 200, &format!("read {} bytes\n", body.len()));
+            }
             "/env" => {
                 let key = query(&path, "key").unwrap_or("GREETING");
                 respond(out, 200, &std::env::var(key).unwrap_or_default());

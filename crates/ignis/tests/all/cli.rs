@@ -1,0 +1,268 @@
+//! The `ignis` binary: check, serve, up, compile cache across restarts,
+//! graceful shutdown, guest log capture.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::*;
+
+fn ignis() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ignis"));
+    cmd.env("IGNIS_LOG", "info").env_remove("RUST_BACKTRACE");
+    cmd
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn check(manifest: &Path) -> (bool, String, String) {
+    let out = ignis().arg("check").arg(manifest).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn config_errors_name_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "ignis.toml",
+        "[functions.hello]\ncomponent = \"hello.wasm\"\n\nmax_concurrency = \"lots\"\n",
+    );
+    let (ok, _, err) = check(&path);
+    assert!(!ok);
+    assert!(err.contains(&format!("{}:4:", path.display())), "{err}");
+    assert!(err.contains("functions.hello.max_concurrency"), "{err}");
+}
+
+/// Hand-assembled component binaries (no text-format dependency).
+fn component_importing(name: &str) -> Vec<u8> {
+    let mut inst = vec![
+        0x42, 0x02, 0x01, 0x40, 0x00, 0x01, 0x00, 0x04, 0x00, 0x01, b'f', 0x01, 0x00,
+    ];
+    let mut types = vec![0x01];
+    types.append(&mut inst);
+    let mut import = vec![0x01, 0x00, name.len() as u8];
+    import.extend_from_slice(name.as_bytes());
+    import.extend_from_slice(&[0x05, 0x00]);
+    let mut out = b"\0asm\x0d\x00\x01\x00".to_vec();
+    out.extend_from_slice(&[0x07, types.len() as u8]);
+    out.extend_from_slice(&types);
+    out.extend_from_slice(&[0x0a, import.len() as u8]);
+    out.extend_from_slice(&import);
+    out
+}
+
+#[test]
+fn bad_components_are_startup_errors_naming_function_file_and_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        (
+            "missing-import",
+            component_importing("acme:nope/thing@1.0.0"),
+            "acme:nope/thing@1.0.0",
+        ),
+        (
+            "wrong-world",
+            b"\0asm\x0d\x00\x01\x00".to_vec(),
+            "wasi:http/incoming-handler",
+        ),
+        (
+            "garbage",
+            b"definitely not wasm".to_vec(),
+            "not a valid WebAssembly component",
+        ),
+        ("absent", Vec::new(), "cannot read"),
+    ];
+    for (name, bytes, expected) in cases {
+        let wasm = dir.path().join(format!("{name}.wasm"));
+        if name != "absent" {
+            std::fs::write(&wasm, bytes).unwrap();
+        }
+        let manifest = write(
+            dir.path(),
+            &format!("{name}.toml"),
+            &format!(
+                "[server]\ncache_dir = \"cache\"\n[functions.{name}]\ncomponent = \"{name}.wasm\"\n"
+            ),
+        );
+        let (ok, _, err) = check(&manifest);
+        assert!(!ok, "{name}");
+        assert!(err.contains(&format!("function `{name}`")), "{name}: {err}");
+        assert!(err.contains(&format!("{name}.wasm")), "{name}: {err}");
+        assert!(err.contains(expected), "{name}: {err}");
+    }
+}
+
+#[test]
+fn restart_reuses_the_compile_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write(
+        dir.path(),
+        "ignis.toml",
+        &format!(
+            "[server]\ncache_dir = \"cache\"\n[functions.hello]\ncomponent = \"{}\"\n[functions.echo]\ncomponent = \"{}\"\n",
+            wasm("hello"),
+            wasm("echo")
+        ),
+    );
+    let (ok, out, err) = check(&manifest);
+    assert!(ok, "{err}");
+    assert!(out.contains("2 compiled, 0 from cache"), "{out}");
+    let (ok, out, err) = check(&manifest);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("0 compiled, 2 from cache"),
+        "second start recompiled: {out}"
+    );
+    assert!(
+        out.contains("function `hello` (tenant hello, cache Hit)"),
+        "{out}"
+    );
+}
+
+/// A running `ignis` process with its address, and its stderr collected.
+struct Proc {
+    child: Child,
+    addr: std::net::SocketAddr,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+fn spawn(args: &[&str]) -> Proc {
+    let mut child = ignis()
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    Proc {
+        child,
+        addr,
+        stderr,
+    }
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_and_guest_logs_are_captured_and_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write(
+        dir.path(),
+        "ignis.toml",
+        &format!(
+            "[server]\ncache_dir = \"{}\"\nshutdown_grace = \"30s\"\n[functions.limits]\ncomponent = \"{}\"\n[[routes]]\npath = \"/...\"\nfunction = \"limits\"\n",
+            shared_cache(),
+            wasm("limits")
+        ),
+    );
+    let mut proc = spawn(&["serve", manifest.to_str().unwrap()]);
+    let c = client();
+    let r = get(&c, &format!("http://{}/log?lines=5000", proc.addr)).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "printed 5000 lines\n"));
+
+    // A streaming request in flight when SIGTERM arrives.
+    let mut conn = tokio::net::TcpStream::connect(proc.addr).await.unwrap();
+    conn.write_all(b"GET /drip?n=50 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 16];
+    conn.read_exact(&mut first).await.unwrap();
+    assert!(first.starts_with(b"HTTP/1.1 200"));
+    sigterm(&proc.child);
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.contains("drip 0\n") && rest.contains("drip 49\n"),
+        "in-flight response was cut: {rest}"
+    );
+
+    let status = tokio::task::spawn_blocking(move || proc.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    let logs = proc.stderr.join().unwrap();
+    assert!(logs.contains("SIGTERM received"), "{logs}");
+    assert!(logs.contains("guest log line 0 of 5000"), "{logs}");
+    assert!(
+        logs.contains("dropped_bytes"),
+        "log capture should be bounded"
+    );
+    assert!(
+        !logs.contains("guest log line 4999 of 5000"),
+        "log capture should be bounded"
+    );
+    // After shutdown nothing listens.
+    assert!(tokio::net::TcpStream::connect(proc.addr).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_builds_rust_guests_and_serves_them() {
+    guests(); // the examples workspace is built once already; `up` reuses it
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "ignis.toml",
+        &format!(
+            "[server]\ncache_dir = \"{}\"\n[functions.hello]\nbuild = \"{}\"\n[[routes]]\npath = \"/hello\"\nfunction = \"hello\"\n",
+            shared_cache(),
+            repo().join("examples/hello").display()
+        ),
+    );
+    let mut proc = spawn(&["up", dir.path().to_str().unwrap()]);
+    let r = get(&client(), &format!("http://{}/hello", proc.addr)).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "Hello from Ignis!\n"));
+    sigterm(&proc.child);
+    let status = tokio::task::spawn_blocking(move || proc.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+
+    // `serve` refuses sources it would have to build.
+    let out = ignis()
+        .arg("serve")
+        .arg(dir.path().join("ignis.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use `ignis up`"));
+}

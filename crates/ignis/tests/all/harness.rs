@@ -1,0 +1,204 @@
+//! Shared test harness: builds the example guests once, starts in-process
+//! servers from manifest text, and speaks HTTP to them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use ignis::app::{self, Sources};
+use ignis_config::Manifest;
+use ignis_runtime::Function;
+use tokio::sync::oneshot;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// Builds every example guest once per test run; returns the directory
+/// holding the `.wasm` files.
+pub fn guests() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        ignis::guest_build::ensure_target().expect("wasm32-wasip2 target");
+        let examples = repo().join("examples");
+        let status =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "build",
+                    "--release",
+                    "--target",
+                    "wasm32-wasip2",
+                    "--manifest-path",
+                ])
+                .arg(examples.join("Cargo.toml"))
+                .status()
+                .expect("run cargo");
+        assert!(status.success(), "building the example guests failed");
+        examples.join("target/wasm32-wasip2/release")
+    })
+}
+
+/// Path of a built example guest, as a TOML string literal's content.
+pub fn wasm(name: &str) -> String {
+    guests().join(format!("{name}.wasm")).display().to_string()
+}
+
+/// One shared compile cache for the whole test run (each test still gets a
+/// fresh engine).
+pub fn shared_cache() -> String {
+    repo().join("target/ignis-test-cache").display().to_string()
+}
+
+/// A server running in this process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub functions: BTreeMap<String, Arc<Function>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts a server from manifest text (`[server]` is added: port 0 and the shared cache).
+    pub async fn start(functions_and_routes: &str) -> TestServer {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ncache_dir = \"{}\"\nheader_read_timeout = \"5s\"\nshutdown_grace = \"5s\"\n{functions_and_routes}",
+            shared_cache()
+        );
+        Self::start_full(&text).await
+    }
+
+    /// Starts a server from a complete manifest.
+    pub async fn start_full(text: &str) -> TestServer {
+        let manifest =
+            Manifest::from_str_at(text, &repo().join("test.toml")).expect("test manifest");
+        let app = app::load(&manifest, Sources::PrebuiltOnly).expect("load functions");
+        let server = ignis_edge::Server::bind(manifest.server.listen, app.edge.clone())
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        TestServer {
+            addr,
+            functions: app.functions,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn function(&self, name: &str) -> &Arc<Function> {
+        &self.functions[name]
+    }
+
+    /// Stops accepting and waits for in-flight requests.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A response, fully read.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub async fn send(client: &HttpClient, req: http::Request<Full<Bytes>>) -> Reply {
+    let resp = tokio::time::timeout(Duration::from_secs(60), client.request(req))
+        .await
+        .expect("response within 60s")
+        .expect("response");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub async fn get(client: &HttpClient, url: &str) -> Reply {
+    send(
+        client,
+        http::Request::get(url).body(Full::default()).unwrap(),
+    )
+    .await
+}
+
+pub async fn post(client: &HttpClient, url: &str, body: impl Into<Bytes>) -> Reply {
+    send(
+        client,
+        http::Request::post(url)
+            .body(Full::new(body.into()))
+            .unwrap(),
+    )
+    .await
+}
+
+/// Waits (bounded) until `check` holds, re-checking whenever the function's
+/// instance count changes. Not a sleep: it wakes on the runtime's notifications.
+pub async fn wait_idle(f: &Function) {
+    tokio::time::timeout(Duration::from_secs(30), f.stats().wait_idle())
+        .await
+        .expect("function went idle within 30s");
+}
+
+/// Sends raw bytes on a fresh connection and returns everything the server
+/// answers until it closes the connection (or 10 s pass).
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}

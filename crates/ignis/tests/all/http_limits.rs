@@ -1,0 +1,166 @@
+//! Bad requests get the right 4xx; the process never panics.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::*;
+
+fn manifest() -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+cache_dir = "{cache}"
+max_header_bytes = "8KiB"
+max_headers = 20
+header_read_timeout = "1s"
+
+[functions.echo]
+component = "{echo}"
+max_body = "1KiB"
+
+[functions.limits]
+component = "{limits}"
+max_body = "1KiB"
+
+[[routes]]
+path = "/echo"
+function = "echo"
+
+[[routes]]
+path = "/consume"
+function = "limits"
+"#,
+        cache = shared_cache(),
+        echo = wasm("echo"),
+        limits = wasm("limits"),
+    )
+}
+
+fn status_of(reply: &str) -> u16 {
+    reply
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {reply:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_too_many_headers_get_431() {
+    let server = TestServer::start_full(&manifest()).await;
+    let big = format!(
+        "GET /echo HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    assert_eq!(status_of(&raw(server.addr, big.as_bytes()).await), 431);
+    let mut many = String::from("GET /echo HTTP/1.1\r\nhost: x\r\n");
+    for i in 0..40 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    assert_eq!(status_of(&raw(server.addr, many.as_bytes()).await), 431);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_get_413() {
+    let server = TestServer::start_full(&manifest()).await;
+    let c = client();
+    // Declared length over the limit: refused before any guest runs.
+    let r = post(&c, &server.url("/echo"), vec![b'x'; 4096]).await;
+    assert_eq!(r.status, 413);
+    assert_eq!(
+        server
+            .function("echo")
+            .stats()
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    // Chunked body that crosses the limit while streaming, to a guest that
+    // reads it all before answering: 413.
+    let chunked = |path: &str| {
+        let mut req = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        );
+        for _ in 0..8 {
+            req.push_str(&format!("200\r\n{}\r\n", "y".repeat(512)));
+        }
+        req.push_str("0\r\n\r\n");
+        req
+    };
+    let reply = raw(server.addr, chunked("/consume").as_bytes()).await;
+    assert_eq!(status_of(&reply), 413, "{reply}");
+    // A guest that already answered (echo streams as it reads) cannot get a
+    // 413 any more: its response is cut off instead of ending cleanly.
+    let reply = raw(server.addr, chunked("/echo").as_bytes()).await;
+    assert_eq!(status_of(&reply), 200, "{reply}");
+    assert!(
+        !reply.ends_with("0\r\n\r\n"),
+        "over-limit echo must not end as a complete response: {reply}"
+    );
+    // Within the limit is fine.
+    let r = post(&c, &server.url("/echo"), vec![b'z'; 1000]).await;
+    assert_eq!((r.status, r.body.len()), (200, 1000));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_400() {
+    let server = TestServer::start_full(&manifest()).await;
+    assert_eq!(status_of(&raw(server.addr, b"GARBAGE\r\n\r\n").await), 400);
+    assert_eq!(
+        status_of(
+            &raw(
+                server.addr,
+                b"GET /echo HTTP/1.1\r\nbad header line\r\n\r\n"
+            )
+            .await
+        ),
+        400
+    );
+    assert_eq!(
+        status_of(
+            &raw(
+                server.addr,
+                b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: nope\r\n\r\n"
+            )
+            .await
+        ),
+        400
+    );
+    // The server is still serving.
+    let r = post(&client(), &server.url("/echo"), "ok").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_closed() {
+    let server = TestServer::start_full(&manifest()).await;
+    // A head that never completes.
+    let mut slow = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    slow.write_all(b"GET /echo HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), slow.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "server should close a connection whose head never completes"
+    );
+    // An idle keep-alive connection after one request.
+    let mut idle = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    idle.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), idle.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "server should close an idle keep-alive connection"
+    );
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+    server.shutdown().await;
+}

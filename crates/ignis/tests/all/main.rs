@@ -1,0 +1,10 @@
+//! Ignis end-to-end tests: real servers on 127.0.0.1:0, real components built
+//! from examples/ by the harness. One binary; topics are modules.
+
+mod harness;
+
+mod cli;
+mod http_limits;
+mod isolation;
+mod outbound;
+mod serving;
