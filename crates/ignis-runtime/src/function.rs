@@ -331,6 +331,18 @@ impl Function {
         store
     }
 
+    /// Creates a store and instantiates the component, then drops both: the
+    /// fixed per-request cost without the guest's own work (for benchmarks).
+    #[doc(hidden)]
+    pub async fn instantiate_only(&self) -> Result<(), GuestError> {
+        let mut store = self.new_store(0);
+        self.pre
+            .instantiate_async(&mut store)
+            .await
+            .map(drop)
+            .map_err(|e| GuestError::Internal(format!("{e:#}")))
+    }
+
     /// Runs one request in a fresh instance. The response is returned as soon
     /// as the guest sets it; its body streams while the guest writes it.
     ///

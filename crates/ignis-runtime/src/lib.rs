@@ -10,7 +10,10 @@
 //! let hello = runtime.load_function(&manifest.functions["hello"], "hello.wasm".as_ref())?;
 //! // For each request: a fresh Store, instantiated from the prepared `InstancePre`.
 //! let request = http::Request::get("http://localhost/hello")
-//!     .body(http_body_util::Empty::<bytes::Bytes>::new().map_err(|never| match never {}))?;
+//!     .body(http_body_util::BodyExt::map_err(
+//!         http_body_util::Empty::<bytes::Bytes>::new(),
+//!         |never| -> ignis_runtime::HttpError { match never {} },
+//!     ))?;
 //! let response = hello.handle(request, ignis_runtime::RequestMeta::new(1)).await?;
 //! # Ok(()) }
 //! ```

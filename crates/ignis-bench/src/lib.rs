@@ -1,0 +1,209 @@
+//! Load generation for Ignis benchmarks.
+//!
+//! [`run`] drives HTTP/1.1 keep-alive connections against one URL, either
+//! closed-loop (each connection sends its next request as soon as the last
+//! one finished: measures throughput) or open-loop (requests are due at a
+//! fixed rate whatever the server does: measures latency). Open-loop latency
+//! is taken from each request's *intended* send time, so a server that
+//! stalls is charged for every request that should have been sent meanwhile
+//! (coordinated-omission correction, as in wrk2).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+pub mod hello;
+
+/// What to send.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// `host:port` to connect to.
+    pub addr: String,
+    /// Path and query of every request.
+    pub path: String,
+    /// Keep-alive connections.
+    pub connections: usize,
+    /// Measured duration.
+    pub duration: Duration,
+    /// Unmeasured warm-up before it.
+    pub warmup: Duration,
+    /// `None`: closed loop. `Some(r)`: open loop at `r` requests per second in total.
+    pub rate: Option<f64>,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: u64,
+    /// 90th.
+    pub p90: u64,
+    /// 99th.
+    pub p99: u64,
+    /// 99.9th.
+    pub p999: u64,
+    /// Maximum.
+    pub max: u64,
+}
+
+/// Result of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Requests completed in the measured window (any status).
+    pub completed: u64,
+    /// Completed requests per second.
+    pub throughput: f64,
+    /// Responses by status code.
+    pub statuses: BTreeMap<u16, u64>,
+    /// Connection or protocol errors.
+    pub io_errors: u64,
+    /// Latency in microseconds.
+    pub latency_us: Percentiles,
+    /// Requests due (open loop) but not completed by the end of the window.
+    pub unfinished: u64,
+}
+
+struct ConnResult {
+    hist: Histogram<u64>,
+    statuses: BTreeMap<u16, u64>,
+    io_errors: u64,
+    unfinished: u64,
+}
+
+async fn connect(addr: &str) -> anyhow::Result<http1::SendRequest<Empty<Bytes>>> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn one_connection(spec: LoadSpec, index: usize, start: Instant, measure_from: Instant, end: Instant) -> ConnResult {
+    let mut r = ConnResult {
+        hist: Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds"),
+        statuses: BTreeMap::new(),
+        io_errors: 0,
+        unfinished: 0,
+    };
+    let mut sender = None;
+    let interval = spec.rate.map(|rate| Duration::from_secs_f64(spec.connections as f64 / rate));
+    // Stagger open-loop connections evenly over one interval.
+    let mut due = start + interval.map_or(Duration::ZERO, |i| i.mul_f64(index as f64 / spec.connections as f64));
+    let uri: http::Uri = format!("http://{}{}", spec.addr, spec.path).parse().expect("valid uri");
+    loop {
+        if interval.is_some() {
+            if due >= end {
+                break;
+            }
+            tokio::time::sleep_until(due).await;
+        } else {
+            due = Instant::now();
+            if due >= end {
+                break;
+            }
+        }
+        if sender.is_none() {
+            match connect(&spec.addr).await {
+                Ok(s) => sender = Some(s),
+                Err(_) => {
+                    r.io_errors += 1;
+                    if let Some(i) = interval {
+                        due += i;
+                    }
+                    continue;
+                }
+            }
+        }
+        let s = sender.as_mut().expect("connected");
+        let req = http::Request::get(uri.clone())
+            .header(http::header::HOST, spec.addr.as_str())
+            .body(Empty::new())
+            .expect("valid request");
+        let outcome = tokio::time::timeout_at(end + Duration::from_secs(5), async {
+            s.ready().await?;
+            let resp = s.send_request(req).await?;
+            let status = resp.status().as_u16();
+            resp.into_body().collect().await?;
+            Ok::<_, hyper::Error>(status)
+        })
+        .await;
+        let done = Instant::now();
+        match outcome {
+            Ok(Ok(status)) => {
+                if due >= measure_from && done <= end {
+                    *r.statuses.entry(status).or_default() += 1;
+                    let us = done.duration_since(due).as_micros() as u64;
+                    r.hist.saturating_record(us.max(1));
+                } else if due >= measure_from {
+                    r.unfinished += 1;
+                }
+            }
+            Ok(Err(_)) => {
+                r.io_errors += 1;
+                sender = None;
+            }
+            Err(_) => {
+                r.unfinished += 1;
+                break;
+            }
+        }
+        if let Some(i) = interval {
+            due += i;
+        }
+    }
+    // Requests that were due but never sent because the connection fell behind.
+    if let Some(i) = interval {
+        while due < end {
+            if due >= measure_from {
+                r.unfinished += 1;
+            }
+            due += i;
+        }
+    }
+    r
+}
+
+/// Runs a load and returns the report.
+pub async fn run(spec: &LoadSpec) -> Report {
+    let start = Instant::now() + Duration::from_millis(50);
+    let measure_from = start + spec.warmup;
+    let end = measure_from + spec.duration;
+    let tasks: Vec<_> = (0..spec.connections)
+        .map(|i| tokio::spawn(one_connection(spec.clone(), i, start, measure_from, end)))
+        .collect();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid bounds");
+    let mut statuses = BTreeMap::new();
+    let (mut io_errors, mut unfinished) = (0, 0);
+    for t in tasks {
+        let r = t.await.expect("load task");
+        hist.add(&r.hist).expect("same bounds");
+        for (k, v) in r.statuses {
+            *statuses.entry(k).or_default() += v;
+        }
+        io_errors += r.io_errors;
+        unfinished += r.unfinished;
+    }
+    let completed = hist.len();
+    Report {
+        completed,
+        throughput: completed as f64 / spec.duration.as_secs_f64(),
+        statuses,
+        io_errors,
+        latency_us: Percentiles {
+            p50: hist.value_at_quantile(0.5),
+            p90: hist.value_at_quantile(0.9),
+            p99: hist.value_at_quantile(0.99),
+            p999: hist.value_at_quantile(0.999),
+            max: hist.max(),
+        },
+        unfinished,
+    }
+}

@@ -1,0 +1,307 @@
+//! `ignis-bench`: load generator and side-by-side peer benchmarks.
+//!
+//! ```text
+//! ignis-bench hello-peers --ignis target/release/ignis --wasmtime wasmtime \
+//!     --component examples/target/wasm32-wasip2/release/hello.wasm
+//! ```
+//! runs Ignis, `wasmtime serve` and a bare hyper server with the same hello
+//! response, alternating in rounds within one run, and prints throughput
+//! (closed loop) and open-loop latency with ratios.
+
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use ignis_bench::{LoadSpec, Report, run};
+
+#[derive(Parser)]
+#[command(about = "Ignis load generator and peer benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve a bare hyper "hello" (the no-WebAssembly baseline).
+    HyperHello {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+    /// Load one URL and print the report as JSON.
+    Load {
+        /// host:port
+        #[arg(long)]
+        addr: String,
+        /// Request path.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Keep-alive connections.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Open-loop rate (requests/s); closed loop when absent.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// Ignis vs `wasmtime serve` vs bare hyper on the same hello component.
+    HelloPeers {
+        /// The ignis binary.
+        #[arg(long)]
+        ignis: PathBuf,
+        /// The wasmtime binary (wasmtime-cli 48).
+        #[arg(long)]
+        wasmtime: PathBuf,
+        /// The hello component.
+        #[arg(long)]
+        component: PathBuf,
+        /// Connections for the throughput runs.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// Measured seconds per run.
+        #[arg(long, default_value_t = 8.0)]
+        seconds: f64,
+        /// Rounds (peers alternate within each round).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Open-loop rate for the latency runs; default: half of wasmtime's throughput.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Write the JSON results here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+struct Peer {
+    name: &'static str,
+    child: Child,
+    addr: String,
+    path: &'static str,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_ready(addr: &str, path: &str) -> anyhow::Result<()> {
+    let spec = LoadSpec {
+        addr: addr.to_string(),
+        path: path.to_string(),
+        connections: 1,
+        duration: Duration::from_millis(200),
+        warmup: Duration::ZERO,
+        rate: None,
+    };
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            let r = run(&spec).await;
+            if r.statuses.get(&200).copied().unwrap_or(0) > 0 {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("{addr} did not come up")
+}
+
+fn start_peer(name: &'static str, cmd: &mut Command, addr: String, path: &'static str) -> anyhow::Result<Peer> {
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    Ok(Peer { name, child, addr, path })
+}
+
+fn ignis_manifest(dir: &Path, component: &Path) -> anyhow::Result<PathBuf> {
+    let manifest = dir.join("ignis.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[server]\ncache_dir = \"{}\"\n[functions.hello]\ncomponent = \"{}\"\nmax_concurrency = 1000\n[[routes]]\npath = \"/...\"\nfunction = \"hello\"\n",
+            dir.join("cache").display(),
+            component.canonicalize()?.display()
+        ),
+    )?;
+    Ok(manifest)
+}
+
+#[derive(serde::Serialize)]
+struct PeerResult {
+    name: &'static str,
+    throughput: Vec<Report>,
+    latency: Vec<Report>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn hello_peers(
+    ignis: &Path,
+    wasmtime: &Path,
+    component: &Path,
+    connections: usize,
+    seconds: f64,
+    rounds: usize,
+    rate: Option<f64>,
+    json: Option<&Path>,
+) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("ignis-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let manifest = ignis_manifest(&dir, component)?;
+    let (pi, pw, ph) = (free_port()?, free_port()?, free_port()?);
+    let me = std::env::current_exe()?;
+    let peers = vec![
+        start_peer(
+            "ignis",
+            Command::new(ignis).arg("serve").arg(&manifest).args(["--listen", &format!("127.0.0.1:{pi}")]).env("IGNIS_LOG", "warn"),
+            format!("127.0.0.1:{pi}"),
+            "/hello",
+        )?,
+        start_peer(
+            "wasmtime serve",
+            Command::new(wasmtime).args(["serve", "-Scli", "--addr", &format!("127.0.0.1:{pw}")]).arg(component),
+            format!("127.0.0.1:{pw}"),
+            "/hello",
+        )?,
+        start_peer(
+            "bare hyper",
+            Command::new(me).args(["hyper-hello", "--listen", &format!("127.0.0.1:{ph}")]),
+            format!("127.0.0.1:{ph}"),
+            "/hello",
+        )?,
+    ];
+    for p in &peers {
+        wait_ready(&p.addr, p.path).await.with_context(|| p.name)?;
+    }
+    let mut results: Vec<PeerResult> = peers
+        .iter()
+        .map(|p| PeerResult {
+            name: p.name,
+            throughput: vec![],
+            latency: vec![],
+        })
+        .collect();
+    let duration = Duration::from_secs_f64(seconds);
+    for round in 0..rounds {
+        for (i, p) in peers.iter().enumerate() {
+            let spec = LoadSpec {
+                addr: p.addr.clone(),
+                path: p.path.to_string(),
+                connections,
+                duration,
+                warmup: Duration::from_secs(1),
+                rate: None,
+            };
+            let r = run(&spec).await;
+            eprintln!("round {round} {:>15}: {:>9.0} req/s, statuses {:?}, io errors {}", p.name, r.throughput, r.statuses, r.io_errors);
+            results[i].throughput.push(r);
+        }
+    }
+    let wasmtime_tput = median(results[1].throughput.iter().map(|r| r.throughput).collect());
+    let rate = rate.unwrap_or((wasmtime_tput / 2.0).floor().max(100.0));
+    for round in 0..rounds {
+        for (i, p) in peers.iter().enumerate() {
+            let spec = LoadSpec {
+                addr: p.addr.clone(),
+                path: p.path.to_string(),
+                connections: 16,
+                duration,
+                warmup: Duration::from_secs(1),
+                rate: Some(rate),
+            };
+            let r = run(&spec).await;
+            eprintln!(
+                "round {round} {:>15}: open loop {rate:.0}/s p50 {} us p99 {} us p99.9 {} us, unfinished {}",
+                p.name, r.latency_us.p50, r.latency_us.p99, r.latency_us.p999, r.unfinished
+            );
+            results[i].latency.push(r);
+        }
+    }
+    println!("| peer | throughput (req/s, median of {rounds}) | open-loop {rate:.0} req/s: p50 / p99 / p99.9 (us, median) | errors |");
+    println!("| --- | --- | --- | --- |");
+    let mut medians = vec![];
+    for r in &results {
+        let t = median(r.throughput.iter().map(|x| x.throughput).collect());
+        let p50 = median(r.latency.iter().map(|x| x.latency_us.p50 as f64).collect());
+        let p99 = median(r.latency.iter().map(|x| x.latency_us.p99 as f64).collect());
+        let p999 = median(r.latency.iter().map(|x| x.latency_us.p999 as f64).collect());
+        let errors: u64 = r
+            .throughput
+            .iter()
+            .chain(&r.latency)
+            .map(|x| x.io_errors + x.unfinished + x.statuses.iter().filter(|(s, _)| **s != 200).map(|(_, n)| n).sum::<u64>())
+            .sum();
+        println!("| {} | {t:.0} | {p50:.0} / {p99:.0} / {p999:.0} | {errors} |", r.name);
+        medians.push((t, p99));
+    }
+    println!();
+    println!("- throughput Ignis / wasmtime serve: {:.2}", medians[0].0 / medians[1].0);
+    println!("- throughput Ignis / bare hyper: {:.2}", medians[0].0 / medians[2].0);
+    println!("- p99 Ignis / wasmtime serve at {rate:.0} req/s: {:.2}", medians[0].1 / medians[1].1);
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
+    }
+    drop(peers);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        match cli.command {
+            Cmd::HyperHello { listen } => {
+                let listener = tokio::net::TcpListener::bind(&listen).await?;
+                println!("listening on http://{}", listener.local_addr()?);
+                ignis_bench::hello::serve(listener).await
+            }
+            Cmd::Load {
+                addr,
+                path,
+                connections,
+                seconds,
+                rate,
+            } => {
+                let spec = LoadSpec {
+                    addr,
+                    path,
+                    connections,
+                    duration: Duration::from_secs_f64(seconds),
+                    warmup: Duration::from_secs(1),
+                    rate,
+                };
+                println!("{}", serde_json::to_string_pretty(&run(&spec).await)?);
+                Ok(())
+            }
+            Cmd::HelloPeers {
+                ignis,
+                wasmtime,
+                component,
+                connections,
+                seconds,
+                rounds,
+                rate,
+                json,
+            } => hello_peers(&ignis, &wasmtime, &component, connections, seconds, rounds, rate, json.as_deref()).await,
+        }
+    })
+}

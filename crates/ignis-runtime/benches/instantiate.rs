@@ -1,0 +1,74 @@
+//! Per-request cost of a WebAssembly function, without the network:
+//! - `instantiate`: a fresh store + instance of the hello component, dropped;
+//! - `hello_request`: a whole request through `Function::handle`, body read.
+//!
+//! `cargo bench -p ignis-runtime --bench instantiate` (builds examples/ first).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use http_body_util::{BodyExt, Empty};
+use ignis_config::{ComponentSource, FunctionConfig, Limits};
+use ignis_runtime::{Function, RequestMeta, Runtime, RuntimeSettings};
+
+fn hello_wasm() -> PathBuf {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--target", "wasm32-wasip2", "-p", "hello", "--manifest-path"])
+        .arg(examples.join("Cargo.toml"))
+        .status()
+        .expect("cargo");
+    assert!(status.success());
+    examples.join("target/wasm32-wasip2/release/hello.wasm")
+}
+
+fn function(pooling: bool, cache: &Path) -> Arc<Function> {
+    let wasm = hello_wasm();
+    let config = FunctionConfig {
+        name: "hello".into(),
+        tenant: "bench".into(),
+        source: ComponentSource::Wasm(wasm.clone()),
+        limits: Limits {
+            max_concurrency: 1000,
+            ..Limits::default()
+        },
+        env: Default::default(),
+        allowed_outbound_hosts: vec![],
+    };
+    let runtime = Runtime::new(RuntimeSettings {
+        pooling,
+        epoch_tick: std::time::Duration::from_millis(1),
+        cache_dir: cache.to_path_buf(),
+        instance_slots: 1000,
+        max_memory_bytes: config.limits.memory_bytes,
+    })
+    .expect("runtime");
+    runtime.load_function(&config, &wasm).expect("load")
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    for (label, pooling) in [("pooling", true), ("on_demand", false)] {
+        let f = function(pooling, cache.path());
+        c.bench_function(&format!("instantiate/{label}"), |b| {
+            b.to_async(&rt).iter(|| async { f.instantiate_only().await.unwrap() })
+        });
+        c.bench_function(&format!("hello_request/{label}"), |b| {
+            b.to_async(&rt).iter(|| async {
+                let req = http::Request::get("http://localhost/hello")
+                    .body(Empty::<Bytes>::new().map_err(|never| -> ignis_runtime::HttpError { match never {} }))
+                    .unwrap();
+                let resp = f.handle(req, RequestMeta::new(1)).await.unwrap();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(&body[..], b"Hello from Ignis!\n");
+            })
+        });
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
