@@ -14,7 +14,9 @@ pub async fn serve(listener: TcpListener) -> anyhow::Result<()> {
         stream.set_nodelay(true)?;
         tokio::spawn(async move {
             let service = hyper::service::service_fn(|_req| async {
-                Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"Hello from Ignis!\n"))))
+                Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                    b"Hello from Ignis!\n",
+                ))))
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)

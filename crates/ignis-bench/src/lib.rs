@@ -86,7 +86,13 @@ async fn connect(addr: &str) -> anyhow::Result<http1::SendRequest<Empty<Bytes>>>
     Ok(sender)
 }
 
-async fn one_connection(spec: LoadSpec, index: usize, start: Instant, measure_from: Instant, end: Instant) -> ConnResult {
+async fn one_connection(
+    spec: LoadSpec,
+    index: usize,
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+) -> ConnResult {
     let mut r = ConnResult {
         hist: Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds"),
         statuses: BTreeMap::new(),
@@ -94,10 +100,17 @@ async fn one_connection(spec: LoadSpec, index: usize, start: Instant, measure_fr
         unfinished: 0,
     };
     let mut sender = None;
-    let interval = spec.rate.map(|rate| Duration::from_secs_f64(spec.connections as f64 / rate));
+    let interval = spec
+        .rate
+        .map(|rate| Duration::from_secs_f64(spec.connections as f64 / rate));
     // Stagger open-loop connections evenly over one interval.
-    let mut due = start + interval.map_or(Duration::ZERO, |i| i.mul_f64(index as f64 / spec.connections as f64));
-    let uri: http::Uri = format!("http://{}{}", spec.addr, spec.path).parse().expect("valid uri");
+    let mut due = start
+        + interval.map_or(Duration::ZERO, |i| {
+            i.mul_f64(index as f64 / spec.connections as f64)
+        });
+    let uri: http::Uri = format!("http://{}{}", spec.addr, spec.path)
+        .parse()
+        .expect("valid uri");
     loop {
         if interval.is_some() {
             if due >= end {

@@ -118,13 +118,23 @@ async fn wait_ready(addr: &str, path: &str) -> anyhow::Result<()> {
     bail!("{addr} did not come up")
 }
 
-fn start_peer(name: &'static str, cmd: &mut Command, addr: String, path: &'static str) -> anyhow::Result<Peer> {
+fn start_peer(
+    name: &'static str,
+    cmd: &mut Command,
+    addr: String,
+    path: &'static str,
+) -> anyhow::Result<Peer> {
     let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {name}"))?;
-    Ok(Peer { name, child, addr, path })
+    Ok(Peer {
+        name,
+        child,
+        addr,
+        path,
+    })
 }
 
 fn ignis_manifest(dir: &Path, component: &Path) -> anyhow::Result<PathBuf> {
@@ -171,13 +181,19 @@ async fn hello_peers(
     let peers = vec![
         start_peer(
             "ignis",
-            Command::new(ignis).arg("serve").arg(&manifest).args(["--listen", &format!("127.0.0.1:{pi}")]).env("IGNIS_LOG", "warn"),
+            Command::new(ignis)
+                .arg("serve")
+                .arg(&manifest)
+                .args(["--listen", &format!("127.0.0.1:{pi}")])
+                .env("IGNIS_LOG", "warn"),
             format!("127.0.0.1:{pi}"),
             "/hello",
         )?,
         start_peer(
             "wasmtime serve",
-            Command::new(wasmtime).args(["serve", "-Scli", "--addr", &format!("127.0.0.1:{pw}")]).arg(component),
+            Command::new(wasmtime)
+                .args(["serve", "-Scli", "--addr", &format!("127.0.0.1:{pw}")])
+                .arg(component),
             format!("127.0.0.1:{pw}"),
             "/hello",
         )?,
@@ -211,7 +227,10 @@ async fn hello_peers(
                 rate: None,
             };
             let r = run(&spec).await;
-            eprintln!("round {round} {:>15}: {:>9.0} req/s, statuses {:?}, io errors {}", p.name, r.throughput, r.statuses, r.io_errors);
+            eprintln!(
+                "round {round} {:>15}: {:>9.0} req/s, statuses {:?}, io errors {}",
+                p.name, r.throughput, r.statuses, r.io_errors
+            );
             results[i].throughput.push(r);
         }
     }
@@ -235,7 +254,9 @@ async fn hello_peers(
             results[i].latency.push(r);
         }
     }
-    println!("| peer | throughput (req/s, median of {rounds}) | open-loop {rate:.0} req/s: p50 / p99 / p99.9 (us, median) | errors |");
+    println!(
+        "| peer | throughput (req/s, median of {rounds}) | open-loop {rate:.0} req/s: p50 / p99 / p99.9 (us, median) | errors |"
+    );
     println!("| --- | --- | --- | --- |");
     let mut medians = vec![];
     for r in &results {
@@ -247,15 +268,35 @@ async fn hello_peers(
             .throughput
             .iter()
             .chain(&r.latency)
-            .map(|x| x.io_errors + x.unfinished + x.statuses.iter().filter(|(s, _)| **s != 200).map(|(_, n)| n).sum::<u64>())
+            .map(|x| {
+                x.io_errors
+                    + x.unfinished
+                    + x.statuses
+                        .iter()
+                        .filter(|(s, _)| **s != 200)
+                        .map(|(_, n)| n)
+                        .sum::<u64>()
+            })
             .sum();
-        println!("| {} | {t:.0} | {p50:.0} / {p99:.0} / {p999:.0} | {errors} |", r.name);
+        println!(
+            "| {} | {t:.0} | {p50:.0} / {p99:.0} / {p999:.0} | {errors} |",
+            r.name
+        );
         medians.push((t, p99));
     }
     println!();
-    println!("- throughput Ignis / wasmtime serve: {:.2}", medians[0].0 / medians[1].0);
-    println!("- throughput Ignis / bare hyper: {:.2}", medians[0].0 / medians[2].0);
-    println!("- p99 Ignis / wasmtime serve at {rate:.0} req/s: {:.2}", medians[0].1 / medians[1].1);
+    println!(
+        "- throughput Ignis / wasmtime serve: {:.2}",
+        medians[0].0 / medians[1].0
+    );
+    println!(
+        "- throughput Ignis / bare hyper: {:.2}",
+        medians[0].0 / medians[2].0
+    );
+    println!(
+        "- p99 Ignis / wasmtime serve at {rate:.0} req/s: {:.2}",
+        medians[0].1 / medians[1].1
+    );
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
     }
@@ -266,7 +307,9 @@ async fn hello_peers(
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         match cli.command {
             Cmd::HyperHello { listen } => {
@@ -301,7 +344,19 @@ fn main() -> anyhow::Result<()> {
                 rounds,
                 rate,
                 json,
-            } => hello_peers(&ignis, &wasmtime, &component, connections, seconds, rounds, rate, json.as_deref()).await,
+            } => {
+                hello_peers(
+                    &ignis,
+                    &wasmtime,
+                    &component,
+                    connections,
+                    seconds,
+                    rounds,
+                    rate,
+                    json.as_deref(),
+                )
+                .await
+            }
         }
     })
 }

@@ -17,7 +17,15 @@ use ignis_runtime::{Function, RequestMeta, Runtime, RuntimeSettings};
 fn hello_wasm() -> PathBuf {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--target", "wasm32-wasip2", "-p", "hello", "--manifest-path"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "-p",
+            "hello",
+            "--manifest-path",
+        ])
         .arg(examples.join("Cargo.toml"))
         .status()
         .expect("cargo");
@@ -50,17 +58,25 @@ fn function(pooling: bool, cache: &Path) -> Arc<Function> {
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     let cache = tempfile::tempdir().unwrap();
     for (label, pooling) in [("pooling", true), ("on_demand", false)] {
         let f = function(pooling, cache.path());
         c.bench_function(&format!("instantiate/{label}"), |b| {
-            b.to_async(&rt).iter(|| async { f.instantiate_only().await.unwrap() })
+            b.to_async(&rt)
+                .iter(|| async { f.instantiate_only().await.unwrap() })
         });
         c.bench_function(&format!("hello_request/{label}"), |b| {
             b.to_async(&rt).iter(|| async {
                 let req = http::Request::get("http://localhost/hello")
-                    .body(Empty::<Bytes>::new().map_err(|never| -> ignis_runtime::HttpError { match never {} }))
+                    .body(
+                        Empty::<Bytes>::new()
+                            .map_err(|never| -> ignis_runtime::HttpError { match never {} }),
+                    )
                     .unwrap();
                 let resp = f.handle(req, RequestMeta::new(1)).await.unwrap();
                 let body = resp.into_body().collect().await.unwrap().to_bytes();

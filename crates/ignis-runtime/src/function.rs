@@ -12,13 +12,12 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use ignis_config::{FunctionConfig, Limits};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
-use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use wasmtime::Store;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
-use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{
     RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
@@ -168,38 +167,19 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// Aborts the guest task when the request is abandoned (hyper drops the
-/// service future or the response body when the client goes away).
-struct Abandon {
-    task: Option<AbortHandle>,
-    stats: Arc<FunctionStats>,
-}
-
-impl Abandon {
-    fn disarm(&mut self) {
-        self.task = None;
-    }
-}
-
-impl Drop for Abandon {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take()
-            && !task.is_finished()
-        {
-            task.abort();
-            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// The guest's response body plus the guard that cancels the guest if the
-/// body is dropped before its end.
-struct GuardedBody {
+/// The guest's response body. It also drives the guest: the guest runs
+/// inside the connection's task (no spawn, no cross-thread wake-ups), and
+/// each poll of the body first lets the guest make progress, then takes the
+/// next frame it produced. Dropping the body before its end drops the guest,
+/// which cancels it and frees its instance.
+struct DrivingBody {
     inner: HyperOutgoingBody,
-    abandon: Abandon,
+    guest: Option<GuestFuture>,
 }
 
-impl http_body::Body for GuardedBody {
+type GuestFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+impl http_body::Body for DrivingBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -207,16 +187,20 @@ impl http_body::Body for GuardedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match polled {
-            Poll::Ready(None) => {
-                // Complete: let the guest finish whatever it does after the body.
-                self.abandon.disarm();
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(r)) => Poll::Ready(Some(r.map_err(Into::into))),
-            Poll::Pending => Poll::Pending,
+        if let Some(guest) = self.guest.as_mut()
+            && guest.as_mut().poll(cx).is_ready()
+        {
+            self.guest = None;
         }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled
+            && let Some(guest) = self.guest.take()
+        {
+            // The body is complete but the guest is still running (work after
+            // the response): let it finish on its own, bounded by its deadlines.
+            tokio::spawn(guest);
+        }
+        polled.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -225,6 +209,20 @@ impl http_body::Body for GuardedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Counts a cancellation when the guest future is dropped before it finished.
+struct CancelGuard {
+    stats: Arc<FunctionStats>,
+    finished: bool,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -384,7 +382,7 @@ impl Function {
                 .map_err(|e| GuestError::Internal(format!("{e:#}")))?;
             (req, out)
         };
-        let task = tokio::spawn(run_task(
+        let mut guest: GuestFuture = Box::pin(run_task(
             self.pre.clone(),
             store,
             req,
@@ -398,29 +396,51 @@ impl Function {
                 request_id: meta.request_id,
             },
         ));
-        let mut abandon = Abandon {
-            task: Some(task.abort_handle()),
-            stats: self.stats.clone(),
+        let mut rx = rx;
+        // Drive the guest in this task until it sets the response or ends.
+        // If this future is dropped (client gone), the guest is dropped with it.
+        let first = std::future::poll_fn(|cx| {
+            if let Poll::Ready(sent) = Pin::new(&mut rx).poll(cx) {
+                return Poll::Ready(First::Sent(sent));
+            }
+            guest.as_mut().poll(cx).map(First::Ended)
+        })
+        .await;
+        let (sent, guest) = match first {
+            First::Sent(sent) => (sent, Some(guest)),
+            First::Ended(outcome) => match rx.try_recv() {
+                // Responded, then finished: the body may still hold data.
+                Ok(sent) => (Ok(sent), None),
+                Err(_) => return Err(outcome.into_error()),
+            },
         };
-        match rx.await {
+        match sent {
             Ok(Ok(response)) => {
-                Ok(response.map(|inner| GuardedBody { inner, abandon }.boxed_unsync()))
+                Ok(response.map(|inner| DrivingBody { inner, guest }.boxed_unsync()))
             }
             Ok(Err(code)) => Err(GuestError::GuestErrorCode(format!("{code:?}"))),
-            Err(_) => {
-                // The guest ended (or dropped its response-outparam) without a response.
-                abandon.disarm();
-                let outcome = task
-                    .await
-                    .map_err(|e| GuestError::Internal(e.to_string()))?;
-                Err(match outcome {
-                    Outcome::Done => GuestError::NoResponse,
-                    Outcome::Trap(e) => GuestError::Trap(format!("{e:?}")),
-                    Outcome::Memory => GuestError::MemoryLimit,
-                    Outcome::Cpu => GuestError::CpuLimit,
-                    Outcome::Wall => GuestError::WallLimit,
-                })
-            }
+            // The guest dropped its response-outparam without using it: wait for it to end.
+            Err(_) => match guest {
+                Some(guest) => Err(guest.await.into_error()),
+                None => Err(GuestError::NoResponse),
+            },
+        }
+    }
+}
+
+enum First {
+    Sent(Result<Result<http::Response<HyperOutgoingBody>, ErrorCode>, oneshot::error::RecvError>),
+    Ended(Outcome),
+}
+
+impl Outcome {
+    fn into_error(self) -> GuestError {
+        match self {
+            Outcome::Done => GuestError::NoResponse,
+            Outcome::Trap(e) => GuestError::Trap(format!("{e:?}")),
+            Outcome::Memory => GuestError::MemoryLimit,
+            Outcome::Cpu => GuestError::CpuLimit,
+            Outcome::Wall => GuestError::WallLimit,
         }
     }
 }
@@ -454,6 +474,10 @@ async fn run_task(
     out: wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostResponseOutparam>,
     cx: TaskContext,
 ) -> Outcome {
+    let mut cancel = CancelGuard {
+        stats: cx.active.0.clone(),
+        finished: false,
+    };
     let run = async move {
         let result = run_guest(&pre, &mut store, req, out).await;
         let denied = store.data().limiter.denied;
@@ -488,6 +512,7 @@ async fn run_task(
             tracing::warn!(function = %cx.name, request_id = cx.request_id, "guest stopped: wall time limit exceeded");
         }
     }
+    cancel.finished = true;
     drop(cx.permit);
     outcome
 }

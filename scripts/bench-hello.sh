@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Ignis vs `wasmtime serve` (wasmtime-cli 48.0.8) vs a bare hyper server, on
+# the same hello component, in one run: throughput (closed loop, keep-alive
+# HTTP/1.1, fixed connections) and open-loop latency. Extra arguments go to
+# `ignis-bench hello-peers` (see its --help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+TOOLS=${IGNIS_TOOLS:-$PWD/target/bench-tools}
+if ! "$TOOLS/bin/wasmtime" --version 2>/dev/null | grep -q "48.0.8"; then
+    echo "bench: installing wasmtime-cli 48.0.8 into $TOOLS (takes a while, once)"
+    cargo install wasmtime-cli@48.0.8 --locked --root "$TOOLS"
+fi
+cargo build --release -p ignis -p ignis-bench
+cargo build --release --target wasm32-wasip2 --manifest-path examples/Cargo.toml -p hello
+exec target/release/ignis-bench hello-peers \
+    --ignis target/release/ignis \
+    --wasmtime "$TOOLS/bin/wasmtime" \
+    --component examples/target/wasm32-wasip2/release/hello.wasm \
+    "$@"
