@@ -357,14 +357,19 @@ impl Function {
     {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + self.limits.wall_time;
-        let permit =
-            match tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
-                _ => {
-                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    return Err(GuestError::Capacity);
+        // Fast path without arming a timer; otherwise wait until the deadline.
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                match tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => permit,
+                    _ => {
+                        self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                        return Err(GuestError::Capacity);
+                    }
                 }
-            };
+            }
+        };
         let mut store = self.new_store(meta.request_id);
         let (tx, rx) = oneshot::channel();
         let scheme = if meta.https {

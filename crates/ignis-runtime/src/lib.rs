@@ -26,6 +26,9 @@
 //! - [`Function`]: one deployed component with its `ProxyPre`, limits,
 //!   environment and outbound policy; [`Function::handle`] runs one request.
 //! - [`outbound`]: the allowlist and pooled client behind guest outbound HTTP.
+//! - The guest runs inside the caller's task: [`Function::handle`] polls it
+//!   until the response head is set, then the returned body polls it before
+//!   each frame. Dropping either cancels the guest.
 //! - Limits per request: a [`wasmtime::ResourceLimiter`] for memory, epoch
 //!   slices that make CPU-bound guests yield back to tokio, a CPU-time budget
 //!   measured while the guest is polled, and a wall-clock deadline.
