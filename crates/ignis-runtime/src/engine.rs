@@ -9,10 +9,11 @@ use ignis_config::{FunctionConfig, Manifest};
 use wasmtime::component::Linker;
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use crate::cache::CompileCache;
 use crate::error::LoadError;
-use crate::function::{Function, Host};
+use crate::function::{Function, Host, Pre};
 
 /// Everything the runtime needs to know before any function loads.
 #[derive(Debug, Clone)]
@@ -76,6 +77,8 @@ fn base_config() -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
     config.wasm_component_model(true);
+    // WASI 0.3 components (`wasi:http/service`) use the async ABI.
+    config.wasm_component_model_async(true);
     // Copy-on-write images make instantiation independent of data-segment size.
     config.memory_init_cow(true);
     config
@@ -130,6 +133,8 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        wasmtime_wasi::p3::add_to_linker(&mut linker)?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
         spawn_epoch_ticker(engine.clone(), settings.epoch_tick, stop_ticker.clone())?;
@@ -182,11 +187,19 @@ impl Runtime {
                     path: wasm.to_path_buf(),
                     reason: format!("{e:#}"),
                 })?;
-        let pre = ProxyPre::new(instance_pre).map_err(|e| LoadError::WrongWorld {
-            function: name.clone(),
-            path: wasm.to_path_buf(),
-            reason: format!("{e:#}"),
-        })?;
+        let pre = match ProxyPre::new(instance_pre.clone()) {
+            Ok(p2) => Pre::P2(p2),
+            Err(p2_error) => match ServicePre::new(instance_pre) {
+                Ok(p3) => Pre::P3(p3),
+                Err(p3_error) => {
+                    return Err(LoadError::WrongWorld {
+                        function: name.clone(),
+                        path: wasm.to_path_buf(),
+                        reason: format!("{p2_error:#}; {p3_error:#}"),
+                    });
+                }
+            },
+        };
         tracing::info!(function = %name, path = %wasm.display(), cache = ?outcome, "function loaded");
         Function::new(self.clone(), config, pre, outcome).map_err(|e| LoadError::Other {
             function: name.clone(),

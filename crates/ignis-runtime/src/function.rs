@@ -17,8 +17,9 @@ use wasmtime::Store;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
-use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
 use wasmtime_wasi_http::{
     RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
 };
@@ -175,6 +176,9 @@ impl Drop for ActiveGuard {
 struct DrivingBody {
     inner: HyperOutgoingBody,
     guest: Option<GuestFuture>,
+    /// Dropped when the body is complete (or dropped): tells a WASI 0.3
+    /// guest's event loop that nobody reads the body any more.
+    done: Option<oneshot::Sender<()>>,
 }
 
 type GuestFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
@@ -193,6 +197,9 @@ impl http_body::Body for DrivingBody {
             self.guest = None;
         }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.done = None;
+        }
         if let Poll::Ready(None) = polled
             && let Some(guest) = self.guest.take()
         {
@@ -234,12 +241,21 @@ enum Outcome {
     Wall,
 }
 
+/// A prepared component, by the `wasi:http` world it exports.
+#[derive(Clone)]
+pub(crate) enum Pre {
+    /// `wasi:http/proxy` 0.2.x (`incoming-handler`).
+    P2(ProxyPre<Host>),
+    /// `wasi:http/service` 0.3.x (`handler`).
+    P3(ServicePre<Host>),
+}
+
 /// A deployed function: a prepared component, its limits and its state.
 pub struct Function {
     runtime: Arc<Runtime>,
     name: Arc<str>,
     tenant: String,
-    pre: ProxyPre<Host>,
+    pre: Pre,
     limits: Limits,
     env: Vec<(String, String)>,
     outbound: Arc<Outbound>,
@@ -252,7 +268,7 @@ impl Function {
     pub(crate) fn new(
         runtime: Arc<Runtime>,
         config: &FunctionConfig,
-        pre: ProxyPre<Host>,
+        pre: Pre,
         cache_outcome: CacheOutcome,
     ) -> anyhow::Result<Arc<Function>> {
         Ok(Arc::new(Function {
@@ -334,11 +350,11 @@ impl Function {
     #[doc(hidden)]
     pub async fn instantiate_only(&self) -> Result<(), GuestError> {
         let mut store = self.new_store(0);
-        self.pre
-            .instantiate_async(&mut store)
-            .await
-            .map(drop)
-            .map_err(|e| GuestError::Internal(format!("{e:#}")))
+        let instantiated = match &self.pre {
+            Pre::P2(pre) => pre.instantiate_async(&mut store).await.map(drop),
+            Pre::P3(pre) => pre.instantiate_async(&mut store).await.map(drop),
+        };
+        instantiated.map_err(|e| GuestError::Internal(format!("{e:#}")))
     }
 
     /// Runs one request in a fresh instance. The response is returned as soon
@@ -371,27 +387,37 @@ impl Function {
             }
         };
         let mut store = self.new_store(meta.request_id);
-        let (tx, rx) = oneshot::channel();
-        let scheme = if meta.https {
-            Scheme::Https
-        } else {
-            Scheme::Http
-        };
-        let (req, out) = {
-            let mut http = store.data_mut().http();
-            let req = http
-                .new_incoming_request(scheme, request)
-                .map_err(|e| GuestError::Internal(format!("{e:#}")))?;
-            let out = http
-                .new_response_outparam(tx)
-                .map_err(|e| GuestError::Internal(format!("{e:#}")))?;
-            (req, out)
+        let (tx, rx) = oneshot::channel::<Sent>();
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let run: GuestRun = match &self.pre {
+            Pre::P2(pre) => {
+                let scheme = if meta.https {
+                    Scheme::Https
+                } else {
+                    Scheme::Http
+                };
+                let mut http = store.data_mut().http();
+                let req = http
+                    .new_incoming_request(scheme, request)
+                    .map_err(|e| GuestError::Internal(format!("{e:#}")))?;
+                let out = http
+                    .new_response_outparam_from_callback(move |sent| {
+                        let _ = tx.send(sent.map_err(|code| format!("{code:?}")));
+                    })
+                    .map_err(|e| GuestError::Internal(format!("{e:#}")))?;
+                drop(done_rx);
+                Box::pin(run_p2(pre.clone(), store, req, out))
+            }
+            Pre::P3(pre) => {
+                let (req, request_io) = wasmtime_wasi_http::p3::Request::from_http(
+                    store.data_mut().http().hooks,
+                    request,
+                );
+                Box::pin(run_p3(pre.clone(), store, req, request_io, tx, done_rx))
+            }
         };
         let mut guest: GuestFuture = Box::pin(run_task(
-            self.pre.clone(),
-            store,
-            req,
-            out,
+            run,
             TaskContext {
                 permit,
                 active: ActiveGuard::new(self.stats.clone()),
@@ -420,10 +446,15 @@ impl Function {
             },
         };
         match sent {
-            Ok(Ok(response)) => {
-                Ok(response.map(|inner| DrivingBody { inner, guest }.boxed_unsync()))
-            }
-            Ok(Err(code)) => Err(GuestError::GuestErrorCode(format!("{code:?}"))),
+            Ok(Ok(response)) => Ok(response.map(|inner| {
+                DrivingBody {
+                    inner,
+                    guest,
+                    done: Some(done_tx),
+                }
+                .boxed_unsync()
+            })),
+            Ok(Err(code)) => Err(GuestError::GuestErrorCode(code)),
             // The guest dropped its response-outparam without using it: wait for it to end.
             Err(_) => match guest {
                 Some(guest) => Err(guest.await.into_error()),
@@ -433,8 +464,11 @@ impl Function {
     }
 }
 
+/// What the guest answered: a response, or the `wasi:http` error code it gave instead.
+type Sent = Result<http::Response<WasiBody>, String>;
+
 enum First {
-    Sent(Result<Result<http::Response<HyperOutgoingBody>, ErrorCode>, oneshot::error::RecvError>),
+    Sent(Result<Sent, oneshot::error::RecvError>),
     Ended(Outcome),
 }
 
@@ -459,34 +493,67 @@ struct TaskContext {
     request_id: u64,
 }
 
-async fn run_guest(
-    pre: &ProxyPre<Host>,
-    store: &mut Store<Host>,
-    req: wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostIncomingRequest>,
-    out: wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostResponseOutparam>,
-) -> wasmtime::Result<()> {
-    let proxy = pre.instantiate_async(&mut *store).await?;
-    proxy
-        .wasi_http_incoming_handler()
-        .call_handle(&mut *store, req, out)
-        .await
-}
+/// A guest run: the result and whether the memory limiter refused growth.
+type GuestRun = Pin<Box<dyn Future<Output = (wasmtime::Result<()>, bool)> + Send>>;
 
-async fn run_task(
+async fn run_p2(
     pre: ProxyPre<Host>,
     mut store: Store<Host>,
     req: wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostIncomingRequest>,
     out: wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostResponseOutparam>,
-    cx: TaskContext,
-) -> Outcome {
+) -> (wasmtime::Result<()>, bool) {
+    let result = async {
+        let proxy = pre.instantiate_async(&mut store).await?;
+        proxy
+            .wasi_http_incoming_handler()
+            .call_handle(&mut store, req, out)
+            .await
+    }
+    .await;
+    let denied = store.data().limiter.denied;
+    (result, denied)
+}
+
+/// WASI 0.3: the guest returns its response from `handle`; its body is a
+/// stream that the store's event loop feeds, so the loop keeps running until
+/// the response body is complete (`done`).
+async fn run_p3(
+    pre: ServicePre<Host>,
+    mut store: Store<Host>,
+    req: wasmtime_wasi_http::p3::Request,
+    request_io: impl Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send + 'static,
+    tx: oneshot::Sender<Sent>,
+    done: oneshot::Receiver<()>,
+) -> (wasmtime::Result<()>, bool) {
+    let result = async {
+        let service = pre.instantiate_async(&mut store).await?;
+        store
+            .run_concurrent(async move |accessor| {
+                match service.handle(accessor, req).await? {
+                    Ok(response) => {
+                        let response = accessor
+                            .with(|mut store| response.into_http(&mut store, request_io))?;
+                        let _ = tx.send(Ok(response));
+                        // Keep the event loop alive while the body streams.
+                        let _ = done.await;
+                    }
+                    Err(code) => {
+                        let _ = tx.send(Err(format!("{code:?}")));
+                    }
+                }
+                wasmtime::Result::<()>::Ok(())
+            })
+            .await?
+    }
+    .await;
+    let denied = store.data().limiter.denied;
+    (result, denied)
+}
+
+async fn run_task(run: GuestRun, cx: TaskContext) -> Outcome {
     let mut cancel = CancelGuard {
         stats: cx.active.0.clone(),
         finished: false,
-    };
-    let run = async move {
-        let result = run_guest(&pre, &mut store, req, out).await;
-        let denied = store.data().limiter.denied;
-        (result, denied)
     };
     let outcome =
         match tokio::time::timeout_at(cx.deadline, CpuBudget::new(run, cx.cpu_budget)).await {

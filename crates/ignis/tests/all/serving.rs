@@ -25,6 +25,13 @@ max_body = "8MiB"
 [functions.compute]
 component = "{compute}"
 
+[functions.hello3]
+component = "{hello3}"
+
+[[routes]]
+path = "/p3"
+function = "hello3"
+
 [[routes]]
 path = "/hello"
 function = "hello"
@@ -44,6 +51,7 @@ function = "compute"
         hello = wasm("hello"),
         echo = wasm("echo"),
         compute = wasm("compute"),
+        hello3 = wasm("hello_p3"),
     )
 }
 
@@ -207,5 +215,21 @@ async fn http2_prior_knowledge_works() {
             (200, "hi from the manifest\n")
         );
     }
+    server.shutdown().await;
+}
+
+/// A WASI 0.3 (`wasi:http@0.3.0` service world) component is served next to
+/// 0.2 ones, from the same runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasi_http_0_3_service_components_are_served() {
+    let server = TestServer::start(&manifest()).await;
+    let c = client();
+    for _ in 0..20 {
+        let r = get(&c, &server.url("/p3")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "Hello from Ignis over WASI 0.3!\n");
+        assert_eq!(r.headers["content-type"], "text/plain");
+    }
+    wait_idle(server.function("hello3")).await;
     server.shutdown().await;
 }
