@@ -1,8 +1,8 @@
 //! The process-wide engine, its epoch ticker and the shared linker.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ignis_config::{FunctionConfig, Manifest};
@@ -63,22 +63,47 @@ pub enum AllocatorKind {
     OnDemand,
 }
 
-/// The process-wide runtime: one engine, one epoch ticker, one linker.
+/// The process-wide runtime: one engine per WASI generation, one epoch
+/// ticker, and a linker per engine.
+///
+/// `wasi:http` 0.2 components run on an engine without the component-model
+/// async ABI: enabling `concurrency_support` costs every call on that engine
+/// (it doubled the per-request time of a 0.2 hello, see docs/BENCHMARKS.md).
+/// The 0.3 engine, which needs it, is built the first time a 0.3 component
+/// loads, so a deployment without one pays nothing for it.
 pub struct Runtime {
-    engine: Engine,
-    linker: Linker<Host>,
+    p2: EngineSet,
+    p3: Arc<OnceLock<EngineSet>>,
     cache: CompileCache,
     allocator: AllocatorKind,
     settings: RuntimeSettings,
     stop_ticker: Arc<AtomicBool>,
 }
 
-fn base_config() -> Config {
+/// An engine and the linker that goes with it.
+struct EngineSet {
+    engine: Engine,
+    linker: Linker<Host>,
+}
+
+/// Which WASI generation an engine serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Generation {
+    P2,
+    P3,
+}
+
+fn base_config(generation: Generation) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
     config.wasm_component_model(true);
-    // WASI 0.3 components (`wasi:http/service`) use the async ABI.
-    config.wasm_component_model_async(true);
+    if generation == Generation::P3 {
+        // WASI 0.3 components (`wasi:http/service`) use the async ABI.
+        config.wasm_component_model_async(true);
+    } else {
+        config.wasm_component_model_async(false);
+        config.concurrency_support(false);
+    }
     // Copy-on-write images make instantiation independent of data-segment size.
     config.memory_init_cow(true);
     config
@@ -105,53 +130,88 @@ fn pooling_config(settings: &RuntimeSettings) -> PoolingAllocationConfig {
     pool
 }
 
-impl Runtime {
-    /// Builds the engine (pooling if asked and possible), starts the epoch
-    /// ticker and prepares the linker with WASI p2 and `wasi:http`.
-    pub fn new(settings: RuntimeSettings) -> anyhow::Result<Arc<Runtime>> {
-        let (engine, allocator) = if settings.pooling {
-            let mut config = base_config();
-            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling_config(
-                &settings,
-            )));
-            match Engine::new(&config) {
-                Ok(engine) => (engine, AllocatorKind::Pooling),
-                Err(e) => {
-                    tracing::warn!(
-                        error = %e,
-                        slots = settings.instance_slots,
-                        "pooling allocator reservation failed; falling back to on-demand instance allocation (slower instantiation)"
-                    );
-                    (Engine::new(&base_config())?, AllocatorKind::OnDemand)
-                }
-            }
-        } else {
-            (Engine::new(&base_config())?, AllocatorKind::OnDemand)
-        };
-        tracing::info!(allocator = ?allocator, slots = settings.instance_slots, "wasmtime engine ready");
+/// Builds an engine for `generation`: pooling if asked and possible, else
+/// on-demand with a log line saying why.
+fn build_engine(
+    settings: &RuntimeSettings,
+    generation: Generation,
+) -> anyhow::Result<(Engine, AllocatorKind)> {
+    if !settings.pooling {
+        return Ok((
+            Engine::new(&base_config(generation))?,
+            AllocatorKind::OnDemand,
+        ));
+    }
+    let mut config = base_config(generation);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling_config(
+        settings,
+    )));
+    match Engine::new(&config) {
+        Ok(engine) => Ok((engine, AllocatorKind::Pooling)),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                slots = settings.instance_slots,
+                ?generation,
+                "pooling allocator reservation failed; falling back to on-demand instance allocation (slower instantiation)"
+            );
+            Ok((
+                Engine::new(&base_config(generation))?,
+                AllocatorKind::OnDemand,
+            ))
+        }
+    }
+}
 
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+fn build_set(
+    settings: &RuntimeSettings,
+    generation: Generation,
+) -> anyhow::Result<(EngineSet, AllocatorKind)> {
+    let (engine, allocator) = build_engine(settings, generation)?;
+    let mut linker = Linker::new(&engine);
+    // Language standard libraries import `wasi:cli` 0.2 even in 0.3
+    // components, so both linkers carry WASI 0.2.
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    if generation == Generation::P3 {
         wasmtime_wasi::p3::add_to_linker(&mut linker)?;
         wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
+    }
+    tracing::info!(
+        ?allocator,
+        ?generation,
+        slots = settings.instance_slots,
+        "wasmtime engine ready"
+    );
+    Ok((EngineSet { engine, linker }, allocator))
+}
 
+impl Runtime {
+    /// Builds the WASI 0.2 engine (pooling if asked and possible), starts the
+    /// epoch ticker and prepares the linker with WASI p2 and `wasi:http`.
+    pub fn new(settings: RuntimeSettings) -> anyhow::Result<Arc<Runtime>> {
+        let (p2, allocator) = build_set(&settings, Generation::P2)?;
+        let p3 = Arc::new(OnceLock::new());
         let stop_ticker = Arc::new(AtomicBool::new(false));
-        spawn_epoch_ticker(engine.clone(), settings.epoch_tick, stop_ticker.clone())?;
-
+        spawn_epoch_ticker(
+            p2.engine.clone(),
+            p3.clone(),
+            settings.epoch_tick,
+            stop_ticker.clone(),
+        )?;
         Ok(Arc::new(Runtime {
             cache: CompileCache::new(settings.cache_dir.clone()),
-            engine,
-            linker,
+            p2,
+            p3,
             allocator,
             settings,
             stop_ticker,
         }))
     }
 
-    /// The engine shared by every function.
+    /// The engine that serves `wasi:http` 0.2 components.
     pub fn engine(&self) -> &Engine {
-        &self.engine
+        &self.p2.engine
     }
 
     /// Which allocator is in use.
@@ -169,37 +229,60 @@ impl Runtime {
         &self.cache
     }
 
+    fn p3(&self) -> anyhow::Result<&EngineSet> {
+        if let Some(set) = self.p3.get() {
+            return Ok(set);
+        }
+        let (set, _) = build_set(&self.settings, Generation::P3)?;
+        // A concurrent loader may have won the race; either engine is fine.
+        Ok(self.p3.get_or_init(|| set))
+    }
+
     /// Loads (from the compile cache, or compiling and caching) the component
     /// at `wasm`, checks its imports and exports, and prepares it for
     /// per-request instantiation.
+    ///
+    /// A component that validates without the async ABI is a 0.2 candidate
+    /// and must export `wasi:http/incoming-handler`; one that needs the async
+    /// ABI goes to the 0.3 engine and must export `wasi:http/handler`.
     pub fn load_function(
         self: &Arc<Self>,
         config: &FunctionConfig,
         wasm: &Path,
     ) -> Result<Arc<Function>, LoadError> {
         let name = &config.name;
-        let (component, outcome) = self.cache.load_or_compile(&self.engine, name, wasm)?;
+        let (set, component, outcome) =
+            match self.cache.load_or_compile(&self.p2.engine, name, wasm) {
+                Ok((component, outcome)) => (&self.p2, component, outcome),
+                Err(LoadError::Invalid { .. }) => {
+                    let set = self.p3().map_err(|e| LoadError::Other {
+                        function: name.clone(),
+                        reason: format!("building the WASI 0.3 engine: {e:#}"),
+                    })?;
+                    let (component, outcome) =
+                        self.cache.load_or_compile(&set.engine, name, wasm)?;
+                    (set, component, outcome)
+                }
+                Err(e) => return Err(e),
+            };
         let instance_pre =
-            self.linker
+            set.linker
                 .instantiate_pre(&component)
                 .map_err(|e| LoadError::MissingImport {
                     function: name.clone(),
                     path: wasm.to_path_buf(),
                     reason: format!("{e:#}"),
                 })?;
-        let pre = match ProxyPre::new(instance_pre.clone()) {
-            Ok(p2) => Pre::P2(p2),
-            Err(p2_error) => match ServicePre::new(instance_pre) {
-                Ok(p3) => Pre::P3(p3),
-                Err(p3_error) => {
-                    return Err(LoadError::WrongWorld {
-                        function: name.clone(),
-                        path: wasm.to_path_buf(),
-                        reason: format!("{p2_error:#}; {p3_error:#}"),
-                    });
-                }
-            },
-        };
+        let pre = if std::ptr::eq(set, &self.p2) {
+            ProxyPre::new(instance_pre).map(Pre::P2)
+        } else {
+            ServicePre::new(instance_pre).map(Pre::P3)
+        }
+        .map_err(|e| LoadError::WrongWorld {
+            function: name.clone(),
+            path: wasm.to_path_buf(),
+            reason: format!("{e:#}"),
+        })?;
         tracing::info!(function = %name, path = %wasm.display(), cache = ?outcome, "function loaded");
         Function::new(self.clone(), config, pre, outcome).map_err(|e| LoadError::Other {
             function: name.clone(),
@@ -214,9 +297,11 @@ impl Drop for Runtime {
     }
 }
 
-/// One thread per process advances the epoch; each tick is one scheduling slice.
+/// One thread per process advances the epoch of every engine; each tick is
+/// one scheduling slice.
 fn spawn_epoch_ticker(
     engine: Engine,
+    p3: Arc<OnceLock<EngineSet>>,
     tick: Duration,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
@@ -226,6 +311,9 @@ fn spawn_epoch_ticker(
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(tick);
                 engine.increment_epoch();
+                if let Some(set) = p3.get() {
+                    set.engine.increment_epoch();
+                }
             }
         })?;
     Ok(())

@@ -250,9 +250,19 @@ pub(crate) enum Pre {
     P3(ServicePre<Host>),
 }
 
+impl Pre {
+    fn engine(&self) -> &wasmtime::Engine {
+        match self {
+            Pre::P2(pre) => pre.instance_pre().engine(),
+            Pre::P3(pre) => pre.instance_pre().engine(),
+        }
+    }
+}
+
 /// A deployed function: a prepared component, its limits and its state.
 pub struct Function {
-    runtime: Arc<Runtime>,
+    /// Keeps the engines and their epoch ticker alive while the function exists.
+    _runtime: Arc<Runtime>,
     name: Arc<str>,
     tenant: String,
     pre: Pre,
@@ -272,7 +282,7 @@ impl Function {
         cache_outcome: CacheOutcome,
     ) -> anyhow::Result<Arc<Function>> {
         Ok(Arc::new(Function {
-            runtime,
+            _runtime: runtime,
             name: config.name.as_str().into(),
             tenant: config.tenant.clone(),
             pre,
@@ -337,7 +347,7 @@ impl Function {
                 outbound: self.outbound.clone(),
             },
         };
-        let mut store = Store::new(self.runtime.engine(), host);
+        let mut store = Store::new(self.pre.engine(), host);
         store.limiter(|h| &mut h.limiter);
         // Yield to tokio at every epoch tick: CPU-bound guests are time-sliced.
         store.set_epoch_deadline(1);
