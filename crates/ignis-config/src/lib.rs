@@ -104,6 +104,30 @@ pub struct Manifest {
     pub functions: BTreeMap<String, FunctionConfig>,
     /// Routes, in file order (matching picks the most specific, not the first).
     pub routes: Vec<RouteConfig>,
+    /// Tenants with explicit settings (`[tenants.NAME]`); every other tenant
+    /// named by a function gets [`TenantConfig::default`].
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+/// Scheduling settings of one tenant (`[tenants.NAME]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantConfig {
+    /// Share of the guest CPU when tenants compete, relative to other
+    /// tenants' weights (1..=1000, default 1).
+    pub weight: u32,
+}
+
+impl Default for TenantConfig {
+    fn default() -> Self {
+        TenantConfig { weight: 1 }
+    }
+}
+
+impl Manifest {
+    /// The settings of `tenant` (defaults when it has no `[tenants]` entry).
+    pub fn tenant(&self, tenant: &str) -> TenantConfig {
+        self.tenants.get(tenant).cloned().unwrap_or_default()
+    }
 }
 
 /// Listener and process-wide settings (`[server]`).
@@ -127,6 +151,9 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Use the pooling instance allocator (falls back to on-demand if the reservation fails).
     pub pooling: bool,
+    /// Threads of the fair guest scheduler, which runs guests that outlast
+    /// their first slice (default: one per CPU).
+    pub guest_threads: usize,
 }
 
 /// Where a function's component comes from.
@@ -151,6 +178,11 @@ pub struct Limits {
     pub max_concurrency: u32,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: u64,
+    /// Requests that may wait for an instance when all `max_concurrency`
+    /// are busy; one more is shed at once with 503.
+    pub mailbox: u32,
+    /// Longest a request may wait in the mailbox before it is shed with 503.
+    pub queue_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -161,6 +193,8 @@ impl Default for Limits {
             wall_time: Duration::from_secs(30),
             max_concurrency: 64,
             max_body_bytes: 10 << 20,
+            mailbox: 256,
+            queue_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -204,6 +238,14 @@ struct RawManifest {
     functions: BTreeMap<String, Spanned<RawFunction>>,
     #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    tenants: BTreeMap<String, Spanned<RawTenant>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    weight: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -217,6 +259,7 @@ struct RawServer {
     max_headers: Option<Spanned<u32>>,
     header_read_timeout: Option<HumanDuration>,
     pooling: Option<bool>,
+    guest_threads: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -230,6 +273,8 @@ struct RawFunction {
     wall_time: Option<HumanDuration>,
     max_concurrency: Option<Spanned<u32>>,
     max_body: Option<ByteSize>,
+    mailbox: Option<Spanned<u32>>,
+    queue_timeout: Option<HumanDuration>,
     #[serde(default)]
     env: BTreeMap<String, String>,
     #[serde(default)]
@@ -330,11 +375,36 @@ impl Validator<'_> {
         for (i, r) in raw.routes.into_iter().enumerate() {
             routes.push(self.route(i, r.into_inner(), &functions, &routes)?);
         }
+        let mut tenants = BTreeMap::new();
+        for (name, t) in raw.tenants {
+            let span = t.span();
+            let t = t.into_inner();
+            let mut tenant = TenantConfig::default();
+            if let Some(w) = t.weight {
+                if !(1..=1000).contains(w.get_ref()) {
+                    return Err(self.err(
+                        w.span().start,
+                        format!("tenants.{name}.weight"),
+                        "must be between 1 and 1000",
+                    ));
+                }
+                tenant.weight = *w.get_ref();
+            }
+            if !functions.values().any(|f| f.tenant == name) {
+                return Err(self.err(
+                    span.start,
+                    format!("tenants.{name}"),
+                    format!("no function belongs to tenant `{name}`"),
+                ));
+            }
+            tenants.insert(name, tenant);
+        }
         Ok(Manifest {
             path: self.path.to_path_buf(),
             server,
             functions,
             routes,
+            tenants,
         })
     }
 
@@ -386,6 +456,17 @@ impl Validator<'_> {
             }
             Some(n) => *n.get_ref() as usize,
         };
+        let guest_threads = match raw.guest_threads {
+            None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            Some(n) if *n.get_ref() == 0 || *n.get_ref() > 256 => {
+                return Err(self.err(
+                    n.span().start,
+                    "server.guest_threads",
+                    "must be between 1 and 256",
+                ));
+            }
+            Some(n) => *n.get_ref() as usize,
+        };
         Ok(ServerConfig {
             listen,
             cache_dir: raw.cache_dir.map_or_else(
@@ -402,6 +483,7 @@ impl Validator<'_> {
                 .header_read_timeout
                 .map_or(Duration::from_secs(10), |d| d.duration),
             pooling: raw.pooling.unwrap_or(true),
+            guest_threads,
         })
     }
 
@@ -475,6 +557,26 @@ impl Validator<'_> {
         }
         if let Some(b) = raw.max_body {
             limits.max_body_bytes = b.bytes;
+        }
+        if let Some(m) = raw.mailbox {
+            if *m.get_ref() > 1_000_000 {
+                return Err(self.err(
+                    m.span().start,
+                    key("mailbox"),
+                    "must be between 0 and 1000000",
+                ));
+            }
+            limits.mailbox = *m.get_ref();
+        }
+        if let Some(d) = raw.queue_timeout {
+            if d.duration.is_zero() {
+                return Err(self.err(
+                    d.span.start,
+                    key("queue_timeout"),
+                    "must be greater than zero",
+                ));
+            }
+            limits.queue_timeout = d.duration;
         }
         let mut allowed = Vec::new();
         for h in raw.allowed_outbound_hosts {

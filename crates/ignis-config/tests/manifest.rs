@@ -174,3 +174,32 @@ fn missing_file_names_the_path() {
         "{err}"
     );
 }
+
+#[test]
+fn admission_and_tenant_settings_parse_and_validate() {
+    let m = ignis_config::Manifest::from_str_at(
+        "[server]\nguest_threads = 3\n[functions.a]\ncomponent = \"a.wasm\"\ntenant = \"t\"\nmailbox = 7\nqueue_timeout = \"250ms\"\n[tenants.t]\nweight = 4\n",
+        std::path::Path::new("/srv/ignis.toml"),
+    )
+    .unwrap();
+    assert_eq!(m.server.guest_threads, 3);
+    assert_eq!(m.functions["a"].limits.mailbox, 7);
+    assert_eq!(
+        m.functions["a"].limits.queue_timeout,
+        std::time::Duration::from_millis(250)
+    );
+    assert_eq!(m.tenant("t").weight, 4);
+    assert_eq!(m.tenant("other").weight, 1);
+
+    let base = "[functions.a]\ncomponent = \"a.wasm\"\ntenant = \"t\"\n";
+    let (line, key, _) = invalid(&format!("{base}[tenants.t]\nweight = 0\n"));
+    assert_eq!((line, key.as_str()), (5, "tenants.t.weight"));
+    let (line, key, message) = invalid(&format!("{base}[tenants.nobody]\nweight = 2\n"));
+    assert_eq!((line, key.as_str()), (4, "tenants.nobody"), "{message}");
+    let (line, key, _) = invalid(&format!("{base}[tenants.t]\nshare = 2\n"));
+    assert_eq!((line, key.as_str()), (5, "tenants.t.share"));
+    let (line, key, _) = invalid(&format!("{base}queue_timeout = \"0s\"\n"));
+    assert_eq!((line, key.as_str()), (4, "functions.a.queue_timeout"));
+    let (line, key, _) = invalid("[server]\nguest_threads = 0\n");
+    assert_eq!((line, key.as_str()), (2, "server.guest_threads"));
+}

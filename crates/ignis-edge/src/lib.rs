@@ -1,10 +1,11 @@
 //! The Ignis HTTP front: a listener that speaks HTTP/1.1 and HTTP/2 (h2c,
-//! prior knowledge), routes each request by host and path to a function, and
-//! turns every failure into a response.
+//! prior knowledge), routes each request by host and path to a function's
+//! actor (admission and scheduling live in `ignis-actors`), and turns every
+//! failure into a response: shed requests get 503 with `Retry-After`.
 //!
 //! ```no_run
-//! # async fn demo(manifest: ignis_config::Manifest, functions: std::collections::BTreeMap<String, std::sync::Arc<ignis_runtime::Function>>) -> anyhow::Result<()> {
-//! let edge = ignis_edge::Edge::new(&manifest, &functions)?;
+//! # async fn demo(manifest: ignis_config::Manifest, actors: std::collections::BTreeMap<String, std::sync::Arc<ignis_actors::FunctionActor>>) -> anyhow::Result<()> {
+//! let edge = ignis_edge::Edge::new(&manifest, &actors)?;
 //! let server = ignis_edge::Server::bind(manifest.server.listen, edge).await?;
 //! println!("listening on {}", server.local_addr());
 //! server.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
@@ -36,15 +37,16 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use ignis_actors::{CallError, FunctionActor};
 use ignis_config::{Manifest, ServerConfig};
-use ignis_runtime::{Body, Function, GuestError, RequestMeta};
+use ignis_runtime::{Body, GuestError, RequestMeta};
 use tokio::net::TcpListener;
 
 pub use routing::Router;
 
 /// Routing table plus the limits every request is held to.
 pub struct Edge {
-    router: Router<Function>,
+    router: Router<FunctionActor>,
     server: ServerConfig,
     next_id: AtomicU64,
 }
@@ -66,12 +68,12 @@ pub enum EdgeError {
 }
 
 impl Edge {
-    /// Builds the routing table from the manifest and the loaded functions.
+    /// Builds the routing table from the manifest and the functions' actors.
     pub fn new(
         manifest: &Manifest,
-        functions: &BTreeMap<String, Arc<Function>>,
+        actors: &BTreeMap<String, Arc<FunctionActor>>,
     ) -> Result<Arc<Edge>, EdgeError> {
-        let router = Router::new(&manifest.routes, |name| functions.get(name).cloned())
+        let router = Router::new(&manifest.routes, |name| actors.get(name).cloned())
             .map_err(EdgeError::Routing)?;
         Ok(Arc::new(Edge {
             router,
@@ -93,14 +95,14 @@ impl Edge {
                     .map(strip_port)
             })
             .unwrap_or("");
-        let Some(function) = self.router.route(host, req.uri().path()).cloned() else {
+        let Some(actor) = self.router.route(host, req.uri().path()).cloned() else {
             return plain(
                 StatusCode::NOT_FOUND,
                 id,
                 "no route for this host and path\n".to_string(),
             );
         };
-        let max_body = function.limits().max_body_bytes;
+        let max_body = actor.function().limits().max_body_bytes;
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -116,18 +118,18 @@ impl Edge {
         let (parts, incoming) = req.into_parts();
         let (limited, exceeded) = body::Limited::new(incoming, max_body);
         let req = Request::from_parts(parts, limited);
-        match function.handle(req, RequestMeta::new(id)).await {
+        match actor.call(req, RequestMeta::new(id)).await {
             Ok(mut resp) => {
                 resp.headers_mut()
                     .insert("x-request-id", HeaderValue::from(id));
                 resp
             }
-            Err(_) if exceeded.get() => plain(
+            Err(CallError::Guest(_)) if exceeded.get() => plain(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 id,
                 format!("request body larger than {max_body} bytes\n"),
             ),
-            Err(e) => error_response(&function, &e, id),
+            Err(e) => error_response(actor.function().name(), &e, id),
         }
     }
 }
@@ -155,22 +157,26 @@ fn plain(status: StatusCode, id: u64, text: String) -> Response<Body> {
     resp
 }
 
-fn error_response(function: &Function, e: &GuestError, id: u64) -> Response<Body> {
+fn error_response(function: &str, e: &CallError, id: u64) -> Response<Body> {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     match e {
-        GuestError::Trap(detail) | GuestError::Internal(detail) => {
-            tracing::warn!(function = function.name(), request_id = id, detail = %detail, "{e}");
+        CallError::Guest(GuestError::Trap(detail) | GuestError::Internal(detail)) => {
+            tracing::warn!(function, request_id = id, detail = %detail, "{e}");
         }
-        _ => tracing::info!(function = function.name(), request_id = id, "{e}"),
+        // Shed requests are the hot path of an overload: keep them quiet.
+        CallError::MailboxFull { .. } | CallError::QueueTimeout { .. } => {
+            tracing::debug!(function, request_id = id, "{e}");
+        }
+        _ => tracing::info!(function, request_id = id, "{e}"),
     }
     let mut resp = plain(
         status,
         id,
-        format!("{e} (function {}, request id {id})\n", function.name()),
+        format!("{e} (function {function}, request id {id})\n"),
     );
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    if let Some(after) = e.retry_after() {
         resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            .insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs()));
     }
     resp
 }

@@ -78,7 +78,7 @@ fn bench(c: &mut Criterion) {
                             .map_err(|never| -> ignis_runtime::HttpError { match never {} }),
                     )
                     .unwrap();
-                let resp = f.handle(req, RequestMeta::new(1)).await.unwrap();
+                let resp = f.handle(req, RequestMeta::new(1), None).await.unwrap();
                 let body = resp.into_body().collect().await.unwrap().to_bytes();
                 assert_eq!(&body[..], b"Hello from Ignis!\n");
             })

@@ -14,6 +14,7 @@ use wasmtime_wasi_http::p3::bindings::ServicePre;
 use crate::cache::CompileCache;
 use crate::error::LoadError;
 use crate::function::{Function, Host, Pre};
+use crate::sched::GuestScheduler;
 
 /// Everything the runtime needs to know before any function loads.
 #[derive(Debug, Clone)]
@@ -77,6 +78,7 @@ pub struct Runtime {
     cache: CompileCache,
     allocator: AllocatorKind,
     settings: RuntimeSettings,
+    scheduler: Option<Arc<dyn GuestScheduler>>,
     stop_ticker: Arc<AtomicBool>,
 }
 
@@ -190,6 +192,15 @@ impl Runtime {
     /// Builds the WASI 0.2 engine (pooling if asked and possible), starts the
     /// epoch ticker and prepares the linker with WASI p2 and `wasi:http`.
     pub fn new(settings: RuntimeSettings) -> anyhow::Result<Arc<Runtime>> {
+        Self::with_scheduler(settings, None)
+    }
+
+    /// Like [`Runtime::new`], with a fair scheduler for guests that outlast
+    /// their first slice (without one they stay on the caller's executor).
+    pub fn with_scheduler(
+        settings: RuntimeSettings,
+        scheduler: Option<Arc<dyn GuestScheduler>>,
+    ) -> anyhow::Result<Arc<Runtime>> {
         let (p2, allocator) = build_set(&settings, Generation::P2)?;
         let p3 = Arc::new(OnceLock::new());
         let stop_ticker = Arc::new(AtomicBool::new(false));
@@ -205,6 +216,7 @@ impl Runtime {
             p3,
             allocator,
             settings,
+            scheduler,
             stop_ticker,
         }))
     }
@@ -227,6 +239,11 @@ impl Runtime {
     /// The compile cache.
     pub fn cache(&self) -> &CompileCache {
         &self.cache
+    }
+
+    /// The fair scheduler, if one was installed.
+    pub fn scheduler(&self) -> Option<&Arc<dyn GuestScheduler>> {
+        self.scheduler.as_ref()
     }
 
     fn p3(&self) -> anyhow::Result<&EngineSet> {

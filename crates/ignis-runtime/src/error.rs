@@ -74,9 +74,6 @@ pub enum GuestError {
     /// The request ran past its wall-clock deadline.
     #[error("wall time limit exceeded")]
     WallLimit,
-    /// The function was at its concurrency cap for the whole wall deadline: it never started.
-    #[error("function is at capacity")]
-    Capacity,
     /// The guest returned without sending a response.
     #[error("guest returned no response")]
     NoResponse,
@@ -101,7 +98,6 @@ impl GuestError {
             | GuestError::GuestErrorCode(_)
             | GuestError::Internal(_) => 500,
             GuestError::CpuLimit | GuestError::WallLimit => 504,
-            GuestError::Capacity => 503,
             GuestError::BodyTooLarge => 413,
         }
     }

@@ -11,7 +11,7 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use ignis_config::{FunctionConfig, Limits};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, oneshot};
 use tokio::time::Instant;
 use wasmtime::Store;
 use wasmtime::component::ResourceTable;
@@ -29,6 +29,7 @@ use crate::cache::CacheOutcome;
 use crate::error::GuestError;
 use crate::limits::{CpuBudget, CpuExceeded, MemoryLimiter};
 use crate::outbound::{Outbound, OutboundPolicy};
+use crate::sched::SliceQueue;
 use crate::stdio::LogCapture;
 
 /// Boxed error of response bodies.
@@ -126,8 +127,8 @@ pub struct FunctionStats {
     pub wall_kills: AtomicU64,
     /// Requests whose client went away before the guest finished.
     pub cancelled: AtomicU64,
-    /// Requests refused because the function stayed at capacity.
-    pub rejected: AtomicU64,
+    /// Requests whose guest outlived its first slice and moved to the fair scheduler.
+    pub demoted: AtomicU64,
     changed: Notify,
 }
 
@@ -269,7 +270,8 @@ pub struct Function {
     limits: Limits,
     env: Vec<(String, String)>,
     outbound: Arc<Outbound>,
-    slots: Arc<Semaphore>,
+    queue: Option<Arc<dyn SliceQueue>>,
+    demote_after: Duration,
     stats: Arc<FunctionStats>,
     cache_outcome: CacheOutcome,
 }
@@ -281,8 +283,14 @@ impl Function {
         pre: Pre,
         cache_outcome: CacheOutcome,
     ) -> anyhow::Result<Arc<Function>> {
+        let queue = runtime.scheduler().map(|s| s.tenant_queue(&config.tenant));
+        // A guest still running after half a slice of CPU in the caller's
+        // task is a CPU hog: the rest of it goes to the fair scheduler.
+        let demote_after = runtime.settings().epoch_tick / 2;
         Ok(Arc::new(Function {
             _runtime: runtime,
+            queue,
+            demote_after,
             name: config.name.as_str().into(),
             tenant: config.tenant.clone(),
             pre,
@@ -295,7 +303,6 @@ impl Function {
             outbound: Arc::new(Outbound::new(OutboundPolicy::new(
                 &config.allowed_outbound_hosts,
             ))),
-            slots: Arc::new(Semaphore::new(config.limits.max_concurrency as usize)),
             stats: Arc::new(FunctionStats::default()),
             cache_outcome,
         }))
@@ -370,12 +377,16 @@ impl Function {
     /// Runs one request in a fresh instance. The response is returned as soon
     /// as the guest sets it; its body streams while the guest writes it.
     ///
+    /// Admission is the caller's job (`ignis-actors` caps concurrency and
+    /// sheds); `slot`, if any, is held until the instance is freed.
+    ///
     /// Dropping the returned future (or the response body before its end)
     /// cancels the guest and frees its instance.
     pub async fn handle<B>(
         &self,
         request: http::Request<B>,
         meta: RequestMeta,
+        slot: Option<OwnedSemaphorePermit>,
     ) -> Result<http::Response<Body>, GuestError>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -383,19 +394,6 @@ impl Function {
     {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + self.limits.wall_time;
-        // Fast path without arming a timer; otherwise wait until the deadline.
-        let permit = match self.slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                match tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned()).await {
-                    Ok(Ok(permit)) => permit,
-                    _ => {
-                        self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                        return Err(GuestError::Capacity);
-                    }
-                }
-            }
-        };
         let mut store = self.new_store(meta.request_id);
         let (tx, rx) = oneshot::channel::<Sent>();
         let (done_tx, done_rx) = oneshot::channel::<()>();
@@ -426,10 +424,10 @@ impl Function {
                 Box::pin(run_p3(pre.clone(), store, req, request_io, tx, done_rx))
             }
         };
-        let mut guest: GuestFuture = Box::pin(run_task(
+        let guest: GuestFuture = Box::pin(run_task(
             run,
             TaskContext {
-                permit,
+                slot,
                 active: ActiveGuard::new(self.stats.clone()),
                 deadline,
                 cpu_budget: self.limits.cpu_time,
@@ -437,6 +435,16 @@ impl Function {
                 request_id: meta.request_id,
             },
         ));
+        let mut guest: GuestFuture = match &self.queue {
+            Some(queue) => Box::pin(Sliced {
+                state: SlicedState::Inline(guest),
+                used: Duration::ZERO,
+                demote_after: self.demote_after,
+                queue: queue.clone(),
+                stats: self.stats.clone(),
+            }),
+            None => guest,
+        };
         let mut rx = rx;
         // Drive the guest in this task until it sets the response or ends.
         // If this future is dropped (client gone), the guest is dropped with it.
@@ -495,7 +503,7 @@ impl Outcome {
 }
 
 struct TaskContext {
-    permit: OwnedSemaphorePermit,
+    slot: Option<OwnedSemaphorePermit>,
     active: ActiveGuard,
     deadline: Instant,
     cpu_budget: Duration,
@@ -595,6 +603,59 @@ async fn run_task(run: GuestRun, cx: TaskContext) -> Outcome {
         }
     }
     cancel.finished = true;
-    drop(cx.permit);
+    drop(cx.slot);
     outcome
+}
+
+/// A guest that runs in the caller's task (the connection's) until it has
+/// used `demote_after` of CPU without finishing; from then on it runs as a
+/// task of its tenant's queue in the fair scheduler. Short requests never
+/// leave the connection's task; CPU hogs stop competing with it.
+///
+/// Dropping it cancels the guest wherever it runs (dropping an
+/// `async_task::Task` cancels its future).
+struct Sliced {
+    state: SlicedState,
+    used: Duration,
+    demote_after: Duration,
+    queue: Arc<dyn SliceQueue>,
+    stats: Arc<FunctionStats>,
+}
+
+enum SlicedState {
+    Inline(GuestFuture),
+    Pooled(async_task::Task<Outcome>),
+    Moving,
+}
+
+impl Future for Sliced {
+    type Output = Outcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let this = &mut *self;
+        if let SlicedState::Inline(guest) = &mut this.state {
+            let start = std::time::Instant::now();
+            if let Poll::Ready(outcome) = guest.as_mut().poll(cx) {
+                return Poll::Ready(outcome);
+            }
+            this.used += start.elapsed();
+            if this.used < this.demote_after {
+                return Poll::Pending;
+            }
+            let SlicedState::Inline(guest) =
+                std::mem::replace(&mut this.state, SlicedState::Moving)
+            else {
+                unreachable!("state checked above");
+            };
+            let queue = this.queue.clone();
+            let (runnable, task) = async_task::spawn(guest, move |r| queue.schedule(r));
+            runnable.schedule();
+            this.stats.demoted.fetch_add(1, Ordering::Relaxed);
+            this.state = SlicedState::Pooled(task);
+        }
+        match &mut this.state {
+            SlicedState::Pooled(task) => Pin::new(task).poll(cx),
+            _ => unreachable!("a guest is inline or pooled between polls"),
+        }
+    }
 }

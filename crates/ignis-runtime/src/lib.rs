@@ -14,7 +14,7 @@
 //!         http_body_util::Empty::<bytes::Bytes>::new(),
 //!         |never| -> ignis_runtime::HttpError { match never {} },
 //!     ))?;
-//! let response = hello.handle(request, ignis_runtime::RequestMeta::new(1)).await?;
+//! let response = hello.handle(request, ignis_runtime::RequestMeta::new(1), None).await?;
 //! # Ok(()) }
 //! ```
 //!
@@ -29,6 +29,8 @@
 //! - The guest runs inside the caller's task: [`Function::handle`] polls it
 //!   until the response head is set, then the returned body polls it before
 //!   each frame. Dropping either cancels the guest.
+//! - A guest still running after half an epoch slice of CPU moves to its
+//!   tenant's queue in the fair scheduler ([`sched`]), if one is installed.
 //! - Limits per request: a [`wasmtime::ResourceLimiter`] for memory, epoch
 //!   slices that make CPU-bound guests yield back to tokio, a CPU-time budget
 //!   measured while the guest is polled, and a wall-clock deadline.
@@ -39,6 +41,7 @@ mod error;
 mod function;
 mod limits;
 pub mod outbound;
+pub mod sched;
 mod stdio;
 
 pub use engine::{AllocatorKind, Runtime, RuntimeSettings};

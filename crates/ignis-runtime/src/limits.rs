@@ -3,7 +3,9 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::sched::CpuInstant;
 
 use wasmtime::ResourceLimiter;
 
@@ -81,7 +83,7 @@ impl<F: Future> Future for CpuBudget<F> {
     type Output = Result<F::Output, CpuExceeded>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let start = Instant::now();
+        let start = CpuInstant::now();
         let polled = self.inner.as_mut().poll(cx);
         self.used += start.elapsed();
         match polled {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use ignis_actors::{FairScheduler, FunctionActor};
 use ignis_config::{ComponentSource, Manifest};
 use ignis_edge::{Edge, Server};
 use ignis_runtime::{Function, Runtime, RuntimeSettings};
@@ -26,6 +27,10 @@ pub struct App {
     pub runtime: Arc<Runtime>,
     /// Functions by name.
     pub functions: BTreeMap<String, Arc<Function>>,
+    /// Their actors (admission, mailbox), by function name.
+    pub actors: BTreeMap<String, Arc<FunctionActor>>,
+    /// The fair scheduler for guests that outlast their first slice.
+    pub scheduler: Arc<FairScheduler>,
     /// The routing edge.
     pub edge: Arc<Edge>,
 }
@@ -58,19 +63,39 @@ pub fn component_paths(
     Ok(paths)
 }
 
-/// Loads every function of the manifest and builds the edge.
+/// Loads every function of the manifest and builds the edge. Must be called
+/// inside the tokio runtime that will serve (the scheduler's threads run
+/// guests in its context).
 pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
     let paths = component_paths(manifest, sources)?;
-    let runtime = Runtime::new(RuntimeSettings::from_manifest(manifest))?;
+    let weights = manifest
+        .tenants
+        .iter()
+        .map(|(name, t)| (name.clone(), t.weight))
+        .collect();
+    let scheduler = FairScheduler::new(
+        manifest.server.guest_threads,
+        weights,
+        tokio::runtime::Handle::current(),
+    )
+    .context("starting the guest scheduler threads")?;
+    let runtime = Runtime::with_scheduler(
+        RuntimeSettings::from_manifest(manifest),
+        Some(scheduler.clone()),
+    )?;
     let mut functions = BTreeMap::new();
+    let mut actors = BTreeMap::new();
     for (name, config) in &manifest.functions {
         let function = runtime.load_function(config, &paths[name])?;
+        actors.insert(name.clone(), FunctionActor::new(function.clone()));
         functions.insert(name.clone(), function);
     }
-    let edge = Edge::new(manifest, &functions)?;
+    let edge = Edge::new(manifest, &actors)?;
     Ok(App {
         runtime,
         functions,
+        actors,
+        scheduler,
         edge,
     })
 }

@@ -79,6 +79,8 @@ fn run() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // Loading starts the guest scheduler, whose threads run in this runtime.
+    let _context = runtime.enter();
     match cli.command {
         Command::Up { dir, listen } => {
             let manifest = load_manifest(&dir.join("ignis.toml"), listen)?;

@@ -13,6 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use ignis::app::{self, Sources};
+use ignis_actors::{FairScheduler, FunctionActor};
 use ignis_config::Manifest;
 use ignis_runtime::Function;
 use tokio::sync::oneshot;
@@ -64,6 +65,8 @@ pub fn shared_cache() -> String {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub functions: BTreeMap<String, Arc<Function>>,
+    pub actors: BTreeMap<String, Arc<FunctionActor>>,
+    pub scheduler: Arc<FairScheduler>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -99,6 +102,8 @@ impl TestServer {
         TestServer {
             addr,
             functions: app.functions,
+            actors: app.actors,
+            scheduler: app.scheduler,
             stop: Some(stop),
             task: Some(task),
         }
@@ -110,6 +115,10 @@ impl TestServer {
 
     pub fn function(&self, name: &str) -> &Arc<Function> {
         &self.functions[name]
+    }
+
+    pub fn actor(&self, name: &str) -> &Arc<FunctionActor> {
+        &self.actors[name]
     }
 
     /// Stops accepting and waits for in-flight requests.

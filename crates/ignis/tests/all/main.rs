@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod actors;
 mod cli;
 mod http_limits;
 mod isolation;

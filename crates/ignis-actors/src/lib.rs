@@ -1,0 +1,24 @@
+//! Function actors and the fair guest scheduler.
+//!
+//! Every deployed function is a [`FunctionActor`]: a concurrency cap, a
+//! bounded mailbox of requests waiting for an instance, a queue deadline and
+//! counters. The edge hands each request to [`FunctionActor::call`]; the
+//! actor runs it at once if an instance slot is free, queues it if the
+//! mailbox has room, and otherwise sheds it with [`CallError::MailboxFull`]
+//! (503 + `Retry-After`) without touching the runtime. A queued request that
+//! waits past the queue deadline is shed too ([`CallError::QueueTimeout`]).
+//!
+//! The actor is a state machine, not a task: admission runs in the caller's
+//! task under the actor's semaphore, so accepting a request costs no extra
+//! hop and shedding one costs a few atomic operations.
+//!
+//! [`FairScheduler`] is the process-wide scheduler for guests that outlast
+//! their first slice (see `ignis_runtime::sched`): weighted fair queueing by
+//! virtual CPU time across tenants, on dedicated low-priority threads.
+//! docs/actors.md states the semantics.
+
+mod function;
+mod scheduler;
+
+pub use function::{ActorStats, CallError, FunctionActor};
+pub use scheduler::{FairScheduler, TenantStats};

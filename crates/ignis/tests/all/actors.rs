@@ -1,0 +1,287 @@
+//! Function actors: admission, load shedding, fair scheduling, weights.
+//! No timing thresholds: these tests assert orderings and counts.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::harness::*;
+
+/// Sends a GET on a raw connection and returns the open stream; dropping it
+/// disconnects, which cancels the guest.
+async fn hold(server: &TestServer, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    s
+}
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+fn capped(mailbox: u32, queue_timeout: &str) -> String {
+    format!(
+        r#"
+[functions.limits]
+component = "{limits}"
+tenant = "flood"
+max_concurrency = 1
+mailbox = {mailbox}
+queue_timeout = "{queue_timeout}"
+wall_time = "120s"
+
+[functions.hello]
+component = "{hello}"
+tenant = "quiet"
+
+[[routes]]
+path = "/limits/..."
+function = "limits"
+
+[[routes]]
+path = "/hello"
+function = "hello"
+"#,
+        limits = wasm("limits"),
+        hello = wasm("hello"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_sheds_at_once_without_instantiating() {
+    let server = TestServer::start(&capped(1, "30s")).await;
+    let c = client();
+    let limits = server.function("limits").clone();
+    let actor = server.actor("limits").clone();
+
+    // A holds the only instance; B waits in the one-place mailbox.
+    let a = hold(&server, "/limits/sleep?ms=600000").await;
+    within(
+        "A running",
+        limits
+            .stats()
+            .wait_until(|s| s.active.load(Ordering::SeqCst) == 1),
+    )
+    .await;
+    let b = {
+        let c = c.clone();
+        let url = server.url("/limits/sleep?ms=0");
+        tokio::spawn(async move { get(&c, &url).await })
+    };
+    within(
+        "B queued",
+        actor
+            .stats()
+            .wait_until(|s| s.waiting.load(Ordering::SeqCst) == 1),
+    )
+    .await;
+
+    // C finds the mailbox full: 503 with Retry-After, and no instance made.
+    let shed = get(&c, &server.url("/limits/sleep?ms=0")).await;
+    assert_eq!(shed.status, 503, "{}", shed.text());
+    assert_eq!(shed.headers["retry-after"], "30");
+    assert!(shed.text().contains("over capacity"), "{}", shed.text());
+    assert_eq!(actor.stats().shed_full.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        limits.stats().requests.load(Ordering::SeqCst),
+        1,
+        "only A reached the runtime"
+    );
+
+    // The flood is the flooding tenant's problem only.
+    for _ in 0..5 {
+        assert_eq!(get(&c, &server.url("/hello")).await.status, 200);
+    }
+
+    // A's client leaves: its instance is freed and B, queued, runs.
+    drop(a);
+    let b = within("B answered", b).await.unwrap();
+    assert_eq!(b.status, 200, "{}", b.text());
+    assert_eq!(limits.stats().requests.load(Ordering::SeqCst), 2);
+    assert_eq!(actor.stats().admitted.load(Ordering::SeqCst), 2);
+    wait_idle(&limits).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_past_the_queue_deadline_is_shed() {
+    let server = TestServer::start(&capped(8, "200ms")).await;
+    let c = client();
+    let limits = server.function("limits").clone();
+    let actor = server.actor("limits").clone();
+
+    let a = hold(&server, "/limits/sleep?ms=600000").await;
+    within(
+        "A running",
+        limits
+            .stats()
+            .wait_until(|s| s.active.load(Ordering::SeqCst) == 1),
+    )
+    .await;
+
+    let b = get(&c, &server.url("/limits/sleep?ms=0")).await;
+    assert_eq!(b.status, 503, "{}", b.text());
+    assert_eq!(b.headers["retry-after"], "1");
+    assert!(b.text().contains("no instance became free"), "{}", b.text());
+    // B waited and gave up while A still held the instance.
+    assert_eq!(actor.stats().queued.load(Ordering::SeqCst), 1);
+    assert_eq!(actor.stats().shed_timeout.load(Ordering::SeqCst), 1);
+    assert_eq!(limits.stats().active.load(Ordering::SeqCst), 1);
+    assert_eq!(limits.stats().requests.load(Ordering::SeqCst), 1);
+    assert_eq!(actor.stats().waiting.load(Ordering::SeqCst), 0);
+
+    drop(a);
+    wait_idle(&limits).await;
+    // With the instance free again, the next request runs.
+    assert_eq!(get(&c, &server.url("/limits/sleep?ms=0")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_hogs_on_every_core_do_not_block_light_requests() {
+    let server = TestServer::start(&format!(
+        r#"
+[functions.heavy]
+component = "{limits}"
+tenant = "heavy"
+cpu_time = "120s"
+wall_time = "240s"
+
+[functions.hello]
+component = "{hello}"
+tenant = "light"
+
+[[routes]]
+path = "/heavy/..."
+function = "heavy"
+
+[[routes]]
+path = "/hello"
+function = "hello"
+"#,
+        limits = wasm("limits"),
+        hello = wasm("hello"),
+    ))
+    .await;
+    let c = client();
+    let heavy = server.function("heavy").clone();
+    let scheduler = server.scheduler.clone();
+
+    // Four guests that never yield on their own: twice as many as cores.
+    let mut hogs = Vec::new();
+    for _ in 0..4 {
+        hogs.push(hold(&server, "/heavy/loop").await);
+    }
+    within(
+        "hogs demoted and running",
+        scheduler.wait_until(|s| s.tenant_stats("heavy").is_some_and(|t| t.slices >= 40)),
+    )
+    .await;
+    assert_eq!(heavy.stats().demoted.load(Ordering::SeqCst), 4);
+    let before = scheduler.tenant_stats("heavy").unwrap();
+
+    for i in 0..30 {
+        let r = get(&c, &server.url("/hello")).await;
+        assert_eq!(r.status, 200, "light request {i}");
+        assert_eq!(
+            heavy.stats().active.load(Ordering::SeqCst),
+            4,
+            "light request {i} completed while every hog still runs"
+        );
+    }
+    // The hogs kept making progress meanwhile.
+    within(
+        "hogs progressing",
+        scheduler.wait_until(|s| s.tenant_stats("heavy").unwrap().slices > before.slices + 8),
+    )
+    .await;
+    assert!(scheduler.tenant_stats("heavy").unwrap().cpu > before.cpu);
+
+    drop(hogs);
+    wait_idle(&heavy).await;
+    assert_eq!(heavy.stats().cancelled.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_weights_share_the_cpu_in_ratio() {
+    let server = TestServer::start_full(&format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+cache_dir = "{cache}"
+guest_threads = 2
+
+[tenants.gold]
+weight = 3
+
+[functions.bronze]
+component = "{limits}"
+tenant = "bronze"
+cpu_time = "120s"
+wall_time = "240s"
+
+[functions.gold]
+component = "{limits}"
+tenant = "gold"
+cpu_time = "120s"
+wall_time = "240s"
+
+[[routes]]
+path = "/bronze/..."
+function = "bronze"
+
+[[routes]]
+path = "/gold/..."
+function = "gold"
+"#,
+        cache = shared_cache(),
+        limits = wasm("limits"),
+    ))
+    .await;
+    let scheduler = server.scheduler.clone();
+    // Three hogs per tenant for two threads: both tenants stay backlogged.
+    let mut hogs = Vec::new();
+    for _ in 0..3 {
+        hogs.push(hold(&server, "/bronze/loop").await);
+        hogs.push(hold(&server, "/gold/loop").await);
+    }
+    let both = |s: &ignis_actors::FairScheduler, n: u64| {
+        ["bronze", "gold"]
+            .iter()
+            .all(|t| s.tenant_stats(t).is_some_and(|st| st.slices >= n))
+    };
+    within(
+        "both tenants scheduled",
+        scheduler.wait_until(|s| both(s, 20)),
+    )
+    .await;
+    let (b0, g0) = (
+        scheduler.tenant_stats("bronze").unwrap(),
+        scheduler.tenant_stats("gold").unwrap(),
+    );
+    // A window of 800 ms of scheduler CPU.
+    within(
+        "the window",
+        scheduler.wait_until(|s| {
+            let b = s.tenant_stats("bronze").unwrap().cpu - b0.cpu;
+            let g = s.tenant_stats("gold").unwrap().cpu - g0.cpu;
+            b + g >= Duration::from_millis(800)
+        }),
+    )
+    .await;
+    let b = scheduler.tenant_stats("bronze").unwrap().cpu - b0.cpu;
+    let g = scheduler.tenant_stats("gold").unwrap().cpu - g0.cpu;
+    let ratio = g.as_secs_f64() / b.as_secs_f64();
+    assert!(
+        (2.5..=3.5).contains(&ratio),
+        "gold (weight 3) got {g:?}, bronze (weight 1) got {b:?}: ratio {ratio:.2}"
+    );
+    assert_eq!(scheduler.tenant_stats("gold").unwrap().weight, 3);
+    drop(hogs);
+    wait_idle(server.function("gold")).await;
+    wait_idle(server.function("bronze")).await;
+}
