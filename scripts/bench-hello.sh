@@ -6,15 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-TOOLS=${IGNIS_TOOLS:-$PWD/target/bench-tools}
-if ! "$TOOLS/bin/wasmtime" --version 2>/dev/null | grep -q "48.0.8"; then
-    echo "bench: installing wasmtime-cli 48.0.8 into $TOOLS (takes a while, once)"
-    cargo install wasmtime-cli@48.0.8 --locked --root "$TOOLS"
-fi
+. scripts/wasmtime-cli.sh
 cargo build --release -p ignis -p ignis-bench
 cargo build --release --target wasm32-wasip2 --manifest-path examples/Cargo.toml -p hello
 exec target/release/ignis-bench hello-peers \
     --ignis target/release/ignis \
-    --wasmtime "$TOOLS/bin/wasmtime" \
+    --wasmtime "$WASMTIME" \
     --component examples/target/wasm32-wasip2/release/hello.wasm \
     "$@"

@@ -14,11 +14,11 @@
 //! guest yield every tick), so a worker is never held longer than one tick
 //! by one guest.
 //!
-//! The workers run at a lower OS priority (`nice` 10) than the threads that
-//! serve connections. Connection threads run every guest's first slice and
-//! all the I/O; a CPU hog demoted to this scheduler can then not delay
-//! accepting, parsing and answering other requests, while it still gets all
-//! the CPU they leave idle.
+//! The workers run in the kernel's `SCHED_IDLE` class, below the threads
+//! that serve connections. Connection threads run short guests and all the
+//! I/O; a CPU hog on this scheduler can then not delay accepting, parsing
+//! and answering other requests, while it still gets all the CPU they leave
+//! idle.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -28,9 +28,6 @@ use std::time::Duration;
 use async_task::Runnable;
 use ignis_runtime::sched::{GuestScheduler, SliceQueue, thread_cpu_time, use_thread_cpu_clock};
 use tokio::sync::watch;
-
-/// The `nice` value of scheduler threads.
-const WORKER_NICE: i32 = 10;
 
 /// Virtual time unit: nanoseconds of CPU at weight 1.
 type VTime = u128;
@@ -282,16 +279,20 @@ fn worker(shared: &Shared, runtime: &tokio::runtime::Handle) {
     }
 }
 
-/// Lowers the calling thread's scheduling priority (Linux `nice` is per thread).
+/// Puts the calling thread in the kernel's `SCHED_IDLE` class: any normal
+/// thread that wakes up (a connection thread with a request to read)
+/// preempts it at once, instead of waiting for its time slice to end.
 #[allow(unsafe_code)]
 fn lower_priority() {
-    // SAFETY: plain system calls on the calling thread; no memory is shared.
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain system calls on the calling thread with a valid,
+    // initialised `sched_param`; no memory is shared.
     let rc = unsafe {
         let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, WORKER_NICE)
+        libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param)
     };
     if rc != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "could not lower the priority of a guest scheduler thread");
+        tracing::warn!(error = %std::io::Error::last_os_error(), "could not move a guest scheduler thread to SCHED_IDLE");
     }
 }
 

@@ -25,6 +25,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 pub mod hello;
+pub mod plot;
+pub mod scenario;
 
 /// What to send.
 #[derive(Debug, Clone)]
@@ -73,7 +75,15 @@ pub struct Report {
     pub latency_us: Percentiles,
     /// Requests due (open loop) that never completed (5 s after the window).
     pub unfinished: u64,
+    /// The latency distribution: `(quantile, microseconds)` points, for plots.
+    pub curve: Vec<(f64, u64)>,
 }
+
+/// Quantiles sampled into [`Report::curve`].
+const CURVE: [f64; 16] = [
+    0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99995, 0.99999,
+    0.999995, 0.999999, 1.0,
+];
 
 struct ConnResult {
     hist: Histogram<u64>,
@@ -234,5 +244,9 @@ pub async fn run(spec: &LoadSpec) -> Report {
             max: hist.max(),
         },
         unfinished,
+        curve: CURVE
+            .iter()
+            .map(|&q| (q, hist.value_at_quantile(q)))
+            .collect(),
     }
 }

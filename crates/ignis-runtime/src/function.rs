@@ -129,10 +129,41 @@ pub struct FunctionStats {
     pub cancelled: AtomicU64,
     /// Requests whose guest outlived its first slice and moved to the fair scheduler.
     pub demoted: AtomicU64,
+    /// Requests started directly in the fair scheduler because the function's
+    /// recent requests were CPU hogs.
+    pub started_pooled: AtomicU64,
+    /// CPU time used by all requests, in nanoseconds.
+    pub cpu_nanos: AtomicU64,
+    /// Moving average of "this request used more than half a slice of CPU",
+    /// in 1/1024ths (see `Function::handle`).
+    hog_score: AtomicU64,
     changed: Notify,
 }
 
+/// Weight of one request in the hog score's moving average: 1/8.
+const HOG_STEP: u64 = 128;
+/// Above this score (half of recent requests were hogs) new requests skip
+/// the connection task and start in the fair scheduler.
+const HOG_THRESHOLD: u64 = 512;
+
 impl FunctionStats {
+    /// Records one request's CPU time and updates the hog score.
+    fn record_cpu(&self, used: Duration, hog_above: Duration) {
+        self.cpu_nanos
+            .fetch_add(used.as_nanos() as u64, Ordering::Relaxed);
+        let hog = used >= hog_above;
+        let _ = self
+            .hog_score
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(s - s / 8 + if hog { HOG_STEP } else { 0 })
+            });
+    }
+
+    /// Whether recent requests were mostly CPU hogs.
+    pub fn mostly_hogs(&self) -> bool {
+        self.hog_score.load(Ordering::Relaxed) > HOG_THRESHOLD
+    }
+
     /// Waits until no instance of the function is alive.
     pub async fn wait_idle(&self) {
         self.wait_until(|s| s.active.load(Ordering::SeqCst) == 0)
@@ -428,6 +459,7 @@ impl Function {
             run,
             TaskContext {
                 slot,
+                demote_after: self.demote_after,
                 active: ActiveGuard::new(self.stats.clone()),
                 deadline,
                 cpu_budget: self.limits.cpu_time,
@@ -435,7 +467,19 @@ impl Function {
                 request_id: meta.request_id,
             },
         ));
+        // CPU hogs go to the fair scheduler: after half a slice of CPU in
+        // this task, or at once if the function's recent requests mostly did.
         let mut guest: GuestFuture = match &self.queue {
+            Some(queue) if self.stats.mostly_hogs() => {
+                self.stats.started_pooled.fetch_add(1, Ordering::Relaxed);
+                Box::pin(Sliced {
+                    state: SlicedState::Pooled(spawn_pooled(queue, guest)),
+                    used: Duration::ZERO,
+                    demote_after: self.demote_after,
+                    queue: queue.clone(),
+                    stats: self.stats.clone(),
+                })
+            }
             Some(queue) => Box::pin(Sliced {
                 state: SlicedState::Inline(guest),
                 used: Duration::ZERO,
@@ -504,6 +548,7 @@ impl Outcome {
 
 struct TaskContext {
     slot: Option<OwnedSemaphorePermit>,
+    demote_after: Duration,
     active: ActiveGuard,
     deadline: Instant,
     cpu_budget: Duration,
@@ -573,14 +618,20 @@ async fn run_task(run: GuestRun, cx: TaskContext) -> Outcome {
         stats: cx.active.0.clone(),
         finished: false,
     };
-    let outcome =
-        match tokio::time::timeout_at(cx.deadline, CpuBudget::new(run, cx.cpu_budget)).await {
-            Err(_) => Outcome::Wall,
-            Ok(Err(CpuExceeded)) => Outcome::Cpu,
-            Ok(Ok((Ok(()), _))) => Outcome::Done,
-            Ok(Ok((Err(_), true))) => Outcome::Memory,
-            Ok(Ok((Err(e), false))) => Outcome::Trap(e),
-        };
+    let outcome = match tokio::time::timeout_at(
+        cx.deadline,
+        CpuBudget::new(run, cx.cpu_budget, |used| {
+            cx.active.0.record_cpu(used, cx.demote_after)
+        }),
+    )
+    .await
+    {
+        Err(_) => Outcome::Wall,
+        Ok(Err(CpuExceeded)) => Outcome::Cpu,
+        Ok(Ok((Ok(()), _))) => Outcome::Done,
+        Ok(Ok((Err(_), true))) => Outcome::Memory,
+        Ok(Ok((Err(e), false))) => Outcome::Trap(e),
+    };
     let stats = &cx.active.0;
     match &outcome {
         Outcome::Done => {}
@@ -647,15 +698,20 @@ impl Future for Sliced {
             else {
                 unreachable!("state checked above");
             };
-            let queue = this.queue.clone();
-            let (runnable, task) = async_task::spawn(guest, move |r| queue.schedule(r));
-            runnable.schedule();
             this.stats.demoted.fetch_add(1, Ordering::Relaxed);
-            this.state = SlicedState::Pooled(task);
+            this.state = SlicedState::Pooled(spawn_pooled(&this.queue, guest));
         }
         match &mut this.state {
             SlicedState::Pooled(task) => Pin::new(task).poll(cx),
             _ => unreachable!("a guest is inline or pooled between polls"),
         }
     }
+}
+
+/// Makes `guest` a task of `queue` and schedules its first slice.
+fn spawn_pooled(queue: &Arc<dyn SliceQueue>, guest: GuestFuture) -> async_task::Task<Outcome> {
+    let queue = queue.clone();
+    let (runnable, task) = async_task::spawn(guest, move |r| queue.schedule(r));
+    runnable.schedule();
+    task
 }

@@ -59,27 +59,38 @@ impl ResourceLimiter for MemoryLimiter {
 /// `poll` (guest code plus synchronous host calls) passes the budget. Epoch
 /// slices make the guest return `Pending` at every tick, so the check runs at
 /// least once per slice even for a guest that never yields on its own.
-pub(crate) struct CpuBudget<F> {
+///
+/// When it is dropped (finished, stopped or cancelled) the CPU it measured is
+/// reported to `on_drop`.
+pub(crate) struct CpuBudget<F, R: FnMut(Duration)> {
     inner: Pin<Box<F>>,
     budget: Duration,
     used: Duration,
+    on_drop: R,
+}
+
+impl<F, R: FnMut(Duration)> Drop for CpuBudget<F, R> {
+    fn drop(&mut self) {
+        (self.on_drop)(self.used);
+    }
 }
 
 /// The budget ran out.
 #[derive(Debug)]
 pub(crate) struct CpuExceeded;
 
-impl<F: Future> CpuBudget<F> {
-    pub(crate) fn new(inner: F, budget: Duration) -> Self {
+impl<F: Future, R: FnMut(Duration)> CpuBudget<F, R> {
+    pub(crate) fn new(inner: F, budget: Duration, on_drop: R) -> Self {
         CpuBudget {
             inner: Box::pin(inner),
             budget,
             used: Duration::ZERO,
+            on_drop,
         }
     }
 }
 
-impl<F: Future> Future for CpuBudget<F> {
+impl<F: Future, R: FnMut(Duration) + Unpin> Future for CpuBudget<F, R> {
     type Output = Result<F::Output, CpuExceeded>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {

@@ -4,4 +4,5 @@
 //! The binary (`src/main.rs`) is only argument parsing around these.
 
 pub mod app;
+pub mod bench;
 pub mod guest_build;

@@ -48,6 +48,22 @@ enum Command {
         #[arg(long)]
         build: bool,
     },
+    /// Run a benchmark scenario file (open-loop loads, phases, peers such as
+    /// `wasmtime serve`) and write a report, raw JSON and a latency plot.
+    Bench {
+        /// The scenario, e.g. bench/noisy-neighbour.toml.
+        scenario: PathBuf,
+        /// The wasmtime binary for `kind = "wasmtime"` peers.
+        #[arg(
+            long,
+            env = "IGNIS_WASMTIME",
+            default_value = "target/bench-tools/bin/wasmtime"
+        )]
+        wasmtime: PathBuf,
+        /// Directory for the report files.
+        #[arg(long, default_value = "target/bench-results")]
+        out: PathBuf,
+    },
 }
 
 fn load_manifest(path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Manifest> {
@@ -114,6 +130,15 @@ fn run() -> anyhow::Result<()> {
                 app.runtime.cache().compiles(),
                 app.runtime.cache().hits()
             );
+            Ok(())
+        }
+        Command::Bench {
+            scenario,
+            wasmtime,
+            out,
+        } => {
+            let options = ignis::bench::BenchOptions { wasmtime, out };
+            runtime.block_on(ignis::bench::run(&scenario, &options))?;
             Ok(())
         }
     }

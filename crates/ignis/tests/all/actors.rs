@@ -285,3 +285,39 @@ function = "gold"
     wait_idle(server.function("gold")).await;
     wait_idle(server.function("bronze")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_whose_requests_are_hogs_starts_them_in_the_scheduler() {
+    let server = TestServer::start(&format!(
+        r#"
+[functions.compute]
+component = "{compute}"
+cpu_time = "10s"
+
+[[routes]]
+path = "/compute"
+function = "compute"
+"#,
+        compute = wasm("compute"),
+    ))
+    .await;
+    let c = client();
+    let compute = server.function("compute").clone();
+    // Each request busy-loops for 5 ms of CPU: ten times the first-slice
+    // allowance. After a few, the function is known as a hog.
+    for i in 0..12 {
+        let r = get(&c, &server.url("/compute?ms=5")).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert!(r.text().starts_with("spun 5 ms"), "{}", r.text());
+        wait_idle(&compute).await;
+    }
+    let stats = compute.stats();
+    let (demoted, pooled) = (
+        stats.demoted.load(Ordering::SeqCst),
+        stats.started_pooled.load(Ordering::SeqCst),
+    );
+    assert!(stats.mostly_hogs());
+    assert!(pooled >= 1, "demoted {demoted}, started pooled {pooled}");
+    assert_eq!(demoted + pooled, 12, "every request ran in the scheduler");
+    assert!(stats.cpu_nanos.load(Ordering::SeqCst) >= 12 * 5_000_000);
+}
