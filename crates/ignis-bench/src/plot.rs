@@ -46,7 +46,7 @@ fn escape(s: &str) -> String {
 /// Renders `panels` side by side under `title`.
 pub fn percentile_svg(title: &str, panels: &[Panel]) -> String {
     let (pw, ph) = (460.0, 320.0);
-    let (left, right, top, bottom) = (60.0, 20.0, 50.0, 110.0);
+    let (left, right, top, bottom) = (80.0, 40.0, 50.0, 110.0);
     let width = panels.len().max(1) as f64 * (pw + left + right);
     let height = top + ph + bottom;
     // Shared y range in decades of milliseconds.

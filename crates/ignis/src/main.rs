@@ -10,7 +10,7 @@ use ignis::app::{self, Sources};
 use ignis_config::Manifest;
 use tracing_subscriber::EnvFilter;
 
-/// Ignis runs untrusted WebAssembly HTTP components (wasi:http 0.2), each
+/// Ignis runs untrusted WebAssembly HTTP components (wasi:http 0.2 and 0.3), each
 /// request in its own fresh, resource-limited instance.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
