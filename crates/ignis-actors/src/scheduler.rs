@@ -44,7 +44,6 @@ pub struct TenantStats {
 }
 
 struct Tenant {
-    name: String,
     weight: u32,
     vtime: VTime,
     /// `Some(key)` while the tenant is in `ready` under `(key, index)`.
@@ -70,7 +69,6 @@ impl RunQueue {
         }
         let i = self.tenants.len();
         self.tenants.push(Tenant {
-            name: name.to_string(),
             weight: weight.max(1),
             vtime: 0,
             ready_key: None,
@@ -210,15 +208,6 @@ impl FairScheduler {
                 return;
             }
         }
-    }
-
-    /// Tenants and their stats, by name.
-    pub fn all_stats(&self) -> BTreeMap<String, TenantStats> {
-        let q = self.shared.lock();
-        q.tenants
-            .iter()
-            .map(|t| (t.name.clone(), t.stats))
-            .collect()
     }
 }
 

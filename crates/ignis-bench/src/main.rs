@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ignis_bench::scenario::wait_ready;
 use ignis_bench::{LoadSpec, Report, run};
 
 #[derive(Parser)]
@@ -95,27 +96,6 @@ impl Drop for Peer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-async fn wait_ready(addr: &str, path: &str) -> anyhow::Result<()> {
-    let spec = LoadSpec {
-        addr: addr.to_string(),
-        path: path.to_string(),
-        connections: 1,
-        duration: Duration::from_millis(200),
-        warmup: Duration::ZERO,
-        rate: None,
-    };
-    for _ in 0..300 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            let r = run(&spec).await;
-            if r.statuses.get(&200).copied().unwrap_or(0) > 0 {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("{addr} did not come up")
 }
 
 fn start_peer(

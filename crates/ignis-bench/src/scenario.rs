@@ -208,7 +208,8 @@ impl Drop for Running {
     }
 }
 
-async fn wait_ready(addr: &str, path: &str) -> anyhow::Result<()> {
+/// Waits until `addr` answers 200 on `path` (a peer starting up), for at most 60 s.
+pub async fn wait_ready(addr: &str, path: &str) -> anyhow::Result<()> {
     let spec = LoadSpec {
         addr: addr.to_string(),
         path: path.to_string(),

@@ -470,23 +470,21 @@ impl Function {
         // CPU hogs go to the fair scheduler: after half a slice of CPU in
         // this task, or at once if the function's recent requests mostly did.
         let mut guest: GuestFuture = match &self.queue {
-            Some(queue) if self.stats.mostly_hogs() => {
-                self.stats.started_pooled.fetch_add(1, Ordering::Relaxed);
+            Some(queue) => {
+                let state = if self.stats.mostly_hogs() {
+                    self.stats.started_pooled.fetch_add(1, Ordering::Relaxed);
+                    SlicedState::Pooled(spawn_pooled(queue, guest))
+                } else {
+                    SlicedState::Inline(guest)
+                };
                 Box::pin(Sliced {
-                    state: SlicedState::Pooled(spawn_pooled(queue, guest)),
+                    state,
                     used: Duration::ZERO,
                     demote_after: self.demote_after,
                     queue: queue.clone(),
                     stats: self.stats.clone(),
                 })
             }
-            Some(queue) => Box::pin(Sliced {
-                state: SlicedState::Inline(guest),
-                used: Duration::ZERO,
-                demote_after: self.demote_after,
-                queue: queue.clone(),
-                stats: self.stats.clone(),
-            }),
             None => guest,
         };
         let mut rx = rx;

@@ -303,12 +303,13 @@ function = "compute"
     .await;
     let c = client();
     let compute = server.function("compute").clone();
-    // Each request busy-loops for 5 ms of CPU: ten times the first-slice
-    // allowance. After a few, the function is known as a hog.
+    // Each request counts primes by trial division: milliseconds of CPU,
+    // many times the first-slice allowance (half a 1 ms tick). After a few,
+    // the function is known as a hog.
     for i in 0..12 {
-        let r = get(&c, &server.url("/compute?ms=5")).await;
+        let r = get(&c, &server.url("/compute?n=200000")).await;
         assert_eq!(r.status, 200, "request {i}: {}", r.text());
-        assert!(r.text().starts_with("spun 5 ms"), "{}", r.text());
+        assert_eq!(r.text(), "primes below 200000: 17984\n");
         wait_idle(&compute).await;
     }
     let stats = compute.stats();
@@ -319,5 +320,6 @@ function = "compute"
     assert!(stats.mostly_hogs());
     assert!(pooled >= 1, "demoted {demoted}, started pooled {pooled}");
     assert_eq!(demoted + pooled, 12, "every request ran in the scheduler");
-    assert!(stats.cpu_nanos.load(Ordering::SeqCst) >= 12 * 5_000_000);
+    // Every request was charged its CPU, each more than half a tick.
+    assert!(stats.cpu_nanos.load(Ordering::SeqCst) >= 12 * 500_000);
 }
