@@ -88,12 +88,21 @@ impl ActorStats {
 /// One deployed function as an actor (see the crate docs).
 pub struct FunctionActor {
     function: Arc<Function>,
+    admission: Admission,
+}
+
+/// The admission state machine of one actor: instance slots, the mailbox
+/// bound and the queue deadline.
+pub struct Admission {
     slots: Arc<Semaphore>,
     mailbox: u32,
     queue_timeout: Duration,
     retry_after: Duration,
     stats: ActorStats,
 }
+
+/// An admitted request's instance slot; released when dropped.
+pub type Slot = OwnedSemaphorePermit;
 
 /// Decrements the waiting count however the wait ends (slot, deadline, or
 /// the caller dropping the request).
@@ -111,15 +120,11 @@ impl FunctionActor {
     /// `mailbox` and `queue_timeout`.
     pub fn new(function: Arc<Function>) -> Arc<FunctionActor> {
         let limits = function.limits();
-        let queue_timeout = limits.queue_timeout;
+        let admission =
+            Admission::new(limits.max_concurrency, limits.mailbox, limits.queue_timeout);
         Arc::new(FunctionActor {
-            slots: Arc::new(Semaphore::new(limits.max_concurrency as usize)),
-            mailbox: limits.mailbox,
-            queue_timeout,
-            // Whole seconds (the header's unit), at least one.
-            retry_after: Duration::from_secs(queue_timeout.as_secs_f64().ceil().max(1.0) as u64),
-            stats: ActorStats::default(),
             function,
+            admission,
         })
     }
 
@@ -130,7 +135,7 @@ impl FunctionActor {
 
     /// Admission counters.
     pub fn stats(&self) -> &ActorStats {
-        &self.stats
+        &self.admission.stats
     }
 
     /// Runs `request` if admitted. Shed requests return at once (mailbox
@@ -144,11 +149,31 @@ impl FunctionActor {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<HttpError>,
     {
-        let slot = self.admit().await?;
+        let slot = self.admission.admit().await?;
         Ok(self.function.handle(request, meta, Some(slot)).await?)
     }
+}
 
-    async fn admit(&self) -> Result<OwnedSemaphorePermit, CallError> {
+impl Admission {
+    /// `max_concurrency` slots, up to `mailbox` waiting for `queue_timeout`.
+    pub fn new(max_concurrency: u32, mailbox: u32, queue_timeout: Duration) -> Admission {
+        Admission {
+            slots: Arc::new(Semaphore::new(max_concurrency as usize)),
+            mailbox,
+            queue_timeout,
+            // Whole seconds (the header's unit), at least one.
+            retry_after: Duration::from_secs(queue_timeout.as_secs_f64().ceil().max(1.0) as u64),
+            stats: ActorStats::default(),
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ActorStats {
+        &self.stats
+    }
+
+    /// Runs, queues or sheds (see the crate docs).
+    pub async fn admit(&self) -> Result<Slot, CallError> {
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
             self.stats.admitted.fetch_add(1, Ordering::Relaxed);
             return Ok(slot);

@@ -20,5 +20,5 @@
 mod function;
 mod scheduler;
 
-pub use function::{ActorStats, CallError, FunctionActor};
+pub use function::{ActorStats, Admission, CallError, FunctionActor, Slot};
 pub use scheduler::{FairScheduler, TenantStats};
