@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ignis_runtime::{Body, Function, GuestError, HttpError, RequestMeta};
+use ignis_runtime::{Body, Function, GuestError, HttpError, RequestMeta, wait_on};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Why a call did not produce the guest's response.
@@ -70,13 +70,7 @@ pub struct ActorStats {
 impl ActorStats {
     /// Waits until `check` holds; re-checked whenever a counter changes.
     pub async fn wait_until(&self, check: impl Fn(&Self) -> bool) {
-        loop {
-            let notified = self.changed.notified();
-            if check(self) {
-                return;
-            }
-            notified.await;
-        }
+        wait_on(&self.changed, || check(self)).await;
     }
 
     fn bump(&self, counter: &AtomicU64) {

@@ -172,13 +172,20 @@ impl FunctionStats {
 
     /// Waits until `check` holds; re-checked each time an instance starts or ends.
     pub async fn wait_until(&self, check: impl Fn(&Self) -> bool) {
-        loop {
-            let notified = self.changed.notified();
-            if check(self) {
-                return;
-            }
-            notified.await;
+        wait_on(&self.changed, || check(self)).await;
+    }
+}
+
+/// Waits until `check` holds, re-checking it each time `changed` is
+/// notified (with `notify_waiters`). Registers before checking, so a change
+/// between the check and the wait is not missed.
+pub async fn wait_on(changed: &Notify, check: impl Fn() -> bool) {
+    loop {
+        let notified = changed.notified();
+        if check() {
+            return;
         }
+        notified.await;
     }
 }
 

@@ -46,6 +46,6 @@ mod stdio;
 
 pub use engine::{AllocatorKind, Runtime, RuntimeSettings};
 pub use error::{GuestError, LoadError};
-pub use function::{Body, BoxError, Function, FunctionStats, RequestMeta};
+pub use function::{Body, BoxError, Function, FunctionStats, RequestMeta, wait_on};
 /// The `wasi:http` host error type (request and response body errors).
 pub use wasmtime_wasi_http::Error as HttpError;
