@@ -25,6 +25,21 @@ async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
+/// Request A: sleeps in the `limits` function's only instance until its
+/// connection is dropped. Returns once A is running.
+async fn hold_the_only_instance(server: &TestServer) -> TcpStream {
+    let a = hold(server, "/limits/sleep?ms=600000").await;
+    within(
+        "A running",
+        server
+            .function("limits")
+            .stats()
+            .wait_until(|s| s.active.load(Ordering::SeqCst) == 1),
+    )
+    .await;
+    a
+}
+
 fn capped(mailbox: u32, queue_timeout: &str) -> String {
     format!(
         r#"
@@ -61,14 +76,7 @@ async fn a_full_mailbox_sheds_at_once_without_instantiating() {
     let actor = server.actor("limits").clone();
 
     // A holds the only instance; B waits in the one-place mailbox.
-    let a = hold(&server, "/limits/sleep?ms=600000").await;
-    within(
-        "A running",
-        limits
-            .stats()
-            .wait_until(|s| s.active.load(Ordering::SeqCst) == 1),
-    )
-    .await;
+    let a = hold_the_only_instance(&server).await;
     let b = {
         let c = c.clone();
         let url = server.url("/limits/sleep?ms=0");
@@ -115,14 +123,7 @@ async fn a_request_waiting_past_the_queue_deadline_is_shed() {
     let limits = server.function("limits").clone();
     let actor = server.actor("limits").clone();
 
-    let a = hold(&server, "/limits/sleep?ms=600000").await;
-    within(
-        "A running",
-        limits
-            .stats()
-            .wait_until(|s| s.active.load(Ordering::SeqCst) == 1),
-    )
-    .await;
+    let a = hold_the_only_instance(&server).await;
 
     let b = get(&c, &server.url("/limits/sleep?ms=0")).await;
     assert_eq!(b.status, 503, "{}", b.text());
