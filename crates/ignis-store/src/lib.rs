@@ -1,0 +1,240 @@
+//! Ignis durable storage.
+//!
+//! [`KvBackend`] is the key-value contract the runtime's `wasi:keyvalue`
+//! bindings are written against. It speaks in namespaces (a tenant and one of
+//! its store names), string keys and byte values, and it promises:
+//!
+//! - **Durability at return**: a write's future resolves only after the
+//!   write is durable (for [`SqliteStore`]: committed to the write-ahead log
+//!   and fsynced). A process killed right after keeps every acknowledged write.
+//! - **Read your writes**: a read issued after a write returned sees it.
+//! - **Real atomicity**: [`KvBackend::increment`] and [`KvBackend::swap_if`]
+//!   are read-modify-write operations that no concurrent writer interleaves
+//!   with; a batch write applies all of its entries or none.
+//!
+//! The contract is async and object safe (`Arc<dyn KvBackend>`) so that a
+//! networked engine (PostgreSQL for a cluster, Redis) can implement it with
+//! the same guarantees; the embedded engine is [`SqliteStore`].
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), ignis_store::StoreError> {
+//! use ignis_store::{KvBackend, Namespace, SqliteStore};
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = SqliteStore::open(&dir.path().join("ignis.db"))?;
+//! let ns = Namespace::new("acme", "default");
+//! store.set(&ns, "greeting", b"hello".to_vec()).await?;
+//! assert_eq!(store.get(&ns, "greeting").await?.unwrap().value, b"hello");
+//! assert_eq!(store.increment(&ns, "visits", 1).await?, 1);
+//! # Ok(()) }
+//! ```
+
+mod sqlite;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+pub use sqlite::{SqliteStore, StoreStats};
+
+/// Errors of the storage layer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// `increment` found a value that is not a decimal integer.
+    #[error("the value of `{key}` is not an integer")]
+    NotANumber {
+        /// The key.
+        key: String,
+    },
+    /// `increment` would leave the 64-bit range.
+    #[error("incrementing `{key}` overflows a 64-bit integer")]
+    Overflow {
+        /// The key.
+        key: String,
+    },
+    /// The engine failed (I/O, corruption, disk full). Nothing of the
+    /// operation was applied.
+    #[error("storage engine error: {0}")]
+    Engine(String),
+    /// The store is shutting down.
+    #[error("the store is closed")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Engine(e.to_string())
+    }
+}
+
+/// A boxed future of a storage operation.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// One key space: a tenant's named store. Two tenants that both call a
+/// store `default` get two unrelated namespaces.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Namespace {
+    tenant: Arc<str>,
+    store: Arc<str>,
+}
+
+impl Namespace {
+    /// The namespace of `tenant`'s store `store`.
+    pub fn new(tenant: impl Into<Arc<str>>, store: impl Into<Arc<str>>) -> Self {
+        Namespace {
+            tenant: tenant.into(),
+            store: store.into(),
+        }
+    }
+
+    /// The owning tenant.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// The store name, as the guest opens it.
+    pub fn store(&self) -> &str {
+        &self.store
+    }
+}
+
+impl fmt::Debug for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.tenant, self.store)
+    }
+}
+
+/// A value and the version it was written at. Versions grow with every
+/// write of the store (they are unique across keys), so a version seen once
+/// identifies exactly one write: compare-and-swap on the version has no ABA
+/// problem while the key exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// The bytes.
+    pub value: Vec<u8>,
+    /// The write that produced them.
+    pub version: u64,
+}
+
+/// One page of a key listing, in key order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeyPage {
+    /// The keys.
+    pub keys: Vec<String>,
+    /// Whether more keys follow the last one.
+    pub more: bool,
+}
+
+/// Where a key listing starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListFrom<'a> {
+    /// From the first key.
+    Start,
+    /// After this key (keyset pagination: stable under concurrent writes).
+    After(&'a str),
+    /// After skipping this many keys (offset pagination, for interfaces
+    /// whose cursor is a number).
+    Skip(u64),
+}
+
+/// The key-value contract. Keys are compared bytewise; values are opaque
+/// bytes, except that [`increment`](KvBackend::increment) stores counters as
+/// decimal ASCII (as `wasmtime serve`'s in-memory store does), so a counter
+/// read with [`get`](KvBackend::get) is readable text.
+pub trait KvBackend: Send + Sync + 'static {
+    /// The value of `key`, if any.
+    fn get<'a>(&'a self, ns: &'a Namespace, key: &'a str) -> StoreFuture<'a, Option<Versioned>>;
+
+    /// Sets `key` to `value`; durable when the future resolves.
+    fn set<'a>(&'a self, ns: &'a Namespace, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, ()>;
+
+    /// Deletes `key` (no error if it does not exist).
+    fn delete<'a>(&'a self, ns: &'a Namespace, key: &'a str) -> StoreFuture<'a, ()>;
+
+    /// Whether `key` exists.
+    fn exists<'a>(&'a self, ns: &'a Namespace, key: &'a str) -> StoreFuture<'a, bool>;
+
+    /// Up to `limit` keys from `from`, in key order.
+    fn list_keys<'a>(
+        &'a self,
+        ns: &'a Namespace,
+        from: ListFrom<'a>,
+        limit: u32,
+    ) -> StoreFuture<'a, KeyPage>;
+
+    /// Atomically adds `delta` to the counter at `key` (absent counts as 0)
+    /// and returns the new value.
+    fn increment<'a>(&'a self, ns: &'a Namespace, key: &'a str, delta: i64)
+    -> StoreFuture<'a, i64>;
+
+    /// Atomically sets `key` to `value` if its current version is
+    /// `expected` (`None`: if the key does not exist). Returns whether it did.
+    fn swap_if<'a>(
+        &'a self,
+        ns: &'a Namespace,
+        key: &'a str,
+        expected: Option<u64>,
+        value: Vec<u8>,
+    ) -> StoreFuture<'a, bool>;
+
+    /// The values of `keys`, in order, read from one snapshot.
+    fn get_many<'a>(
+        &'a self,
+        ns: &'a Namespace,
+        keys: &'a [String],
+    ) -> StoreFuture<'a, Vec<Option<Vec<u8>>>>;
+
+    /// Sets every entry, all or nothing.
+    fn set_many<'a>(
+        &'a self,
+        ns: &'a Namespace,
+        entries: Vec<(String, Vec<u8>)>,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Deletes every key, all or nothing.
+    fn delete_many<'a>(&'a self, ns: &'a Namespace, keys: Vec<String>) -> StoreFuture<'a, ()>;
+}
+
+/// Applies `delta` to a stored counter (decimal ASCII; absent is 0).
+pub(crate) fn add_to_counter(
+    key: &str,
+    current: Option<&[u8]>,
+    delta: i64,
+) -> Result<i64, StoreError> {
+    let current = match current {
+        None => 0,
+        Some(bytes) => std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .ok_or_else(|| StoreError::NotANumber {
+                key: key.to_string(),
+            })?,
+    };
+    current
+        .checked_add(delta)
+        .ok_or_else(|| StoreError::Overflow {
+            key: key.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_decimal_text() {
+        assert_eq!(add_to_counter("k", None, 5), Ok(5));
+        assert_eq!(add_to_counter("k", Some(b"41"), 1), Ok(42));
+        assert_eq!(add_to_counter("k", Some(b"-3"), -4), Ok(-7));
+        assert!(matches!(
+            add_to_counter("k", Some(b"abc"), 1),
+            Err(StoreError::NotANumber { .. })
+        ));
+        assert!(matches!(
+            add_to_counter("k", Some(i64::MAX.to_string().as_bytes()), 1),
+            Err(StoreError::Overflow { .. })
+        ));
+    }
+}
