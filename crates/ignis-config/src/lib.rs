@@ -107,6 +107,62 @@ pub struct Manifest {
     /// Tenants with explicit settings (`[tenants.NAME]`); every other tenant
     /// named by a function gets [`TenantConfig::default`].
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// The embedded store behind `wasi:keyvalue` (`[storage]`).
+    pub storage: StorageConfig,
+    /// Named outbound origins (`[backends.NAME]`).
+    pub backends: BTreeMap<String, BackendConfig>,
+}
+
+/// The embedded store and the key-value limits (`[storage]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageConfig {
+    /// The SQLite database file (default `.ignis/ignis.db` beside the manifest).
+    pub path: PathBuf,
+    /// Longest key, in bytes (default 1 KiB).
+    pub max_key_bytes: usize,
+    /// Largest value, in bytes (default 1 MiB).
+    pub max_value_bytes: usize,
+    /// Most keys in one batch call (default 1,000).
+    pub max_batch_keys: usize,
+}
+
+/// A named outbound origin (`[backends.NAME]`). A guest reaches it as
+/// `http://NAME/...` (or by its own URL); the backend's settings apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// The table key.
+    pub name: String,
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Host name or address, lower-case, without brackets.
+    pub host: String,
+    /// Port (the scheme's default when the URL names none).
+    pub port: u16,
+    /// Time allowed from sending the request to receiving the response head.
+    pub timeout: Duration,
+    /// Verify the origin's TLS certificate (default true).
+    pub tls_verify: bool,
+    /// Idle keep-alive connections kept for reuse.
+    pub pool_size: usize,
+}
+
+/// One `wasi:config` value of a function. Its `Debug` never shows a secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConfigValue {
+    /// The value.
+    pub value: String,
+    /// Whether it came from the secrets file.
+    pub secret: bool,
+}
+
+impl fmt::Debug for ConfigValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.secret {
+            f.write_str("<secret>")
+        } else {
+            write!(f, "{:?}", self.value)
+        }
+    }
 }
 
 /// Scheduling settings of one tenant (`[tenants.NAME]`).
@@ -154,6 +210,8 @@ pub struct ServerConfig {
     /// Threads of the fair guest scheduler, which runs guests that outlast
     /// their first slice (default: one per CPU).
     pub guest_threads: usize,
+    /// File of secret values (`name = "value"`), read at load time.
+    pub secrets_file: Option<PathBuf>,
 }
 
 /// Where a function's component comes from.
@@ -214,6 +272,14 @@ pub struct FunctionConfig {
     pub env: BTreeMap<String, String>,
     /// Hosts the guest may call over outbound HTTP (`host`, `host:port`, `*.domain`, `*`).
     pub allowed_outbound_hosts: Vec<String>,
+    /// Named backends the guest may call (keys of [`Manifest::backends`]).
+    pub backends: Vec<String>,
+    /// Outbound HTTP requests one guest request may send.
+    pub max_outbound_requests: u32,
+    /// Key-value stores the guest may open (names within its tenant).
+    pub key_value_stores: Vec<String>,
+    /// `wasi:config/store` values.
+    pub config: BTreeMap<String, ConfigValue>,
 }
 
 /// One route (`[[routes]]`).
@@ -240,6 +306,39 @@ struct RawManifest {
     routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     tenants: BTreeMap<String, Spanned<RawTenant>>,
+    #[serde(default)]
+    storage: RawStorage,
+    #[serde(default)]
+    backends: BTreeMap<String, Spanned<RawBackend>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    path: Option<PathBuf>,
+    max_key_bytes: Option<ByteSize>,
+    max_value_bytes: Option<ByteSize>,
+    max_batch_keys: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    url: Spanned<String>,
+    timeout: Option<HumanDuration>,
+    tls_verify: Option<bool>,
+    pool_size: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a string, { env = \"VAR\" } or { secret = \"NAME\" }"
+)]
+enum RawConfigValue {
+    Literal(String),
+    Env { env: String },
+    Secret { secret: String },
 }
 
 #[derive(Deserialize)]
@@ -260,6 +359,7 @@ struct RawServer {
     header_read_timeout: Option<HumanDuration>,
     pooling: Option<bool>,
     guest_threads: Option<Spanned<u32>>,
+    secrets_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -279,6 +379,13 @@ struct RawFunction {
     env: BTreeMap<String, String>,
     #[serde(default)]
     allowed_outbound_hosts: Vec<Spanned<String>>,
+    #[serde(default)]
+    backends: Vec<Spanned<String>>,
+    max_outbound_requests: Option<Spanned<u32>>,
+    #[serde(default)]
+    key_value_stores: Vec<Spanned<String>>,
+    #[serde(default)]
+    config: BTreeMap<String, Spanned<RawConfigValue>>,
 }
 
 #[derive(Deserialize)]
@@ -365,10 +472,25 @@ impl Validator<'_> {
 
     fn manifest(&self, raw: RawManifest) -> Result<Manifest, ConfigError> {
         let server = self.server(raw.server)?;
+        let secrets = match &server.secrets_file {
+            Some(file) => load_secrets(file)?,
+            None => BTreeMap::new(),
+        };
+        let mut backends = BTreeMap::new();
+        for (name, b) in raw.backends {
+            let span = b.span();
+            let backend = self.backend(&name, span.start, b.into_inner())?;
+            backends.insert(name, backend);
+        }
+        let refs = References {
+            secrets: &secrets,
+            secrets_file: server.secrets_file.as_deref(),
+            backends: &backends,
+        };
         let mut functions = BTreeMap::new();
         for (name, f) in raw.functions {
             let span = f.span();
-            let func = self.function(&name, span.start, f.into_inner())?;
+            let func = self.function(&name, span.start, f.into_inner(), &refs)?;
             functions.insert(name, func);
         }
         let mut routes = Vec::new();
@@ -399,12 +521,136 @@ impl Validator<'_> {
             }
             tenants.insert(name, tenant);
         }
+        let storage = self.storage(raw.storage)?;
         Ok(Manifest {
             path: self.path.to_path_buf(),
             server,
             functions,
             routes,
             tenants,
+            storage,
+            backends,
+        })
+    }
+
+    fn storage(&self, raw: RawStorage) -> Result<StorageConfig, ConfigError> {
+        let mut storage = StorageConfig {
+            path: raw.path.map_or_else(
+                || self.resolve(Path::new(".ignis/ignis.db")),
+                |p| self.resolve(&p),
+            ),
+            max_key_bytes: 1024,
+            max_value_bytes: 1 << 20,
+            max_batch_keys: 1000,
+        };
+        if let Some(b) = raw.max_key_bytes {
+            if !(1..=64 * 1024).contains(&b.bytes) {
+                return Err(self.err(
+                    b.span.start,
+                    "storage.max_key_bytes",
+                    "must be between 1B and 64KiB",
+                ));
+            }
+            storage.max_key_bytes = b.bytes as usize;
+        }
+        if let Some(b) = raw.max_value_bytes {
+            if !(1..=64 << 20).contains(&b.bytes) {
+                return Err(self.err(
+                    b.span.start,
+                    "storage.max_value_bytes",
+                    "must be between 1B and 64MiB",
+                ));
+            }
+            storage.max_value_bytes = b.bytes as usize;
+        }
+        if let Some(n) = raw.max_batch_keys {
+            if !(1..=100_000).contains(n.get_ref()) {
+                return Err(self.err(
+                    n.span().start,
+                    "storage.max_batch_keys",
+                    "must be between 1 and 100000",
+                ));
+            }
+            storage.max_batch_keys = *n.get_ref() as usize;
+        }
+        Ok(storage)
+    }
+
+    fn backend(
+        &self,
+        name: &str,
+        offset: usize,
+        raw: RawBackend,
+    ) -> Result<BackendConfig, ConfigError> {
+        let key = |k: &str| format!("backends.{name}.{k}");
+        if !valid_name(name) {
+            return Err(self.err(
+                offset,
+                format!("backends.{name}"),
+                "backend names use letters, digits, '-' and '_'",
+            ));
+        }
+        let url = raw.url.get_ref().trim();
+        let bad_url = |why: &str| {
+            self.err(
+                raw.url.span().start,
+                key("url"),
+                format!("`{url}` is not a backend URL like https://origin.example[:port]: {why}"),
+            )
+        };
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad_url("missing scheme"))?;
+        let scheme = scheme.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "http" => 80,
+            "https" => 443,
+            _ => return Err(bad_url("the scheme must be http or https")),
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+            return Err(bad_url("only scheme, host and port are allowed"));
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') || h.ends_with(']') => {
+                let port = p.parse::<u16>().map_err(|_| bad_url("bad port"))?;
+                (h, port)
+            }
+            _ => (authority, default_port),
+        };
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        if host.is_empty() {
+            return Err(bad_url("missing host"));
+        }
+        let timeout = match raw.timeout {
+            None => Duration::from_secs(30),
+            Some(d) if d.duration.is_zero() => {
+                return Err(self.err(d.span.start, key("timeout"), "must be greater than zero"));
+            }
+            Some(d) => d.duration,
+        };
+        let pool_size = match raw.pool_size {
+            None => 32,
+            Some(n) if !(1..=10_000).contains(n.get_ref()) => {
+                return Err(self.err(
+                    n.span().start,
+                    key("pool_size"),
+                    "must be between 1 and 10000",
+                ));
+            }
+            Some(n) => *n.get_ref() as usize,
+        };
+        Ok(BackendConfig {
+            name: name.to_string(),
+            scheme,
+            host,
+            port,
+            timeout,
+            tls_verify: raw.tls_verify.unwrap_or(true),
+            pool_size,
         })
     }
 
@@ -484,6 +730,7 @@ impl Validator<'_> {
                 .map_or(Duration::from_secs(10), |d| d.duration),
             pooling: raw.pooling.unwrap_or(true),
             guest_threads,
+            secrets_file: raw.secrets_file.map(|p| self.resolve(&p)),
         })
     }
 
@@ -492,13 +739,10 @@ impl Validator<'_> {
         name: &str,
         offset: usize,
         raw: RawFunction,
+        refs: &References<'_>,
     ) -> Result<FunctionConfig, ConfigError> {
         let key = |k: &str| format!("functions.{name}.{k}");
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if !valid_name(name) {
             return Err(self.err(
                 offset,
                 format!("functions.{name}"),
@@ -593,6 +837,90 @@ impl Validator<'_> {
             }
             allowed.push(v);
         }
+        let mut backends = Vec::new();
+        for b in raw.backends {
+            if !refs.backends.contains_key(b.get_ref()) {
+                return Err(self.err(
+                    b.span().start,
+                    key("backends"),
+                    format!("no backend named `{}` is declared", b.get_ref()),
+                ));
+            }
+            backends.push(b.into_inner());
+        }
+        let max_outbound_requests = match raw.max_outbound_requests {
+            None => 100,
+            Some(n) if *n.get_ref() > 10_000 => {
+                return Err(self.err(
+                    n.span().start,
+                    key("max_outbound_requests"),
+                    "must be between 0 and 10000",
+                ));
+            }
+            Some(n) => *n.get_ref(),
+        };
+        let mut stores: Vec<String> = Vec::new();
+        for st in raw.key_value_stores {
+            let v = st.get_ref();
+            if v.is_empty()
+                || v.len() > 128
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+            {
+                return Err(self.err(
+                    st.span().start,
+                    key("key_value_stores"),
+                    format!("`{v}` is not a store name (letters, digits, '-', '_', '.', ':'; at most 128)"),
+                ));
+            }
+            if stores.contains(v) {
+                return Err(self.err(
+                    st.span().start,
+                    key("key_value_stores"),
+                    format!("store `{v}` is listed twice"),
+                ));
+            }
+            stores.push(st.into_inner());
+        }
+        let mut config = BTreeMap::new();
+        for (k, v) in raw.config {
+            let at = v.span().start;
+            let ckey = format!("functions.{name}.config.{k}");
+            let value = match v.into_inner() {
+                RawConfigValue::Literal(value) => ConfigValue {
+                    value,
+                    secret: false,
+                },
+                RawConfigValue::Env { env } => ConfigValue {
+                    value: std::env::var(&env).map_err(|_| {
+                        self.err(
+                            at,
+                            ckey.clone(),
+                            format!("environment variable `{env}` is not set (or not UTF-8)"),
+                        )
+                    })?,
+                    secret: false,
+                },
+                RawConfigValue::Secret { secret } => {
+                    let Some(file) = refs.secrets_file else {
+                        return Err(self.err(at, ckey, "a secret needs `server.secrets_file`"));
+                    };
+                    let value = refs.secrets.get(&secret).ok_or_else(|| {
+                        self.err(
+                            at,
+                            ckey.clone(),
+                            format!("secret `{secret}` is not in {}", file.display()),
+                        )
+                    })?;
+                    ConfigValue {
+                        value: value.clone(),
+                        secret: true,
+                    }
+                }
+            };
+            config.insert(k, value);
+        }
         Ok(FunctionConfig {
             name: name.to_string(),
             tenant: raw.tenant.unwrap_or_else(|| name.to_string()),
@@ -600,6 +928,10 @@ impl Validator<'_> {
             limits,
             env: raw.env,
             allowed_outbound_hosts: allowed,
+            backends,
+            max_outbound_requests,
+            key_value_stores: stores,
+            config,
         })
     }
 
@@ -661,6 +993,57 @@ impl Validator<'_> {
         }
         Ok(route)
     }
+}
+
+/// What a function's settings may refer to elsewhere in the deployment.
+struct References<'a> {
+    secrets: &'a BTreeMap<String, String>,
+    secrets_file: Option<&'a Path>,
+    backends: &'a BTreeMap<String, BackendConfig>,
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Reads the secrets file: a TOML table of `name = "value"` strings. Errors
+/// name the file, the line and the secret's name, never a value.
+fn load_secrets(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        ConfigError::at(
+            path,
+            &text,
+            e.span().map_or(0, |s| s.start),
+            "<secrets>",
+            e.message(),
+        )
+    })?;
+    let mut secrets = BTreeMap::new();
+    for (name, value) in table {
+        match value {
+            toml::Value::String(v) => {
+                secrets.insert(name, v);
+            }
+            _ => {
+                let offset = text.find(name.as_str()).unwrap_or(0);
+                return Err(ConfigError::at(
+                    path,
+                    &text,
+                    offset,
+                    name,
+                    "secret values must be strings",
+                ));
+            }
+        }
+    }
+    Ok(secrets)
 }
 
 impl fmt::Display for ComponentSource {

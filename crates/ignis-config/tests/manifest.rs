@@ -203,3 +203,143 @@ fn admission_and_tenant_settings_parse_and_validate() {
     let (line, key, _) = invalid("[server]\nguest_threads = 0\n");
     assert_eq!((line, key.as_str()), (2, "server.guest_threads"));
 }
+
+#[test]
+fn bindings_settings_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("secrets.toml"),
+        "api_key = \"s3cr3t-value\"\n",
+    )
+    .unwrap();
+    let text = r#"
+[server]
+secrets_file = "secrets.toml"
+
+[storage]
+path = "state/kv.db"
+max_key_bytes = "256B"
+max_value_bytes = "64KiB"
+max_batch_keys = 50
+
+[backends.origin]
+url = "https://Origin.Example:8443"
+timeout = "2s"
+tls_verify = false
+pool_size = 4
+
+[functions.a]
+component = "a.wasm"
+key_value_stores = ["default", "sessions"]
+backends = ["origin"]
+max_outbound_requests = 3
+config = { greeting = "hi", home = { env = "PATH" }, key = { secret = "api_key" } }
+"#;
+    let m = Manifest::from_str_at(text, &dir.path().join("ignis.toml")).unwrap();
+    assert_eq!(m.storage.path, dir.path().join("state/kv.db"));
+    assert_eq!(
+        (
+            m.storage.max_key_bytes,
+            m.storage.max_value_bytes,
+            m.storage.max_batch_keys
+        ),
+        (256, 64 << 10, 50)
+    );
+    let b = &m.backends["origin"];
+    assert_eq!(
+        (b.scheme.as_str(), b.host.as_str(), b.port),
+        ("https", "origin.example", 8443)
+    );
+    assert_eq!(b.timeout, Duration::from_secs(2));
+    assert!(!b.tls_verify);
+    assert_eq!(b.pool_size, 4);
+    let f = &m.functions["a"];
+    assert_eq!(f.key_value_stores, vec!["default", "sessions"]);
+    assert_eq!(f.backends, vec!["origin"]);
+    assert_eq!(f.max_outbound_requests, 3);
+    assert_eq!(f.config["greeting"].value, "hi");
+    assert_eq!(f.config["home"].value, std::env::var("PATH").unwrap());
+    assert_eq!(f.config["key"].value, "s3cr3t-value");
+    assert!(f.config["key"].secret);
+    // Printing the whole manifest never shows a secret.
+    let printed = format!("{m:?}");
+    assert!(!printed.contains("s3cr3t-value"), "{printed}");
+    assert!(printed.contains("<secret>"));
+
+    // Defaults.
+    let m = parse("[functions.a]\ncomponent = \"a.wasm\"\n").unwrap();
+    assert_eq!(m.storage.path, Path::new("/app/.ignis/ignis.db"));
+    assert_eq!(m.storage.max_key_bytes, 1024);
+    assert_eq!(m.functions["a"].max_outbound_requests, 100);
+    assert!(m.functions["a"].key_value_stores.is_empty());
+}
+
+#[test]
+fn bindings_errors_name_line_and_key() {
+    let base = "[functions.a]\ncomponent = \"a.wasm\"\n";
+    let (line, key, msg) = invalid(&format!("{base}backends = [\"nope\"]\n"));
+    assert_eq!((line, key.as_str()), (3, "functions.a.backends"), "{msg}");
+    let (line, key, msg) = invalid(&format!("{base}key_value_stores = [\"a b\"]\n"));
+    assert_eq!(
+        (line, key.as_str()),
+        (3, "functions.a.key_value_stores"),
+        "{msg}"
+    );
+    let (line, key, msg) = invalid(&format!("{base}key_value_stores = [\"x\", \"x\"]\n"));
+    assert_eq!(
+        (line, key.as_str()),
+        (3, "functions.a.key_value_stores"),
+        "{msg}"
+    );
+    let (line, key, msg) = invalid(&format!(
+        "{base}config = {{ k = {{ env = \"IGNIS_TEST_SURELY_UNSET_VAR\" }} }}\n"
+    ));
+    assert_eq!((line, key.as_str()), (3, "functions.a.config.k"), "{msg}");
+    assert!(msg.contains("IGNIS_TEST_SURELY_UNSET_VAR"), "{msg}");
+    let (line, key, msg) = invalid(&format!("{base}config = {{ k = {{ secret = \"s\" }} }}\n"));
+    assert_eq!((line, key.as_str()), (3, "functions.a.config.k"), "{msg}");
+    assert!(msg.contains("secrets_file"), "{msg}");
+    let (line, key, msg) = invalid(&format!("{base}config = {{ k = {{ file = \"s\" }} }}\n"));
+    assert_eq!((line, key.as_str()), (3, "functions.a.config.k"), "{msg}");
+    let (line, key, msg) = invalid("[backends.o]\nurl = \"ftp://x\"\n");
+    assert_eq!((line, key.as_str()), (2, "backends.o.url"), "{msg}");
+    let (line, key, msg) = invalid("[backends.o]\nurl = \"https://x/path\"\n");
+    assert_eq!((line, key.as_str()), (2, "backends.o.url"), "{msg}");
+    let (line, key, _) = invalid("[backends.o]\nurl = \"https://x\"\npool_size = 0\n");
+    assert_eq!((line, key.as_str()), (3, "backends.o.pool_size"));
+    let (line, key, _) = invalid("[storage]\nmax_batch_keys = 0\n");
+    assert_eq!((line, key.as_str()), (2, "storage.max_batch_keys"));
+    let (line, key, _) = invalid("[storage]\nmax_value_bytes = \"1GiB\"\n");
+    assert_eq!((line, key.as_str()), (2, "storage.max_value_bytes"));
+}
+
+#[test]
+fn missing_secret_is_named_without_leaking_others() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("secrets.toml"),
+        "present = \"do-not-print-me\"\n",
+    )
+    .unwrap();
+    let text = "[server]\nsecrets_file = \"secrets.toml\"\n[functions.a]\ncomponent = \"a.wasm\"\nconfig = { k = { secret = \"absent\" } }\n";
+    let err = Manifest::from_str_at(text, &dir.path().join("ignis.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ignis.toml:5:"), "{err}");
+    assert!(err.contains("functions.a.config.k"), "{err}");
+    assert!(err.contains("absent"), "{err}");
+    assert!(!err.contains("do-not-print-me"), "{err}");
+
+    // A bad secrets file names that file and line, and no value.
+    std::fs::write(
+        dir.path().join("secrets.toml"),
+        "ok = \"hidden-one\"\nnumber = 5\n",
+    )
+    .unwrap();
+    let err = Manifest::from_str_at(text, &dir.path().join("ignis.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("secrets.toml:2:"), "{err}");
+    assert!(err.contains("number"), "{err}");
+    assert!(!err.contains("hidden-one"), "{err}");
+}
