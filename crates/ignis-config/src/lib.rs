@@ -282,6 +282,25 @@ pub struct FunctionConfig {
     pub config: BTreeMap<String, ConfigValue>,
 }
 
+impl FunctionConfig {
+    /// A function of `tenant` with default limits and no bindings (for
+    /// embedding and benchmarks; manifests go through [`Manifest::load`]).
+    pub fn new(name: &str, tenant: &str, source: ComponentSource) -> Self {
+        FunctionConfig {
+            name: name.to_string(),
+            tenant: tenant.to_string(),
+            source,
+            limits: Limits::default(),
+            env: BTreeMap::new(),
+            allowed_outbound_hosts: Vec::new(),
+            backends: Vec::new(),
+            max_outbound_requests: 100,
+            key_value_stores: Vec::new(),
+            config: BTreeMap::new(),
+        }
+    }
+}
+
 /// One route (`[[routes]]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {

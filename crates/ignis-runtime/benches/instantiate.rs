@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http_body_util::{BodyExt, Empty};
-use ignis_config::{ComponentSource, FunctionConfig, Limits};
+use ignis_config::{ComponentSource, FunctionConfig};
 use ignis_runtime::{Function, RequestMeta, Runtime, RuntimeSettings};
 
 fn hello_wasm() -> PathBuf {
@@ -35,17 +35,8 @@ fn hello_wasm() -> PathBuf {
 
 fn function(pooling: bool, cache: &Path) -> Arc<Function> {
     let wasm = hello_wasm();
-    let config = FunctionConfig {
-        name: "hello".into(),
-        tenant: "bench".into(),
-        source: ComponentSource::Wasm(wasm.clone()),
-        limits: Limits {
-            max_concurrency: 1000,
-            ..Limits::default()
-        },
-        env: Default::default(),
-        allowed_outbound_hosts: vec![],
-    };
+    let mut config = FunctionConfig::new("hello", "bench", ComponentSource::Wasm(wasm.clone()));
+    config.limits.max_concurrency = 1000;
     let runtime = Runtime::new(RuntimeSettings {
         pooling,
         epoch_tick: std::time::Duration::from_millis(1),

@@ -14,7 +14,9 @@ use wasmtime_wasi_http::p3::bindings::ServicePre;
 use crate::cache::CompileCache;
 use crate::error::LoadError;
 use crate::function::{Function, Host, Pre};
+use crate::kv::KvLimits;
 use crate::sched::GuestScheduler;
+use ignis_store::KvBackend;
 
 /// Everything the runtime needs to know before any function loads.
 #[derive(Debug, Clone)]
@@ -55,6 +57,15 @@ impl RuntimeSettings {
     }
 }
 
+/// Process-wide services behind the platform bindings.
+#[derive(Clone, Default)]
+pub struct Platform {
+    /// The key-value engine (`None`: no function declares a store).
+    pub kv: Option<Arc<dyn KvBackend>>,
+    /// Key, value and batch limits.
+    pub kv_limits: KvLimits,
+}
+
 /// Which instance allocator the engine ended up with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AllocatorKind {
@@ -79,6 +90,7 @@ pub struct Runtime {
     allocator: AllocatorKind,
     settings: RuntimeSettings,
     scheduler: Option<Arc<dyn GuestScheduler>>,
+    platform: Platform,
     stop_ticker: Arc<AtomicBool>,
 }
 
@@ -175,6 +187,8 @@ fn build_set(
     // components, so both linkers carry WASI 0.2.
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    crate::kv::add_to_linker(&mut linker)?;
+    wasmtime_wasi_config::add_to_linker(&mut linker, Host::config)?;
     if generation == Generation::P3 {
         wasmtime_wasi::p3::add_to_linker(&mut linker)?;
         wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
@@ -201,6 +215,16 @@ impl Runtime {
         settings: RuntimeSettings,
         scheduler: Option<Arc<dyn GuestScheduler>>,
     ) -> anyhow::Result<Arc<Runtime>> {
+        Self::with_platform(settings, scheduler, Platform::default())
+    }
+
+    /// Like [`Runtime::with_scheduler`], with the services the platform
+    /// bindings use (key-value storage).
+    pub fn with_platform(
+        settings: RuntimeSettings,
+        scheduler: Option<Arc<dyn GuestScheduler>>,
+        platform: Platform,
+    ) -> anyhow::Result<Arc<Runtime>> {
         let (p2, allocator) = build_set(&settings, Generation::P2)?;
         let p3 = Arc::new(OnceLock::new());
         let stop_ticker = Arc::new(AtomicBool::new(false));
@@ -217,6 +241,7 @@ impl Runtime {
             allocator,
             settings,
             scheduler,
+            platform,
             stop_ticker,
         }))
     }
@@ -301,9 +326,11 @@ impl Runtime {
             reason: format!("{e:#}"),
         })?;
         tracing::info!(function = %name, path = %wasm.display(), cache = ?outcome, "function loaded");
-        Function::new(self.clone(), config, pre, outcome).map_err(|e| LoadError::Other {
-            function: name.clone(),
-            reason: format!("{e:#}"),
+        Function::new(self.clone(), config, pre, outcome, &self.platform).map_err(|e| {
+            LoadError::Other {
+                function: name.clone(),
+                reason: format!("{e:#}"),
+            }
         })
     }
 }

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use wasmtime::Store;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -26,7 +27,9 @@ use wasmtime_wasi_http::{
 
 use crate::Runtime;
 use crate::cache::CacheOutcome;
+use crate::engine::Platform;
 use crate::error::GuestError;
+use crate::kv::KvAccess;
 use crate::limits::{CpuBudget, CpuExceeded, MemoryLimiter};
 use crate::outbound::{Outbound, OutboundPolicy};
 use crate::sched::SliceQueue;
@@ -64,6 +67,22 @@ pub struct Host {
     table: ResourceTable,
     limiter: MemoryLimiter,
     hooks: Hooks,
+    kv: Arc<KvAccess>,
+    config: Arc<WasiConfigVariables>,
+    request_id: u64,
+}
+
+impl Host {
+    /// What the key-value bindings need: the function's access, the
+    /// resource table and the request id.
+    pub(crate) fn kv_parts(&mut self) -> (&KvAccess, &mut ResourceTable, u64) {
+        (&self.kv, &mut self.table, self.request_id)
+    }
+
+    /// The `wasi:config` view.
+    pub(crate) fn config(&mut self) -> WasiConfig<'_> {
+        WasiConfig::from(&*self.config)
+    }
 }
 
 struct Hooks {
@@ -312,6 +331,8 @@ pub struct Function {
     demote_after: Duration,
     stats: Arc<FunctionStats>,
     cache_outcome: CacheOutcome,
+    kv: Arc<KvAccess>,
+    config: Arc<WasiConfigVariables>,
 }
 
 impl Function {
@@ -320,7 +341,9 @@ impl Function {
         config: &FunctionConfig,
         pre: Pre,
         cache_outcome: CacheOutcome,
+        platform: &Platform,
     ) -> anyhow::Result<Arc<Function>> {
+        let name: Arc<str> = config.name.as_str().into();
         let queue = runtime.scheduler().map(|s| s.tenant_queue(&config.tenant));
         // A guest still running after half a slice of CPU in the caller's
         // task is a CPU hog: the rest of it goes to the fair scheduler.
@@ -329,7 +352,21 @@ impl Function {
             _runtime: runtime,
             queue,
             demote_after,
-            name: config.name.as_str().into(),
+            kv: Arc::new(KvAccess::new(
+                platform.kv.clone(),
+                name.clone(),
+                &config.tenant,
+                &config.key_value_stores,
+                platform.kv_limits,
+            )),
+            config: Arc::new(
+                config
+                    .config
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.value.as_str()))
+                    .collect(),
+            ),
+            name,
             tenant: config.tenant.clone(),
             pre,
             limits: config.limits.clone(),
@@ -391,6 +428,9 @@ impl Function {
             hooks: Hooks {
                 outbound: self.outbound.clone(),
             },
+            kv: self.kv.clone(),
+            config: self.config.clone(),
+            request_id,
         };
         let mut store = Store::new(self.pre.engine(), host);
         store.limiter(|h| &mut h.limiter);

@@ -39,12 +39,13 @@ pub mod cache;
 mod engine;
 mod error;
 mod function;
+pub mod kv;
 mod limits;
 pub mod outbound;
 pub mod sched;
 mod stdio;
 
-pub use engine::{AllocatorKind, Runtime, RuntimeSettings};
+pub use engine::{AllocatorKind, Platform, Runtime, RuntimeSettings};
 pub use error::{GuestError, LoadError};
 pub use function::{Body, BoxError, Function, FunctionStats, RequestMeta, wait_on};
 /// The `wasi:http` host error type (request and response body errors).

@@ -8,7 +8,9 @@ use anyhow::{Context, bail};
 use ignis_actors::{FairScheduler, FunctionActor};
 use ignis_config::{ComponentSource, Manifest};
 use ignis_edge::{Edge, Server};
-use ignis_runtime::{Function, Runtime, RuntimeSettings};
+use ignis_runtime::kv::KvLimits;
+use ignis_runtime::{Function, Platform, Runtime, RuntimeSettings};
+use ignis_store::{KvBackend, SqliteStore};
 
 use crate::guest_build;
 
@@ -33,6 +35,8 @@ pub struct App {
     pub scheduler: Arc<FairScheduler>,
     /// The routing edge.
     pub edge: Arc<Edge>,
+    /// The embedded key-value store, open when a function declares a store.
+    pub store: Option<SqliteStore>,
 }
 
 /// Resolves each function's component path, building Rust crates if asked.
@@ -79,9 +83,32 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         tokio::runtime::Handle::current(),
     )
     .context("starting the guest scheduler threads")?;
-    let runtime = Runtime::with_scheduler(
+    let store = if manifest
+        .functions
+        .values()
+        .any(|f| !f.key_value_stores.is_empty())
+    {
+        Some(SqliteStore::open(&manifest.storage.path).with_context(|| {
+            format!(
+                "opening the key-value store {}",
+                manifest.storage.path.display()
+            )
+        })?)
+    } else {
+        None
+    };
+    let platform = Platform {
+        kv: store.clone().map(|s| Arc::new(s) as Arc<dyn KvBackend>),
+        kv_limits: KvLimits {
+            max_key_bytes: manifest.storage.max_key_bytes,
+            max_value_bytes: manifest.storage.max_value_bytes,
+            max_batch_keys: manifest.storage.max_batch_keys,
+        },
+    };
+    let runtime = Runtime::with_platform(
         RuntimeSettings::from_manifest(manifest),
         Some(scheduler.clone()),
+        platform,
     )?;
     let mut functions = BTreeMap::new();
     let mut actors = BTreeMap::new();
@@ -97,6 +124,7 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         actors,
         scheduler,
         edge,
+        store,
     })
 }
 

@@ -1,26 +1,13 @@
 //! The `ignis` binary: check, serve, up, compile cache across restarts,
 //! graceful shutdown, guest log capture.
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::*;
-
-fn ignis() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ignis"));
-    cmd.env("IGNIS_LOG", "info").env_remove("RUST_BACKTRACE");
-    cmd
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
 
 fn check(manifest: &Path) -> (bool, String, String) {
     let out = ignis().arg("check").arg(manifest).output().unwrap();
@@ -129,44 +116,6 @@ fn restart_reuses_the_compile_cache() {
         out.contains("function `hello` (tenant hello, cache Hit)"),
         "{out}"
     );
-}
-
-/// A running `ignis` process with its address, and its stderr collected.
-struct Proc {
-    child: Child,
-    addr: std::net::SocketAddr,
-    stderr: std::thread::JoinHandle<String>,
-}
-
-fn spawn(args: &[&str]) -> Proc {
-    let mut child = ignis()
-        .args(args)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let stderr = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
-    Proc {
-        child,
-        addr,
-        stderr,
-    }
 }
 
 fn sigterm(child: &Child) {

@@ -2,8 +2,10 @@
 //! servers from manifest text, and speaks HTTP to them.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -210,4 +212,62 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---- the `ignis` binary ----
+
+pub fn ignis() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ignis"));
+    cmd.env("IGNIS_LOG", "info").env_remove("RUST_BACKTRACE");
+    cmd
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// A running `ignis` process with its address, and its stderr collected.
+pub struct Proc {
+    pub child: Child,
+    pub addr: std::net::SocketAddr,
+    pub stderr: std::thread::JoinHandle<String>,
+}
+
+pub fn spawn(args: &[&str]) -> Proc {
+    spawn_with(args, &[])
+}
+
+/// Like [`spawn`], with extra environment variables.
+pub fn spawn_with(args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut child = ignis()
+        .envs(env.iter().copied())
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    Proc {
+        child,
+        addr,
+        stderr,
+    }
 }

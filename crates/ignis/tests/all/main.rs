@@ -4,6 +4,7 @@
 mod harness;
 
 mod actors;
+mod bindings;
 mod cli;
 mod http_limits;
 mod isolation;

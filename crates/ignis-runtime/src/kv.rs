@@ -1,0 +1,664 @@
+//! `wasi:keyvalue` for guests, in both package versions in use:
+//! `0.2.0-draft` (wasmtime, wasmCloud) and `0.2.0-draft2` (Spin). Both reach
+//! the same stores through [`ignis_store::KvBackend`].
+//!
+//! - A function opens only the stores its manifest entry declares
+//!   (`key_value_stores`); names are scoped to its tenant, so two tenants'
+//!   `default` stores are unrelated. Opening anything else is `no-such-store`.
+//!   The empty identifier means `default` (what `wasmtime serve` opens).
+//! - Keys, values and batches are checked against the `[storage]` limits;
+//!   a violation is the interface's `other` error with the reason. Every
+//!   error is also logged with the function and request id; no host error
+//!   ever traps the guest.
+//! - Writes return once durable; `increment` and the draft2 `cas`/`swap`
+//!   are atomic (see `ignis-store`).
+
+use std::sync::Arc;
+
+use ignis_store::{KvBackend, ListFrom, Namespace, StoreError, Versioned};
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+
+use crate::function::Host;
+
+/// Key-value limits (from the manifest's `[storage]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLimits {
+    /// Longest key in bytes.
+    pub max_key_bytes: usize,
+    /// Largest value in bytes.
+    pub max_value_bytes: usize,
+    /// Most keys in one batch call.
+    pub max_batch_keys: usize,
+}
+
+impl Default for KvLimits {
+    fn default() -> Self {
+        KvLimits {
+            max_key_bytes: 1024,
+            max_value_bytes: 1 << 20,
+            max_batch_keys: 1000,
+        }
+    }
+}
+
+/// Keys returned by one `list-keys` call.
+const LIST_PAGE: u32 = 1000;
+
+/// What one function may do with key-value, shared by its requests.
+pub struct KvAccess {
+    backend: Option<Arc<dyn KvBackend>>,
+    function: Arc<str>,
+    stores: Vec<Namespace>,
+    limits: KvLimits,
+}
+
+impl KvAccess {
+    /// Access for `function` of `tenant` to the `declared` stores.
+    pub(crate) fn new(
+        backend: Option<Arc<dyn KvBackend>>,
+        function: Arc<str>,
+        tenant: &str,
+        declared: &[String],
+        limits: KvLimits,
+    ) -> Self {
+        let tenant: Arc<str> = tenant.into();
+        KvAccess {
+            backend,
+            function,
+            stores: declared
+                .iter()
+                .map(|s| Namespace::new(tenant.clone(), s.as_str()))
+                .collect(),
+            limits,
+        }
+    }
+}
+
+/// An open store, as the guest holds it.
+pub struct Bucket {
+    ns: Namespace,
+}
+
+/// A draft2 compare-and-swap handle: the key and what it held when read.
+pub struct Cas {
+    ns: Namespace,
+    key: String,
+    seen: Option<Versioned>,
+}
+
+/// Why a key-value call failed, before it is put in a package's error type.
+#[derive(Debug)]
+enum Fail {
+    NoSuchStore,
+    Other(String),
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Fail::Other(e.to_string())
+    }
+}
+
+/// The key-value view of one request's store data.
+pub(crate) struct KvView<'a> {
+    access: &'a KvAccess,
+    table: &'a mut ResourceTable,
+    request_id: u64,
+}
+
+struct HasKv;
+
+impl HasData for HasKv {
+    type Data<'a> = KvView<'a>;
+}
+
+fn view(host: &mut Host) -> KvView<'_> {
+    let (access, table, request_id) = host.kv_parts();
+    KvView {
+        access,
+        table,
+        request_id,
+    }
+}
+
+/// Adds both key-value package versions to `linker`.
+pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
+    draft::bindings::Imports::add_to_linker::<Host, HasKv>(linker, view)?;
+    draft2::bindings::Imports::add_to_linker::<Host, HasKv>(linker, view)?;
+    Ok(())
+}
+
+impl KvAccess {
+    fn backend(&self) -> Result<&Arc<dyn KvBackend>, Fail> {
+        self.backend
+            .as_ref()
+            .ok_or_else(|| Fail::Other("no key-value storage is configured".into()))
+    }
+
+    fn check_key(&self, key: &str) -> Result<(), Fail> {
+        let max = self.limits.max_key_bytes;
+        if key.len() > max {
+            return Err(Fail::Other(format!(
+                "key is {} bytes; the limit is {max}",
+                key.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<(), Fail> {
+        let max = self.limits.max_value_bytes;
+        if value.len() > max {
+            return Err(Fail::Other(format!(
+                "value is {} bytes; the limit is {max}",
+                value.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_batch(&self, n: usize) -> Result<(), Fail> {
+        let max = self.limits.max_batch_keys;
+        if n > max {
+            return Err(Fail::Other(format!(
+                "batch has {n} keys; the limit is {max}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Logs a failed call (the guest gets the error variant).
+    fn logged<T>(&self, request_id: u64, op: &str, r: Result<T, Fail>) -> Result<T, Fail> {
+        if let Err(e) = &r {
+            match e {
+                Fail::NoSuchStore => tracing::warn!(
+                    function = %self.function,
+                    request_id = request_id,
+                    op,
+                    "key-value: store not declared in this function's key_value_stores"
+                ),
+                Fail::Other(reason) => tracing::warn!(
+                    function = %self.function,
+                    request_id = request_id,
+                    op,
+                    reason = %reason,
+                    "key-value call failed"
+                ),
+            }
+        }
+        r
+    }
+}
+
+impl KvView<'_> {
+    fn open(&mut self, identifier: &str) -> Result<Resource<Bucket>, Fail> {
+        let name = if identifier.is_empty() {
+            "default"
+        } else {
+            identifier
+        };
+        let Some(ns) = self.access.stores.iter().find(|ns| ns.store() == name) else {
+            return Err(Fail::NoSuchStore);
+        };
+        self.access.backend()?;
+        self.table
+            .push(Bucket { ns: ns.clone() })
+            .map_err(|e| Fail::Other(e.to_string()))
+    }
+
+    fn ns(&self, bucket: &Resource<Bucket>) -> wasmtime::Result<Namespace> {
+        Ok(self.table.get(bucket)?.ns.clone())
+    }
+
+    async fn get(
+        &mut self,
+        b: &Resource<Bucket>,
+        key: &str,
+    ) -> wasmtime::Result<Result<Option<Versioned>, Fail>> {
+        let (access, rid) = (self.access, self.request_id);
+        let ns = self.ns(b)?;
+        let r = async {
+            access.check_key(key)?;
+            Ok(access.backend()?.get(&ns, key).await?)
+        }
+        .await;
+        Ok(access.logged(rid, "get", r))
+    }
+
+    async fn set(
+        &mut self,
+        b: &Resource<Bucket>,
+        key: &str,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), Fail>> {
+        let (access, rid) = (self.access, self.request_id);
+        let ns = self.ns(b)?;
+        let r = async {
+            access.check_key(key)?;
+            access.check_value(&value)?;
+            Ok(access.backend()?.set(&ns, key, value).await?)
+        }
+        .await;
+        Ok(access.logged(rid, "set", r))
+    }
+
+    async fn delete(
+        &mut self,
+        b: &Resource<Bucket>,
+        key: &str,
+    ) -> wasmtime::Result<Result<(), Fail>> {
+        let (access, rid) = (self.access, self.request_id);
+        let ns = self.ns(b)?;
+        let r = async {
+            access.check_key(key)?;
+            Ok(access.backend()?.delete(&ns, key).await?)
+        }
+        .await;
+        Ok(access.logged(rid, "delete", r))
+    }
+
+    async fn exists(
+        &mut self,
+        b: &Resource<Bucket>,
+        key: &str,
+    ) -> wasmtime::Result<Result<bool, Fail>> {
+        let (access, rid) = (self.access, self.request_id);
+        let ns = self.ns(b)?;
+        let r = async {
+            access.check_key(key)?;
+            Ok(access.backend()?.exists(&ns, key).await?)
+        }
+        .await;
+        Ok(access.logged(rid, "exists", r))
+    }
+
+    async fn list(
+        &mut self,
+        b: &Resource<Bucket>,
+        from: ListFrom<'_>,
+    ) -> wasmtime::Result<Result<ignis_store::KeyPage, Fail>> {
+        let (access, rid) = (self.access, self.request_id);
+        let ns = self.ns(b)?;
+        let r = async { Ok(access.backend()?.list_keys(&ns, from, LIST_PAGE).await?) }.await;
+        Ok(access.logged(rid, "list-keys", r))
+    }
+
+    async fn increment(
+        &mut self,
+        b: &Resource<Bucket>,
+        key: &str,
+        delta: i64,
+    ) -> wasmtime::Result<Result<i64, Fail>> {
+        let (access, rid) = (self.access, self.request_id);
+        let ns = self.ns(b)?;
+        let r = async {
+            access.check_key(key)?;
+            Ok(access.backend()?.increment(&ns, key, delta).await?)
+        }
+        .await;
+        Ok(access.logged(rid, "increment", r))
+    }
+
+    async fn get_many(
+        &mut self,
+        b: &Resource<Bucket>,
+        keys: &[String],
+    ) -> wasmtime::Result<Result<Vec<Option<Vec<u8>>>, Fail>> {
+        let (access, rid) = (self.access, self.request_id);
+        let ns = self.ns(b)?;
+        let r = async {
+            access.check_batch(keys.len())?;
+            for k in keys {
+                access.check_key(k)?;
+            }
+            Ok(access.backend()?.get_many(&ns, keys).await?)
+        }
+        .await;
+        Ok(access.logged(rid, "get-many", r))
+    }
+
+    async fn set_many(
+        &mut self,
+        b: &Resource<Bucket>,
+        entries: Vec<(String, Vec<u8>)>,
+    ) -> wasmtime::Result<Result<(), Fail>> {
+        let (access, rid) = (self.access, self.request_id);
+        let ns = self.ns(b)?;
+        let r = async {
+            access.check_batch(entries.len())?;
+            for (k, v) in &entries {
+                access.check_key(k)?;
+                access.check_value(v)?;
+            }
+            Ok(access.backend()?.set_many(&ns, entries).await?)
+        }
+        .await;
+        Ok(access.logged(rid, "set-many", r))
+    }
+
+    async fn delete_many(
+        &mut self,
+        b: &Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> wasmtime::Result<Result<(), Fail>> {
+        let (access, rid) = (self.access, self.request_id);
+        let ns = self.ns(b)?;
+        let r = async {
+            access.check_batch(keys.len())?;
+            for k in &keys {
+                access.check_key(k)?;
+            }
+            Ok(access.backend()?.delete_many(&ns, keys).await?)
+        }
+        .await;
+        Ok(access.logged(rid, "delete-many", r))
+    }
+}
+
+/// `wasi:keyvalue@0.2.0-draft`.
+mod draft {
+    use super::*;
+
+    pub(super) mod bindings {
+        wasmtime::component::bindgen!({
+            path: "../../wit",
+            world: "wasi:keyvalue/imports@0.2.0-draft",
+            imports: { default: async | trappable },
+            with: {
+                "wasi:keyvalue/store.bucket": crate::kv::Bucket,
+            },
+        });
+    }
+
+    use bindings::wasi::keyvalue0_2_0_draft::{atomics, batch, store};
+
+    impl From<Fail> for store::Error {
+        fn from(f: Fail) -> Self {
+            match f {
+                Fail::NoSuchStore => store::Error::NoSuchStore,
+                Fail::Other(s) => store::Error::Other(s),
+            }
+        }
+    }
+
+    type R<T> = wasmtime::Result<Result<T, store::Error>>;
+
+    fn lift<T>(r: wasmtime::Result<Result<T, Fail>>) -> R<T> {
+        r.map(|r| r.map_err(store::Error::from))
+    }
+
+    impl store::Host for KvView<'_> {
+        async fn open(&mut self, identifier: String) -> R<Resource<Bucket>> {
+            let (access, rid) = (self.access, self.request_id);
+            let r = self.open(&identifier);
+            Ok(access.logged(rid, "open", r).map_err(Into::into))
+        }
+    }
+
+    impl store::HostBucket for KvView<'_> {
+        async fn get(&mut self, b: Resource<Bucket>, key: String) -> R<Option<Vec<u8>>> {
+            lift(
+                KvView::get(self, &b, &key)
+                    .await
+                    .map(|r| r.map(|v| v.map(|v| v.value))),
+            )
+        }
+
+        async fn set(&mut self, b: Resource<Bucket>, key: String, value: Vec<u8>) -> R<()> {
+            lift(KvView::set(self, &b, &key, value).await)
+        }
+
+        async fn delete(&mut self, b: Resource<Bucket>, key: String) -> R<()> {
+            lift(KvView::delete(self, &b, &key).await)
+        }
+
+        async fn exists(&mut self, b: Resource<Bucket>, key: String) -> R<bool> {
+            lift(KvView::exists(self, &b, &key).await)
+        }
+
+        async fn list_keys(
+            &mut self,
+            b: Resource<Bucket>,
+            cursor: Option<u64>,
+        ) -> R<store::KeyResponse> {
+            let skip = cursor.unwrap_or(0);
+            lift(self.list(&b, ListFrom::Skip(skip)).await.map(|r| {
+                r.map(|page| {
+                    let next = skip + page.keys.len() as u64;
+                    store::KeyResponse {
+                        cursor: page.more.then_some(next),
+                        keys: page.keys,
+                    }
+                })
+            }))
+        }
+
+        async fn drop(&mut self, b: Resource<Bucket>) -> wasmtime::Result<()> {
+            self.table.delete(b)?;
+            Ok(())
+        }
+    }
+
+    impl atomics::Host for KvView<'_> {
+        async fn increment(&mut self, b: Resource<Bucket>, key: String, delta: u64) -> R<u64> {
+            let (access, rid) = (self.access, self.request_id);
+            let Ok(delta) = i64::try_from(delta) else {
+                let r = Err(Fail::Other(format!("delta {delta} is out of range")));
+                return Ok(access.logged(rid, "increment", r).map_err(Into::into));
+            };
+            let r = KvView::increment(self, &b, &key, delta).await?;
+            let r = r.and_then(|n| {
+                u64::try_from(n)
+                    .map_err(|_| Fail::Other(format!("`{key}` holds a negative counter")))
+            });
+            Ok(access.logged(rid, "increment", r).map_err(Into::into))
+        }
+    }
+
+    impl batch::Host for KvView<'_> {
+        async fn get_many(
+            &mut self,
+            b: Resource<Bucket>,
+            keys: Vec<String>,
+        ) -> R<Vec<Option<(String, Vec<u8>)>>> {
+            let r = KvView::get_many(self, &b, &keys).await;
+            lift(r.map(|r| {
+                r.map(|values| {
+                    keys.into_iter()
+                        .zip(values)
+                        .map(|(k, v)| v.map(|v| (k, v)))
+                        .collect()
+                })
+            }))
+        }
+
+        async fn set_many(
+            &mut self,
+            b: Resource<Bucket>,
+            key_values: Vec<(String, Vec<u8>)>,
+        ) -> R<()> {
+            lift(KvView::set_many(self, &b, key_values).await)
+        }
+
+        async fn delete_many(&mut self, b: Resource<Bucket>, keys: Vec<String>) -> R<()> {
+            lift(KvView::delete_many(self, &b, keys).await)
+        }
+    }
+}
+
+/// `wasi:keyvalue@0.2.0-draft2`.
+mod draft2 {
+    use super::*;
+
+    pub(super) mod bindings {
+        wasmtime::component::bindgen!({
+            path: "../../wit",
+            world: "wasi:keyvalue/imports@0.2.0-draft2",
+            imports: { default: async | trappable },
+            with: {
+                "wasi:keyvalue/store.bucket": crate::kv::Bucket,
+                "wasi:keyvalue/atomics.cas": crate::kv::Cas,
+            },
+        });
+    }
+
+    use bindings::wasi::keyvalue0_2_0_draft2::{atomics, batch, store};
+
+    impl From<Fail> for store::Error {
+        fn from(f: Fail) -> Self {
+            match f {
+                Fail::NoSuchStore => store::Error::NoSuchStore,
+                Fail::Other(s) => store::Error::Other(s),
+            }
+        }
+    }
+
+    type R<T> = wasmtime::Result<Result<T, store::Error>>;
+
+    fn lift<T>(r: wasmtime::Result<Result<T, Fail>>) -> R<T> {
+        r.map(|r| r.map_err(store::Error::from))
+    }
+
+    impl store::Host for KvView<'_> {
+        async fn open(&mut self, identifier: String) -> R<Resource<Bucket>> {
+            let (access, rid) = (self.access, self.request_id);
+            let r = self.open(&identifier);
+            Ok(access.logged(rid, "open", r).map_err(Into::into))
+        }
+    }
+
+    impl store::HostBucket for KvView<'_> {
+        async fn get(&mut self, b: Resource<Bucket>, key: String) -> R<Option<Vec<u8>>> {
+            lift(
+                KvView::get(self, &b, &key)
+                    .await
+                    .map(|r| r.map(|v| v.map(|v| v.value))),
+            )
+        }
+
+        async fn set(&mut self, b: Resource<Bucket>, key: String, value: Vec<u8>) -> R<()> {
+            lift(KvView::set(self, &b, &key, value).await)
+        }
+
+        async fn delete(&mut self, b: Resource<Bucket>, key: String) -> R<()> {
+            lift(KvView::delete(self, &b, &key).await)
+        }
+
+        async fn exists(&mut self, b: Resource<Bucket>, key: String) -> R<bool> {
+            lift(KvView::exists(self, &b, &key).await)
+        }
+
+        async fn list_keys(
+            &mut self,
+            b: Resource<Bucket>,
+            cursor: Option<String>,
+        ) -> R<store::KeyResponse> {
+            let from = cursor.as_deref().map_or(ListFrom::Start, ListFrom::After);
+            lift(self.list(&b, from).await.map(|r| {
+                r.map(|page| store::KeyResponse {
+                    cursor: if page.more {
+                        page.keys.last().cloned()
+                    } else {
+                        None
+                    },
+                    keys: page.keys,
+                })
+            }))
+        }
+
+        async fn drop(&mut self, b: Resource<Bucket>) -> wasmtime::Result<()> {
+            self.table.delete(b)?;
+            Ok(())
+        }
+    }
+
+    impl atomics::Host for KvView<'_> {
+        async fn increment(&mut self, b: Resource<Bucket>, key: String, delta: i64) -> R<i64> {
+            lift(KvView::increment(self, &b, &key, delta).await)
+        }
+
+        async fn swap(
+            &mut self,
+            cas: Resource<Cas>,
+            value: Vec<u8>,
+        ) -> wasmtime::Result<Result<(), atomics::CasError>> {
+            let (access, rid) = (self.access, self.request_id);
+            let Cas { ns, key, seen } = self.table.delete(cas)?;
+            let r = async {
+                access.check_value(&value)?;
+                Ok(access
+                    .backend()?
+                    .swap_if(&ns, &key, seen.as_ref().map(|v| v.version), value)
+                    .await?)
+            }
+            .await;
+            match access.logged(rid, "swap", r) {
+                Ok(true) => Ok(Ok(())),
+                Err(f) => Ok(Err(atomics::CasError::StoreError(f.into()))),
+                Ok(false) => {
+                    // Someone wrote in between: hand back a fresh handle with
+                    // the current value, ready for another attempt.
+                    let fresh = match access.backend() {
+                        Ok(backend) => backend.get(&ns, &key).await.map_err(Fail::from),
+                        Err(f) => Err(f),
+                    };
+                    match access.logged(rid, "swap", fresh) {
+                        Ok(seen) => {
+                            let handle = self.table.push(Cas { ns, key, seen })?;
+                            Ok(Err(atomics::CasError::CasFailed(handle)))
+                        }
+                        Err(f) => Ok(Err(atomics::CasError::StoreError(f.into()))),
+                    }
+                }
+            }
+        }
+    }
+
+    impl atomics::HostCas for KvView<'_> {
+        async fn new(&mut self, b: Resource<Bucket>, key: String) -> R<Resource<Cas>> {
+            let ns = self.ns(&b)?;
+            let seen = KvView::get(self, &b, &key).await?;
+            match seen {
+                Ok(seen) => Ok(Ok(self.table.push(Cas { ns, key, seen })?)),
+                Err(f) => Ok(Err(f.into())),
+            }
+        }
+
+        async fn current(&mut self, cas: Resource<Cas>) -> R<Option<Vec<u8>>> {
+            Ok(Ok(self
+                .table
+                .get(&cas)?
+                .seen
+                .as_ref()
+                .map(|v| v.value.clone())))
+        }
+
+        async fn drop(&mut self, cas: Resource<Cas>) -> wasmtime::Result<()> {
+            self.table.delete(cas)?;
+            Ok(())
+        }
+    }
+
+    impl batch::Host for KvView<'_> {
+        async fn get_many(
+            &mut self,
+            b: Resource<Bucket>,
+            keys: Vec<String>,
+        ) -> R<Vec<(String, Option<Vec<u8>>)>> {
+            let r = KvView::get_many(self, &b, &keys).await;
+            lift(r.map(|r| r.map(|values| keys.into_iter().zip(values).collect())))
+        }
+
+        async fn set_many(
+            &mut self,
+            b: Resource<Bucket>,
+            key_values: Vec<(String, Vec<u8>)>,
+        ) -> R<()> {
+            lift(KvView::set_many(self, &b, key_values).await)
+        }
+
+        async fn delete_many(&mut self, b: Resource<Bucket>, keys: Vec<String>) -> R<()> {
+            lift(KvView::delete_many(self, &b, keys).await)
+        }
+    }
+}
