@@ -64,6 +64,8 @@ pub struct Platform {
     pub kv: Option<Arc<dyn KvBackend>>,
     /// Key, value and batch limits.
     pub kv_limits: KvLimits,
+    /// Named outbound backends, by name.
+    pub backends: std::collections::BTreeMap<String, Arc<crate::outbound::Backend>>,
 }
 
 /// Which instance allocator the engine ended up with.

@@ -87,6 +87,11 @@ impl Host {
 
 struct Hooks {
     outbound: Arc<Outbound>,
+    /// Outbound requests this guest request sent, and how many it may.
+    sent: u32,
+    max_sent: u32,
+    function: Arc<str>,
+    request_id: u64,
 }
 
 type IoFuture = Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>;
@@ -101,6 +106,11 @@ impl WasiHttpHooks for Hooks {
         dyn Future<Output = wasmtime_wasi_http::Result<(http::Response<WasiBody>, IoFuture)>>
             + Send,
     > {
+        if self.sent >= self.max_sent {
+            tracing::warn!(function = %self.function, request_id = self.request_id, limit = self.max_sent, "outbound request denied: max_outbound_requests reached for this request");
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        self.sent += 1;
         let outbound = self.outbound.clone();
         Box::new(async move {
             let response = outbound.send(request, options).await?;
@@ -333,6 +343,7 @@ pub struct Function {
     cache_outcome: CacheOutcome,
     kv: Arc<KvAccess>,
     config: Arc<WasiConfigVariables>,
+    max_outbound_requests: u32,
 }
 
 impl Function {
@@ -375,9 +386,15 @@ impl Function {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            outbound: Arc::new(Outbound::new(OutboundPolicy::new(
-                &config.allowed_outbound_hosts,
-            ))),
+            outbound: Arc::new(Outbound::new(
+                OutboundPolicy::new(&config.allowed_outbound_hosts),
+                config
+                    .backends
+                    .iter()
+                    .filter_map(|b| platform.backends.get(b).cloned())
+                    .collect(),
+            )),
+            max_outbound_requests: config.max_outbound_requests,
             stats: Arc::new(FunctionStats::default()),
             cache_outcome,
         }))
@@ -427,6 +444,10 @@ impl Function {
             limiter: MemoryLimiter::new(self.limits.memory_bytes),
             hooks: Hooks {
                 outbound: self.outbound.clone(),
+                sent: 0,
+                max_sent: self.max_outbound_requests,
+                function: self.name.clone(),
+                request_id,
             },
             kv: self.kv.clone(),
             config: self.config.clone(),

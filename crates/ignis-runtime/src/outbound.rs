@@ -14,6 +14,13 @@
 //! 3. Connections are pooled per function and reused across requests
 //!    (HTTP/1.1 keep-alive), and TLS verifies certificates against the web PKI
 //!    roots.
+//! 4. Named backends (`[backends.NAME]`, listed in a function's `backends`)
+//!    are reached as `http://NAME/...` or by their own URL. Each has its own
+//!    pool (`pool_size` idle connections kept), response timeout and TLS
+//!    setting (`tls_verify`, on by default), shared by every function that
+//!    lists it. The operator wrote the address, so it may be private.
+//! 5. One guest request may send at most `max_outbound_requests`; past
+//!    that, `HTTP-request-denied`.
 
 use std::future::Future;
 use std::io;
@@ -30,6 +37,7 @@ use hyper::Uri;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use ignis_config::BackendConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody};
@@ -295,48 +303,216 @@ impl Connector {
 /// A function's outbound side: its policy and its connection pool.
 pub struct Outbound {
     policy: Arc<OutboundPolicy>,
-    client: Client<Connector, WasiBody>,
+    client: PooledClient,
     connections: Arc<AtomicU64>,
+    backends: Vec<Arc<Backend>>,
 }
 
-impl Outbound {
-    /// A pooled client that enforces `policy`.
-    pub fn new(policy: OutboundPolicy) -> Self {
-        let policy = Arc::new(policy);
+/// The TLS client settings: web PKI roots, or (for a backend with
+/// `tls_verify = false`) any certificate, still checking the handshake
+/// signatures.
+fn tls_config(verify: bool) -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions");
+    if verify {
         let roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.into(),
         };
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let connections = Arc::new(AtomicU64::new(0));
-        let connector = Connector {
-            policy: policy.clone(),
-            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-            connect_timeout: Duration::from_secs(10),
-            connections: connections.clone(),
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth()
+    }
+}
+
+/// Accepts any server certificate (only for backends configured with
+/// `tls_verify = false`); handshake signatures are still verified.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+type PooledClient = Client<Connector, WasiBody>;
+
+fn pooled_client(
+    policy: Arc<OutboundPolicy>,
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+    idle_per_host: usize,
+) -> (PooledClient, Arc<AtomicU64>) {
+    let connections = Arc::new(AtomicU64::new(0));
+    let connector = Connector {
+        policy,
+        tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+        connect_timeout,
+        connections: connections.clone(),
+    };
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(idle_per_host)
+        .build(connector);
+    (client, connections)
+}
+
+/// A named origin from the manifest (`[backends.NAME]`): its own pool
+/// (shared by every function that lists it), TLS setting and timeout. A
+/// guest reaches it as `http://NAME/...` or by the backend's own URL; the
+/// operator named the address, so private addresses are allowed.
+pub struct Backend {
+    config: BackendConfig,
+    authority: http::uri::Authority,
+    scheme: http::uri::Scheme,
+    client: PooledClient,
+    connections: Arc<AtomicU64>,
+}
+
+impl Backend {
+    /// The backend's client and pool.
+    pub fn new(config: &BackendConfig) -> Self {
+        let exact = if config.host.contains(':') {
+            format!("[{}]:{}", config.host, config.port)
+        } else {
+            format!("{}:{}", config.host, config.port)
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(32)
-            .build(connector);
-        Outbound {
+        let policy = Arc::new(OutboundPolicy::new(std::slice::from_ref(&exact)));
+        let (client, connections) = pooled_client(
             policy,
+            tls_config(config.tls_verify),
+            config.timeout.min(Duration::from_secs(10)),
+            config.pool_size,
+        );
+        Backend {
+            authority: exact.parse().expect("validated host and port"),
+            scheme: if config.scheme == "https" {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            },
+            config: config.clone(),
             client,
             connections,
         }
     }
 
-    /// TCP connections opened so far (to see pooling work).
+    /// The backend's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// TCP connections opened to it so far.
     pub fn connections_opened(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
     }
 
-    /// Sends a guest's request if the policy allows it.
+    /// Whether a guest request for `host`, `port` means this backend.
+    fn matches(&self, host: &str, port: Option<u16>, https: bool) -> bool {
+        if port.is_none() && host == self.config.name.to_ascii_lowercase() {
+            return true;
+        }
+        let port = port.unwrap_or(if https { 443 } else { 80 });
+        host == self.config.host
+            && port == self.config.port
+            && https == (self.config.scheme == "https")
+    }
+
+    async fn send(
+        &self,
+        mut request: http::Request<WasiBody>,
+    ) -> Result<http::Response<WasiBody>, HttpError> {
+        let mut parts = request.uri().clone().into_parts();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        *request.uri_mut() =
+            http::Uri::from_parts(parts).map_err(|_| HttpError::HttpRequestUriInvalid)?;
+        // The client sets Host from the rewritten URI.
+        request.headers_mut().remove(http::header::HOST);
+        match tokio::time::timeout(self.config.timeout, self.client.request(request)).await {
+            Err(_) => {
+                tracing::warn!(backend = %self.config.name, timeout = ?self.config.timeout, "outbound request to backend timed out");
+                Err(HttpError::HttpResponseTimeout)
+            }
+            Ok(Ok(r)) => Ok(r.map(|b| b.map_err(HttpError::from).boxed_unsync())),
+            Ok(Err(e)) => Err(map_client_error(&e)),
+        }
+    }
+}
+
+impl Outbound {
+    /// A pooled client that enforces `policy`, and the named `backends`
+    /// the function may call.
+    pub fn new(policy: OutboundPolicy, backends: Vec<Arc<Backend>>) -> Self {
+        let policy = Arc::new(policy);
+        let (client, connections) = pooled_client(
+            policy.clone(),
+            tls_config(true),
+            Duration::from_secs(10),
+            32,
+        );
+        Outbound {
+            policy,
+            client,
+            connections,
+            backends,
+        }
+    }
+
+    /// TCP connections opened so far by the allowlist pool (to see pooling
+    /// work; backends count their own).
+    pub fn connections_opened(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Sends a guest's request to a named backend, or to an allowed host.
     pub async fn send(
         &self,
         request: http::Request<WasiBody>,
@@ -350,10 +526,17 @@ impl Outbound {
             .trim_end_matches(']')
             .to_ascii_lowercase();
         let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        if let Some(backend) = self
+            .backends
+            .iter()
+            .find(|b| b.matches(&host, uri.port_u16(), https))
+        {
+            return backend.send(request).await;
+        }
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         match self.policy.check(&host, port) {
             Decision::Denied => {
-                tracing::warn!(host = %host, port, "outbound request denied: host not in allowed_outbound_hosts");
+                tracing::warn!(host = %host, port, "outbound request denied: host not in allowed_outbound_hosts nor a listed backend");
                 return Err(HttpError::HttpRequestDenied);
             }
             Decision::PublicOnly | Decision::Explicit => {}

@@ -9,6 +9,7 @@ use ignis_actors::{FairScheduler, FunctionActor};
 use ignis_config::{ComponentSource, Manifest};
 use ignis_edge::{Edge, Server};
 use ignis_runtime::kv::KvLimits;
+use ignis_runtime::outbound::Backend;
 use ignis_runtime::{Function, Platform, Runtime, RuntimeSettings};
 use ignis_store::{KvBackend, SqliteStore};
 
@@ -104,6 +105,11 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
             max_value_bytes: manifest.storage.max_value_bytes,
             max_batch_keys: manifest.storage.max_batch_keys,
         },
+        backends: manifest
+            .backends
+            .iter()
+            .map(|(name, b)| (name.clone(), Arc::new(Backend::new(b))))
+            .collect(),
     };
     let runtime = Runtime::with_platform(
         RuntimeSettings::from_manifest(manifest),

@@ -3,7 +3,8 @@
 //! The origin is `?url=http://host:port/path`, or the `ORIGIN` environment
 //! value. Ignis only lets the call through when the host is listed in the
 //! function's `allowed_outbound_hosts`; a refused call answers 502 with the
-//! error code the host returned.
+//! error code the host returned. `&count=N` makes N calls in the one
+//! request and reports each on its own line.
 
 use std::io::{Read as _, Write as _};
 
@@ -77,12 +78,27 @@ fn fetch(url: &str) -> Result<(u16, Vec<u8>), String> {
 impl wasip2::exports::http::incoming_handler::Guest for Fetch {
     fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
         let path = request.path_with_query().unwrap_or_default();
-        let (status, data) = match target(&path) {
-            None => (400, b"give ?url= or set ORIGIN\n".to_vec()),
-            Some(url) => match fetch(&url) {
+        let count = path
+            .split_once('?')
+            .and_then(|(_, q)| q.split('&').find_map(|kv| kv.strip_prefix("count=")))
+            .and_then(|n| n.parse::<u32>().ok());
+        let (status, data) = match (target(&path), count) {
+            (None, _) => (400, b"give ?url= or set ORIGIN\n".to_vec()),
+            (Some(url), None) => match fetch(&url) {
                 Ok(ok) => ok,
                 Err(e) => (502, format!("outbound request failed: {e}\n").into_bytes()),
             },
+            // `count=N`: N calls in this one request, one line per call.
+            (Some(url), Some(n)) => {
+                let mut report = String::new();
+                for i in 0..n {
+                    match fetch(&url) {
+                        Ok((status, _)) => report.push_str(&format!("{i}: {status}\n")),
+                        Err(e) => report.push_str(&format!("{i}: failed {e}\n")),
+                    }
+                }
+                (200, report.into_bytes())
+            }
         };
         let resp = OutgoingResponse::new(Fields::new());
         resp.set_status_code(status).unwrap();

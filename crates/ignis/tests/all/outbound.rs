@@ -36,6 +36,10 @@ async fn origin() -> Origin {
                     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let n = reqs.fetch_add(1, Ordering::SeqCst) + 1;
                         async move {
+                            if req.uri().path() == "/slow" {
+                                // A slow origin: answers after 5 s.
+                                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                            }
                             Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(
                                 format!("origin saw {} #{n}", req.uri().path()),
                             ))))
@@ -154,5 +158,186 @@ async fn nothing_listed_means_nothing_allowed() {
     assert_eq!(r.status, 502);
     assert!(r.text().contains("HttpRequestDenied"), "{}", r.text());
     assert_eq!(origin.connections.load(Ordering::SeqCst), 0);
+    server.shutdown().await;
+}
+
+fn backend_manifest(backends: &str, function_extra: &str) -> String {
+    format!(
+        r#"
+{backends}
+
+[functions.fetch]
+component = "{fetch}"
+{function_extra}
+
+[[routes]]
+path = "/fetch"
+function = "fetch"
+"#,
+        fetch = wasm("fetch"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_backends_pool_connections_and_time_out() {
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let server = TestServer::start(&backend_manifest(
+        &format!(
+            "[backends.origin]\nurl = \"http://127.0.0.1:{port}\"\ntimeout = \"500ms\"\npool_size = 4"
+        ),
+        "backends = [\"origin\"]",
+    ))
+    .await;
+    let c = client();
+    // Reached by name: 30 requests, a handful of connections.
+    for i in 1..=30u64 {
+        let r = get(&c, &server.url("/fetch?url=http://origin/hello")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), format!("origin saw /hello #{i}"));
+    }
+    let conns = origin.connections.load(Ordering::SeqCst);
+    assert!(
+        conns <= 2,
+        "30 sequential requests opened {conns} connections"
+    );
+    // Reached by its own URL: the backend's settings apply (loopback is
+    // allowed because the operator named it), same pool.
+    let r = get(
+        &c,
+        &server.url(&format!("/fetch?url=http://127.0.0.1:{port}/direct")),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.text()),
+        (200, "origin saw /direct #31".to_string())
+    );
+    assert_eq!(origin.connections.load(Ordering::SeqCst), conns);
+    // The backend's timeout cuts a slow origin.
+    let r = get(&c, &server.url("/fetch?url=http://origin/slow")).await;
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("HttpResponseTimeout"), "{}", r.text());
+    server.shutdown().await;
+
+    // A function that does not list the backend cannot use it.
+    let server = TestServer::start(&backend_manifest(
+        &format!("[backends.origin]\nurl = \"http://127.0.0.1:{port}\""),
+        "",
+    ))
+    .await;
+    let before = origin.requests.load(Ordering::SeqCst);
+    let r = get(&c, &server.url("/fetch?url=http://origin/hello")).await;
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("HttpRequestDenied"), "{}", r.text());
+    assert_eq!(origin.requests.load(Ordering::SeqCst), before);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_calls_per_request_are_capped() {
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let server = TestServer::start(&backend_manifest(
+        &format!("[backends.origin]\nurl = \"http://127.0.0.1:{port}\""),
+        "backends = [\"origin\"]\nmax_outbound_requests = 3",
+    ))
+    .await;
+    let c = client();
+    for _ in 0..2 {
+        let r = get(&c, &server.url("/fetch?url=http://origin/x&count=5")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let lines: Vec<&str> = r.text().leak().lines().collect();
+        assert_eq!(lines.len(), 5, "{lines:?}");
+        for line in &lines[..3] {
+            assert!(line.ends_with(": 200"), "{lines:?}");
+        }
+        for line in &lines[3..] {
+            assert!(line.contains("HttpRequestDenied"), "{lines:?}");
+        }
+    }
+    // The limit is per guest request: each of the two got its three.
+    assert_eq!(origin.requests.load(Ordering::SeqCst), 6);
+    server.shutdown().await;
+}
+
+/// An HTTPS origin on 127.0.0.1:0 with a self-signed certificate for `localhost`.
+async fn tls_origin() -> SocketAddr {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                        b"secure origin",
+                    ))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_tls_is_verified_unless_turned_off() {
+    let addr = tls_origin().await;
+    let port = addr.port();
+    let server = TestServer::start(&format!(
+        r#"
+[backends.checked]
+url = "https://localhost:{port}"
+
+[backends.unchecked]
+url = "https://localhost:{port}"
+tls_verify = false
+
+[functions.strict]
+component = "{fetch}"
+backends = ["checked"]
+
+[functions.lax]
+component = "{fetch}"
+backends = ["unchecked"]
+
+[[routes]]
+path = "/strict"
+function = "strict"
+
+[[routes]]
+path = "/lax"
+function = "lax"
+"#,
+        fetch = wasm("fetch"),
+    ))
+    .await;
+    let c = client();
+    // Verification is on by default: a self-signed certificate is refused.
+    let r = get(&c, &server.url("/strict?url=http://checked/")).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("TlsProtocolError"), "{}", r.text());
+    // Turned off for this backend only: the same origin answers.
+    let r = get(&c, &server.url("/lax?url=http://unchecked/")).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "secure origin"));
     server.shutdown().await;
 }
