@@ -95,6 +95,9 @@ pub struct PeerSpec {
     pub app: Option<std::path::PathBuf>,
     /// For `wasmtime`: a Rust guest crate directory, relative to the scenario file.
     pub guest: Option<std::path::PathBuf>,
+    /// For `wasmtime`: extra `serve` flags (`-Skeyvalue`, ...), after `-Scli`.
+    #[serde(default)]
+    pub flags: Vec<String>,
 }
 
 /// One stream of requests.

@@ -50,7 +50,10 @@ fn peers(scenario: &Scenario, base: &Path, options: &BenchOptions) -> anyhow::Re
                 guest_build::ensure_target()?;
                 let wasm = guest_build::build_crate(&base.join(guest))?;
                 let mut c = Command::new(&options.wasmtime);
-                c.args(["serve", "-Scli", "--addr", &addr]).arg(wasm);
+                c.args(["serve", "-Scli"])
+                    .args(&spec.flags)
+                    .args(["--addr", &addr])
+                    .arg(wasm);
                 c
             }
             other => bail!(

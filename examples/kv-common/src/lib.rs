@@ -17,7 +17,8 @@
 //! | `GET /config?key=K` | the `wasi:config` value, or 404 |
 //!
 //! Every key-value request takes `store=S` (default `default`) and, for
-//! benchmarks, `spread=N`: the key gets a random suffix below N. A store
+//! benchmarks, `spread=N`: the key gets a random number below N appended
+//! (`key=b&spread=1000` picks one of the `set-many` keys). A store
 //! error answers 500 with the error the host returned.
 
 use std::io::{Read as _, Write as _};
@@ -168,7 +169,7 @@ fn route<K: Kv>(
     let spread = q.num("spread", 0);
     if spread > 0 {
         let r = wasip2::random::random::get_random_u64() % spread as u64;
-        key = format!("{key}-{r}");
+        key = format!("{key}{r}");
     }
     let ok = |body: Vec<u8>| Ok((200, body));
     match op {
