@@ -15,10 +15,17 @@
 //! [`FairScheduler`] is the process-wide scheduler for guests that outlast
 //! their first slice (see `ignis_runtime::sched`): weighted fair queueing by
 //! virtual CPU time across tenants, on dedicated low-priority threads.
+//! [`ActorDirectory`] runs durable actors: one activation per
+//! `(class, id)`, messages one at a time (input gate), replies released
+//! after their writes are durable (output gate), persisted alarms and idle
+//! eviction.
+//!
 //! docs/actors.md states the semantics.
 
+mod durable;
 mod function;
 mod scheduler;
 
+pub use durable::{ALARM_FIRST_BACKOFF, ALARM_MAX_ATTEMPTS, ActorDirectory, DirectoryStats};
 pub use function::{ActorStats, Admission, CallError, FunctionActor, Slot};
 pub use scheduler::{FairScheduler, TenantStats};

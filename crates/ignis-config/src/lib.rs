@@ -111,6 +111,8 @@ pub struct Manifest {
     pub storage: StorageConfig,
     /// Named outbound origins (`[backends.NAME]`).
     pub backends: BTreeMap<String, BackendConfig>,
+    /// Durable actor classes (`[actors.NAME]`).
+    pub actors: BTreeMap<String, ActorClassConfig>,
 }
 
 /// The embedded store and the key-value limits (`[storage]`).
@@ -306,10 +308,43 @@ impl FunctionConfig {
 pub struct RouteConfig {
     /// Host pattern: `None` matches any host; `example.com`; `*.example.com`.
     pub host: Option<String>,
-    /// Path pattern: exact (`/hello`) or prefix (`/api/...`, `/...`).
+    /// Path pattern: exact (`/hello`) or prefix (`/api/...`, `/...`); actor
+    /// routes have one `{id}` segment (`/rooms/{id}/...`).
     pub path: String,
-    /// Target function name.
-    pub function: String,
+    /// What serves it.
+    pub target: RouteTarget,
+}
+
+/// The target of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteTarget {
+    /// A function, by name.
+    Function(String),
+    /// A durable actor class; the id comes from the path's `{id}` segment.
+    Actor(String),
+}
+
+/// A durable actor class (`[actors.NAME]`).
+#[derive(Debug, Clone)]
+pub struct ActorClassConfig {
+    /// The class name (the table key).
+    pub name: String,
+    /// Where its component comes from.
+    pub source: ComponentSource,
+    /// Per-message limits: `memory` (per activation), `cpu_time`,
+    /// `wall_time`, `max_body`, `mailbox` (messages waiting per actor) and
+    /// `queue_timeout` (longest wait before 503); `max_concurrency` is 1.
+    pub limits: Limits,
+    /// An activation idle this long is evicted (its instance dropped).
+    pub idle_timeout: Duration,
+    /// Longest storage key, in bytes.
+    pub max_key_bytes: usize,
+    /// Largest storage value, in bytes.
+    pub max_value_bytes: usize,
+    /// Most keys written by one message.
+    pub max_writes_per_message: usize,
+    /// Environment variables visible to the guest.
+    pub env: BTreeMap<String, String>,
 }
 
 // ---- raw, serde-facing shapes ----
@@ -329,6 +364,27 @@ struct RawManifest {
     storage: RawStorage,
     #[serde(default)]
     backends: BTreeMap<String, Spanned<RawBackend>>,
+    #[serde(default)]
+    actors: BTreeMap<String, Spanned<RawActor>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawActor {
+    component: Option<PathBuf>,
+    build: Option<PathBuf>,
+    memory: Option<ByteSize>,
+    cpu_time: Option<HumanDuration>,
+    wall_time: Option<HumanDuration>,
+    max_body: Option<ByteSize>,
+    mailbox: Option<Spanned<u32>>,
+    queue_timeout: Option<HumanDuration>,
+    idle_timeout: Option<HumanDuration>,
+    max_key_bytes: Option<ByteSize>,
+    max_value_bytes: Option<ByteSize>,
+    max_writes_per_message: Option<Spanned<u32>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -412,7 +468,8 @@ struct RawFunction {
 struct RawRoute {
     host: Option<Spanned<String>>,
     path: Spanned<String>,
-    function: Spanned<String>,
+    function: Option<Spanned<String>>,
+    actor: Option<Spanned<String>>,
 }
 
 /// Default listen address when the manifest names none.
@@ -512,9 +569,16 @@ impl Validator<'_> {
             let func = self.function(&name, span.start, f.into_inner(), &refs)?;
             functions.insert(name, func);
         }
+        let mut actors = BTreeMap::new();
+        for (name, a) in raw.actors {
+            let span = a.span();
+            let actor = self.actor(&name, span.start, a.into_inner())?;
+            actors.insert(name, actor);
+        }
         let mut routes = Vec::new();
         for (i, r) in raw.routes.into_iter().enumerate() {
-            routes.push(self.route(i, r.into_inner(), &functions, &routes)?);
+            let span = r.span();
+            routes.push(self.route(i, span.start, r.into_inner(), &functions, &actors, &routes)?);
         }
         let mut tenants = BTreeMap::new();
         for (name, t) in raw.tenants {
@@ -549,6 +613,137 @@ impl Validator<'_> {
             tenants,
             storage,
             backends,
+            actors,
+        })
+    }
+
+    fn source(
+        &self,
+        table: &str,
+        offset: usize,
+        component: Option<PathBuf>,
+        build: Option<PathBuf>,
+    ) -> Result<ComponentSource, ConfigError> {
+        match (component, build) {
+            (Some(c), None) => Ok(ComponentSource::Wasm(self.resolve(&c))),
+            (None, Some(b)) => Ok(ComponentSource::RustCrate(self.resolve(&b))),
+            (Some(_), Some(_)) => {
+                Err(self.err(offset, table, "set either `component` or `build`, not both"))
+            }
+            (None, None) => Err(self.err(
+                offset,
+                table,
+                "missing `component` (a .wasm file) or `build` (a Rust crate directory)",
+            )),
+        }
+    }
+
+    fn actor(
+        &self,
+        name: &str,
+        offset: usize,
+        raw: RawActor,
+    ) -> Result<ActorClassConfig, ConfigError> {
+        let table = format!("actors.{name}");
+        let key = |k: &str| format!("actors.{name}.{k}");
+        if !valid_name(name) {
+            return Err(self.err(
+                offset,
+                &table,
+                "actor class names use letters, digits, '-' and '_'",
+            ));
+        }
+        let source = self.source(&table, offset, raw.component, raw.build)?;
+        let mut limits = Limits {
+            max_concurrency: 1,
+            queue_timeout: Duration::from_secs(5),
+            ..Limits::default()
+        };
+        if let Some(m) = raw.memory {
+            if !(64 * 1024..=4 << 30).contains(&m.bytes) {
+                return Err(self.err(
+                    m.span.start,
+                    key("memory"),
+                    "must be between 64KiB and 4GiB",
+                ));
+            }
+            limits.memory_bytes = m.bytes;
+        }
+        for (field, value, slot) in [
+            ("cpu_time", raw.cpu_time, &mut limits.cpu_time),
+            ("wall_time", raw.wall_time, &mut limits.wall_time),
+            (
+                "queue_timeout",
+                raw.queue_timeout,
+                &mut limits.queue_timeout,
+            ),
+        ] {
+            if let Some(d) = value {
+                if d.duration.is_zero() {
+                    return Err(self.err(d.span.start, key(field), "must be greater than zero"));
+                }
+                *slot = d.duration;
+            }
+        }
+        if let Some(b) = raw.max_body {
+            limits.max_body_bytes = b.bytes;
+        }
+        if let Some(m) = raw.mailbox {
+            if !(1..=1_000_000).contains(m.get_ref()) {
+                return Err(self.err(
+                    m.span().start,
+                    key("mailbox"),
+                    "must be between 1 and 1000000",
+                ));
+            }
+            limits.mailbox = *m.get_ref();
+        }
+        let idle_timeout = match raw.idle_timeout {
+            None => Duration::from_secs(30),
+            Some(d) if d.duration.is_zero() => {
+                return Err(self.err(
+                    d.span.start,
+                    key("idle_timeout"),
+                    "must be greater than zero",
+                ));
+            }
+            Some(d) => d.duration,
+        };
+        let mut sizes = [
+            (2048usize, "max_key_bytes"),
+            (128 * 1024, "max_value_bytes"),
+        ];
+        for ((slot, field), value) in sizes
+            .iter_mut()
+            .zip([raw.max_key_bytes, raw.max_value_bytes])
+        {
+            if let Some(b) = value {
+                if !(1..=16 << 20).contains(&b.bytes) {
+                    return Err(self.err(b.span.start, key(field), "must be between 1B and 16MiB"));
+                }
+                *slot = b.bytes as usize;
+            }
+        }
+        let max_writes_per_message = match raw.max_writes_per_message {
+            None => 1000,
+            Some(n) if !(1..=1_000_000).contains(n.get_ref()) => {
+                return Err(self.err(
+                    n.span().start,
+                    key("max_writes_per_message"),
+                    "must be between 1 and 1000000",
+                ));
+            }
+            Some(n) => *n.get_ref() as usize,
+        };
+        Ok(ActorClassConfig {
+            name: name.to_string(),
+            source,
+            limits,
+            idle_timeout,
+            max_key_bytes: sizes[0].0,
+            max_value_bytes: sizes[1].0,
+            max_writes_per_message,
+            env: raw.env,
         })
     }
 
@@ -768,24 +963,12 @@ impl Validator<'_> {
                 "function names use letters, digits, '-' and '_'",
             ));
         }
-        let source = match (raw.component, raw.build) {
-            (Some(c), None) => ComponentSource::Wasm(self.resolve(&c)),
-            (None, Some(b)) => ComponentSource::RustCrate(self.resolve(&b)),
-            (Some(_), Some(_)) => {
-                return Err(self.err(
-                    offset,
-                    format!("functions.{name}"),
-                    "set either `component` or `build`, not both",
-                ));
-            }
-            (None, None) => {
-                return Err(self.err(
-                    offset,
-                    format!("functions.{name}"),
-                    "missing `component` (a .wasm file) or `build` (a Rust crate directory)",
-                ));
-            }
-        };
+        let source = self.source(
+            &format!("functions.{name}"),
+            offset,
+            raw.component,
+            raw.build,
+        )?;
         let mut limits = Limits::default();
         if let Some(m) = raw.memory {
             if !(64 * 1024..=4 << 30).contains(&m.bytes) {
@@ -957,29 +1140,73 @@ impl Validator<'_> {
     fn route(
         &self,
         index: usize,
+        offset: usize,
         raw: RawRoute,
         functions: &BTreeMap<String, FunctionConfig>,
+        actors: &BTreeMap<String, ActorClassConfig>,
         earlier: &[RouteConfig],
     ) -> Result<RouteConfig, ConfigError> {
         let key = |k: &str| format!("routes[{index}].{k}");
         let path = raw.path.get_ref();
+        let path_at = raw.path.span().start;
         if !path.starts_with('/') {
-            return Err(self.err(raw.path.span().start, key("path"), "must start with '/'"));
+            return Err(self.err(path_at, key("path"), "must start with '/'"));
         }
         if path.contains("...") && !path.ends_with("/...") {
             return Err(self.err(
-                raw.path.span().start,
+                path_at,
                 key("path"),
                 "'...' is only allowed as a final segment: `/prefix/...`",
             ));
         }
-        if !functions.contains_key(raw.function.get_ref()) {
-            return Err(self.err(
-                raw.function.span().start,
-                key("function"),
-                format!("no function named `{}` is declared", raw.function.get_ref()),
-            ));
-        }
+        let target = match (raw.function, raw.actor) {
+            (Some(f), None) => {
+                if !functions.contains_key(f.get_ref()) {
+                    return Err(self.err(
+                        f.span().start,
+                        key("function"),
+                        format!("no function named `{}` is declared", f.get_ref()),
+                    ));
+                }
+                if path.contains('{') || path.contains('}') {
+                    return Err(self.err(
+                        path_at,
+                        key("path"),
+                        "`{id}` segments are for actor routes",
+                    ));
+                }
+                RouteTarget::Function(f.into_inner())
+            }
+            (None, Some(a)) => {
+                if !actors.contains_key(a.get_ref()) {
+                    return Err(self.err(
+                        a.span().start,
+                        key("actor"),
+                        format!("no actor class named `{}` is declared", a.get_ref()),
+                    ));
+                }
+                let base = path.strip_suffix("/...").unwrap_or(path);
+                let ok = base.matches("{id}").count() == 1
+                    && base.ends_with("/{id}")
+                    && base.matches('{').count() == 1
+                    && base.matches('}').count() == 1;
+                if !ok {
+                    return Err(self.err(
+                        path_at,
+                        key("path"),
+                        "actor routes look like `/prefix/{id}` or `/prefix/{id}/...`",
+                    ));
+                }
+                RouteTarget::Actor(a.into_inner())
+            }
+            _ => {
+                return Err(self.err(
+                    offset,
+                    format!("routes[{index}]"),
+                    "set either `function` or `actor`",
+                ));
+            }
+        };
         let host = match raw.host {
             None => None,
             Some(h) => {
@@ -998,14 +1225,14 @@ impl Validator<'_> {
         let route = RouteConfig {
             host,
             path: path.clone(),
-            function: raw.function.into_inner(),
+            target,
         };
         if earlier
             .iter()
             .any(|r| r.host == route.host && r.path == route.path)
         {
             return Err(self.err(
-                raw.path.span().start,
+                path_at,
                 key("path"),
                 "another route already has this host and path",
             ));

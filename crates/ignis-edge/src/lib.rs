@@ -1,11 +1,13 @@
 //! The Ignis HTTP front: a listener that speaks HTTP/1.1 and HTTP/2 (h2c,
 //! prior knowledge), routes each request by host and path to a function's
-//! actor (admission and scheduling live in `ignis-actors`), and turns every
+//! actor (admission and scheduling live in `ignis-actors`) or to a durable
+//! actor (`/rooms/{id}/...` routes: the request goes to the actor directory
+//! with its body read, bounded by the class's `max_body`), and turns every
 //! failure into a response: shed requests get 503 with `Retry-After`.
 //!
 //! ```no_run
 //! # async fn demo(manifest: ignis_config::Manifest, actors: std::collections::BTreeMap<String, std::sync::Arc<ignis_actors::FunctionActor>>) -> anyhow::Result<()> {
-//! let edge = ignis_edge::Edge::new(&manifest, &actors)?;
+//! let edge = ignis_edge::Edge::new(&manifest, &actors, None)?;
 //! let server = ignis_edge::Server::bind(manifest.server.listen, edge).await?;
 //! println!("listening on {}", server.local_addr());
 //! server.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
@@ -37,8 +39,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use ignis_actors::{CallError, FunctionActor};
+use ignis_actors::{ActorDirectory, CallError, FunctionActor};
+use ignis_config::RouteTarget;
 use ignis_config::{Manifest, ServerConfig};
+use ignis_runtime::actor::ActorCallError;
 use ignis_runtime::{Body, GuestError, RequestMeta};
 use tokio::net::TcpListener;
 
@@ -46,7 +50,8 @@ pub use routing::Router;
 
 /// Routing table plus the limits every request is held to.
 pub struct Edge {
-    router: Router<FunctionActor>,
+    router: Router<Target>,
+    directory: Option<Arc<ActorDirectory>>,
     server: ServerConfig,
     next_id: AtomicU64,
 }
@@ -67,16 +72,34 @@ pub enum EdgeError {
     },
 }
 
+/// What a route leads to.
+enum Target {
+    Function(Arc<FunctionActor>),
+    Actor(String),
+}
+
 impl Edge {
-    /// Builds the routing table from the manifest and the functions' actors.
+    /// Builds the routing table from the manifest, the functions' actors
+    /// and (if the manifest has actor classes) the durable actor directory.
     pub fn new(
         manifest: &Manifest,
         actors: &BTreeMap<String, Arc<FunctionActor>>,
+        directory: Option<Arc<ActorDirectory>>,
     ) -> Result<Arc<Edge>, EdgeError> {
-        let router = Router::new(&manifest.routes, |name| actors.get(name).cloned())
-            .map_err(EdgeError::Routing)?;
+        let router = Router::new(&manifest.routes, |target| match target {
+            RouteTarget::Function(name) => actors
+                .get(name)
+                .cloned()
+                .map(|a| Arc::new(Target::Function(a))),
+            RouteTarget::Actor(class) => directory
+                .as_ref()
+                .and_then(|d| d.class(class))
+                .map(|_| Arc::new(Target::Actor(class.clone()))),
+        })
+        .map_err(EdgeError::Routing)?;
         Ok(Arc::new(Edge {
             router,
+            directory,
             server: manifest.server.clone(),
             next_id: AtomicU64::new(1),
         }))
@@ -95,12 +118,22 @@ impl Edge {
                     .map(strip_port)
             })
             .unwrap_or("");
-        let Some(actor) = self.router.route(host, req.uri().path()).cloned() else {
-            return plain(
-                StatusCode::NOT_FOUND,
-                id,
-                "no route for this host and path\n".to_string(),
-            );
+        let path = req.uri().path().to_string();
+        let actor = match self.router.route(host, &path) {
+            None => {
+                return plain(
+                    StatusCode::NOT_FOUND,
+                    id,
+                    "no route for this host and path\n".to_string(),
+                );
+            }
+            Some((target, actor_id)) => match &**target {
+                Target::Function(actor) => actor.clone(),
+                Target::Actor(class) => {
+                    let actor_id = actor_id.unwrap_or_default().to_string();
+                    return self.to_actor(class, &actor_id, req, id).await;
+                }
+            },
         };
         let max_body = actor.function().limits().max_body_bytes;
         let declared = req
@@ -130,6 +163,81 @@ impl Edge {
                 format!("request body larger than {max_body} bytes\n"),
             ),
             Err(e) => error_response(actor.function().name(), &e, id),
+        }
+    }
+}
+
+impl Edge {
+    /// A request for durable actor `(class, actor_id)`: the body is read
+    /// (bounded by the class's `max_body`), the reply comes back whole.
+    async fn to_actor(
+        &self,
+        class: &str,
+        actor_id: &str,
+        req: Request<Incoming>,
+        id: u64,
+    ) -> Response<Body> {
+        let Some(directory) = &self.directory else {
+            return plain(StatusCode::NOT_FOUND, id, "no actors are deployed\n".into());
+        };
+        let max_body = directory
+            .class(class)
+            .map_or(0, |c| c.config().limits.max_body_bytes);
+        let (parts, incoming) = req.into_parts();
+        let body = match http_body_util::Limited::new(incoming, max_body as usize)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return plain(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    id,
+                    format!("request body larger than {max_body} bytes\n"),
+                );
+            }
+            Err(e) => {
+                return plain(
+                    StatusCode::BAD_REQUEST,
+                    id,
+                    format!("reading the body: {e}\n"),
+                );
+            }
+        };
+        match directory
+            .send(class, actor_id, Request::from_parts(parts, body))
+            .await
+        {
+            Ok(resp) => {
+                let mut resp =
+                    resp.map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync());
+                resp.headers_mut()
+                    .insert("x-request-id", HeaderValue::from(id));
+                resp
+            }
+            Err(e) => {
+                let status = match &e {
+                    ActorCallError::NoSuchClass(_) => StatusCode::NOT_FOUND,
+                    ActorCallError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+                    ActorCallError::Invalid(_) | ActorCallError::Failed(_) => {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    }
+                };
+                tracing::warn!(actor_class = class, actor_id, request_id = id, error = %e, "actor message failed");
+                let mut resp = plain(
+                    status,
+                    id,
+                    format!("{e} (actor {class}/{actor_id}, request id {id})\n"),
+                );
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                }
+                resp
+            }
         }
     }
 }

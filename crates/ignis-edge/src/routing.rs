@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use ignis_config::RouteConfig;
+use ignis_config::{RouteConfig, RouteTarget};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum HostMatch {
@@ -21,7 +21,16 @@ enum PathMatch {
     Exact(String),
     /// `/api` for `/api/...`; empty for `/...`.
     Prefix(String),
+    /// `/rooms/{id}` (`rest: false`) or `/rooms/{id}/...` (`rest: true`):
+    /// `base` is `/rooms`; the id is the next segment.
+    Id {
+        base: String,
+        rest: bool,
+    },
 }
+
+/// Host kind, host length, path kind, path length: larger is more specific.
+type Score = (u8, usize, u8, usize);
 
 #[derive(Debug)]
 struct Route<T> {
@@ -31,8 +40,13 @@ struct Route<T> {
 }
 
 impl<T> Route<T> {
-    /// A sortable specificity score, or `None` when the route does not match.
-    fn score(&self, host: &str, path: &str) -> Option<(u8, usize, u8, usize)> {
+    /// A sortable specificity score and the `{id}` segment, or `None` when
+    /// the route does not match.
+    fn score<'p>(
+        &self,
+        host: &str,
+        path: &'p str,
+    ) -> Option<(Score, Option<&'p str>)> {
         let host_score = match &self.host {
             HostMatch::Any => (0, 0),
             HostMatch::Exact(h) if h.eq_ignore_ascii_case(host) => (2, h.len()),
@@ -43,6 +57,7 @@ impl<T> Route<T> {
             }
             _ => return None,
         };
+        let mut id = None;
         let path_score = match &self.path {
             PathMatch::Exact(p) if p == path => (1, p.len()),
             PathMatch::Prefix(p)
@@ -51,9 +66,19 @@ impl<T> Route<T> {
             {
                 (0, p.len())
             }
+            PathMatch::Id { base, rest } => {
+                let after = path.strip_prefix(base.as_str())?.strip_prefix('/')?;
+                let (segment, tail) = after.split_at(after.find('/').unwrap_or(after.len()));
+                if segment.is_empty() || (!tail.is_empty() && !rest) {
+                    return None;
+                }
+                id = Some(segment);
+                // Longer than the bare prefix `base/...` would be.
+                (0, base.len() + 1)
+            }
             _ => return None,
         };
-        Some((host_score.0, host_score.1, path_score.0, path_score.1))
+        Some(((host_score.0, host_score.1, path_score.0, path_score.1), id))
     }
 }
 
@@ -64,16 +89,15 @@ pub struct Router<T> {
 }
 
 impl<T> Router<T> {
-    /// Builds the table; `resolve` maps a function name to its target.
+    /// Builds the table; `resolve` maps a route's target to what serves it.
     pub fn new(
         routes: &[RouteConfig],
-        mut resolve: impl FnMut(&str) -> Option<Arc<T>>,
+        mut resolve: impl FnMut(&RouteTarget) -> Option<Arc<T>>,
     ) -> Result<Self, String> {
         let mut table = Vec::with_capacity(routes.len());
         for r in routes {
-            let target = resolve(&r.function).ok_or_else(|| {
-                format!("route {} names unknown function `{}`", r.path, r.function)
-            })?;
+            let target = resolve(&r.target)
+                .ok_or_else(|| format!("route {} names unknown target {:?}", r.path, r.target))?;
             let host = match r.host.as_deref() {
                 None => HostMatch::Any,
                 Some(h) => match h.strip_prefix('*') {
@@ -81,22 +105,31 @@ impl<T> Router<T> {
                     None => HostMatch::Exact(h.to_string()),
                 },
             };
-            let path = match r.path.strip_suffix("/...") {
-                Some(prefix) => PathMatch::Prefix(prefix.to_string()),
-                None => PathMatch::Exact(r.path.clone()),
+            let (base, rest) = match r.path.strip_suffix("/...") {
+                Some(prefix) => (prefix, true),
+                None => (r.path.as_str(), false),
+            };
+            let path = match (base.strip_suffix("/{id}"), rest) {
+                (Some(base), rest) => PathMatch::Id {
+                    base: base.to_string(),
+                    rest,
+                },
+                (None, true) => PathMatch::Prefix(base.to_string()),
+                (None, false) => PathMatch::Exact(r.path.clone()),
             };
             table.push(Route { host, path, target });
         }
         Ok(Router { routes: table })
     }
 
-    /// The most specific route for `host` (port stripped) and `path`.
-    pub fn route(&self, host: &str, path: &str) -> Option<&Arc<T>> {
+    /// The most specific route for `host` (port stripped) and `path`, with
+    /// the `{id}` segment of an actor route.
+    pub fn route<'p>(&self, host: &str, path: &'p str) -> Option<(&Arc<T>, Option<&'p str>)> {
         self.routes
             .iter()
-            .filter_map(|r| r.score(host, path).map(|s| (s, &r.target)))
-            .max_by_key(|(s, _)| *s)
-            .map(|(_, t)| t)
+            .filter_map(|r| r.score(host, path).map(|(s, id)| (s, &r.target, id)))
+            .max_by_key(|(s, _, _)| *s)
+            .map(|(_, t, id)| (t, id))
     }
 }
 
@@ -108,16 +141,36 @@ mod tests {
         RouteConfig {
             host: host.map(str::to_string),
             path: path.to_string(),
-            function: function.to_string(),
+            target: RouteTarget::Function(function.to_string()),
         }
     }
 
     fn router(routes: &[RouteConfig]) -> Router<String> {
-        Router::new(routes, |name| Some(Arc::new(name.to_string()))).unwrap()
+        Router::new(routes, |t| match t {
+            RouteTarget::Function(name) | RouteTarget::Actor(name) => Some(Arc::new(name.clone())),
+        })
+        .unwrap()
     }
 
     fn hit<'a>(r: &'a Router<String>, host: &str, path: &str) -> Option<&'a str> {
-        r.route(host, path).map(|s| s.as_str())
+        r.route(host, path).map(|(s, _)| s.as_str())
+    }
+
+    #[test]
+    fn actor_routes_capture_the_id() {
+        let mut rooms = route(None, "/rooms/{id}/...", "room");
+        rooms.target = RouteTarget::Actor("room".into());
+        let mut counter = route(None, "/counter/{id}", "counter");
+        counter.target = RouteTarget::Actor("counter".into());
+        let r = router(&[route(None, "/...", "fallback"), rooms, counter]);
+        let id = |path| r.route("h", path).and_then(|(_, id)| id);
+        assert_eq!(hit(&r, "h", "/rooms/lobby/messages"), Some("room"));
+        assert_eq!(id("/rooms/lobby/messages"), Some("lobby"));
+        assert_eq!(id("/rooms/lobby"), Some("lobby"));
+        assert_eq!(hit(&r, "h", "/rooms/"), Some("fallback"));
+        assert_eq!(hit(&r, "h", "/rooms"), Some("fallback"));
+        assert_eq!(id("/counter/c1"), Some("c1"));
+        assert_eq!(hit(&r, "h", "/counter/c1/x"), Some("fallback"));
     }
 
     #[test]

@@ -11,12 +11,14 @@ use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAlloc
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
 
+use crate::actor::{ActorClass, CallerSlot};
 use crate::cache::CompileCache;
 use crate::error::LoadError;
 use crate::function::{Function, Host, Pre};
 use crate::kv::KvLimits;
 use crate::sched::GuestScheduler;
-use ignis_store::KvBackend;
+use ignis_config::ActorClassConfig;
+use ignis_store::{ActorStorage, KvBackend};
 
 /// Everything the runtime needs to know before any function loads.
 #[derive(Debug, Clone)]
@@ -66,6 +68,11 @@ pub struct Platform {
     pub kv_limits: KvLimits,
     /// Named outbound backends, by name.
     pub backends: std::collections::BTreeMap<String, Arc<crate::outbound::Backend>>,
+    /// Durable actor storage (`None`: no actor classes).
+    pub actor_storage: Option<Arc<dyn ActorStorage>>,
+    /// Where the actor directory installs itself once built (guests call
+    /// actors through it).
+    pub actor_caller: CallerSlot,
 }
 
 /// Which instance allocator the engine ended up with.
@@ -190,6 +197,7 @@ fn build_set(
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
     crate::kv::add_to_linker(&mut linker)?;
+    crate::actor::add_to_linker(&mut linker)?;
     wasmtime_wasi_config::add_to_linker(&mut linker, Host::config)?;
     if generation == Generation::P3 {
         wasmtime_wasi::p3::add_to_linker(&mut linker)?;
@@ -266,6 +274,46 @@ impl Runtime {
     /// The compile cache.
     pub fn cache(&self) -> &CompileCache {
         &self.cache
+    }
+
+    /// The platform services.
+    pub(crate) fn platform(&self) -> &Platform {
+        &self.platform
+    }
+
+    /// Loads an actor class's component (a `wasi:http` 0.2 component, which
+    /// may export `ignis:actor/alarm-handler`).
+    pub fn load_actor_class(
+        self: &Arc<Self>,
+        config: &ActorClassConfig,
+        wasm: &Path,
+    ) -> Result<Arc<ActorClass>, LoadError> {
+        let name = &config.name;
+        let storage = self
+            .platform
+            .actor_storage
+            .clone()
+            .ok_or_else(|| LoadError::Other {
+                function: name.clone(),
+                reason: "no actor storage is configured".into(),
+            })?;
+        let (component, outcome) = self.cache.load_or_compile(&self.p2.engine, name, wasm)?;
+        let instance_pre =
+            self.p2
+                .linker
+                .instantiate_pre(&component)
+                .map_err(|e| LoadError::MissingImport {
+                    function: name.clone(),
+                    path: wasm.to_path_buf(),
+                    reason: format!("{e:#}"),
+                })?;
+        let pre = ProxyPre::new(instance_pre).map_err(|e| LoadError::WrongWorld {
+            function: name.clone(),
+            path: wasm.to_path_buf(),
+            reason: format!("{e:#}"),
+        })?;
+        tracing::info!(actor_class = %name, path = %wasm.display(), cache = ?outcome, "actor class loaded");
+        Ok(ActorClass::new(self.clone(), config, pre, storage))
     }
 
     /// The fair scheduler, if one was installed.

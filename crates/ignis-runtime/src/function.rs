@@ -26,6 +26,7 @@ use wasmtime_wasi_http::{
 };
 
 use crate::Runtime;
+use crate::actor::{ActorHost, CallerSlot};
 use crate::cache::CacheOutcome;
 use crate::engine::Platform;
 use crate::error::GuestError;
@@ -70,9 +71,74 @@ pub struct Host {
     kv: Arc<KvAccess>,
     config: Arc<WasiConfigVariables>,
     request_id: u64,
+    actor: Option<Box<ActorHost>>,
+    caller: CallerSlot,
+}
+
+/// The parts of the host state the `ignis:actor` bindings use.
+pub(crate) struct HostParts<'a> {
+    pub(crate) actor: Option<&'a mut ActorHost>,
+    pub(crate) caller: &'a CallerSlot,
 }
 
 impl Host {
+    /// Host state for a durable actor's activation: no key-value stores,
+    /// no config, no outbound HTTP; `ignis:actor` storage and alarms.
+    pub(crate) fn for_actor(
+        class: Arc<str>,
+        env: &[(String, String)],
+        memory_bytes: u64,
+        platform: &Platform,
+        actor: ActorHost,
+    ) -> Host {
+        let mut wasi = WasiCtx::builder();
+        wasi.envs(env)
+            .stdout(LogCapture::new(class.clone(), 0, "stdout"))
+            .stderr(LogCapture::new(class.clone(), 0, "stderr"))
+            .allow_tcp(false)
+            .allow_udp(false);
+        Host {
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter::new(memory_bytes),
+            hooks: Hooks {
+                outbound: Arc::new(Outbound::new(OutboundPolicy::default(), Vec::new())),
+                sent: 0,
+                max_sent: 0,
+                function: class.clone(),
+                request_id: 0,
+            },
+            kv: Arc::new(KvAccess::new(None, class, "", &[], platform.kv_limits)),
+            config: Arc::new(WasiConfigVariables::new()),
+            request_id: 0,
+            actor: Some(Box::new(actor)),
+            caller: platform.actor_caller.clone(),
+        }
+    }
+
+    pub(crate) fn limiter_mut(&mut self) -> &mut MemoryLimiter {
+        &mut self.limiter
+    }
+
+    pub(crate) fn memory_denied(&self) -> bool {
+        self.limiter.denied
+    }
+
+    /// The actor state (only called on actor hosts).
+    pub(crate) fn actor_mut(&mut self) -> &mut ActorHost {
+        self.actor
+            .as_deref_mut()
+            .expect("actor host state on an actor activation")
+    }
+
+    pub(crate) fn actor_parts(&mut self) -> HostParts<'_> {
+        HostParts {
+            actor: self.actor.as_deref_mut(),
+            caller: &self.caller,
+        }
+    }
+
     /// What the key-value bindings need: the function's access, the
     /// resource table and the request id.
     pub(crate) fn kv_parts(&mut self) -> (&KvAccess, &mut ResourceTable, u64) {
@@ -344,6 +410,7 @@ pub struct Function {
     kv: Arc<KvAccess>,
     config: Arc<WasiConfigVariables>,
     max_outbound_requests: u32,
+    caller: CallerSlot,
 }
 
 impl Function {
@@ -395,6 +462,7 @@ impl Function {
                     .collect(),
             )),
             max_outbound_requests: config.max_outbound_requests,
+            caller: platform.actor_caller.clone(),
             stats: Arc::new(FunctionStats::default()),
             cache_outcome,
         }))
@@ -452,6 +520,8 @@ impl Function {
             kv: self.kv.clone(),
             config: self.config.clone(),
             request_id,
+            actor: None,
+            caller: self.caller.clone(),
         };
         let mut store = Store::new(self.pre.engine(), host);
         store.limiter(|h| &mut h.limiter);

@@ -35,6 +35,7 @@
 //!   slices that make CPU-bound guests yield back to tokio, a CPU-time budget
 //!   measured while the guest is polled, and a wall-clock deadline.
 
+pub mod actor;
 pub mod cache;
 mod engine;
 mod error;

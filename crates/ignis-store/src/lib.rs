@@ -197,6 +197,149 @@ pub trait KvBackend: Send + Sync + 'static {
     fn delete_many<'a>(&'a self, ns: &'a Namespace, keys: Vec<String>) -> StoreFuture<'a, ()>;
 }
 
+/// One durable actor: its class and id. Its storage is a key space of its own.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ActorKey {
+    class: Arc<str>,
+    id: Arc<str>,
+}
+
+impl ActorKey {
+    /// The actor `id` of `class`.
+    pub fn new(class: impl Into<Arc<str>>, id: impl Into<Arc<str>>) -> Self {
+        ActorKey {
+            class: class.into(),
+            id: id.into(),
+        }
+    }
+
+    /// The class name.
+    pub fn class(&self) -> &str {
+        &self.class
+    }
+
+    /// The id within the class.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl fmt::Debug for ActorKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.class, self.id)
+    }
+}
+
+/// Which keys an actor storage listing returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListOptions {
+    /// Only keys starting with this.
+    pub prefix: Option<String>,
+    /// Only keys `>=` this.
+    pub start: Option<String>,
+    /// Only keys `<` this.
+    pub end: Option<String>,
+    /// At most this many.
+    pub limit: Option<u32>,
+    /// Descending key order.
+    pub reverse: bool,
+}
+
+impl ListOptions {
+    /// The half-open key range `[lo, hi)` the options select (`hi = None`:
+    /// unbounded).
+    pub fn bounds(&self) -> (String, Option<String>) {
+        let mut lo = self.start.clone().unwrap_or_default();
+        let mut hi = self.end.clone();
+        if let Some(p) = &self.prefix {
+            if *p > lo {
+                lo = p.clone();
+            }
+            if let Some(after) = prefix_end(p)
+                && hi.as_ref().is_none_or(|h| after < *h)
+            {
+                hi = Some(after);
+            }
+        }
+        (lo, hi)
+    }
+
+    /// Whether `key` is selected (ignoring `limit`).
+    pub fn contains(&self, key: &str) -> bool {
+        let (lo, hi) = self.bounds();
+        key >= lo.as_str() && hi.is_none_or(|h| key < h.as_str())
+    }
+}
+
+/// The smallest string greater than every string starting with `prefix`
+/// (`None` if there is none).
+fn prefix_end(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        if let Some(next) = char::from_u32(last as u32 + 1) {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+/// A change to an actor's alarm, committed with its storage writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlarmChange {
+    /// Set (or move) the alarm to this time, in ms since the Unix epoch.
+    Set(u64),
+    /// Remove the alarm.
+    Delete,
+    /// The alarm set for this time fired and its handler committed: remove
+    /// it unless it has been set to another time meanwhile.
+    Fired(u64),
+}
+
+/// Everything one actor message wrote: committed atomically.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActorBatch {
+    /// Key writes in order; `None` deletes.
+    pub writes: Vec<(String, Option<Vec<u8>>)>,
+    /// The alarm change, if any.
+    pub alarm: Option<AlarmChange>,
+}
+
+impl ActorBatch {
+    /// Whether the batch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.alarm.is_none()
+    }
+}
+
+/// Durable actor storage: a key space per actor plus one alarm, changed only
+/// by whole batches. [`ActorStorage::actor_commit`] resolves once the batch
+/// is durable; concurrent batches (of any actors) share commits.
+pub trait ActorStorage: Send + Sync + 'static {
+    /// The value of `key` in `actor`'s storage.
+    fn actor_get<'a>(
+        &'a self,
+        actor: &'a ActorKey,
+        key: &'a str,
+    ) -> StoreFuture<'a, Option<Vec<u8>>>;
+
+    /// Entries selected by `options`, in key order (or reverse).
+    fn actor_list<'a>(
+        &'a self,
+        actor: &'a ActorKey,
+        options: &'a ListOptions,
+    ) -> StoreFuture<'a, Vec<(String, Vec<u8>)>>;
+
+    /// Applies `batch` atomically and durably.
+    fn actor_commit<'a>(&'a self, actor: &'a ActorKey, batch: ActorBatch) -> StoreFuture<'a, ()>;
+
+    /// The actor's alarm time, if set.
+    fn actor_alarm<'a>(&'a self, actor: &'a ActorKey) -> StoreFuture<'a, Option<u64>>;
+
+    /// Every set alarm (read at start to schedule them).
+    fn all_alarms(&self) -> StoreFuture<'_, Vec<(ActorKey, u64)>>;
+}
+
 /// Applies `delta` to a stored counter (decimal ASCII; absent is 0).
 pub(crate) fn add_to_counter(
     key: &str,
@@ -222,6 +365,24 @@ pub(crate) fn add_to_counter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_bounds_combine_prefix_and_range() {
+        let o = ListOptions {
+            prefix: Some("msg:".into()),
+            ..Default::default()
+        };
+        assert_eq!(o.bounds(), ("msg:".into(), Some("msg;".into())));
+        assert!(o.contains("msg:1") && !o.contains("msh") && !o.contains("msf"));
+        let o = ListOptions {
+            prefix: Some("a".into()),
+            start: Some("ab".into()),
+            end: Some("az".into()),
+            ..Default::default()
+        };
+        assert_eq!(o.bounds(), ("ab".into(), Some("az".into())));
+        assert!(ListOptions::default().contains(""));
+    }
 
     #[test]
     fn counters_are_decimal_text() {

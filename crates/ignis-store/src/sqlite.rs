@@ -23,7 +23,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use crate::{
-    KeyPage, KvBackend, ListFrom, Namespace, StoreError, StoreFuture, Versioned, add_to_counter,
+    ActorBatch, ActorKey, ActorStorage, AlarmChange, KeyPage, KvBackend, ListFrom, ListOptions,
+    Namespace, StoreError, StoreFuture, Versioned, add_to_counter,
 };
 
 /// Jobs committed together at most (bounds one transaction's size and the
@@ -40,6 +41,19 @@ CREATE TABLE IF NOT EXISTS kv (
     value   BLOB NOT NULL,
     version INTEGER NOT NULL,
     PRIMARY KEY (tenant, store, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS actor_kv (
+    class TEXT NOT NULL,
+    id    TEXT NOT NULL,
+    key   TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (class, id, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS actor_alarms (
+    class TEXT NOT NULL,
+    id    TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (class, id)
 ) WITHOUT ROWID;
 ";
 
@@ -499,6 +513,127 @@ impl KvBackend for SqliteStore {
             }
             Ok(())
         }))
+    }
+}
+
+impl ActorStorage for SqliteStore {
+    fn actor_get<'a>(
+        &'a self,
+        actor: &'a ActorKey,
+        key: &'a str,
+    ) -> StoreFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async move {
+            self.read(|c| {
+                c.prepare_cached(
+                    "SELECT value FROM actor_kv WHERE class = ?1 AND id = ?2 AND key = ?3",
+                )?
+                .query_row(params![actor.class(), actor.id(), key], |r| r.get(0))
+                .optional()
+            })
+        })
+    }
+
+    fn actor_list<'a>(
+        &'a self,
+        actor: &'a ActorKey,
+        options: &'a ListOptions,
+    ) -> StoreFuture<'a, Vec<(String, Vec<u8>)>> {
+        Box::pin(async move {
+            let (lo, hi) = options.bounds();
+            let order = if options.reverse { "DESC" } else { "ASC" };
+            let sql = format!(
+                "SELECT key, value FROM actor_kv WHERE class = ?1 AND id = ?2
+                 AND key >= ?3 AND (?4 IS NULL OR key < ?4) ORDER BY key {order} LIMIT ?5"
+            );
+            let limit = i64::from(options.limit.unwrap_or(u32::MAX));
+            self.read(|c| {
+                let mut st = c.prepare_cached(&sql)?;
+                let rows = st
+                    .query_map(params![actor.class(), actor.id(), lo, hi, limit], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?;
+                rows.collect()
+            })
+        })
+    }
+
+    fn actor_commit<'a>(&'a self, actor: &'a ActorKey, batch: ActorBatch) -> StoreFuture<'a, ()> {
+        let actor = actor.clone();
+        Box::pin(self.write(move |c, _| {
+            for (key, value) in &batch.writes {
+                match value {
+                    Some(v) => {
+                        c.prepare_cached(
+                            "INSERT INTO actor_kv (class, id, key, value) VALUES (?1, ?2, ?3, ?4)
+                             ON CONFLICT (class, id, key) DO UPDATE SET value = excluded.value",
+                        )?
+                        .execute(params![
+                            actor.class(),
+                            actor.id(),
+                            key,
+                            v
+                        ])?;
+                    }
+                    None => {
+                        c.prepare_cached(
+                            "DELETE FROM actor_kv WHERE class = ?1 AND id = ?2 AND key = ?3",
+                        )?
+                        .execute(params![
+                            actor.class(),
+                            actor.id(),
+                            key
+                        ])?;
+                    }
+                }
+            }
+            match batch.alarm {
+                None => {}
+                Some(AlarmChange::Set(at)) => {
+                    c.prepare_cached(
+                        "INSERT INTO actor_alarms (class, id, at_ms) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (class, id) DO UPDATE SET at_ms = excluded.at_ms",
+                    )?
+                    .execute(params![actor.class(), actor.id(), at as i64])?;
+                }
+                Some(AlarmChange::Delete) => {
+                    c.prepare_cached("DELETE FROM actor_alarms WHERE class = ?1 AND id = ?2")?
+                        .execute(params![actor.class(), actor.id()])?;
+                }
+                Some(AlarmChange::Fired(at)) => {
+                    c.prepare_cached(
+                        "DELETE FROM actor_alarms WHERE class = ?1 AND id = ?2 AND at_ms = ?3",
+                    )?
+                    .execute(params![actor.class(), actor.id(), at as i64])?;
+                }
+            }
+            Ok(())
+        }))
+    }
+
+    fn actor_alarm<'a>(&'a self, actor: &'a ActorKey) -> StoreFuture<'a, Option<u64>> {
+        Box::pin(async move {
+            self.read(|c| {
+                c.prepare_cached("SELECT at_ms FROM actor_alarms WHERE class = ?1 AND id = ?2")?
+                    .query_row(params![actor.class(), actor.id()], |r| r.get::<_, i64>(0))
+                    .optional()
+            })
+            .map(|v| v.map(|v| v as u64))
+        })
+    }
+
+    fn all_alarms(&self) -> StoreFuture<'_, Vec<(ActorKey, u64)>> {
+        Box::pin(async move {
+            self.read(|c| {
+                let mut st = c.prepare_cached("SELECT class, id, at_ms FROM actor_alarms")?;
+                let rows = st.query_map([], |r| {
+                    Ok((
+                        ActorKey::new(r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+                        r.get::<_, i64>(2)? as u64,
+                    ))
+                })?;
+                rows.collect()
+            })
+        })
     }
 }
 

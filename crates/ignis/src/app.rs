@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use ignis_actors::{FairScheduler, FunctionActor};
+use ignis_actors::{ActorDirectory, FairScheduler, FunctionActor};
 use ignis_config::{ComponentSource, Manifest};
 use ignis_edge::{Edge, Server};
 use ignis_runtime::kv::KvLimits;
 use ignis_runtime::outbound::Backend;
 use ignis_runtime::{Function, Platform, Runtime, RuntimeSettings};
-use ignis_store::{KvBackend, SqliteStore};
+use ignis_store::{ActorStorage, KvBackend, SqliteStore};
 
 use crate::guest_build;
 
@@ -36,36 +36,54 @@ pub struct App {
     pub scheduler: Arc<FairScheduler>,
     /// The routing edge.
     pub edge: Arc<Edge>,
-    /// The embedded key-value store, open when a function declares a store.
+    /// The embedded store, open when a function declares a key-value store
+    /// or the manifest has actor classes.
     pub store: Option<SqliteStore>,
+    /// The durable actor directory, when the manifest has actor classes.
+    pub directory: Option<Arc<ActorDirectory>>,
 }
 
-/// Resolves each function's component path, building Rust crates if asked.
-pub fn component_paths(
-    manifest: &Manifest,
-    sources: Sources,
-) -> anyhow::Result<BTreeMap<String, PathBuf>> {
-    let mut paths = BTreeMap::new();
+/// Component paths of the manifest's functions and actor classes.
+pub struct ComponentPaths {
+    /// By function name.
+    pub functions: BTreeMap<String, PathBuf>,
+    /// By actor class name.
+    pub actors: BTreeMap<String, PathBuf>,
+}
+
+/// Resolves each function's and actor class's component path, building
+/// Rust crates if asked.
+pub fn component_paths(manifest: &Manifest, sources: Sources) -> anyhow::Result<ComponentPaths> {
     let mut target_checked = false;
-    for (name, f) in &manifest.functions {
-        let path = match (&f.source, sources) {
+    let mut resolve = |kind: &str,
+                       name: &str,
+                       source: &ComponentSource|
+     -> anyhow::Result<PathBuf> {
+        Ok(match (source, sources) {
             (ComponentSource::Wasm(p), _) => p.clone(),
             (ComponentSource::RustCrate(dir), Sources::Build) => {
                 if !target_checked {
                     guest_build::ensure_target()?;
                     target_checked = true;
                 }
-                tracing::info!(function = %name, dir = %dir.display(), "building guest");
-                guest_build::build_crate(dir).with_context(|| format!("function `{name}`"))?
+                tracing::info!(%kind, name, dir = %dir.display(), "building guest");
+                guest_build::build_crate(dir).with_context(|| format!("{kind} `{name}`"))?
             }
             (ComponentSource::RustCrate(dir), Sources::PrebuiltOnly) => bail!(
-                "function `{name}` is built from source ({}); use `ignis up` to build and serve it",
+                "{kind} `{name}` is built from source ({}); use `ignis up` to build and serve it",
                 dir.display()
             ),
-        };
-        paths.insert(name.clone(), path);
+        })
+    };
+    let mut functions = BTreeMap::new();
+    for (name, f) in &manifest.functions {
+        functions.insert(name.clone(), resolve("function", name, &f.source)?);
     }
-    Ok(paths)
+    let mut actors = BTreeMap::new();
+    for (name, a) in &manifest.actors {
+        actors.insert(name.clone(), resolve("actor class", name, &a.source)?);
+    }
+    Ok(ComponentPaths { functions, actors })
 }
 
 /// Loads every function of the manifest and builds the edge. Must be called
@@ -84,10 +102,11 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         tokio::runtime::Handle::current(),
     )
     .context("starting the guest scheduler threads")?;
-    let store = if manifest
-        .functions
-        .values()
-        .any(|f| !f.key_value_stores.is_empty())
+    let store = if !manifest.actors.is_empty()
+        || manifest
+            .functions
+            .values()
+            .any(|f| !f.key_value_stores.is_empty())
     {
         Some(SqliteStore::open(&manifest.storage.path).with_context(|| {
             format!(
@@ -110,7 +129,13 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
             .iter()
             .map(|(name, b)| (name.clone(), Arc::new(Backend::new(b))))
             .collect(),
+        actor_storage: match (&store, manifest.actors.is_empty()) {
+            (Some(s), false) => Some(Arc::new(s.clone()) as Arc<dyn ActorStorage>),
+            _ => None,
+        },
+        actor_caller: Default::default(),
     };
+    let caller_slot = platform.actor_caller.clone();
     let runtime = Runtime::with_platform(
         RuntimeSettings::from_manifest(manifest),
         Some(scheduler.clone()),
@@ -119,11 +144,23 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
     let mut functions = BTreeMap::new();
     let mut actors = BTreeMap::new();
     for (name, config) in &manifest.functions {
-        let function = runtime.load_function(config, &paths[name])?;
+        let function = runtime.load_function(config, &paths.functions[name])?;
         actors.insert(name.clone(), FunctionActor::new(function.clone()));
         functions.insert(name.clone(), function);
     }
-    let edge = Edge::new(manifest, &actors)?;
+    let directory = match &store {
+        Some(store) if !manifest.actors.is_empty() => {
+            let mut classes = Vec::new();
+            for (name, config) in &manifest.actors {
+                classes.push(runtime.load_actor_class(config, &paths.actors[name])?);
+            }
+            let directory = ActorDirectory::start(classes, Arc::new(store.clone()));
+            let _ = caller_slot.set(directory.clone());
+            Some(directory)
+        }
+        _ => None,
+    };
+    let edge = Edge::new(manifest, &actors, directory.clone())?;
     Ok(App {
         runtime,
         functions,
@@ -131,6 +168,7 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         scheduler,
         edge,
         store,
+        directory,
     })
 }
 

@@ -15,7 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use ignis::app::{self, Sources};
-use ignis_actors::{FairScheduler, FunctionActor};
+use ignis_actors::{ActorDirectory, FairScheduler, FunctionActor};
 use ignis_config::Manifest;
 use ignis_runtime::Function;
 use tokio::sync::oneshot;
@@ -69,6 +69,7 @@ pub struct TestServer {
     pub functions: BTreeMap<String, Arc<Function>>,
     pub actors: BTreeMap<String, Arc<FunctionActor>>,
     pub scheduler: Arc<FairScheduler>,
+    pub directory: Option<Arc<ActorDirectory>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -106,6 +107,7 @@ impl TestServer {
             functions: app.functions,
             actors: app.actors,
             scheduler: app.scheduler,
+            directory: app.directory,
             stop: Some(stop),
             task: Some(task),
         }

@@ -6,6 +6,7 @@ mod harness;
 mod actors;
 mod bindings;
 mod cli;
+mod durable;
 mod http_limits;
 mod isolation;
 mod outbound;

@@ -1,0 +1,371 @@
+//! Durable actors end to end: one activation per id, input and output
+//! gates, rollback on trap, eviction, alarms, the client interface, and
+//! crash safety under `kill -9`.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::harness::*;
+
+fn actor_manifest(dir: &std::path::Path, class_extra: &str) -> String {
+    format!(
+        r#"
+[storage]
+path = "{db}"
+
+[actors.counter]
+component = "{counter}"
+{class_extra}
+
+[functions.client]
+component = "{client}"
+
+[[routes]]
+path = "/counter/{{id}}/..."
+actor = "counter"
+
+[[routes]]
+path = "/bump"
+function = "client"
+"#,
+        db = dir.join("actors.db").display(),
+        counter = wasm("counter"),
+        client = wasm("counter_client"),
+    )
+}
+
+async fn start(dir: &std::path::Path, class_extra: &str) -> TestServer {
+    TestServer::start(&actor_manifest(dir, class_extra)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_thousand_concurrent_increments_to_one_actor_count_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), "").await;
+    let c = client();
+    // The counter does get-add-put: if two messages ever ran interleaved
+    // inside the actor, increments would be lost or values repeated.
+    let workers: Vec<_> = (0..100)
+        .map(|_| {
+            let (c, u) = (c.clone(), server.url("/counter/c1/incr"));
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for _ in 0..10 {
+                    let r = post(&c, &u, "").await;
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    seen.push(r.text().parse::<u64>().unwrap());
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut all = BTreeSet::new();
+    for w in workers {
+        for v in w.await.unwrap() {
+            assert!(all.insert(v), "two messages saw the same count {v}");
+        }
+    }
+    assert_eq!(all, (1..=1000).collect::<BTreeSet<u64>>());
+    let r = get(&c, &server.url("/counter/c1/get")).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "1000"));
+    let stats = server.directory.as_ref().unwrap().stats();
+    assert_eq!(
+        stats.activations.load(Ordering::SeqCst),
+        1,
+        "one activation per id"
+    );
+    // The output gate batched: far fewer commits than messages.
+    let commits = stats.commits.load(Ordering::SeqCst);
+    assert!(commits < 1000, "{commits} commits for 1000 increments");
+    // Another id is another actor with its own storage.
+    let r = get(&c, &server.url("/counter/c2/get")).await;
+    assert_eq!(r.text(), "0");
+    let r = get(&c, &server.url("/counter/c2/whoami")).await;
+    assert_eq!(r.text(), "counter/c2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_rolls_back_its_writes_and_resets_the_activation() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), "").await;
+    let c = client();
+    assert_eq!(
+        post(&c, &server.url("/counter/t/incr"), "").await.text(),
+        "1"
+    );
+    let r = post(&c, &server.url("/counter/t/trap"), "").await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    let r = get(&c, &server.url("/counter/t/get")).await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "1"),
+        "the trapped write leaked"
+    );
+    assert_eq!(
+        post(&c, &server.url("/counter/t/incr"), "").await.text(),
+        "2"
+    );
+    let stats = server.directory.as_ref().unwrap().stats();
+    assert_eq!(stats.resets.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        stats.activations.load(Ordering::SeqCst),
+        2,
+        "re-activated after the trap"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_transactions_listing_and_write_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), "max_writes_per_message = 3\nmax_key_bytes = 8").await;
+    let c = client();
+    let r = post(&c, &server.url("/counter/s/txn"), "").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "t:b,t:c"));
+    let r = get(&c, &server.url("/counter/s/list?prefix=t:")).await;
+    assert_eq!(
+        r.text(),
+        "t:b,t:c",
+        "what the message saw is what was committed"
+    );
+    // The fourth key of one message is refused with an error variant.
+    let r = post(&c, &server.url("/counter/s/bulk?n=5"), "").await;
+    assert_eq!(r.status, 507, "{}", r.text());
+    assert!(r.text().contains("TooLarge"), "{}", r.text());
+    let r = get(&c, &server.url("/counter/s/list?prefix=k")).await;
+    assert_eq!(r.text(), "k0,k1,k2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_activations_are_evicted_and_come_back_with_their_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), "idle_timeout = \"200ms\"").await;
+    let c = client();
+    assert_eq!(
+        post(&c, &server.url("/counter/e/incr"), "").await.text(),
+        "1"
+    );
+    let directory = server.directory.clone().unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        directory
+            .stats()
+            .wait_until(|s| s.evictions.load(Ordering::SeqCst) >= 1),
+    )
+    .await
+    .expect("evicted within 20 s");
+    assert!(!directory.is_active("counter", "e"));
+    assert_eq!(directory.stats().active.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        post(&c, &server.url("/counter/e/incr"), "").await.text(),
+        "2"
+    );
+    assert_eq!(directory.stats().activations.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alarms_fire_and_a_trapping_alarm_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), "").await;
+    let c = client();
+    let r = post(
+        &c,
+        &server.url("/counter/a/alarm?in_ms=50&trap_first=1"),
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get(&c, &server.url("/counter/a/alarms")).await;
+    assert_eq!(r.text(), "fired=0 retry=0 pending=true");
+    let directory = server.directory.clone().unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        directory
+            .stats()
+            .wait_until(|s| s.alarms_fired.load(Ordering::SeqCst) >= 1),
+    )
+    .await
+    .expect("alarm fired within 20 s");
+    assert_eq!(directory.stats().alarm_retries.load(Ordering::SeqCst), 1);
+    // The trapped attempt's write was rolled back; the retry ran once.
+    let r = get(&c, &server.url("/counter/a/alarms")).await;
+    assert_eq!(r.text(), "fired=1 retry=1 pending=false");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_behind_a_busy_actor_gets_503_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), "queue_timeout = \"300ms\"\ncpu_time = \"10s\"").await;
+    let c = client();
+    let busy = {
+        let (c, u) = (c.clone(), server.url("/counter/b/spin?ms=3000"));
+        tokio::spawn(async move { post(&c, &u, "").await })
+    };
+    // Wait until the spin message is running (the actor is active), not a sleep.
+    let directory = server.directory.clone().unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        directory
+            .stats()
+            .wait_until(|s| s.activations.load(Ordering::SeqCst) >= 1),
+    )
+    .await
+    .unwrap();
+    let r = post(&c, &server.url("/counter/b/incr"), "").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.headers.get("retry-after").unwrap(), "1");
+    let r = busy.await.unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "spun 3000 ms"));
+    // The shed message never ran.
+    assert_eq!(get(&c, &server.url("/counter/b/get")).await.text(), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_reach_actors_through_the_client_interface() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), "").await;
+    let c = client();
+    let r = get(&c, &server.url("/bump?id=x")).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "counter x is now 1"));
+    let r = get(&c, &server.url("/bump?id=x")).await;
+    assert_eq!(r.text(), "counter x is now 2");
+    assert_eq!(get(&c, &server.url("/counter/x/get")).await.text(), "2");
+    let r = get(&c, &server.url("/bump?id=x&class=nope")).await;
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("NoSuchClass"), "{}", r.text());
+}
+
+/// Polls `url` until its body satisfies `done`, for at most `limit`.
+async fn poll_until(
+    c: &HttpClient,
+    url: &str,
+    limit: Duration,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let r = get(c, url).await;
+        if done(&r.text()) {
+            return r.text();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "still {:?} after {limit:?}",
+            r.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn kill9(mut proc: Proc) {
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &proc.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = proc.child.wait();
+    let _ = proc.stderr.join();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_increments_survive_kill_9_and_alarms_fire_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write(
+        dir.path(),
+        "ignis.toml",
+        &format!(
+            "[server]\ncache_dir = \"{}\"\n{}",
+            shared_cache(),
+            actor_manifest(dir.path(), "")
+        ),
+    );
+    let manifest = manifest.to_str().unwrap();
+    let proc = spawn(&["serve", manifest]);
+    let base = format!("http://{}", proc.addr);
+    let c = client();
+    // An alarm due after the restart.
+    let r = post(&c, &format!("{base}/counter/late/alarm?in_ms=1500"), "").await;
+    assert_eq!(r.status, 200);
+    // Increments from 8 clients; kill -9 while they are in flight.
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let (c, u, tx, sent) = (
+                c.clone(),
+                format!("{base}/counter/crash/incr"),
+                acked_tx.clone(),
+                sent.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    let req = http::Request::post(&u).body(Default::default()).unwrap();
+                    match tokio::time::timeout(Duration::from_secs(10), c.request(req)).await {
+                        Ok(Ok(resp)) if resp.status() == 200 => {
+                            use http_body_util::BodyExt;
+                            let Ok(body) = resp.into_body().collect().await else {
+                                return;
+                            };
+                            let n: u64 = String::from_utf8_lossy(&body.to_bytes()).parse().unwrap();
+                            let _ = tx.send(n);
+                        }
+                        _ => return, // the server is gone
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(acked_tx);
+    let mut acked = Vec::new();
+    while acked.len() < 300 {
+        acked.push(
+            acked_rx
+                .recv()
+                .await
+                .expect("acknowledgements before the kill"),
+        );
+    }
+    kill9(proc);
+    for l in load {
+        let _ = l.await;
+    }
+    while let Ok(n) = acked_rx.try_recv() {
+        acked.push(n);
+    }
+    let sent = sent.load(Ordering::SeqCst);
+
+    let proc = spawn(&["serve", manifest]);
+    let base = format!("http://{}", proc.addr);
+    let c = client();
+    let count: u64 = get(&c, &format!("{base}/counter/crash/get"))
+        .await
+        .text()
+        .parse()
+        .unwrap();
+    let distinct: BTreeSet<u64> = acked.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        acked.len(),
+        "an increment was acknowledged twice"
+    );
+    let max = *distinct.last().unwrap();
+    assert!(
+        count >= max,
+        "acknowledged increment {max} lost: count after restart is {count}"
+    );
+    assert!(
+        count <= sent,
+        "count {count} exceeds the {sent} increments sent"
+    );
+    // The alarm set before the crash fires after the restart.
+    let text = poll_until(
+        &c,
+        &format!("{base}/counter/late/alarms"),
+        Duration::from_secs(20),
+        |t| t.starts_with("fired=1"),
+    )
+    .await;
+    assert_eq!(text, "fired=1 retry=0 pending=false");
+    kill9(proc);
+}
