@@ -33,7 +33,10 @@ pub mod scenario;
 pub struct LoadSpec {
     /// `host:port` to connect to.
     pub addr: String,
-    /// Path and query of every request.
+    /// Path and query of every request. `{i:N}` in it is replaced by a
+    /// number below N that changes with every request (request k of
+    /// connection c gets `(c + k * connections) % N`), to spread requests
+    /// over N keys or actors.
     pub path: String,
     /// Keep-alive connections.
     pub connections: usize,
@@ -43,6 +46,41 @@ pub struct LoadSpec {
     pub warmup: Duration,
     /// `None`: closed loop. `Some(r)`: open loop at `r` requests per second in total.
     pub rate: Option<f64>,
+}
+
+/// A request path with an optional `{i:N}` placeholder.
+struct PathTemplate {
+    before: String,
+    modulus: Option<u64>,
+    after: String,
+}
+
+impl PathTemplate {
+    fn parse(path: &str) -> Self {
+        if let Some(start) = path.find("{i:")
+            && let Some(len) = path[start..].find('}')
+            && let Ok(n) = path[start + 3..start + len].parse::<u64>()
+            && n > 0
+        {
+            return PathTemplate {
+                before: path[..start].to_string(),
+                modulus: Some(n),
+                after: path[start + len + 1..].to_string(),
+            };
+        }
+        PathTemplate {
+            before: path.to_string(),
+            modulus: None,
+            after: String::new(),
+        }
+    }
+
+    fn expand(&self, n: u64) -> String {
+        match self.modulus {
+            None => self.before.clone(),
+            Some(m) => format!("{}{}{}", self.before, n % m, self.after),
+        }
+    }
 }
 
 /// Latency percentiles in microseconds.
@@ -124,9 +162,8 @@ async fn one_connection(
         });
     // When the previous response on this connection arrived.
     let mut previous_done = start;
-    let uri: http::Uri = format!("http://{}{}", spec.addr, spec.path)
-        .parse()
-        .expect("valid uri");
+    let template = PathTemplate::parse(&spec.path);
+    let mut sent = 0u64;
     loop {
         if interval.is_some() {
             if due >= end {
@@ -162,7 +199,12 @@ async fn one_connection(
             }
         }
         let s = sender.as_mut().expect("connected");
-        let req = http::Request::get(uri.clone())
+        let n = index as u64 + sent * spec.connections as u64;
+        sent += 1;
+        let uri: http::Uri = format!("http://{}{}", spec.addr, template.expand(n))
+            .parse()
+            .expect("valid uri");
+        let req = http::Request::get(uri)
             .header(http::header::HOST, spec.addr.as_str())
             .body(Empty::new())
             .expect("valid request");
@@ -248,5 +290,26 @@ pub async fn run(spec: &LoadSpec) -> Report {
             .iter()
             .map(|&q| (q, hist.value_at_quantile(q)))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod template_tests {
+    use super::PathTemplate;
+
+    #[test]
+    fn placeholder_cycles_below_its_modulus() {
+        let t = PathTemplate::parse("/counter/{i:3}/incr");
+        let got: Vec<String> = (0..4).map(|n| t.expand(n)).collect();
+        assert_eq!(
+            got,
+            [
+                "/counter/0/incr",
+                "/counter/1/incr",
+                "/counter/2/incr",
+                "/counter/0/incr"
+            ]
+        );
+        assert_eq!(PathTemplate::parse("/plain?x=1").expand(7), "/plain?x=1");
     }
 }

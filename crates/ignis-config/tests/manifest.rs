@@ -343,3 +343,49 @@ fn missing_secret_is_named_without_leaking_others() {
     assert!(err.contains("number"), "{err}");
     assert!(!err.contains("hidden-one"), "{err}");
 }
+
+#[test]
+fn actor_classes_and_actor_routes() {
+    let m = parse(
+        "[actors.room]\ncomponent = \"room.wasm\"\nidle_timeout = \"2s\"\nmax_value_bytes = \"1KiB\"\nmailbox = 8\n[[routes]]\npath = \"/rooms/{id}/...\"\nactor = \"room\"\n",
+    )
+    .unwrap();
+    let a = &m.actors["room"];
+    assert_eq!(a.idle_timeout, Duration::from_secs(2));
+    assert_eq!((a.max_key_bytes, a.max_value_bytes), (2048, 1024));
+    assert_eq!(a.max_writes_per_message, 1000);
+    assert_eq!(a.limits.mailbox, 8);
+    assert_eq!(a.limits.max_concurrency, 1);
+    assert_eq!(
+        m.routes[0].target,
+        ignis_config::RouteTarget::Actor("room".into())
+    );
+
+    let base = "[actors.room]\ncomponent = \"room.wasm\"\n[functions.f]\ncomponent = \"f.wasm\"\n";
+    let (line, key, msg) = invalid(&format!(
+        "{base}[[routes]]\npath = \"/rooms/{{id}}\"\nactor = \"nope\"\n"
+    ));
+    assert_eq!((line, key.as_str()), (7, "routes[0].actor"), "{msg}");
+    let (line, key, msg) = invalid(&format!(
+        "{base}[[routes]]\npath = \"/rooms/x\"\nactor = \"room\"\n"
+    ));
+    assert_eq!((line, key.as_str()), (6, "routes[0].path"), "{msg}");
+    let (line, key, msg) = invalid(&format!(
+        "{base}[[routes]]\npath = \"/rooms/{{id}}/{{id}}\"\nactor = \"room\"\n"
+    ));
+    assert_eq!((line, key.as_str()), (6, "routes[0].path"), "{msg}");
+    let (line, key, msg) = invalid(&format!(
+        "{base}[[routes]]\npath = \"/f/{{id}}\"\nfunction = \"f\"\n"
+    ));
+    assert_eq!((line, key.as_str()), (6, "routes[0].path"), "{msg}");
+    let (line, key, msg) = invalid(&format!(
+        "{base}[[routes]]\npath = \"/x\"\nfunction = \"f\"\nactor = \"room\"\n"
+    ));
+    assert_eq!((line, key.as_str()), (5, "routes[0]"), "{msg}");
+    let (line, key, _) = invalid("[actors.room]\ncomponent = \"r.wasm\"\nidle_timeout = \"0s\"\n");
+    assert_eq!((line, key.as_str()), (3, "actors.room.idle_timeout"));
+    let (line, key, _) = invalid("[actors.room]\ncomponent = \"r.wasm\"\nmailbox = 0\n");
+    assert_eq!((line, key.as_str()), (3, "actors.room.mailbox"));
+    let (line, key, _) = invalid("[actors.room]\nmemory = \"1MiB\"\n");
+    assert_eq!((line, key.as_str()), (1, "actors.room"));
+}

@@ -42,11 +42,7 @@ struct Route<T> {
 impl<T> Route<T> {
     /// A sortable specificity score and the `{id}` segment, or `None` when
     /// the route does not match.
-    fn score<'p>(
-        &self,
-        host: &str,
-        path: &'p str,
-    ) -> Option<(Score, Option<&'p str>)> {
+    fn score<'p>(&self, host: &str, path: &'p str) -> Option<(Score, Option<&'p str>)> {
         let host_score = match &self.host {
             HostMatch::Any => (0, 0),
             HostMatch::Exact(h) if h.eq_ignore_ascii_case(host) => (2, h.len()),

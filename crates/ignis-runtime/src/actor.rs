@@ -256,18 +256,17 @@ impl ActorClass {
             .map_err(|e| GuestError::Trap(format!("{e:?}")))?;
         let proxy = Proxy::new(&mut store, &instance)
             .map_err(|e| GuestError::Internal(format!("{e:#}")))?;
-        let alarm = match &self.alarm_export {
-            Some(idx) => Some(
-                instance
-                    .get_typed_func::<_, _>(&mut store, idx)
-                    .map_err(|e| {
+        let alarm =
+            match &self.alarm_export {
+                Some(idx) => Some(instance.get_typed_func::<_, _>(&mut store, idx).map_err(
+                    |e| {
                         GuestError::Internal(format!(
                             "ignis:actor/alarm-handler.on-alarm has the wrong type: {e:#}"
                         ))
-                    })?,
-            ),
-            None => None,
-        };
+                    },
+                )?),
+                None => None,
+            };
         Ok(Activation {
             store,
             proxy,
