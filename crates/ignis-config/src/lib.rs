@@ -368,6 +368,15 @@ struct RawManifest {
     actors: BTreeMap<String, Spanned<RawActor>>,
 }
 
+/// Limit keys functions and actor classes share.
+struct SharedLimits {
+    memory: Option<ByteSize>,
+    cpu_time: Option<HumanDuration>,
+    wall_time: Option<HumanDuration>,
+    queue_timeout: Option<HumanDuration>,
+    max_body: Option<ByteSize>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawActor {
@@ -638,27 +647,13 @@ impl Validator<'_> {
         }
     }
 
-    fn actor(
+    /// The limits functions and actor classes share.
+    fn shared_limits(
         &self,
-        name: &str,
-        offset: usize,
-        raw: RawActor,
-    ) -> Result<ActorClassConfig, ConfigError> {
-        let table = format!("actors.{name}");
-        let key = |k: &str| format!("actors.{name}.{k}");
-        if !valid_name(name) {
-            return Err(self.err(
-                offset,
-                &table,
-                "actor class names use letters, digits, '-' and '_'",
-            ));
-        }
-        let source = self.source(&table, offset, raw.component, raw.build)?;
-        let mut limits = Limits {
-            max_concurrency: 1,
-            queue_timeout: Duration::from_secs(5),
-            ..Limits::default()
-        };
+        key: &dyn Fn(&str) -> String,
+        limits: &mut Limits,
+        raw: SharedLimits,
+    ) -> Result<(), ConfigError> {
         if let Some(m) = raw.memory {
             if !(64 * 1024..=4 << 30).contains(&m.bytes) {
                 return Err(self.err(
@@ -688,6 +683,41 @@ impl Validator<'_> {
         if let Some(b) = raw.max_body {
             limits.max_body_bytes = b.bytes;
         }
+        Ok(())
+    }
+
+    fn actor(
+        &self,
+        name: &str,
+        offset: usize,
+        raw: RawActor,
+    ) -> Result<ActorClassConfig, ConfigError> {
+        let table = format!("actors.{name}");
+        let key = |k: &str| format!("actors.{name}.{k}");
+        if !valid_name(name) {
+            return Err(self.err(
+                offset,
+                &table,
+                "actor class names use letters, digits, '-' and '_'",
+            ));
+        }
+        let source = self.source(&table, offset, raw.component, raw.build)?;
+        let mut limits = Limits {
+            max_concurrency: 1,
+            queue_timeout: Duration::from_secs(5),
+            ..Limits::default()
+        };
+        self.shared_limits(
+            &key,
+            &mut limits,
+            SharedLimits {
+                memory: raw.memory,
+                cpu_time: raw.cpu_time,
+                wall_time: raw.wall_time,
+                queue_timeout: raw.queue_timeout,
+                max_body: raw.max_body,
+            },
+        )?;
         if let Some(m) = raw.mailbox {
             if !(1..=1_000_000).contains(m.get_ref()) {
                 return Err(self.err(
@@ -970,27 +1000,17 @@ impl Validator<'_> {
             raw.build,
         )?;
         let mut limits = Limits::default();
-        if let Some(m) = raw.memory {
-            if !(64 * 1024..=4 << 30).contains(&m.bytes) {
-                return Err(self.err(
-                    m.span.start,
-                    key("memory"),
-                    "must be between 64KiB and 4GiB",
-                ));
-            }
-            limits.memory_bytes = m.bytes;
-        }
-        for (field, value, slot) in [
-            ("cpu_time", raw.cpu_time, &mut limits.cpu_time),
-            ("wall_time", raw.wall_time, &mut limits.wall_time),
-        ] {
-            if let Some(d) = value {
-                if d.duration.is_zero() {
-                    return Err(self.err(d.span.start, key(field), "must be greater than zero"));
-                }
-                *slot = d.duration;
-            }
-        }
+        self.shared_limits(
+            &key,
+            &mut limits,
+            SharedLimits {
+                memory: raw.memory,
+                cpu_time: raw.cpu_time,
+                wall_time: raw.wall_time,
+                queue_timeout: raw.queue_timeout,
+                max_body: raw.max_body,
+            },
+        )?;
         if let Some(c) = raw.max_concurrency {
             if *c.get_ref() == 0 || *c.get_ref() > 10_000 {
                 return Err(self.err(
@@ -1001,9 +1021,6 @@ impl Validator<'_> {
             }
             limits.max_concurrency = *c.get_ref();
         }
-        if let Some(b) = raw.max_body {
-            limits.max_body_bytes = b.bytes;
-        }
         if let Some(m) = raw.mailbox {
             if *m.get_ref() > 1_000_000 {
                 return Err(self.err(
@@ -1013,16 +1030,6 @@ impl Validator<'_> {
                 ));
             }
             limits.mailbox = *m.get_ref();
-        }
-        if let Some(d) = raw.queue_timeout {
-            if d.duration.is_zero() {
-                return Err(self.err(
-                    d.span.start,
-                    key("queue_timeout"),
-                    "must be greater than zero",
-                ));
-            }
-            limits.queue_timeout = d.duration;
         }
         let mut allowed = Vec::new();
         for h in raw.allowed_outbound_hosts {

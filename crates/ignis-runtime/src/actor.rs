@@ -662,10 +662,15 @@ impl alarms::Host for ActorView<'_> {
         match change {
             Some(AlarmChange::Set(at)) => Ok(Ok(Some(at))),
             Some(AlarmChange::Delete) => Ok(Ok(None)),
-            // A fired alarm is gone unless it was set again.
-            Some(AlarmChange::Fired(_)) | None => {
-                Ok(a.storage.actor_alarm(&a.key).await.map_err(storage_error))
-            }
+            // A fired alarm whose removal is not committed yet is gone
+            // already; one set again since is what storage says.
+            Some(AlarmChange::Fired(fired)) => Ok(a
+                .storage
+                .actor_alarm(&a.key)
+                .await
+                .map(|stored| stored.filter(|at| *at != fired))
+                .map_err(storage_error)),
+            None => Ok(a.storage.actor_alarm(&a.key).await.map_err(storage_error)),
         }
     }
 

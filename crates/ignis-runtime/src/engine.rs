@@ -37,27 +37,35 @@ pub struct RuntimeSettings {
 
 impl RuntimeSettings {
     /// Settings sized from a manifest: one pool slot per allowed concurrent
-    /// instance of each function, capped at 1,000.
+    /// instance of each function, plus [`ACTIVATION_SLOTS`] per actor class
+    /// (activations hold their instance between messages), capped at 4,000.
     pub fn from_manifest(m: &Manifest) -> Self {
         let slots: u64 = m
             .functions
             .values()
             .map(|f| u64::from(f.limits.max_concurrency))
-            .sum();
+            .sum::<u64>()
+            + ACTIVATION_SLOTS * m.actors.len() as u64;
         RuntimeSettings {
             pooling: m.server.pooling,
             epoch_tick: m.server.epoch_tick,
             cache_dir: m.server.cache_dir.clone(),
-            instance_slots: slots.clamp(16, 1000) as u32,
+            instance_slots: slots.clamp(16, 4000) as u32,
             max_memory_bytes: m
                 .functions
                 .values()
                 .map(|f| f.limits.memory_bytes)
+                .chain(m.actors.values().map(|a| a.limits.memory_bytes))
                 .max()
                 .unwrap_or(64 << 20),
         }
     }
 }
+
+/// Pool slots reserved per actor class: live activations of one class that
+/// the pooling allocator can hold at once (more fail to activate, with a
+/// 500 and a log line, until idle ones are evicted).
+pub const ACTIVATION_SLOTS: u64 = 1200;
 
 /// Process-wide services behind the platform bindings.
 #[derive(Clone, Default)]

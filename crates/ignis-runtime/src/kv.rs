@@ -355,47 +355,39 @@ impl KvView<'_> {
     }
 }
 
-/// `wasi:keyvalue@0.2.0-draft`.
-mod draft {
-    use super::*;
-
-    pub(super) mod bindings {
-        wasmtime::component::bindgen!({
-            path: "../../wit",
-            world: "wasi:keyvalue/imports@0.2.0-draft",
-            imports: { default: async | trappable },
-            with: {
-                "wasi:keyvalue/store.bucket": crate::kv::Bucket,
-            },
-        });
-    }
-
-    use bindings::wasi::keyvalue0_2_0_draft::{atomics, batch, store};
-
-    impl From<Fail> for store::Error {
-        fn from(f: Fail) -> Self {
-            match f {
-                Fail::NoSuchStore => store::Error::NoSuchStore,
-                Fail::Other(s) => store::Error::Other(s),
+/// The parts of the two package versions' host traits that are the same
+/// (the generated types differ, so they are spelled once here and expanded
+/// in each version's module).
+macro_rules! shared_store_items {
+    () => {
+        impl From<Fail> for store::Error {
+            fn from(f: Fail) -> Self {
+                match f {
+                    Fail::NoSuchStore => store::Error::NoSuchStore,
+                    Fail::Other(s) => store::Error::Other(s),
+                }
             }
         }
-    }
 
-    type R<T> = wasmtime::Result<Result<T, store::Error>>;
+        type R<T> = wasmtime::Result<Result<T, store::Error>>;
 
-    fn lift<T>(r: wasmtime::Result<Result<T, Fail>>) -> R<T> {
-        r.map(|r| r.map_err(store::Error::from))
-    }
-
-    impl store::Host for KvView<'_> {
-        async fn open(&mut self, identifier: String) -> R<Resource<Bucket>> {
-            let (access, rid) = (self.access, self.request_id);
-            let r = self.open(&identifier);
-            Ok(access.logged(rid, "open", r).map_err(Into::into))
+        fn lift<T>(r: wasmtime::Result<Result<T, Fail>>) -> R<T> {
+            r.map(|r| r.map_err(store::Error::from))
         }
-    }
 
-    impl store::HostBucket for KvView<'_> {
+        impl store::Host for KvView<'_> {
+            async fn open(&mut self, identifier: String) -> R<Resource<Bucket>> {
+                let (access, rid) = (self.access, self.request_id);
+                let r = self.open(&identifier);
+                Ok(access.logged(rid, "open", r).map_err(Into::into))
+            }
+        }
+    };
+}
+
+/// `get`, `set`, `delete`, `exists` and `drop` of `store::HostBucket`.
+macro_rules! shared_bucket_methods {
+    () => {
         async fn get(&mut self, b: Resource<Bucket>, key: String) -> R<Option<Vec<u8>>> {
             lift(
                 KvView::get(self, &b, &key)
@@ -416,6 +408,52 @@ mod draft {
             lift(KvView::exists(self, &b, &key).await)
         }
 
+        async fn drop(&mut self, b: Resource<Bucket>) -> wasmtime::Result<()> {
+            self.table.delete(b)?;
+            Ok(())
+        }
+    };
+}
+
+/// `set-many` and `delete-many` of `batch::Host`.
+macro_rules! shared_batch_writes {
+    () => {
+        async fn set_many(
+            &mut self,
+            b: Resource<Bucket>,
+            key_values: Vec<(String, Vec<u8>)>,
+        ) -> R<()> {
+            lift(KvView::set_many(self, &b, key_values).await)
+        }
+
+        async fn delete_many(&mut self, b: Resource<Bucket>, keys: Vec<String>) -> R<()> {
+            lift(KvView::delete_many(self, &b, keys).await)
+        }
+    };
+}
+
+/// `wasi:keyvalue@0.2.0-draft`.
+mod draft {
+    use super::*;
+
+    pub(super) mod bindings {
+        wasmtime::component::bindgen!({
+            path: "../../wit",
+            world: "wasi:keyvalue/imports@0.2.0-draft",
+            imports: { default: async | trappable },
+            with: {
+                "wasi:keyvalue/store.bucket": crate::kv::Bucket,
+            },
+        });
+    }
+
+    use bindings::wasi::keyvalue0_2_0_draft::{atomics, batch, store};
+
+    shared_store_items!();
+
+    impl store::HostBucket for KvView<'_> {
+        shared_bucket_methods!();
+
         async fn list_keys(
             &mut self,
             b: Resource<Bucket>,
@@ -431,11 +469,6 @@ mod draft {
                     }
                 })
             }))
-        }
-
-        async fn drop(&mut self, b: Resource<Bucket>) -> wasmtime::Result<()> {
-            self.table.delete(b)?;
-            Ok(())
         }
     }
 
@@ -472,17 +505,7 @@ mod draft {
             }))
         }
 
-        async fn set_many(
-            &mut self,
-            b: Resource<Bucket>,
-            key_values: Vec<(String, Vec<u8>)>,
-        ) -> R<()> {
-            lift(KvView::set_many(self, &b, key_values).await)
-        }
-
-        async fn delete_many(&mut self, b: Resource<Bucket>, keys: Vec<String>) -> R<()> {
-            lift(KvView::delete_many(self, &b, keys).await)
-        }
+        shared_batch_writes!();
     }
 }
 
@@ -504,49 +527,10 @@ mod draft2 {
 
     use bindings::wasi::keyvalue0_2_0_draft2::{atomics, batch, store};
 
-    impl From<Fail> for store::Error {
-        fn from(f: Fail) -> Self {
-            match f {
-                Fail::NoSuchStore => store::Error::NoSuchStore,
-                Fail::Other(s) => store::Error::Other(s),
-            }
-        }
-    }
-
-    type R<T> = wasmtime::Result<Result<T, store::Error>>;
-
-    fn lift<T>(r: wasmtime::Result<Result<T, Fail>>) -> R<T> {
-        r.map(|r| r.map_err(store::Error::from))
-    }
-
-    impl store::Host for KvView<'_> {
-        async fn open(&mut self, identifier: String) -> R<Resource<Bucket>> {
-            let (access, rid) = (self.access, self.request_id);
-            let r = self.open(&identifier);
-            Ok(access.logged(rid, "open", r).map_err(Into::into))
-        }
-    }
+    shared_store_items!();
 
     impl store::HostBucket for KvView<'_> {
-        async fn get(&mut self, b: Resource<Bucket>, key: String) -> R<Option<Vec<u8>>> {
-            lift(
-                KvView::get(self, &b, &key)
-                    .await
-                    .map(|r| r.map(|v| v.map(|v| v.value))),
-            )
-        }
-
-        async fn set(&mut self, b: Resource<Bucket>, key: String, value: Vec<u8>) -> R<()> {
-            lift(KvView::set(self, &b, &key, value).await)
-        }
-
-        async fn delete(&mut self, b: Resource<Bucket>, key: String) -> R<()> {
-            lift(KvView::delete(self, &b, &key).await)
-        }
-
-        async fn exists(&mut self, b: Resource<Bucket>, key: String) -> R<bool> {
-            lift(KvView::exists(self, &b, &key).await)
-        }
+        shared_bucket_methods!();
 
         async fn list_keys(
             &mut self,
@@ -564,11 +548,6 @@ mod draft2 {
                     keys: page.keys,
                 })
             }))
-        }
-
-        async fn drop(&mut self, b: Resource<Bucket>) -> wasmtime::Result<()> {
-            self.table.delete(b)?;
-            Ok(())
         }
     }
 
@@ -649,16 +628,6 @@ mod draft2 {
             lift(r.map(|r| r.map(|values| keys.into_iter().zip(values).collect())))
         }
 
-        async fn set_many(
-            &mut self,
-            b: Resource<Bucket>,
-            key_values: Vec<(String, Vec<u8>)>,
-        ) -> R<()> {
-            lift(KvView::set_many(self, &b, key_values).await)
-        }
-
-        async fn delete_many(&mut self, b: Resource<Bucket>, keys: Vec<String>) -> R<()> {
-            lift(KvView::delete_many(self, &b, keys).await)
-        }
+        shared_batch_writes!();
     }
 }

@@ -14,6 +14,7 @@
 //! | `GET .../alarms` | `fired=F retry=R pending=T` |
 //! | `GET .../whoami` | `class/id` |
 //! | `POST .../spin?ms=N` | keeps the actor busy for N ms |
+//! | `POST .../put?key=K&size=N` | writes N bytes at K; the storage error if refused |
 
 use std::io::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -122,6 +123,14 @@ fn route(path: &str, query: &str) -> (u16, String) {
             )
         }
         "whoami" => (200, format!("{}/{}", context::class(), context::id())),
+        "put" => {
+            let key = param(query, "key").unwrap_or("key");
+            let size: usize = param(query, "size").and_then(|n| n.parse().ok()).unwrap_or(1);
+            match storage::put(key, &vec![b'v'; size]) {
+                Ok(()) => (200, "ok".into()),
+                Err(e) => (507, format!("{e:?}")),
+            }
+        }
         "spin" => {
             let ms: u64 = param(query, "ms").and_then(|n| n.parse().ok()).unwrap_or(0);
             let until = now_ms() + ms;

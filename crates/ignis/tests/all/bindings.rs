@@ -24,27 +24,8 @@ async fn one_thousand_concurrent_increments_count_exactly() {
     ))
     .await;
     let c = client();
-    let workers: Vec<_> = (0..100)
-        .map(|_| {
-            let (c, u) = (c.clone(), server.url("/kv/incr?key=hits"));
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                for _ in 0..10 {
-                    let r = post(&c, &u, "").await;
-                    assert_eq!(r.status, 200, "{}", r.text());
-                    seen.push(r.text().trim().parse::<i64>().unwrap());
-                }
-                seen
-            })
-        })
-        .collect();
-    let mut all = BTreeSet::new();
-    for w in workers {
-        for v in w.await.unwrap() {
-            assert!(all.insert(v), "two increments returned {v}");
-        }
-    }
-    assert_eq!(all, (1..=1000).collect::<BTreeSet<i64>>());
+    let all = increment_concurrently(&c, &server.url("/kv/incr?key=hits"), 100, 10).await;
+    assert_eq!(all, (1..=1000).collect::<BTreeSet<u64>>());
     let r = get(&c, &server.url("/kv/get?key=hits")).await;
     assert_eq!((r.status, r.text().as_str()), (200, "1000"));
 }

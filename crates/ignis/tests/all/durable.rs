@@ -46,26 +46,7 @@ async fn one_thousand_concurrent_increments_to_one_actor_count_exactly() {
     let c = client();
     // The counter does get-add-put: if two messages ever ran interleaved
     // inside the actor, increments would be lost or values repeated.
-    let workers: Vec<_> = (0..100)
-        .map(|_| {
-            let (c, u) = (c.clone(), server.url("/counter/c1/incr"));
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                for _ in 0..10 {
-                    let r = post(&c, &u, "").await;
-                    assert_eq!(r.status, 200, "{}", r.text());
-                    seen.push(r.text().parse::<u64>().unwrap());
-                }
-                seen
-            })
-        })
-        .collect();
-    let mut all = BTreeSet::new();
-    for w in workers {
-        for v in w.await.unwrap() {
-            assert!(all.insert(v), "two messages saw the same count {v}");
-        }
-    }
+    let all = increment_concurrently(&c, &server.url("/counter/c1/incr"), 100, 10).await;
     assert_eq!(all, (1..=1000).collect::<BTreeSet<u64>>());
     let r = get(&c, &server.url("/counter/c1/get")).await;
     assert_eq!((r.status, r.text().as_str()), (200, "1000"));
@@ -118,7 +99,11 @@ async fn a_trap_rolls_back_its_writes_and_resets_the_activation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_transactions_listing_and_write_limits() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), "max_writes_per_message = 3\nmax_key_bytes = 8").await;
+    let server = start(
+        dir.path(),
+        "max_writes_per_message = 3\nmax_key_bytes = 8\nmax_value_bytes = 16",
+    )
+    .await;
     let c = client();
     let r = post(&c, &server.url("/counter/s/txn"), "").await;
     assert_eq!((r.status, r.text().as_str()), (200, "t:b,t:c"));
@@ -134,6 +119,19 @@ async fn storage_transactions_listing_and_write_limits() {
     assert!(r.text().contains("TooLarge"), "{}", r.text());
     let r = get(&c, &server.url("/counter/s/list?prefix=k")).await;
     assert_eq!(r.text(), "k0,k1,k2");
+    // Keys over max_key_bytes (8) and values over max_value_bytes (16).
+    let r = post(&c, &server.url("/counter/s/put?key=ninechars&size=1"), "").await;
+    assert_eq!(r.status, 507);
+    assert!(
+        r.text().contains("TooLarge") && r.text().contains("key is 9 bytes"),
+        "{}",
+        r.text()
+    );
+    let r = post(&c, &server.url("/counter/s/put?key=v&size=17"), "").await;
+    assert_eq!(r.status, 507);
+    assert!(r.text().contains("value is 17 bytes"), "{}", r.text());
+    let r = post(&c, &server.url("/counter/s/put?key=eightchr&size=16"), "").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

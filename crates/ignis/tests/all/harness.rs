@@ -197,6 +197,38 @@ pub async fn post(client: &HttpClient, url: &str, body: impl Into<Bytes>) -> Rep
     .await
 }
 
+/// `workers` clients each POST `url` `each` times in a row; every reply
+/// must be 200 with a number in its body. Returns the numbers, asserting
+/// that none came back twice (what a lost or doubled update would show).
+pub async fn increment_concurrently(
+    c: &HttpClient,
+    url: &str,
+    workers: usize,
+    each: usize,
+) -> std::collections::BTreeSet<u64> {
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let (c, u) = (c.clone(), url.to_string());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for _ in 0..each {
+                    let r = post(&c, &u, "").await;
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    seen.push(r.text().trim().parse::<u64>().unwrap());
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut all = std::collections::BTreeSet::new();
+    for t in tasks {
+        for v in t.await.unwrap() {
+            assert!(all.insert(v), "two increments returned {v}");
+        }
+    }
+    all
+}
+
 /// Waits (bounded) until `check` holds, re-checking whenever the function's
 /// instance count changes. Not a sleep: it wakes on the runtime's notifications.
 pub async fn wait_idle(f: &Function) {
