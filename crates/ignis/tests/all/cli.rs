@@ -215,3 +215,39 @@ async fn up_builds_rust_guests_and_serves_them() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("use `ignis up`"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundled_examples_serve_bindings_and_actors() {
+    guests(); // built once already; `up` reuses the build
+    let mut proc = spawn(&["up", repo().join("examples").to_str().unwrap()]);
+    let base = format!("http://{}", proc.addr);
+    let c = client();
+    // The examples' state persists in examples/.ignis across runs: compare
+    // with what is there, not with fixed numbers.
+    let r = get(&c, &format!("{base}/visits")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text().starts_with("Welcome to Ignis! You are visitor #"),
+        "{}",
+        r.text()
+    );
+    let r = get(&c, &format!("{base}/kv/set?key=readme&value=hello")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        get(&c, &format!("{base}/kv/get?key=readme")).await.text(),
+        "hello"
+    );
+    let first: u64 = post(&c, &format!("{base}/counter/readme/incr"), "")
+        .await
+        .text()
+        .parse()
+        .unwrap();
+    let r = get(&c, &format!("{base}/bump?id=readme")).await;
+    assert_eq!(r.text(), format!("counter readme is now {}", first + 1));
+    sigterm(&proc.child);
+    let status = tokio::task::spawn_blocking(move || proc.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}

@@ -3,6 +3,7 @@
 //! crash safety under `kill -9`.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -366,4 +367,114 @@ async fn acknowledged_increments_survive_kill_9_and_alarms_fire_after_restart() 
     .await;
     assert_eq!(text, "fired=1 retry=0 pending=false");
     kill9(proc);
+}
+
+/// SQLite, except that commits fail while `fail` is set.
+struct FlakyStorage {
+    inner: ignis_store::SqliteStore,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl ignis_store::ActorStorage for FlakyStorage {
+    fn actor_get<'a>(
+        &'a self,
+        actor: &'a ignis_store::ActorKey,
+        key: &'a str,
+    ) -> ignis_store::StoreFuture<'a, Option<Vec<u8>>> {
+        self.inner.actor_get(actor, key)
+    }
+
+    fn actor_list<'a>(
+        &'a self,
+        actor: &'a ignis_store::ActorKey,
+        options: &'a ignis_store::ListOptions,
+    ) -> ignis_store::StoreFuture<'a, Vec<(String, Vec<u8>)>> {
+        self.inner.actor_list(actor, options)
+    }
+
+    fn actor_commit<'a>(
+        &'a self,
+        actor: &'a ignis_store::ActorKey,
+        batch: ignis_store::ActorBatch,
+    ) -> ignis_store::StoreFuture<'a, ()> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(ignis_store::StoreError::Engine(
+                    "injected commit failure".into(),
+                ))
+            });
+        }
+        self.inner.actor_commit(actor, batch)
+    }
+
+    fn actor_alarm<'a>(
+        &'a self,
+        actor: &'a ignis_store::ActorKey,
+    ) -> ignis_store::StoreFuture<'a, Option<u64>> {
+        self.inner.actor_alarm(actor)
+    }
+
+    fn all_alarms(&self) -> ignis_store::StoreFuture<'_, Vec<(ignis_store::ActorKey, u64)>> {
+        self.inner.all_alarms()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_turns_the_reply_into_an_error_and_resets_the_activation() {
+    use ignis_runtime::{Platform, Runtime, RuntimeSettings};
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = ignis_config::Manifest::from_str_at(
+        &format!(
+            "[server]\ncache_dir = \"{}\"\n[actors.counter]\ncomponent = \"{}\"\n",
+            shared_cache(),
+            wasm("counter")
+        ),
+        &dir.path().join("ignis.toml"),
+    )
+    .unwrap();
+    let storage = Arc::new(FlakyStorage {
+        inner: ignis_store::SqliteStore::open(&dir.path().join("a.db")).unwrap(),
+        fail: std::sync::atomic::AtomicBool::new(false),
+    });
+    let runtime = Runtime::with_platform(
+        RuntimeSettings::from_manifest(&manifest),
+        None,
+        Platform {
+            actor_storage: Some(storage.clone()),
+            ..Platform::default()
+        },
+    )
+    .unwrap();
+    let class = runtime
+        .load_actor_class(
+            &manifest.actors["counter"],
+            std::path::Path::new(&wasm("counter")),
+        )
+        .unwrap();
+    let directory = ignis_actors::ActorDirectory::start(vec![class], storage.clone());
+    let send = |op: &'static str| {
+        let directory = directory.clone();
+        async move {
+            let req = http::Request::post(format!("http://x/counter/f/{op}"))
+                .body(bytes::Bytes::new())
+                .unwrap();
+            directory.send("counter", "f", req).await
+        }
+    };
+    let text = |r: Result<http::Response<bytes::Bytes>, _>| {
+        String::from_utf8(r.unwrap().into_body().to_vec()).unwrap()
+    };
+    assert_eq!(text(send("incr").await), "1");
+    storage.fail.store(true, Ordering::SeqCst);
+    let failed = send("incr").await;
+    assert!(
+        matches!(&failed, Err(ignis_runtime::actor::ActorCallError::Failed(m)) if m.contains("injected commit failure")),
+        "{failed:?}"
+    );
+    storage.fail.store(false, Ordering::SeqCst);
+    // The write whose commit failed is gone: the activation started over
+    // from what is durable.
+    assert_eq!(text(send("get").await), "1");
+    assert_eq!(directory.stats().resets.load(Ordering::SeqCst), 1);
+    assert_eq!(text(send("incr").await), "2");
 }
