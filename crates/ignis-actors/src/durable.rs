@@ -4,13 +4,13 @@
 //! Per `(class, id)` there is at most one activation on the node: a task
 //! that owns the instance and takes messages from a bounded mailbox one at
 //! a time, in arrival order (the input gate). A message's writes become one
-//! batch; the batch is handed to the actor's committer and the activation
-//! goes on with the next message at once, reading the pending batch through
-//! the overlay. The committer merges every batch that queued while the
-//! previous commit ran into one storage commit (so one actor shares fsyncs
-//! between its own messages, and the store's group commit shares them
-//! between actors) and releases the replies only after that commit is
-//! durable (the output gate). If a commit fails, its replies and those of
+//! batch; the batch is handed to the directory's committer and the
+//! activation goes on with the next message at once, reading the pending
+//! batch through the overlay. The committer takes every batch that queued
+//! (from any actor) while the previous commit ran and commits them in one
+//! storage call (one fsync), each actor's part atomic on its own, and
+//! releases the replies only after that commit is durable (the output
+//! gate). If a commit fails, its replies and those of
 //! every message that ran after it become errors, and the activation is
 //! reset before its next message.
 
@@ -95,6 +95,7 @@ enum Waiter {
 }
 
 struct Pending {
+    actor: Arc<ActorState>,
     epoch: u64,
     batch: ActorBatch,
     seq: u64,
@@ -107,8 +108,19 @@ pub struct ActorDirectory {
     storage: Arc<dyn ActorStorage>,
     activations: Mutex<HashMap<ActorKey, Handle>>,
     alarms: mpsc::UnboundedSender<AlarmCommand>,
+    commits: mpsc::UnboundedSender<Pending>,
     stats: Arc<DirectoryStats>,
     me: Weak<ActorDirectory>,
+}
+
+/// What an activation shares with the committer.
+struct ActorState {
+    key: ActorKey,
+    overlay: Arc<Mutex<Overlay>>,
+    /// Set when a commit failed; the activation resets before its next message.
+    failed: AtomicBool,
+    /// Batches of this epoch or older fail (they may have read a failed write).
+    failed_epoch: AtomicU64,
 }
 
 enum AlarmCommand {
@@ -137,6 +149,7 @@ impl ActorDirectory {
         storage: Arc<dyn ActorStorage>,
     ) -> Arc<ActorDirectory> {
         let (alarms, commands) = mpsc::unbounded_channel();
+        let (commits, commit_rx) = mpsc::unbounded_channel();
         let dir = Arc::new_cyclic(|me| ActorDirectory {
             classes: classes
                 .into_iter()
@@ -145,9 +158,11 @@ impl ActorDirectory {
             storage,
             activations: Mutex::new(HashMap::new()),
             alarms,
+            commits,
             stats: Arc::new(DirectoryStats::default()),
             me: me.clone(),
         });
+        tokio::spawn(run_committer(Arc::downgrade(&dir), commit_rx));
         tokio::spawn(alarm_loop(
             Arc::downgrade(&dir),
             dir.storage.clone(),
@@ -282,18 +297,12 @@ async fn run_activation(
     key: ActorKey,
     mut rx: mpsc::Receiver<Envelope>,
 ) {
-    let overlay = Arc::new(Mutex::new(Overlay::default()));
-    let failed = Arc::new(AtomicBool::new(false));
-    let failed_epoch = Arc::new(AtomicU64::new(0));
-    let (commits, commit_rx) = mpsc::unbounded_channel::<Pending>();
-    let committer = tokio::spawn(run_committer(
-        dir.clone(),
-        key.clone(),
-        overlay.clone(),
-        commit_rx,
-        failed.clone(),
-        failed_epoch.clone(),
-    ));
+    let state = Arc::new(ActorState {
+        key: key.clone(),
+        overlay: Arc::new(Mutex::new(Overlay::default())),
+        failed: AtomicBool::new(false),
+        failed_epoch: AtomicU64::new(0),
+    });
     let idle = class.config().idle_timeout;
     let mut activation: Option<Activation> = None;
     let mut epoch = 1u64;
@@ -305,7 +314,7 @@ async fn run_activation(
             Err(_) => {
                 // Idle: evict unless replies still wait for their commit or
                 // a message raced in (checked under the directory lock).
-                if !lock(&overlay).is_empty() {
+                if !lock(&state.overlay).is_empty() {
                     continue;
                 }
                 let mut activations = lock(&dir.activations);
@@ -322,10 +331,10 @@ async fn run_activation(
                 break;
             }
         };
-        if failed.swap(false, Ordering::SeqCst) {
+        if state.failed.swap(false, Ordering::SeqCst) {
             // A commit failed: everything after it was answered with an
             // error; start over from what is durable.
-            reset(&dir, &mut activation, &overlay);
+            reset(&dir, &mut activation, &state.overlay);
             epoch += 1;
         }
         let (run, waiter_for): (_, Box<dyn FnOnce(http::Response<Bytes>) -> Waiter + Send>) =
@@ -352,7 +361,7 @@ async fn run_activation(
                 ),
             };
         if activation.is_none() {
-            match class.activate(key.id(), overlay.clone()).await {
+            match class.activate(key.id(), state.overlay.clone()).await {
                 Ok(a) => {
                     activation = Some(a);
                     dir.stats.bump(&dir.stats.activations);
@@ -379,13 +388,14 @@ async fn run_activation(
         };
         match outcome {
             Ok((response, batch)) => {
-                if batch.is_empty() && lock(&overlay).is_empty() {
+                if batch.is_empty() && lock(&state.overlay).is_empty() {
                     // Nothing to make durable, before or in this message.
                     complete(&dir, &key, Ok(()), waiter_for(response));
                 } else {
                     seq += 1;
-                    lock(&overlay).push(seq, batch.clone());
-                    let _ = commits.send(Pending {
+                    lock(&state.overlay).push(seq, batch.clone());
+                    let _ = dir.commits.send(Pending {
+                        actor: state.clone(),
                         epoch,
                         batch,
                         seq,
@@ -406,8 +416,6 @@ async fn run_activation(
             }
         }
     }
-    drop(commits);
-    let _ = committer.await;
     if activation.take().is_some() {
         dir.stats.active.fetch_sub(1, Ordering::SeqCst);
         dir.stats.changed.notify_waiters();
@@ -448,73 +456,88 @@ fn complete(dir: &ActorDirectory, key: &ActorKey, outcome: Result<(), String>, w
     dir.stats.bump(&dir.stats.messages);
 }
 
-/// The output gate: commits batches in order, releases replies after.
-async fn run_committer(
-    dir: Arc<ActorDirectory>,
-    key: ActorKey,
-    overlay: Arc<Mutex<Overlay>>,
-    mut rx: mpsc::UnboundedReceiver<Pending>,
-    failed: Arc<AtomicBool>,
-    failed_epoch: Arc<AtomicU64>,
-) {
-    let mut group = Vec::new();
+/// The output gate, one for the directory: takes every batch that queued
+/// while the previous commit ran, merges each actor's batches (in order) into
+/// one, commits them all in one storage call (each actor's part atomic on
+/// its own), then releases the replies.
+async fn run_committer(dir: Weak<ActorDirectory>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    let mut queued = Vec::new();
     while let Some(first) = rx.recv().await {
-        group.push(first);
+        let Some(dir) = dir.upgrade() else { return };
+        queued.push(first);
         while let Ok(p) = rx.try_recv() {
-            group.push(p);
+            queued.push(p);
         }
-        // Batches computed on top of a failed commit fail too.
-        let dead = failed_epoch.load(Ordering::SeqCst);
-        let (doomed, live): (Vec<_>, Vec<_>) = group.drain(..).partition(|p| p.epoch <= dead);
-        for p in doomed {
-            complete(
-                &dir,
-                &key,
-                Err("an earlier write of this actor failed to commit".into()),
-                p.waiter,
-            );
+        // Per actor, in arrival order. Batches computed on top of a failed
+        // commit fail too.
+        let mut actors: Vec<(Arc<ActorState>, Vec<Pending>)> = Vec::new();
+        let mut index: HashMap<ActorKey, usize> = HashMap::new();
+        for p in queued.drain(..) {
+            if p.epoch <= p.actor.failed_epoch.load(Ordering::SeqCst) {
+                let key = p.actor.key.clone();
+                complete(
+                    &dir,
+                    &key,
+                    Err("an earlier write of this actor failed to commit".into()),
+                    p.waiter,
+                );
+                continue;
+            }
+            let i = *index.entry(p.actor.key.clone()).or_insert_with(|| {
+                actors.push((p.actor.clone(), Vec::new()));
+                actors.len() - 1
+            });
+            actors[i].1.push(p);
         }
-        if live.is_empty() {
+        if actors.is_empty() {
             continue;
         }
-        let mut merged = ActorBatch::default();
-        for p in &live {
-            merged.writes.extend(p.batch.writes.iter().cloned());
-            if p.batch.alarm.is_some() {
-                merged.alarm = p.batch.alarm;
-            }
-        }
-        let last_seq = live.last().map_or(0, |p| p.seq);
-        let result = if merged.is_empty() {
-            Ok(())
-        } else {
-            let r = dir.storage.actor_commit(&key, merged.clone()).await;
-            dir.stats.bump(&dir.stats.commits);
-            r
+        let batches: Vec<(ActorKey, ActorBatch)> = actors
+            .iter()
+            .map(|(actor, pending)| {
+                let mut merged = ActorBatch::default();
+                for p in pending {
+                    merged.writes.extend(p.batch.writes.iter().cloned());
+                    if p.batch.alarm.is_some() {
+                        merged.alarm = p.batch.alarm;
+                    }
+                }
+                (actor.key.clone(), merged)
+            })
+            .collect();
+        let alarms: Vec<Option<AlarmChange>> = batches.iter().map(|(_, b)| b.alarm).collect();
+        let results = match dir.storage.actor_commit_many(batches).await {
+            Ok(results) => results,
+            Err(e) => vec![Err(e); actors.len()],
         };
-        match result {
-            Ok(()) => {
-                lock(&overlay).durable_through(last_seq);
-                match merged.alarm {
-                    Some(AlarmChange::Set(at)) => {
-                        let _ = dir.alarms.send(AlarmCommand::Set(key.clone(), Some(at)));
+        dir.stats.bump(&dir.stats.commits);
+        for (((actor, pending), result), alarm) in actors.into_iter().zip(results).zip(alarms) {
+            let key = actor.key.clone();
+            match result {
+                Ok(()) => {
+                    let last_seq = pending.last().map_or(0, |p| p.seq);
+                    lock(&actor.overlay).durable_through(last_seq);
+                    match alarm {
+                        Some(AlarmChange::Set(at)) => {
+                            let _ = dir.alarms.send(AlarmCommand::Set(key.clone(), Some(at)));
+                        }
+                        Some(AlarmChange::Delete) => {
+                            let _ = dir.alarms.send(AlarmCommand::Set(key.clone(), None));
+                        }
+                        Some(AlarmChange::Fired(_)) | None => {}
                     }
-                    Some(AlarmChange::Delete) => {
-                        let _ = dir.alarms.send(AlarmCommand::Set(key.clone(), None));
+                    for p in pending {
+                        complete(&dir, &key, Ok(()), p.waiter);
                     }
-                    Some(AlarmChange::Fired(_)) | None => {}
                 }
-                for p in live {
-                    complete(&dir, &key, Ok(()), p.waiter);
-                }
-            }
-            Err(e) => {
-                tracing::error!(actor = ?key, error = %e, "actor commit failed; replies become errors and the activation resets");
-                let epoch = live.last().map_or(0, |p| p.epoch);
-                failed_epoch.fetch_max(epoch, Ordering::SeqCst);
-                failed.store(true, Ordering::SeqCst);
-                for p in live {
-                    complete(&dir, &key, Err(format!("commit failed: {e}")), p.waiter);
+                Err(e) => {
+                    tracing::error!(actor = ?key, error = %e, "actor commit failed; replies become errors and the activation resets");
+                    let epoch = pending.last().map_or(0, |p| p.epoch);
+                    actor.failed_epoch.fetch_max(epoch, Ordering::SeqCst);
+                    actor.failed.store(true, Ordering::SeqCst);
+                    for p in pending {
+                        complete(&dir, &key, Err(format!("commit failed: {e}")), p.waiter);
+                    }
                 }
             }
         }

@@ -333,6 +333,22 @@ pub trait ActorStorage: Send + Sync + 'static {
     /// Applies `batch` atomically and durably.
     fn actor_commit<'a>(&'a self, actor: &'a ActorKey, batch: ActorBatch) -> StoreFuture<'a, ()>;
 
+    /// Applies several actors' batches durably, each atomically on its own;
+    /// one result per batch, in order. An engine that can, commits them
+    /// together (one fsync); this default commits them one after another.
+    fn actor_commit_many(
+        &self,
+        batches: Vec<(ActorKey, ActorBatch)>,
+    ) -> StoreFuture<'_, Vec<Result<(), StoreError>>> {
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(batches.len());
+            for (actor, batch) in batches {
+                results.push(self.actor_commit(&actor, batch).await);
+            }
+            Ok(results)
+        })
+    }
+
     /// The actor's alarm time, if set.
     fn actor_alarm<'a>(&'a self, actor: &'a ActorKey) -> StoreFuture<'a, Option<u64>>;
 

@@ -519,6 +519,50 @@ impl KvBackend for SqliteStore {
     }
 }
 
+/// Writes one actor batch (inside the caller's transaction).
+fn apply_actor_batch(
+    c: &Connection,
+    actor: &ActorKey,
+    batch: &ActorBatch,
+) -> Result<(), StoreError> {
+    for (key, value) in &batch.writes {
+        match value {
+            Some(v) => {
+                c.prepare_cached(
+                    "INSERT INTO actor_kv (class, id, key, value) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (class, id, key) DO UPDATE SET value = excluded.value",
+                )?
+                .execute(params![actor.class(), actor.id(), key, v])?;
+            }
+            None => {
+                c.prepare_cached("DELETE FROM actor_kv WHERE class = ?1 AND id = ?2 AND key = ?3")?
+                    .execute(params![actor.class(), actor.id(), key])?;
+            }
+        }
+    }
+    match batch.alarm {
+        None => {}
+        Some(AlarmChange::Set(at)) => {
+            c.prepare_cached(
+                "INSERT INTO actor_alarms (class, id, at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (class, id) DO UPDATE SET at_ms = excluded.at_ms",
+            )?
+            .execute(params![actor.class(), actor.id(), at as i64])?;
+        }
+        Some(AlarmChange::Delete) => {
+            c.prepare_cached("DELETE FROM actor_alarms WHERE class = ?1 AND id = ?2")?
+                .execute(params![actor.class(), actor.id()])?;
+        }
+        Some(AlarmChange::Fired(at)) => {
+            c.prepare_cached(
+                "DELETE FROM actor_alarms WHERE class = ?1 AND id = ?2 AND at_ms = ?3",
+            )?
+            .execute(params![actor.class(), actor.id(), at as i64])?;
+        }
+    }
+    Ok(())
+}
+
 impl ActorStorage for SqliteStore {
     fn actor_get<'a>(
         &'a self,
@@ -562,54 +606,32 @@ impl ActorStorage for SqliteStore {
 
     fn actor_commit<'a>(&'a self, actor: &'a ActorKey, batch: ActorBatch) -> StoreFuture<'a, ()> {
         let actor = actor.clone();
+        Box::pin(self.write(move |c, _| apply_actor_batch(c, &actor, &batch)))
+    }
+
+    fn actor_commit_many(
+        &self,
+        batches: Vec<(ActorKey, ActorBatch)>,
+    ) -> StoreFuture<'_, Vec<Result<(), StoreError>>> {
+        // One writer job: every batch in its own nested savepoint, so one
+        // failing batch is rolled back alone and the rest share the commit.
         Box::pin(self.write(move |c, _| {
-            for (key, value) in &batch.writes {
-                match value {
-                    Some(v) => {
-                        c.prepare_cached(
-                            "INSERT INTO actor_kv (class, id, key, value) VALUES (?1, ?2, ?3, ?4)
-                             ON CONFLICT (class, id, key) DO UPDATE SET value = excluded.value",
-                        )?
-                        .execute(params![
-                            actor.class(),
-                            actor.id(),
-                            key,
-                            v
-                        ])?;
-                    }
-                    None => {
-                        c.prepare_cached(
-                            "DELETE FROM actor_kv WHERE class = ?1 AND id = ?2 AND key = ?3",
-                        )?
-                        .execute(params![
-                            actor.class(),
-                            actor.id(),
-                            key
-                        ])?;
-                    }
+            let step = |sql: &str| -> rusqlite::Result<()> {
+                c.prepare_cached(sql)?.execute([]).map(drop)
+            };
+            let mut results = Vec::with_capacity(batches.len());
+            for (actor, batch) in &batches {
+                step("SAVEPOINT actor")?;
+                let applied = apply_actor_batch(c, actor, batch);
+                if applied.is_ok() {
+                    step("RELEASE actor")?;
+                } else {
+                    step("ROLLBACK TO actor")?;
+                    step("RELEASE actor")?;
                 }
+                results.push(applied);
             }
-            match batch.alarm {
-                None => {}
-                Some(AlarmChange::Set(at)) => {
-                    c.prepare_cached(
-                        "INSERT INTO actor_alarms (class, id, at_ms) VALUES (?1, ?2, ?3)
-                         ON CONFLICT (class, id) DO UPDATE SET at_ms = excluded.at_ms",
-                    )?
-                    .execute(params![actor.class(), actor.id(), at as i64])?;
-                }
-                Some(AlarmChange::Delete) => {
-                    c.prepare_cached("DELETE FROM actor_alarms WHERE class = ?1 AND id = ?2")?
-                        .execute(params![actor.class(), actor.id()])?;
-                }
-                Some(AlarmChange::Fired(at)) => {
-                    c.prepare_cached(
-                        "DELETE FROM actor_alarms WHERE class = ?1 AND id = ?2 AND at_ms = ?3",
-                    )?
-                    .execute(params![actor.class(), actor.id(), at as i64])?;
-                }
-            }
-            Ok(())
+            Ok(results)
         }))
     }
 

@@ -209,3 +209,80 @@ async fn writes_after_close_fail_cleanly() {
     let ns = Namespace::new("t", "s");
     assert_eq!(s.set(&ns, "a", vec![]).await, Err(StoreError::Closed));
 }
+
+#[tokio::test]
+async fn actor_storage_batches_listing_and_alarms() {
+    use ignis_store::{ActorBatch, ActorKey, ActorStorage, AlarmChange, ListOptions};
+    let (_dir, s) = open();
+    let a = ActorKey::new("room", "a");
+    let b = ActorKey::new("room", "b");
+    let put = |k: &str| (k.to_string(), Some(k.as_bytes().to_vec()));
+    let commits_before = s.stats().commits.load(Ordering::Relaxed);
+    let results = s
+        .actor_commit_many(vec![
+            (
+                a.clone(),
+                ActorBatch {
+                    writes: vec![put("m:1"), put("m:2"), put("m:3"), put("n:1")],
+                    alarm: Some(AlarmChange::Set(1_000)),
+                },
+            ),
+            (
+                b.clone(),
+                ActorBatch {
+                    writes: vec![put("m:9")],
+                    alarm: None,
+                },
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(results, vec![Ok(()), Ok(())]);
+    assert_eq!(
+        s.stats().commits.load(Ordering::Relaxed),
+        commits_before + 1,
+        "two actors' batches share one commit"
+    );
+    // Per-actor key spaces.
+    assert_eq!(s.actor_get(&b, "m:1").await.unwrap(), None);
+    let keys = |v: Vec<(String, Vec<u8>)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    let opts = ListOptions {
+        prefix: Some("m:".into()),
+        reverse: true,
+        limit: Some(2),
+        ..Default::default()
+    };
+    assert_eq!(keys(s.actor_list(&a, &opts).await.unwrap()), ["m:3", "m:2"]);
+    let opts = ListOptions {
+        start: Some("m:2".into()),
+        end: Some("n:1".into()),
+        ..Default::default()
+    };
+    assert_eq!(keys(s.actor_list(&a, &opts).await.unwrap()), ["m:2", "m:3"]);
+    // Alarms: set, fired only if unchanged, deleted.
+    assert_eq!(s.actor_alarm(&a).await.unwrap(), Some(1_000));
+    let fired = |at| ActorBatch {
+        writes: vec![],
+        alarm: Some(AlarmChange::Fired(at)),
+    };
+    s.actor_commit(&a, fired(999)).await.unwrap();
+    assert_eq!(
+        s.actor_alarm(&a).await.unwrap(),
+        Some(1_000),
+        "a stale firing keeps the new time"
+    );
+    assert_eq!(s.all_alarms().await.unwrap(), vec![(a.clone(), 1_000)]);
+    s.actor_commit(&a, fired(1_000)).await.unwrap();
+    assert_eq!(s.actor_alarm(&a).await.unwrap(), None);
+    // Deletes inside a batch.
+    s.actor_commit(
+        &a,
+        ActorBatch {
+            writes: vec![("m:1".into(), None)],
+            alarm: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.actor_get(&a, "m:1").await.unwrap(), None);
+}
