@@ -594,16 +594,12 @@ impl Validator<'_> {
             let span = t.span();
             let t = t.into_inner();
             let mut tenant = TenantConfig::default();
-            if let Some(w) = t.weight {
-                if !(1..=1000).contains(w.get_ref()) {
-                    return Err(self.err(
-                        w.span().start,
-                        format!("tenants.{name}.weight"),
-                        "must be between 1 and 1000",
-                    ));
-                }
-                tenant.weight = *w.get_ref();
-            }
+            tenant.weight = self.count(
+                t.weight,
+                &format!("tenants.{name}.weight"),
+                1..=1000,
+                tenant.weight,
+            )?;
             if !functions.values().any(|f| f.tenant == name) {
                 return Err(self.err(
                     span.start,
@@ -643,6 +639,25 @@ impl Validator<'_> {
                 offset,
                 table,
                 "missing `component` (a .wasm file) or `build` (a Rust crate directory)",
+            )),
+        }
+    }
+
+    /// A whole number in `range`, or `default` when the key is absent.
+    fn count(
+        &self,
+        value: Option<Spanned<u32>>,
+        key: &str,
+        range: std::ops::RangeInclusive<u32>,
+        default: u32,
+    ) -> Result<u32, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(n) if range.contains(n.get_ref()) => Ok(*n.get_ref()),
+            Some(n) => Err(self.err(
+                n.span().start,
+                key,
+                format!("must be between {} and {}", range.start(), range.end()),
             )),
         }
     }
@@ -718,16 +733,7 @@ impl Validator<'_> {
                 max_body: raw.max_body,
             },
         )?;
-        if let Some(m) = raw.mailbox {
-            if !(1..=1_000_000).contains(m.get_ref()) {
-                return Err(self.err(
-                    m.span().start,
-                    key("mailbox"),
-                    "must be between 1 and 1000000",
-                ));
-            }
-            limits.mailbox = *m.get_ref();
-        }
+        limits.mailbox = self.count(raw.mailbox, &key("mailbox"), 1..=1_000_000, limits.mailbox)?;
         let idle_timeout = match raw.idle_timeout {
             None => Duration::from_secs(30),
             Some(d) if d.duration.is_zero() => {
@@ -754,17 +760,12 @@ impl Validator<'_> {
                 *slot = b.bytes as usize;
             }
         }
-        let max_writes_per_message = match raw.max_writes_per_message {
-            None => 1000,
-            Some(n) if !(1..=1_000_000).contains(n.get_ref()) => {
-                return Err(self.err(
-                    n.span().start,
-                    key("max_writes_per_message"),
-                    "must be between 1 and 1000000",
-                ));
-            }
-            Some(n) => *n.get_ref() as usize,
-        };
+        let max_writes_per_message = self.count(
+            raw.max_writes_per_message,
+            &key("max_writes_per_message"),
+            1..=1_000_000,
+            1000,
+        )? as usize;
         Ok(ActorClassConfig {
             name: name.to_string(),
             source,
@@ -807,16 +808,12 @@ impl Validator<'_> {
             }
             storage.max_value_bytes = b.bytes as usize;
         }
-        if let Some(n) = raw.max_batch_keys {
-            if !(1..=100_000).contains(n.get_ref()) {
-                return Err(self.err(
-                    n.span().start,
-                    "storage.max_batch_keys",
-                    "must be between 1 and 100000",
-                ));
-            }
-            storage.max_batch_keys = *n.get_ref() as usize;
-        }
+        storage.max_batch_keys = self.count(
+            raw.max_batch_keys,
+            "storage.max_batch_keys",
+            1..=100_000,
+            1000,
+        )? as usize;
         Ok(storage)
     }
 
@@ -876,17 +873,7 @@ impl Validator<'_> {
             }
             Some(d) => d.duration,
         };
-        let pool_size = match raw.pool_size {
-            None => 32,
-            Some(n) if !(1..=10_000).contains(n.get_ref()) => {
-                return Err(self.err(
-                    n.span().start,
-                    key("pool_size"),
-                    "must be between 1 and 10000",
-                ));
-            }
-            Some(n) => *n.get_ref() as usize,
-        };
+        let pool_size = self.count(raw.pool_size, &key("pool_size"), 1..=10_000, 32)? as usize;
         Ok(BackendConfig {
             name: name.to_string(),
             scheme,
@@ -935,28 +922,15 @@ impl Validator<'_> {
             }
             Some(b) => b.bytes as usize,
         };
-        let max_headers = match raw.max_headers {
-            None => 100,
-            Some(n) if *n.get_ref() == 0 || *n.get_ref() > 1000 => {
-                return Err(self.err(
-                    n.span().start,
-                    "server.max_headers",
-                    "must be between 1 and 1000",
-                ));
-            }
-            Some(n) => *n.get_ref() as usize,
-        };
-        let guest_threads = match raw.guest_threads {
-            None => std::thread::available_parallelism().map_or(2, |n| n.get()),
-            Some(n) if *n.get_ref() == 0 || *n.get_ref() > 256 => {
-                return Err(self.err(
-                    n.span().start,
-                    "server.guest_threads",
-                    "must be between 1 and 256",
-                ));
-            }
-            Some(n) => *n.get_ref() as usize,
-        };
+        let max_headers =
+            self.count(raw.max_headers, "server.max_headers", 1..=1000, 100)? as usize;
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let guest_threads = self.count(
+            raw.guest_threads,
+            "server.guest_threads",
+            1..=256,
+            cpus as u32,
+        )? as usize;
         Ok(ServerConfig {
             listen,
             cache_dir: raw.cache_dir.map_or_else(
@@ -1011,26 +985,13 @@ impl Validator<'_> {
                 max_body: raw.max_body,
             },
         )?;
-        if let Some(c) = raw.max_concurrency {
-            if *c.get_ref() == 0 || *c.get_ref() > 10_000 {
-                return Err(self.err(
-                    c.span().start,
-                    key("max_concurrency"),
-                    "must be between 1 and 10000",
-                ));
-            }
-            limits.max_concurrency = *c.get_ref();
-        }
-        if let Some(m) = raw.mailbox {
-            if *m.get_ref() > 1_000_000 {
-                return Err(self.err(
-                    m.span().start,
-                    key("mailbox"),
-                    "must be between 0 and 1000000",
-                ));
-            }
-            limits.mailbox = *m.get_ref();
-        }
+        limits.max_concurrency = self.count(
+            raw.max_concurrency,
+            &key("max_concurrency"),
+            1..=10_000,
+            limits.max_concurrency,
+        )?;
+        limits.mailbox = self.count(raw.mailbox, &key("mailbox"), 0..=1_000_000, limits.mailbox)?;
         let mut allowed = Vec::new();
         for h in raw.allowed_outbound_hosts {
             let v = h.get_ref().trim().to_ascii_lowercase();
@@ -1057,17 +1018,12 @@ impl Validator<'_> {
             }
             backends.push(b.into_inner());
         }
-        let max_outbound_requests = match raw.max_outbound_requests {
-            None => 100,
-            Some(n) if *n.get_ref() > 10_000 => {
-                return Err(self.err(
-                    n.span().start,
-                    key("max_outbound_requests"),
-                    "must be between 0 and 10000",
-                ));
-            }
-            Some(n) => *n.get_ref(),
-        };
+        let max_outbound_requests = self.count(
+            raw.max_outbound_requests,
+            &key("max_outbound_requests"),
+            0..=10_000,
+            100,
+        )?;
         let mut stores: Vec<String> = Vec::new();
         for st in raw.key_value_stores {
             let v = st.get_ref();
