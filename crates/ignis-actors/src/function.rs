@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -182,10 +183,19 @@ impl Admission {
                 retry_after: self.retry_after,
             });
         }
+        // tokio's semaphore is fair: waiters get slots in the order they
+        // registered. Register (first poll) before counting this request as
+        // queued, so the `queued` count follows slot order.
+        let mut acquire = std::pin::pin!(tokio::time::timeout(
+            self.queue_timeout,
+            self.slots.clone().acquire_owned()
+        ));
+        let first = std::future::poll_fn(|cx| Poll::Ready(acquire.as_mut().poll(cx))).await;
         self.stats.bump(&self.stats.queued);
-        // tokio's semaphore is fair: waiters get slots in arrival order.
-        let acquired =
-            tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await;
+        let acquired = match first {
+            Poll::Ready(acquired) => acquired,
+            Poll::Pending => acquire.await,
+        };
         drop(guard);
         match acquired {
             Ok(Ok(slot)) => {

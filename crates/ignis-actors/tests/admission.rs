@@ -19,10 +19,11 @@ async fn queued_requests_get_slots_in_arrival_order() {
             tx.send(i).unwrap();
             drop(slot);
         });
-        // The next one arrives only once this one is waiting.
+        // The next one arrives only once this one holds its place in line
+        // (`queued` counts a request once it is registered for a slot).
         admission
             .stats()
-            .wait_until(|s| s.waiting.load(Ordering::SeqCst) == i + 1)
+            .wait_until(|s| s.queued.load(Ordering::SeqCst) == u64::from(i) + 1)
             .await;
     }
     // Mailbox full: the fourth is shed at once.
