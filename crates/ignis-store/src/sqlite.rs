@@ -9,10 +9,6 @@
 //! more of them, the larger the group. A job's answer never precedes its
 //! durability.
 //!
-//! A checkpoint thread copies the WAL into the database file every few
-//! hundred commits (`PASSIVE`, beside the writer rather than inside a
-//! commit, so a checkpoint's fsync never delays a group's replies).
-//!
 //! Reads run on the calling thread with a pooled read connection: a point
 //! read from the page cache takes microseconds, less than handing it to
 //! another thread would. WAL readers never block the writer nor each other.
@@ -70,8 +66,6 @@ pub struct StoreStats {
     pub commits: AtomicU64,
     /// Commits that failed (their jobs all got the error).
     pub failed_commits: AtomicU64,
-    /// WAL checkpoints run by the checkpoint thread.
-    pub checkpoints: AtomicU64,
 }
 
 /// State a write job sees besides the connection.
@@ -164,20 +158,11 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        // Checkpoints (copying the WAL into the database file and fsyncing
-        // it) run on their own thread, so they never stall a commit group.
-        writer.execute_batch("PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0;")?;
+        writer.execute_batch("PRAGMA synchronous = FULL;")?;
         writer.execute_batch(SCHEMA)?;
         let last_version: u64 =
             writer.query_row("SELECT COALESCE(MAX(version), 0) FROM kv", [], |r| r.get(0))?;
         let stats = Arc::new(StoreStats::default());
-        let checkpointer = open_connection(path, OpenFlags::default())?;
-        let (wake, woken) = mpsc::sync_channel::<()>(1);
-        let checkpoint_stats = stats.clone();
-        let checkpoint_thread = std::thread::Builder::new()
-            .name("ignis-store-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpointer, woken, &checkpoint_stats))
-            .map_err(|e| StoreError::Engine(format!("cannot start the checkpoint thread: {e}")))?;
         let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
         let thread_stats = stats.clone();
         let thread = std::thread::Builder::new()
@@ -190,10 +175,7 @@ impl SqliteStore {
                         next_version: last_version,
                     },
                     &thread_stats,
-                    wake,
-                );
-                // The writer is gone: the checkpoint thread ends with it.
-                let _ = checkpoint_thread.join();
+                )
             })
             .map_err(|e| StoreError::Engine(format!("cannot start the writer thread: {e}")))?;
         tracing::info!(path = %path.display(), "key-value store open (SQLite, WAL, synchronous=FULL)");
@@ -283,15 +265,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Commits between two requests for a checkpoint.
-const COMMITS_PER_CHECKPOINT: u64 = 256;
-
 fn writer_loop(
     conn: Connection,
     rx: mpsc::Receiver<Box<dyn Job>>,
     mut cx: WriteCtx,
     stats: &StoreStats,
-    checkpoint: mpsc::SyncSender<()>,
 ) {
     conn.set_prepared_statement_cache_capacity(64);
     let mut group: Vec<Box<dyn Job>> = Vec::with_capacity(64);
@@ -310,30 +288,13 @@ fn writer_loop(
             cx.next_version = version_before.max(cx.next_version);
             tracing::error!(error = ?commit, jobs = group.len(), "key-value commit failed; the writes were not applied");
         } else {
-            let commits = stats.commits.fetch_add(1, Ordering::Relaxed) + 1;
-            if commits.is_multiple_of(COMMITS_PER_CHECKPOINT) {
-                // Full means one is already pending: nothing to add.
-                let _ = checkpoint.try_send(());
-            }
+            stats.commits.fetch_add(1, Ordering::Relaxed);
         }
         stats
             .writes
             .fetch_add(group.len() as u64, Ordering::Relaxed);
         for job in group.drain(..) {
             job.complete(&commit);
-        }
-    }
-}
-
-/// Copies committed WAL frames into the database file when the writer asks,
-/// without blocking it (`PASSIVE`: frames a reader still needs stay).
-fn checkpoint_loop(conn: Connection, woken: mpsc::Receiver<()>, stats: &StoreStats) {
-    while woken.recv().is_ok() {
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
-            Ok(_) => {
-                stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; will retry"),
         }
     }
 }

@@ -286,26 +286,3 @@ async fn actor_storage_batches_listing_and_alarms() {
     .unwrap();
     assert_eq!(s.actor_get(&a, "m:1").await.unwrap(), None);
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn checkpoints_run_beside_the_writer() {
-    let (dir, s) = open();
-    let ns = Namespace::new("t", "s");
-    // Sequential writes: one commit each, enough for two checkpoint requests.
-    for i in 0..600 {
-        s.set(&ns, &format!("k{i}"), vec![1; 512]).await.unwrap();
-    }
-    s.close();
-    let stats = s.stats();
-    assert_eq!(stats.commits.load(Ordering::Relaxed), 600);
-    assert!(
-        stats.checkpoints.load(Ordering::Relaxed) >= 1,
-        "no checkpoint ran"
-    );
-    // Everything is still there after reopening.
-    let s = SqliteStore::open(&dir.path().join("data/ignis.db")).unwrap();
-    assert_eq!(
-        s.get(&ns, "k599").await.unwrap().unwrap().value,
-        vec![1; 512]
-    );
-}
