@@ -299,17 +299,6 @@ async fn oversized_keys_values_and_batches_get_error_variants() {
     );
 }
 
-/// Sends `kill -9` and reaps the process.
-fn sigkill(mut proc: Proc) -> String {
-    let status = std::process::Command::new("kill")
-        .args(["-KILL", &proc.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let _ = proc.child.wait();
-    proc.stderr.join().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();

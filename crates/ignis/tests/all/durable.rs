@@ -256,16 +256,6 @@ async fn poll_until(
     }
 }
 
-fn kill9(mut proc: Proc) {
-    let status = std::process::Command::new("kill")
-        .args(["-KILL", &proc.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let _ = proc.child.wait();
-    let _ = proc.stderr.join();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_increments_survive_kill_9_and_alarms_fire_after_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -325,7 +315,7 @@ async fn acknowledged_increments_survive_kill_9_and_alarms_fire_after_restart() 
                 .expect("acknowledgements before the kill"),
         );
     }
-    kill9(proc);
+    sigkill(proc);
     for l in load {
         let _ = l.await;
     }
@@ -366,7 +356,7 @@ async fn acknowledged_increments_survive_kill_9_and_alarms_fire_after_restart() 
     )
     .await;
     assert_eq!(text, "fired=1 retry=0 pending=false");
-    kill9(proc);
+    sigkill(proc);
 }
 
 /// SQLite, except that commits fail while `fail` is set.

@@ -305,3 +305,14 @@ pub fn spawn_with(args: &[&str], env: &[(&str, &str)]) -> Proc {
         stderr,
     }
 }
+
+/// Sends `kill -9`, reaps the process and returns what it wrote to stderr.
+pub fn sigkill(mut proc: Proc) -> String {
+    let status = Command::new("kill")
+        .args(["-KILL", &proc.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = proc.child.wait();
+    proc.stderr.join().unwrap()
+}
