@@ -153,6 +153,14 @@ async fn hello_peers(
     rate: Option<f64>,
     json: Option<&Path>,
 ) -> anyhow::Result<()> {
+    // Create the report's directory now, not after minutes of measuring.
+    if let Some(parent) = json
+        .and_then(Path::parent)
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {} for the JSON report", parent.display()))?;
+    }
     let dir = std::env::temp_dir().join(format!("ignis-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let manifest = ignis_manifest(&dir, component)?;
@@ -278,7 +286,8 @@ async fn hello_peers(
         medians[0].1 / medians[1].1
     );
     if let Some(path) = json {
-        std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
+        std::fs::write(path, serde_json::to_vec_pretty(&results)?)
+            .with_context(|| format!("writing the JSON report to {}", path.display()))?;
     }
     drop(peers);
     let _ = std::fs::remove_dir_all(&dir);
