@@ -50,13 +50,16 @@ fn main() -> anyhow::Result<()> {
     );
     let cache = tempfile::tempdir()?;
     let mut config = FunctionConfig::new("hello", "bench", ComponentSource::Wasm(wasm.clone()));
-    config.limits.max_concurrency = tasks.max(1);
+    config.limits.max_concurrency = 1000;
     let runtime = Runtime::new(RuntimeSettings {
         pooling: true,
         epoch_tick: std::time::Duration::from_millis(1),
         cache_dir: cache.path().to_path_buf(),
-        // Few slots, so the pool's reservation also fits under valgrind.
-        instance_slots: (tasks * 2).max(8),
+        // As `ignis serve` sizes it for a function with 1,000 concurrent
+        // instances. Under valgrind no pool reservation fits (not even 8
+        // slots): the runtime falls back to on-demand and the line printed
+        // at the end says so.
+        instance_slots: 1000,
         max_memory_bytes: config.limits.memory_bytes,
     })?;
     let function = runtime.load_function(&config, &wasm)?;
