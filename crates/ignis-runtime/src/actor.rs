@@ -243,6 +243,7 @@ impl ActorClass {
                 self.config.limits.memory_bytes,
                 self._runtime.platform(),
                 actor,
+                self._runtime.store_lease(),
             ),
         );
         store.limiter(|h| h.limiter_mut());

@@ -1,7 +1,6 @@
 //! The process-wide engine, its epoch ticker and the shared linker.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use crate::error::LoadError;
 use crate::function::{Function, Host, Pre};
 use crate::kv::KvLimits;
 use crate::sched::GuestScheduler;
+use crate::ticker::{IDLE_BEFORE_PARK, StoreLease, Ticker};
 use ignis_config::ActorClassConfig;
 use ignis_store::{ActorStorage, KvBackend};
 
@@ -108,7 +108,7 @@ pub struct Runtime {
     settings: RuntimeSettings,
     scheduler: Option<Arc<dyn GuestScheduler>>,
     platform: Platform,
-    stop_ticker: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
 }
 
 /// An engine and the linker that goes with it.
@@ -244,14 +244,16 @@ impl Runtime {
         platform: Platform,
     ) -> anyhow::Result<Arc<Runtime>> {
         let (p2, allocator) = build_set(&settings, Generation::P2)?;
-        let p3 = Arc::new(OnceLock::new());
-        let stop_ticker = Arc::new(AtomicBool::new(false));
-        spawn_epoch_ticker(
-            p2.engine.clone(),
-            p3.clone(),
-            settings.epoch_tick,
-            stop_ticker.clone(),
-        )?;
+        let p3: Arc<OnceLock<EngineSet>> = Arc::new(OnceLock::new());
+        let ticker = {
+            let (p2, p3) = (p2.engine.clone(), p3.clone());
+            Ticker::spawn(settings.epoch_tick, IDLE_BEFORE_PARK, move |advance| {
+                advance(&p2);
+                if let Some(set) = p3.get() {
+                    advance(&set.engine);
+                }
+            })?
+        };
         Ok(Arc::new(Runtime {
             cache: CompileCache::new(settings.cache_dir.clone()),
             p2,
@@ -260,7 +262,7 @@ impl Runtime {
             settings,
             scheduler,
             platform,
-            stop_ticker,
+            ticker,
         }))
     }
 
@@ -287,6 +289,28 @@ impl Runtime {
     /// The platform services.
     pub(crate) fn platform(&self) -> &Platform {
         &self.platform
+    }
+
+    /// A lease that keeps the epoch ticker running while a store exists.
+    pub(crate) fn store_lease(&self) -> StoreLease {
+        self.ticker.lease()
+    }
+
+    /// Epoch ticks so far. The ticker parks once no store has existed for a
+    /// second ([`IDLE_BEFORE_PARK`]), so an idle server does not tick.
+    pub fn epoch_ticks(&self) -> u64 {
+        self.ticker.ticks()
+    }
+
+    /// Whether the epoch ticker is parked (no store for a second).
+    pub fn epoch_ticker_parked(&self) -> bool {
+        self.ticker.is_parked()
+    }
+
+    /// Blocks the calling thread until the epoch ticker parks, at most
+    /// `timeout`; returns whether it did. For tests and diagnostics.
+    pub fn wait_epoch_ticker_parked(&self, timeout: Duration) -> bool {
+        self.ticker.wait_parked(timeout)
     }
 
     /// Loads an actor class's component (a `wasi:http` 0.2 component, which
@@ -395,28 +419,6 @@ impl Runtime {
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        self.stop_ticker.store(true, Ordering::Relaxed);
+        self.ticker.stop();
     }
-}
-
-/// One thread per process advances the epoch of every engine; each tick is
-/// one scheduling slice.
-fn spawn_epoch_ticker(
-    engine: Engine,
-    p3: Arc<OnceLock<EngineSet>>,
-    tick: Duration,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("ignis-epoch".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(tick);
-                engine.increment_epoch();
-                if let Some(set) = p3.get() {
-                    set.engine.increment_epoch();
-                }
-            }
-        })?;
-    Ok(())
 }

@@ -35,6 +35,7 @@ use crate::limits::{CpuBudget, CpuExceeded, MemoryLimiter};
 use crate::outbound::{Outbound, OutboundPolicy};
 use crate::sched::SliceQueue;
 use crate::stdio::LogCapture;
+use crate::ticker::StoreLease;
 
 /// Boxed error of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -73,6 +74,8 @@ pub struct Host {
     request_id: u64,
     actor: Option<Box<ActorHost>>,
     caller: CallerSlot,
+    /// Keeps the epoch ticker running while this store exists.
+    _ticker: StoreLease,
 }
 
 /// The parts of the host state the `ignis:actor` bindings use.
@@ -90,6 +93,7 @@ impl Host {
         memory_bytes: u64,
         platform: &Platform,
         actor: ActorHost,
+        ticker: StoreLease,
     ) -> Host {
         let mut wasi = WasiCtx::builder();
         wasi.envs(env)
@@ -114,6 +118,7 @@ impl Host {
             request_id: 0,
             actor: Some(Box::new(actor)),
             caller: platform.actor_caller.clone(),
+            _ticker: ticker,
         }
     }
 
@@ -493,6 +498,11 @@ impl Function {
         self.cache_outcome
     }
 
+    /// The runtime the function runs on.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self._runtime
+    }
+
     /// Outbound TCP connections opened by this function's pool so far.
     pub fn outbound_connections(&self) -> u64 {
         self.outbound.connections_opened()
@@ -522,6 +532,7 @@ impl Function {
             request_id,
             actor: None,
             caller: self.caller.clone(),
+            _ticker: self._runtime.store_lease(),
         };
         let mut store = Store::new(self.pre.engine(), host);
         store.limiter(|h| &mut h.limiter);

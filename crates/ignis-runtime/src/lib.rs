@@ -45,9 +45,11 @@ mod limits;
 pub mod outbound;
 pub mod sched;
 mod stdio;
+mod ticker;
 
 pub use engine::{AllocatorKind, Platform, Runtime, RuntimeSettings};
 pub use error::{GuestError, LoadError};
 pub use function::{Body, BoxError, Function, FunctionStats, RequestMeta, wait_on};
+pub use ticker::IDLE_BEFORE_PARK;
 /// The `wasi:http` host error type (request and response body errors).
 pub use wasmtime_wasi_http::Error as HttpError;

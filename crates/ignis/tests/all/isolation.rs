@@ -68,6 +68,40 @@ async fn infinite_loops_are_stopped_while_others_are_served() {
     server.shutdown().await;
 }
 
+/// The epoch ticker parks while no store exists and the next request wakes
+/// it: a spinning guest that starts on an idle server is still stopped at its
+/// CPU budget (without ticks it would spin forever; a watchdog ends the run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_server_parks_its_ticker_and_still_stops_a_spinning_guest() {
+    let server = TestServer::start(&manifest("300ms", "20s")).await;
+    let runtime = server.function("limits").runtime().clone();
+    let waiting = runtime.clone();
+    let parked = tokio::task::spawn_blocking(move || {
+        waiting.wait_epoch_ticker_parked(Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert!(parked, "the ticker did not park on an idle server");
+    let parked_at = runtime.epoch_ticks();
+    // A guest that never yields blocks its worker thread and, with it,
+    // tokio's timers: the watchdog is a plain thread, and it ends the run
+    // (a panic would leave the test runtime waiting for that worker forever).
+    let (answered, watch) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if watch.recv_timeout(Duration::from_secs(60)).is_err() {
+            eprintln!("the spinning guest was never stopped: the epoch ticker did not wake");
+            std::process::exit(1);
+        }
+    });
+    let r = get(&client(), &server.url("/limits/loop")).await;
+    answered.send(()).unwrap();
+    watchdog.join().unwrap();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(r.text().contains("cpu time limit exceeded"), "{}", r.text());
+    assert!(runtime.epoch_ticks() > parked_at);
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_bomb_gets_500_and_the_function_recovers() {
     let server = TestServer::start(&manifest("5s", "10s")).await;
