@@ -247,10 +247,10 @@ impl Runtime {
         let p3: Arc<OnceLock<EngineSet>> = Arc::new(OnceLock::new());
         let ticker = {
             let (p2, p3) = (p2.engine.clone(), p3.clone());
-            Ticker::spawn(settings.epoch_tick, IDLE_BEFORE_PARK, move |advance| {
-                advance(&p2);
+            Ticker::spawn(settings.epoch_tick, IDLE_BEFORE_PARK, move || {
+                p2.increment_epoch();
                 if let Some(set) = p3.get() {
-                    advance(&set.engine);
+                    set.engine.increment_epoch();
                 }
             })?
         };
@@ -296,15 +296,11 @@ impl Runtime {
         self.ticker.lease()
     }
 
-    /// Epoch ticks so far. The ticker parks once no store has existed for a
-    /// second ([`IDLE_BEFORE_PARK`]), so an idle server does not tick.
+    /// Epoch ticks so far. The ticker parks once its ticks have found no
+    /// store for a second ([`IDLE_BEFORE_PARK`]), so an idle server does not
+    /// tick.
     pub fn epoch_ticks(&self) -> u64 {
         self.ticker.ticks()
-    }
-
-    /// Whether the epoch ticker is parked (no store for a second).
-    pub fn epoch_ticker_parked(&self) -> bool {
-        self.ticker.is_parked()
     }
 
     /// Blocks the calling thread until the epoch ticker parks, at most

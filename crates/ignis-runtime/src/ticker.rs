@@ -4,8 +4,10 @@
 //! epoch deadline is one tick, so each tick is a scheduling slice for the
 //! guest running in it. Ticks matter only while a store exists (guest code
 //! runs nowhere else), so every store holds a [`StoreLease`], and the thread
-//! parks once no store has existed for [`IDLE_BEFORE_PARK`]: an idle server
-//! makes no wake-ups. The next lease unparks it; the first slice of a guest
+//! parks once its ticks have found no store for [`IDLE_BEFORE_PARK`]: an
+//! idle server makes no wake-ups. (A store that lives between two ticks is
+//! not seen; at worst the thread parks under a trickle of short requests and
+//! the next one unparks it.) The next lease unparks it; the first slice of a guest
 //! that starts while the ticker is parked ends one tick after the ticker
 //! resumes, as it would on a running ticker.
 
@@ -14,9 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::Duration;
 
-use wasmtime::Engine;
-
-/// How long the ticker keeps ticking after the last store is gone before it
+/// How long the ticker keeps ticking without finding a store before it
 /// parks (bursts of requests a few milliseconds apart do not park it).
 pub const IDLE_BEFORE_PARK: Duration = Duration::from_secs(1);
 
@@ -44,13 +44,12 @@ impl Drop for StoreLease {
 }
 
 impl Ticker {
-    /// Starts the ticker thread. `engines` is called at every tick and
-    /// returns the engines to advance (the WASI 0.3 engine appears the first
-    /// time a 0.3 component loads).
+    /// Starts the ticker thread; `advance` increments the epoch of every
+    /// engine at each tick.
     pub(crate) fn spawn(
         tick: Duration,
         idle_before_park: Duration,
-        engines: impl Fn(&mut dyn FnMut(&Engine)) + Send + 'static,
+        advance: impl Fn() + Send + 'static,
     ) -> std::io::Result<Arc<Ticker>> {
         let ticker = Arc::new(Ticker {
             live: AtomicUsize::new(0),
@@ -67,15 +66,14 @@ impl Ticker {
         let state = ticker.clone();
         let handle = std::thread::Builder::new()
             .name("ignis-epoch".into())
-            .spawn(move || state.run(tick, idle_ticks, engines))?;
-        // `set` cannot fail: this is the only place that sets it. Until it is
-        // set no lease can unpark the thread, but the thread cannot have
-        // parked yet either: it parks only after `idle_ticks` ticks.
+            .spawn(move || state.run(tick, idle_ticks, advance))?;
+        // `set` cannot fail: this is the only place that sets it. Leases
+        // exist only once `spawn` has returned, so every unpark finds it.
         let _ = ticker.thread.set(handle.thread().clone());
         Ok(ticker)
     }
 
-    fn run(&self, tick: Duration, idle_ticks: u128, engines: impl Fn(&mut dyn FnMut(&Engine))) {
+    fn run(&self, tick: Duration, idle_ticks: u128, advance: impl Fn()) {
         let mut idle = 0u128;
         while !self.stop.load(Ordering::SeqCst) {
             if self.live.load(Ordering::SeqCst) > 0 {
@@ -89,7 +87,7 @@ impl Ticker {
                 }
             }
             std::thread::sleep(tick);
-            engines(&mut |engine| engine.increment_epoch());
+            advance();
             self.ticks.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -161,13 +159,8 @@ impl Ticker {
 mod tests {
     use super::*;
 
-    fn ticker(idle: Duration) -> (Arc<Ticker>, Engine) {
-        let mut config = wasmtime::Config::new();
-        config.epoch_interruption(true);
-        let engine = Engine::new(&config).unwrap();
-        let e = engine.clone();
-        let t = Ticker::spawn(Duration::from_millis(1), idle, move |f| f(&e)).unwrap();
-        (t, engine)
+    fn ticker(idle: Duration) -> Arc<Ticker> {
+        Ticker::spawn(Duration::from_millis(1), idle, || {}).unwrap()
     }
 
     /// Waits until the tick count passes `after`; false after five seconds.
@@ -184,7 +177,7 @@ mod tests {
 
     #[test]
     fn parks_when_no_store_exists_and_a_lease_wakes_it() {
-        let (t, _engine) = ticker(Duration::from_millis(5));
+        let t = ticker(Duration::from_millis(5));
         assert!(t.wait_parked(Duration::from_secs(5)), "ticker never parked");
         let before = t.ticks();
         let lease = t.lease();
@@ -200,7 +193,7 @@ mod tests {
 
     #[test]
     fn a_held_lease_keeps_it_ticking() {
-        let (t, _engine) = ticker(Duration::from_millis(2));
+        let t = ticker(Duration::from_millis(2));
         let _lease = t.lease();
         // Well past the idle period: still ticking, never parked.
         let start = t.ticks();
@@ -214,7 +207,7 @@ mod tests {
     /// ticks advance.
     #[test]
     fn no_lease_is_lost_to_a_racing_park() {
-        let (t, _engine) = ticker(Duration::from_millis(1));
+        let t = ticker(Duration::from_millis(1));
         for i in 0..300u32 {
             // The thread parks about one tick after the last lease is gone;
             // spread the next lease over 0-3 ticks from then.
