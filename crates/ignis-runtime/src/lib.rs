@@ -47,7 +47,7 @@ pub mod sched;
 mod stdio;
 mod ticker;
 
-pub use engine::{AllocatorKind, Platform, Runtime, RuntimeSettings};
+pub use engine::{ACTIVATION_SLOTS, AllocatorKind, Platform, Runtime, RuntimeSettings};
 pub use error::{GuestError, LoadError};
 pub use function::{Body, BoxError, Function, FunctionStats, RequestMeta, wait_on};
 pub use ticker::IDLE_BEFORE_PARK;

@@ -239,7 +239,7 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// Boxed [`ConnectError`] (kept private; exposed only as a std error).
+/// The boxed connection error (its type stays private; callers see a std error).
 #[derive(Debug)]
 pub struct ConnectErrorBox(Box<ConnectError>);
 
