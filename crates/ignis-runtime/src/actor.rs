@@ -160,7 +160,8 @@ impl ActorHost {
 
 /// A deployed actor class: a prepared component and its settings.
 pub struct ActorClass {
-    _runtime: Arc<Runtime>,
+    /// The engines, the platform services and the epoch ticker.
+    runtime: Arc<Runtime>,
     name: Arc<str>,
     pre: ProxyPre<Host>,
     alarm_export: Option<ComponentExportIndex>,
@@ -181,7 +182,7 @@ impl ActorClass {
             .get_export_index(None, "ignis:actor/alarm-handler@0.1.0")
             .and_then(|iface| component.get_export_index(Some(&iface), "on-alarm"));
         Arc::new(ActorClass {
-            _runtime: runtime,
+            runtime,
             name: config.name.as_str().into(),
             pre,
             alarm_export,
@@ -241,9 +242,9 @@ impl ActorClass {
                 self.name.clone(),
                 &self.env,
                 self.config.limits.memory_bytes,
-                self._runtime.platform(),
+                self.runtime.platform(),
                 actor,
-                self._runtime.store_lease(),
+                self.runtime.store_lease(),
             ),
         );
         store.limiter(|h| h.limiter_mut());

@@ -400,8 +400,8 @@ impl Pre {
 
 /// A deployed function: a prepared component, its limits and its state.
 pub struct Function {
-    /// Keeps the engines and their epoch ticker alive while the function exists.
-    _runtime: Arc<Runtime>,
+    /// The engines and the epoch ticker (kept alive while the function exists).
+    runtime: Arc<Runtime>,
     name: Arc<str>,
     tenant: String,
     pre: Pre,
@@ -432,7 +432,7 @@ impl Function {
         // task is a CPU hog: the rest of it goes to the fair scheduler.
         let demote_after = runtime.settings().epoch_tick / 2;
         Ok(Arc::new(Function {
-            _runtime: runtime,
+            runtime,
             queue,
             demote_after,
             kv: Arc::new(KvAccess::new(
@@ -500,7 +500,7 @@ impl Function {
 
     /// The runtime the function runs on.
     pub fn runtime(&self) -> &Arc<Runtime> {
-        &self._runtime
+        &self.runtime
     }
 
     /// Outbound TCP connections opened by this function's pool so far.
@@ -532,7 +532,7 @@ impl Function {
             request_id,
             actor: None,
             caller: self.caller.clone(),
-            _ticker: self._runtime.store_lease(),
+            _ticker: self.runtime.store_lease(),
         };
         let mut store = Store::new(self.pre.engine(), host);
         store.limiter(|h| &mut h.limiter);
