@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ignis_actors::{Admission, CallError};
+use ignis_actors::Admission;
+use ignis_runtime::ErrorKind;
 
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -24,10 +25,7 @@ fn bench(c: &mut Criterion) {
     let _held = rt.block_on(full.admit()).unwrap();
     c.bench_function("admission/shed_full", |b| {
         b.to_async(&rt).iter(|| async {
-            assert!(matches!(
-                full.admit().await,
-                Err(CallError::MailboxFull { .. })
-            ))
+            assert!(matches!(full.admit().await, Err(e) if e.kind() == &ErrorKind::Overloaded))
         })
     });
 }

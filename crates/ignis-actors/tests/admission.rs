@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use ignis_actors::{Admission, CallError};
+use ignis_actors::Admission;
+use ignis_runtime::ErrorKind;
 use tokio::sync::mpsc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,11 +27,15 @@ async fn queued_requests_get_slots_in_arrival_order() {
             .wait_until(|s| s.queued.load(Ordering::SeqCst) == u64::from(i) + 1)
             .await;
     }
-    // Mailbox full: the fourth is shed at once.
-    assert!(matches!(
-        admission.admit().await,
-        Err(CallError::MailboxFull { waiting: 3, .. })
-    ));
+    // Mailbox full: the fourth is shed at once, with the queue deadline as
+    // its Retry-After.
+    let shed = admission.admit().await.unwrap_err();
+    assert_eq!(shed.kind(), &ErrorKind::Overloaded);
+    assert_eq!(
+        (shed.status(), shed.retry_after()),
+        (503, Some(Duration::from_secs(60)))
+    );
+    assert_eq!(admission.stats().waiting.load(Ordering::SeqCst), 3);
     drop(held);
     let order: Vec<u32> = [rx.recv().await, rx.recv().await, rx.recv().await]
         .into_iter()

@@ -1,13 +1,17 @@
 //! The Ignis HTTP front: a listener that speaks HTTP/1.1 and HTTP/2 (h2c,
 //! prior knowledge), routes each request by host and path to a function's
-//! actor (admission and scheduling live in `ignis-actors`) or to a durable
-//! actor (`/rooms/{id}/...` routes: the request goes to the actor directory
-//! with its body read, bounded by the class's `max_body`), and turns every
-//! failure into a response: shed requests get 503 with `Retry-After`.
+//! admission gate (`ignis-actors`) or to a durable actor (`/rooms/{id}/...`
+//! routes: the request goes to the actor directory with its body read,
+//! bounded by the class's `max_body`).
+//!
+//! The edge is the one place where an [`ignis_runtime::Error`] becomes a
+//! response ([`error_response`]): its status from the runtime's status
+//! table, `Retry-After` for shed requests, a body with the client-safe
+//! message and the request id, and one log line with the full cause.
 //!
 //! ```no_run
-//! # async fn demo(manifest: ignis_config::Manifest, actors: std::collections::BTreeMap<String, std::sync::Arc<ignis_actors::FunctionActor>>) -> anyhow::Result<()> {
-//! let edge = ignis_edge::Edge::new(&manifest, &actors, None)?;
+//! # async fn demo(manifest: ignis_config::Manifest, gates: std::collections::BTreeMap<String, std::sync::Arc<ignis_actors::FunctionGate>>) -> anyhow::Result<()> {
+//! let edge = ignis_edge::Edge::new(&manifest, &gates, None)?;
 //! let server = ignis_edge::Server::bind(manifest.server.listen, edge).await?;
 //! println!("listening on {}", server.local_addr());
 //! server.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
@@ -29,7 +33,6 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -39,11 +42,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use ignis_actors::{ActorDirectory, CallError, FunctionActor};
+use ignis_actors::{ActorDirectory, FunctionGate};
 use ignis_config::RouteTarget;
 use ignis_config::{Manifest, ServerConfig};
-use ignis_runtime::actor::ActorCallError;
-use ignis_runtime::{Body, GuestError, RequestMeta};
+use ignis_runtime::{Body, Error, ErrorKind, RequestMeta, next_request_id};
 use tokio::net::TcpListener;
 
 pub use routing::Router;
@@ -53,7 +55,6 @@ pub struct Edge {
     router: Router<Target>,
     directory: Option<Arc<ActorDirectory>>,
     server: ServerConfig,
-    next_id: AtomicU64,
 }
 
 /// Errors building or running the edge.
@@ -74,20 +75,20 @@ pub enum EdgeError {
 
 /// What a route leads to.
 enum Target {
-    Function(Arc<FunctionActor>),
+    Function(Arc<FunctionGate>),
     Actor(String),
 }
 
 impl Edge {
-    /// Builds the routing table from the manifest, the functions' actors
+    /// Builds the routing table from the manifest, the functions' gates
     /// and (if the manifest has actor classes) the durable actor directory.
     pub fn new(
         manifest: &Manifest,
-        actors: &BTreeMap<String, Arc<FunctionActor>>,
+        gates: &BTreeMap<String, Arc<FunctionGate>>,
         directory: Option<Arc<ActorDirectory>>,
     ) -> Result<Arc<Edge>, EdgeError> {
         let router = Router::new(&manifest.routes, |target| match target {
-            RouteTarget::Function(name) => actors
+            RouteTarget::Function(name) => gates
                 .get(name)
                 .cloned()
                 .map(|a| Arc::new(Target::Function(a))),
@@ -101,13 +102,12 @@ impl Edge {
             router,
             directory,
             server: manifest.server.clone(),
-            next_id: AtomicU64::new(1),
         }))
     }
 
     /// Handles one request; never fails (every error is a response).
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = next_request_id();
         let host = req
             .uri()
             .host()
@@ -119,55 +119,50 @@ impl Edge {
             })
             .unwrap_or("");
         let path = req.uri().path().to_string();
-        let actor = match self.router.route(host, &path) {
+        let gate = match self.router.route(host, &path) {
             None => {
-                return plain(
-                    StatusCode::NOT_FOUND,
-                    id,
-                    "no route for this host and path\n".to_string(),
-                );
+                let e = Error::new(ErrorKind::NotFound).context("no route for this host and path");
+                return error_response("edge", &e, id);
             }
             Some((target, actor_id)) => match &**target {
-                Target::Function(actor) => actor.clone(),
+                Target::Function(gate) => gate.clone(),
                 Target::Actor(class) => {
                     let actor_id = actor_id.unwrap_or_default().to_string();
-                    return self.to_actor(class, &actor_id, req, id).await;
+                    return match self.to_actor(class, &actor_id, req, id).await {
+                        Ok(resp) => resp,
+                        Err(e) => {
+                            let e = e.context(format!("actor {class}/{actor_id}"));
+                            error_response(class, &e, id)
+                        }
+                    };
                 }
             },
         };
-        let max_body = actor.function().limits().max_body_bytes;
+        let function = gate.function().name();
+        let max_body = gate.function().limits().max_body_bytes;
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > max_body) {
-            return plain(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                id,
-                format!("request body larger than {max_body} bytes\n"),
-            );
+            return error_response(function, &body_too_large(max_body), id);
         }
         let (parts, incoming) = req.into_parts();
         let (limited, exceeded) = body::Limited::new(incoming, max_body);
         let req = Request::from_parts(parts, limited);
-        match actor.call(req, RequestMeta::new(id)).await {
+        match gate.call(req, RequestMeta::new(id)).await {
             Ok(mut resp) => {
                 resp.headers_mut()
                     .insert("x-request-id", HeaderValue::from(id));
                 resp
             }
-            Err(CallError::Guest(_)) if exceeded.get() => plain(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                id,
-                format!("request body larger than {max_body} bytes\n"),
-            ),
-            Err(e) => error_response(actor.function().name(), &e, id),
+            // The guest failed because its body stream was cut at the limit.
+            Err(_) if exceeded.get() => error_response(function, &body_too_large(max_body), id),
+            Err(e) => error_response(function, &e, id),
         }
     }
-}
 
-impl Edge {
     /// A request for durable actor `(class, actor_id)`: the body is read
     /// (bounded by the class's `max_body`), the reply comes back whole.
     async fn to_actor(
@@ -176,9 +171,9 @@ impl Edge {
         actor_id: &str,
         req: Request<Incoming>,
         id: u64,
-    ) -> Response<Body> {
+    ) -> Result<Response<Body>, Error> {
         let Some(directory) = &self.directory else {
-            return plain(StatusCode::NOT_FOUND, id, "no actors are deployed\n".into());
+            return Err(Error::new(ErrorKind::NotFound).context("no actors are deployed"));
         };
         let max_body = directory
             .class(class)
@@ -193,53 +188,26 @@ impl Edge {
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some() =>
             {
-                return plain(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    id,
-                    format!("request body larger than {max_body} bytes\n"),
-                );
+                return Err(body_too_large(max_body));
             }
             Err(e) => {
-                return plain(
-                    StatusCode::BAD_REQUEST,
-                    id,
-                    format!("reading the body: {e}\n"),
-                );
+                return Err(Error::new(ErrorKind::BadRequest)
+                    .context("the request body could not be read")
+                    .with_source(e));
             }
         };
-        match directory
-            .send(class, actor_id, Request::from_parts(parts, body))
-            .await
-        {
-            Ok(resp) => {
-                let mut resp =
-                    resp.map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync());
-                resp.headers_mut()
-                    .insert("x-request-id", HeaderValue::from(id));
-                resp
-            }
-            Err(e) => {
-                let status = match &e {
-                    ActorCallError::NoSuchClass(_) => StatusCode::NOT_FOUND,
-                    ActorCallError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
-                    ActorCallError::Invalid(_) | ActorCallError::Failed(_) => {
-                        StatusCode::INTERNAL_SERVER_ERROR
-                    }
-                };
-                tracing::warn!(actor_class = class, actor_id, request_id = id, error = %e, "actor message failed");
-                let mut resp = plain(
-                    status,
-                    id,
-                    format!("{e} (actor {class}/{actor_id}, request id {id})\n"),
-                );
-                if status == StatusCode::SERVICE_UNAVAILABLE {
-                    resp.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                }
-                resp
-            }
-        }
+        let resp = directory
+            .send(class, actor_id, Request::from_parts(parts, body), id)
+            .await?;
+        let mut resp = resp.map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync());
+        resp.headers_mut()
+            .insert("x-request-id", HeaderValue::from(id));
+        Ok(resp)
     }
+}
+
+fn body_too_large(max_body: u64) -> Error {
+    Error::new(ErrorKind::BodyTooLarge).context(format!("the limit is {max_body} bytes"))
 }
 
 fn strip_port(host: &str) -> &str {
@@ -265,22 +233,17 @@ fn plain(status: StatusCode, id: u64, text: String) -> Response<Body> {
     resp
 }
 
-fn error_response(function: &str, e: &CallError, id: u64) -> Response<Body> {
+/// The response for `e`, which happened in `owner` (a function, an actor
+/// class, or the edge itself) while serving request `id`: its status, the
+/// client-safe message with the request id, `Retry-After` if it was shed.
+/// Logs the error, with its full cause: the one place errors are logged.
+pub fn error_response(owner: &str, e: &Error, id: u64) -> Response<Body> {
+    e.log(owner, id);
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    match e {
-        CallError::Guest(GuestError::Trap(detail) | GuestError::Internal(detail)) => {
-            tracing::warn!(function, request_id = id, detail = %detail, "{e}");
-        }
-        // Shed requests are the hot path of an overload: keep them quiet.
-        CallError::MailboxFull { .. } | CallError::QueueTimeout { .. } => {
-            tracing::debug!(function, request_id = id, "{e}");
-        }
-        _ => tracing::info!(function, request_id = id, "{e}"),
-    }
     let mut resp = plain(
         status,
         id,
-        format!("{e} (function {function}, request id {id})\n"),
+        format!("{} ({owner}, request id {id})\n", e.public()),
     );
     if let Some(after) = e.retry_after() {
         resp.headers_mut()

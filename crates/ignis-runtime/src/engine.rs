@@ -11,10 +11,11 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use crate::actor::{ActorClass, CallerSlot};
+use crate::bindings::keyvalue::KvLimits;
 use crate::cache::CompileCache;
 use crate::error::LoadError;
-use crate::function::{Function, Host, Pre};
-use crate::kv::KvLimits;
+use crate::function::{Function, Pre};
+use crate::host::{Host, actor_linker, function_linker};
 use crate::sched::GuestScheduler;
 use crate::ticker::{IDLE_BEFORE_PARK, StoreLease, Ticker};
 use ignis_config::ActorClassConfig;
@@ -67,6 +68,12 @@ impl RuntimeSettings {
 /// 500 and a log line, until idle ones are evicted).
 pub const ACTIVATION_SLOTS: u64 = 1200;
 
+/// What a function may import, for load errors.
+const FUNCTION_IMPORTS: &str = "WASI 0.2 (and 0.3), wasi:http, wasi:keyvalue, wasi:config and ignis:actor/client; ignis:actor/storage, alarms and context are for actor classes";
+/// What an actor class may import, for load errors.
+const ACTOR_IMPORTS: &str =
+    "WASI 0.2, wasi:http and ignis:actor (storage, alarms, context, client)";
+
 /// Process-wide services behind the platform bindings.
 #[derive(Clone, Default)]
 pub struct Platform {
@@ -93,7 +100,8 @@ pub enum AllocatorKind {
 }
 
 /// The process-wide runtime: one engine per WASI generation, one epoch
-/// ticker, and a linker per engine.
+/// ticker, a function linker per engine and an actor-class linker on the
+/// 0.2 engine (see [`crate::host`] for what each grants).
 ///
 /// `wasi:http` 0.2 components run on an engine without the component-model
 /// async ABI: enabling `concurrency_support` costs every call on that engine
@@ -102,6 +110,8 @@ pub enum AllocatorKind {
 /// loads, so a deployment without one pays nothing for it.
 pub struct Runtime {
     p2: EngineSet,
+    /// Actor classes: `wasi:http` 0.2 components on the 0.2 engine.
+    actors: Linker<Host>,
     p3: Arc<OnceLock<EngineSet>>,
     cache: CompileCache,
     allocator: AllocatorKind,
@@ -199,18 +209,7 @@ fn build_set(
     generation: Generation,
 ) -> anyhow::Result<(EngineSet, AllocatorKind)> {
     let (engine, allocator) = build_engine(settings, generation)?;
-    let mut linker = Linker::new(&engine);
-    // Language standard libraries import `wasi:cli` 0.2 even in 0.3
-    // components, so both linkers carry WASI 0.2.
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
-    crate::kv::add_to_linker(&mut linker)?;
-    crate::actor::add_to_linker(&mut linker)?;
-    wasmtime_wasi_config::add_to_linker(&mut linker, Host::config)?;
-    if generation == Generation::P3 {
-        wasmtime_wasi::p3::add_to_linker(&mut linker)?;
-        wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
-    }
+    let linker = function_linker(&engine, generation == Generation::P3)?;
     tracing::info!(
         ?allocator,
         ?generation,
@@ -244,6 +243,7 @@ impl Runtime {
         platform: Platform,
     ) -> anyhow::Result<Arc<Runtime>> {
         let (p2, allocator) = build_set(&settings, Generation::P2)?;
+        let actors = actor_linker(&p2.engine)?;
         let p3: Arc<OnceLock<EngineSet>> = Arc::new(OnceLock::new());
         let ticker = {
             let (p2, p3) = (p2.engine.clone(), p3.clone());
@@ -257,6 +257,7 @@ impl Runtime {
         Ok(Arc::new(Runtime {
             cache: CompileCache::new(settings.cache_dir.clone()),
             p2,
+            actors,
             p3,
             allocator,
             settings,
@@ -327,13 +328,12 @@ impl Runtime {
             })?;
         let (component, outcome) = self.cache.load_or_compile(&self.p2.engine, name, wasm)?;
         let instance_pre =
-            self.p2
-                .linker
+            self.actors
                 .instantiate_pre(&component)
                 .map_err(|e| LoadError::MissingImport {
                     function: name.clone(),
                     path: wasm.to_path_buf(),
-                    reason: format!("{e:#}"),
+                    reason: format!("{e:#} (an actor class may import {ACTOR_IMPORTS})"),
                 })?;
         let pre = ProxyPre::new(instance_pre).map_err(|e| LoadError::WrongWorld {
             function: name.clone(),
@@ -391,7 +391,7 @@ impl Runtime {
                 .map_err(|e| LoadError::MissingImport {
                     function: name.clone(),
                     path: wasm.to_path_buf(),
-                    reason: format!("{e:#}"),
+                    reason: format!("{e:#} (a function may import {FUNCTION_IMPORTS})"),
                 })?;
         let pre = if std::ptr::eq(set, &self.p2) {
             ProxyPre::new(instance_pre).map(Pre::P2)
@@ -404,12 +404,13 @@ impl Runtime {
             reason: format!("{e:#}"),
         })?;
         tracing::info!(function = %name, path = %wasm.display(), cache = ?outcome, "function loaded");
-        Function::new(self.clone(), config, pre, outcome, &self.platform).map_err(|e| {
-            LoadError::Other {
-                function: name.clone(),
-                reason: format!("{e:#}"),
-            }
-        })
+        Ok(Function::new(
+            self.clone(),
+            config,
+            pre,
+            outcome,
+            &self.platform,
+        ))
     }
 }
 

@@ -1,6 +1,6 @@
 //! The Ignis WebAssembly runtime: one wasmtime [`Engine`](wasmtime::Engine)
-//! per process, components compiled once and cached on disk, a fresh
-//! resource-limited instance per request.
+//! per WASI generation, components compiled once and cached on disk, a
+//! fresh resource-limited instance per request.
 //!
 //! ```no_run
 //! # async fn demo(manifest: ignis_config::Manifest) -> anyhow::Result<()> {
@@ -18,29 +18,35 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The pieces:
-//! - [`Runtime`]: the engine (pooling allocator with copy-on-write memory
-//!   images, falling back to on-demand allocation when the reservation fails),
-//!   the epoch ticker thread, the linker with WASI p2 and `wasi:http`, and the
+//! The pieces, in the order a request meets them:
+//! - [`Runtime`] (`engine.rs`): the engines (pooling allocator with
+//!   copy-on-write memory images, falling back to on-demand allocation when
+//!   the reservation fails), the epoch ticker thread, the linkers and the
 //!   [compile cache](cache).
-//! - [`Function`]: one deployed component with its `ProxyPre`, limits,
-//!   environment and outbound policy; [`Function::handle`] runs one request.
-//! - [`outbound`]: the allowlist and pooled client behind guest outbound HTTP.
-//! - The guest runs inside the caller's task: [`Function::handle`] polls it
-//!   until the response head is set, then the returned body polls it before
-//!   each frame. Dropping either cancels the guest.
-//! - A guest still running after half an epoch slice of CPU moves to its
-//!   tenant's queue in the fair scheduler ([`sched`]), if one is installed.
-//! - Limits per request: a [`wasmtime::ResourceLimiter`] for memory, epoch
-//!   slices that make CPU-bound guests yield back to tokio, a CPU-time budget
-//!   measured while the guest is polled, and a wall-clock deadline.
+//! - [`host`]: the store data, one optional part per capability, and the
+//!   linkers that decide what a function or an actor class may import.
+//! - [`bindings`]: one module per interface (outbound HTTP, config,
+//!   key-value, `ignis:actor`), each owning its state and linking itself.
+//! - [`Function`] (`function/`): one deployed component; [`Function::handle`]
+//!   runs one request (`p2.rs`, `p3.rs`), polled in the caller's task until
+//!   the response head is set, then by the returned body before each frame.
+//!   A guest still running after half an epoch slice of CPU moves to its
+//!   tenant's queue in the fair scheduler ([`sched`]).
+//! - [`actor`]: actor classes and their long-lived activations.
+//! - `guest/`: the one guest-run core: a CPU budget measured while the
+//!   guest is polled, a wall deadline, the memory limiter's verdict, turned
+//!   into an outcome and counted in [`GuestStats`].
+//! - [`Error`]: the one error type from the guest to the response, with its
+//!   status table; only the edge turns it into a response and logs it.
 
 pub mod actor;
+pub mod bindings;
 pub mod cache;
 mod engine;
 mod error;
 mod function;
-pub mod kv;
+mod guest;
+pub mod host;
 mod limits;
 pub mod outbound;
 pub mod sched;
@@ -48,8 +54,10 @@ mod stdio;
 mod ticker;
 
 pub use engine::{ACTIVATION_SLOTS, AllocatorKind, Platform, Runtime, RuntimeSettings};
-pub use error::{GuestError, LoadError};
-pub use function::{Body, BoxError, Function, FunctionStats, RequestMeta, wait_on};
+pub use error::{BoxError, Error, ErrorKind, LoadError, LogLevel};
+pub use function::{Body, Function, RequestMeta};
+pub use guest::{GuestStats, wait_on};
+pub use host::next_request_id;
 pub use ticker::IDLE_BEFORE_PARK;
 /// The `wasi:http` host error type (request and response body errors).
 pub use wasmtime_wasi_http::Error as HttpError;

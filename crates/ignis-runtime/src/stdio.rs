@@ -1,9 +1,12 @@
 //! Guest stdout/stderr, captured line by line into the structured log.
 //!
-//! Each request gets its own capture, tagged with the function name and the
-//! request id. Capture is bounded: past [`MAX_CAPTURED_BYTES`] per request the
-//! rest is counted and dropped (the guest's writes still succeed, so a chatty
-//! guest is never failed by its logging), and one warning says how much.
+//! Each request gets its own capture, tagged with the function (or actor
+//! class) name and the request id. Capture is bounded: past
+//! [`MAX_CAPTURED_BYTES`] per request the rest is counted and dropped (the
+//! guest's writes still succeed, so a chatty guest is never failed by its
+//! logging), and one warning says how much. An actor's instance lives across
+//! messages: [`GuestLog::begin`] starts each message's capture with its own
+//! request id and its own budget.
 
 use std::io;
 use std::pin::Pin;
@@ -63,14 +66,23 @@ impl State {
     }
 }
 
-impl Drop for State {
-    fn drop(&mut self) {
+impl State {
+    /// Flushes the partial line and reports what was dropped.
+    fn finish(&mut self) {
         if !self.line.is_empty() {
             self.emit();
         }
         if self.dropped > 0 {
             tracing::warn!(target: "ignis::guest", function = %self.function, request_id = self.request_id, stream = self.stream, dropped_bytes = self.dropped, "guest output over the per-request log limit was dropped");
         }
+        self.logged = 0;
+        self.dropped = 0;
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 
@@ -88,6 +100,43 @@ impl LogCapture {
             logged: 0,
             dropped: 0,
         })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A guest's stdout and stderr captures: the host state of its log output.
+pub(crate) struct GuestLog {
+    pub(crate) stdout: LogCapture,
+    pub(crate) stderr: LogCapture,
+}
+
+impl GuestLog {
+    pub(crate) fn new(owner: Arc<str>, request_id: u64) -> GuestLog {
+        GuestLog {
+            stdout: LogCapture::new(owner.clone(), request_id, "stdout"),
+            stderr: LogCapture::new(owner, request_id, "stderr"),
+        }
+    }
+
+    /// Starts the capture of a new request (an actor's next message) with
+    /// its own id and its own budget.
+    pub(crate) fn begin(&self, request_id: u64) {
+        for capture in [&self.stdout, &self.stderr] {
+            let mut state = capture.state();
+            state.finish();
+            state.request_id = request_id;
+        }
+    }
+
+    /// Ends the current request's capture: its partial line is logged, and
+    /// what it dropped is reported now rather than when the instance goes.
+    pub(crate) fn end(&self) {
+        for capture in [&self.stdout, &self.stderr] {
+            capture.state().finish();
+        }
     }
 }
 
@@ -109,7 +158,7 @@ impl AsyncWrite for LogCapture {
         _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf);
+        self.state().write(buf);
         Poll::Ready(Ok(buf.len()))
     }
 

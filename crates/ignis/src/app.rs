@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use ignis_actors::{ActorDirectory, FairScheduler, FunctionActor};
+use ignis_actors::{ActorDirectory, FunctionGate};
 use ignis_config::{ComponentSource, Manifest};
 use ignis_edge::{Edge, Server};
-use ignis_runtime::kv::KvLimits;
+use ignis_runtime::bindings::keyvalue::KvLimits;
 use ignis_runtime::outbound::Backend;
+use ignis_runtime::sched::FairScheduler;
 use ignis_runtime::{Function, Platform, Runtime, RuntimeSettings};
 use ignis_store::{ActorStorage, KvBackend, SqliteStore};
 
@@ -30,8 +31,8 @@ pub struct App {
     pub runtime: Arc<Runtime>,
     /// Functions by name.
     pub functions: BTreeMap<String, Arc<Function>>,
-    /// Their actors (admission, mailbox), by function name.
-    pub actors: BTreeMap<String, Arc<FunctionActor>>,
+    /// Their admission gates (concurrency cap, mailbox), by function name.
+    pub gates: BTreeMap<String, Arc<FunctionGate>>,
     /// The fair scheduler for guests that outlast their first slice.
     pub scheduler: Arc<FairScheduler>,
     /// The routing edge.
@@ -142,10 +143,10 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         platform,
     )?;
     let mut functions = BTreeMap::new();
-    let mut actors = BTreeMap::new();
+    let mut gates = BTreeMap::new();
     for (name, config) in &manifest.functions {
         let function = runtime.load_function(config, &paths.functions[name])?;
-        actors.insert(name.clone(), FunctionActor::new(function.clone()));
+        gates.insert(name.clone(), FunctionGate::new(function.clone()));
         functions.insert(name.clone(), function);
     }
     let directory = match &store {
@@ -160,11 +161,11 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         }
         _ => None,
     };
-    let edge = Edge::new(manifest, &actors, directory.clone())?;
+    let edge = Edge::new(manifest, &gates, directory.clone())?;
     Ok(App {
         runtime,
         functions,
-        actors,
+        gates,
         scheduler,
         edge,
         store,

@@ -15,6 +15,7 @@
 //! | `GET .../whoami` | `class/id` |
 //! | `POST .../spin?ms=N` | keeps the actor busy for N ms |
 //! | `POST .../put?key=K&size=N` | writes N bytes at K; the storage error if refused |
+//! | `POST .../say?text=T&fill=N` | prints T, then about N bytes of filler lines, to stdout |
 
 use std::io::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -136,6 +137,15 @@ fn route(path: &str, query: &str) -> (u16, String) {
             let until = now_ms() + ms;
             while now_ms() < until {}
             (200, format!("spun {ms} ms"))
+        }
+        "say" => {
+            println!("{}", param(query, "text").unwrap_or(""));
+            let fill: usize = param(query, "fill").and_then(|n| n.parse().ok()).unwrap_or(0);
+            let line = "x".repeat(99);
+            for _ in 0..fill / 100 {
+                println!("{line}");
+            }
+            (200, "said".into())
         }
         _ => (404, "unknown operation".into()),
     }

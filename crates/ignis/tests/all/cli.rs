@@ -91,6 +91,59 @@ fn bad_components_are_startup_errors_naming_function_file_and_import() {
     }
 }
 
+/// Each kind of guest is linked with only what it may import, so a wrong
+/// import is a startup error naming it. Before the per-interface host
+/// state, both linkers carried every interface: a function importing
+/// `ignis:actor/storage` loaded and failed at call time, and an actor class
+/// importing `wasi:keyvalue` got an empty store list.
+#[test]
+fn capabilities_are_checked_at_startup_by_kind_of_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        // The counter actor, deployed as a function: storage is for actors.
+        (
+            "as-function",
+            format!("[functions.counter]\ncomponent = \"{}\"\n", wasm("counter")),
+            "function `counter`",
+            "ignis:actor/storage",
+        ),
+        // The key-value function, deployed as an actor class.
+        (
+            "as-actor",
+            format!("[actors.kv]\ncomponent = \"{}\"\n", wasm("kv")),
+            "function `kv`",
+            "wasi:keyvalue/",
+        ),
+    ];
+    for (name, body, owner, import) in cases {
+        let manifest = write(
+            dir.path(),
+            &format!("{name}.toml"),
+            &format!(
+                "[server]\ncache_dir = \"{}\"\n[storage]\npath = \"{name}.db\"\n{body}",
+                shared_cache()
+            ),
+        );
+        let (ok, _, err) = check(&manifest);
+        assert!(!ok, "{name}");
+        assert!(err.contains(owner), "{name}: {err}");
+        assert!(err.contains(import), "{name}: {err}");
+    }
+    // The same components where they belong load.
+    let manifest = write(
+        dir.path(),
+        "right.toml",
+        &format!(
+            "[server]\ncache_dir = \"{}\"\n[storage]\npath = \"right.db\"\n[actors.counter]\ncomponent = \"{}\"\n[functions.kv]\ncomponent = \"{}\"\nkey_value_stores = [\"default\"]\n",
+            shared_cache(),
+            wasm("counter"),
+            wasm("kv")
+        ),
+    );
+    let (ok, out, err) = check(&manifest);
+    assert!(ok, "{out}{err}");
+}
+
 #[test]
 fn restart_reuses_the_compile_cache() {
     let dir = tempfile::tempdir().unwrap();

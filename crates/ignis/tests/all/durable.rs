@@ -88,12 +88,33 @@ async fn a_trap_rolls_back_its_writes_and_resets_the_activation() {
         post(&c, &server.url("/counter/t/incr"), "").await.text(),
         "2"
     );
-    let stats = server.directory.as_ref().unwrap().stats();
+    let directory = server.directory.as_ref().unwrap();
+    let stats = directory.stats();
     assert_eq!(stats.resets.load(Ordering::SeqCst), 1);
     assert_eq!(
         stats.activations.load(Ordering::SeqCst),
         2,
         "re-activated after the trap"
+    );
+    // The guest-run core counts actor messages like function requests: the
+    // trap, the four messages, and the CPU they used (measured and thrown
+    // away before the shared core).
+    let class = directory.class("counter").unwrap().stats();
+    assert_eq!(class.traps.load(Ordering::SeqCst), 1);
+    assert_eq!(class.requests.load(Ordering::SeqCst), 4);
+    assert!(class.cpu_nanos.load(Ordering::SeqCst) > 0);
+    // A trap's 500 names the request id, never wasmtime's internals (the
+    // trap code and backtrace are in the log).
+    let r = post(&c, &server.url("/counter/t2/trap"), "").await;
+    let text = r.text();
+    assert_eq!(r.status, 500, "{text}");
+    assert!(
+        text.contains("guest trapped") && text.contains("request id"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("wasm") && !text.contains("backtrace"),
+        "{text}"
     );
 }
 
@@ -217,6 +238,50 @@ async fn a_message_behind_a_busy_actor_gets_503_at_its_deadline() {
     assert_eq!((r.status, r.text().as_str()), (200, "spun 3000 ms"));
     // The shed message never ran.
     assert_eq!(get(&c, &server.url("/counter/b/get")).await.text(), "0");
+}
+
+/// An actor's instance lives across messages, but each message's output is
+/// logged under that message's request id, with its own capture budget.
+/// Before the per-interface host state every actor log line had request id
+/// 0 and the 64 KiB budget ran per activation, so the second message's line
+/// below was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actor_output_is_logged_per_message_under_its_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[server]\ncache_dir = \"{}\"\n{}",
+        shared_cache(),
+        actor_manifest(dir.path(), "")
+    );
+    let manifest = write(dir.path(), "ignis.toml", &text);
+    let proc = spawn(&["serve", manifest.to_str().unwrap()]);
+    let c = client();
+    let base = format!("http://{}", proc.addr);
+    let mut ids = Vec::new();
+    for text in ["first-message-line", "second-message-line"] {
+        let r = post(
+            &c,
+            &format!("{base}/counter/log/say?text={text}&fill=70000"),
+            "",
+        )
+        .await;
+        assert_eq!((r.status, r.text().as_str()), (200, "said"));
+        ids.push(r.headers["x-request-id"].to_str().unwrap().to_string());
+    }
+    assert_ne!(ids[0], ids[1]);
+    let logs = strip_ansi(&sigkill(proc));
+    for (text, id) in ["first-message-line", "second-message-line"]
+        .iter()
+        .zip(&ids)
+    {
+        let line = logs
+            .lines()
+            .find(|l| l.contains(text))
+            .unwrap_or_else(|| panic!("{text} was not logged: {logs}"));
+        assert!(line.contains(&format!("request_id={id}")), "{line}");
+    }
+    // Each message went over the budget on its own: two drop warnings.
+    assert_eq!(logs.matches("dropped_bytes").count(), 2, "{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,7 +513,7 @@ async fn a_failed_commit_turns_the_reply_into_an_error_and_resets_the_activation
             let req = http::Request::post(format!("http://x/counter/f/{op}"))
                 .body(bytes::Bytes::new())
                 .unwrap();
-            directory.send("counter", "f", req).await
+            directory.send("counter", "f", req, 1).await
         }
     };
     let text = |r: Result<http::Response<bytes::Bytes>, _>| {
@@ -457,10 +522,12 @@ async fn a_failed_commit_turns_the_reply_into_an_error_and_resets_the_activation
     assert_eq!(text(send("incr").await), "1");
     storage.fail.store(true, Ordering::SeqCst);
     let failed = send("incr").await;
-    assert!(
-        matches!(&failed, Err(ignis_runtime::actor::ActorCallError::Failed(m)) if m.contains("injected commit failure")),
-        "{failed:?}"
-    );
+    // A storage error: the caller sees "storage error", the cause is only
+    // in the log detail.
+    let err = failed.as_ref().unwrap_err();
+    assert_eq!(err.kind(), &ignis_runtime::ErrorKind::Storage, "{err:?}");
+    assert!(!err.public().contains("injected"), "{}", err.public());
+    assert!(err.detail().contains("injected commit failure"), "{err:?}");
     storage.fail.store(false, Ordering::SeqCst);
     // The write whose commit failed is gone: the activation started over
     // from what is durable.

@@ -15,9 +15,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use ignis::app::{self, Sources};
-use ignis_actors::{ActorDirectory, FairScheduler, FunctionActor};
+use ignis_actors::{ActorDirectory, FunctionGate};
 use ignis_config::Manifest;
 use ignis_runtime::Function;
+use ignis_runtime::sched::FairScheduler;
 use tokio::sync::oneshot;
 
 /// The repository root.
@@ -67,7 +68,7 @@ pub fn shared_cache() -> String {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub functions: BTreeMap<String, Arc<Function>>,
-    pub actors: BTreeMap<String, Arc<FunctionActor>>,
+    pub gates: BTreeMap<String, Arc<FunctionGate>>,
     pub scheduler: Arc<FairScheduler>,
     pub directory: Option<Arc<ActorDirectory>>,
     stop: Option<oneshot::Sender<()>>,
@@ -105,7 +106,7 @@ impl TestServer {
         TestServer {
             addr,
             functions: app.functions,
-            actors: app.actors,
+            gates: app.gates,
             scheduler: app.scheduler,
             directory: app.directory,
             stop: Some(stop),
@@ -121,8 +122,8 @@ impl TestServer {
         &self.functions[name]
     }
 
-    pub fn actor(&self, name: &str) -> &Arc<FunctionActor> {
-        &self.actors[name]
+    pub fn gate(&self, name: &str) -> &Arc<FunctionGate> {
+        &self.gates[name]
     }
 
     /// Stops accepting and waits for in-flight requests.
@@ -304,6 +305,25 @@ pub fn spawn_with(args: &[&str], env: &[(&str, &str)]) -> Proc {
         addr,
         stderr,
     }
+}
+
+/// `text` without ANSI colour sequences (`ESC [ ... m`), as the log shows
+/// on a terminal.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Sends `kill -9`, reaps the process and returns what it wrote to stderr.

@@ -3,7 +3,7 @@
 
 mod harness;
 
-mod actors;
+mod admission;
 mod bindings;
 mod cli;
 mod durable;

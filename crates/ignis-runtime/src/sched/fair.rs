@@ -25,8 +25,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::{GuestScheduler, SliceQueue, thread_cpu_time, use_thread_cpu_clock};
 use async_task::Runnable;
-use ignis_runtime::sched::{GuestScheduler, SliceQueue, thread_cpu_time, use_thread_cpu_clock};
 use tokio::sync::watch;
 
 /// Virtual time unit: nanoseconds of CPU at weight 1.

@@ -1,4 +1,4 @@
-//! Function actors: admission, load shedding, fair scheduling, weights.
+//! Function gates: admission, load shedding, fair scheduling, weights.
 //! No timing thresholds: these tests assert orderings and counts.
 
 use std::sync::atomic::Ordering;
@@ -73,7 +73,7 @@ async fn a_full_mailbox_sheds_at_once_without_instantiating() {
     let server = TestServer::start(&capped(1, "30s")).await;
     let c = client();
     let limits = server.function("limits").clone();
-    let actor = server.actor("limits").clone();
+    let actor = server.gate("limits").clone();
 
     // A holds the only instance; B waits in the one-place mailbox.
     let a = hold_the_only_instance(&server).await;
@@ -121,7 +121,7 @@ async fn a_request_waiting_past_the_queue_deadline_is_shed() {
     let server = TestServer::start(&capped(8, "200ms")).await;
     let c = client();
     let limits = server.function("limits").clone();
-    let actor = server.actor("limits").clone();
+    let actor = server.gate("limits").clone();
 
     let a = hold_the_only_instance(&server).await;
 
@@ -250,7 +250,7 @@ function = "gold"
         hogs.push(hold(&server, "/bronze/loop").await);
         hogs.push(hold(&server, "/gold/loop").await);
     }
-    let both = |s: &ignis_actors::FairScheduler, n: u64| {
+    let both = |s: &ignis_runtime::sched::FairScheduler, n: u64| {
         ["bronze", "gold"]
             .iter()
             .all(|t| s.tenant_stats(t).is_some_and(|st| st.slices >= n))

@@ -14,18 +14,23 @@
 //! every message that ran after it become errors, and the activation is
 //! reset before its next message.
 
-use std::collections::{BTreeSet, HashMap};
+mod alarms;
+mod committer;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
-use ignis_runtime::actor::{
-    Activation, ActorCallError, ActorCallFuture, ActorCaller, ActorClass, Overlay,
-};
-use ignis_runtime::wait_on;
+use ignis_runtime::actor::{Activation, ActorCallFuture, ActorCaller, ActorClass, Overlay};
+use ignis_runtime::{Error, ErrorKind, next_request_id, wait_on};
 use ignis_store::{ActorBatch, ActorKey, ActorStorage, AlarmChange};
 use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::admission::retry_after;
+use alarms::{AlarmCommand, alarm_loop};
+use committer::run_committer;
 
 /// Attempts of an alarm before it is dropped.
 pub const ALARM_MAX_ATTEMPTS: u32 = 7;
@@ -70,11 +75,12 @@ const QUEUED: u8 = 0;
 const STARTED: u8 = 1;
 const ABANDONED: u8 = 2;
 
-type Reply = Result<http::Response<Bytes>, ActorCallError>;
+type Reply = Result<http::Response<Bytes>, Error>;
 
 enum Envelope {
     Http {
         request: Box<http::Request<Bytes>>,
+        request_id: u64,
         reply: oneshot::Sender<Reply>,
         state: Arc<AtomicU8>,
     },
@@ -99,6 +105,7 @@ struct Pending {
     epoch: u64,
     batch: ActorBatch,
     seq: u64,
+    request_id: u64,
     waiter: Waiter,
 }
 
@@ -121,19 +128,6 @@ struct ActorState {
     failed: AtomicBool,
     /// Batches of this epoch or older fail (they may have read a failed write).
     failed_epoch: AtomicU64,
-}
-
-enum AlarmCommand {
-    /// Schedule (or move) the actor's alarm; `None` cancels it.
-    Set(ActorKey, Option<u64>),
-    /// A delivery failed: try again after a backoff.
-    Retry(ActorKey, u64, u32),
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -189,12 +183,7 @@ impl ActorDirectory {
 
     /// Puts `envelope` in the actor's mailbox, starting an activation if
     /// there is none. Under the directory lock, so an eviction cannot drop it.
-    fn enqueue(
-        &self,
-        class: &Arc<ActorClass>,
-        id: &str,
-        envelope: Envelope,
-    ) -> Result<(), ActorCallError> {
+    fn enqueue(&self, class: &Arc<ActorClass>, id: &str, envelope: Envelope) -> Result<(), Error> {
         let key = ActorKey::new(class.name(), id);
         let mut activations = lock(&self.activations);
         let handle = activations.entry(key.clone()).or_insert_with(|| {
@@ -206,32 +195,37 @@ impl ActorDirectory {
             tokio::spawn(run_activation(me, class.clone(), key, rx));
             Handle { tx }
         });
+        let limits = &class.config().limits;
         match handle.tx.try_send(envelope) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(ActorCallError::Busy(format!(
-                "{}/{id}: mailbox full ({} waiting)",
+            Err(mpsc::error::TrySendError::Full(_)) => Err(Error::shed(
+                ErrorKind::Overloaded,
+                retry_after(limits.queue_timeout),
+            )
+            .context(format!(
+                "actor {}/{id}: mailbox full ({} waiting)",
                 class.name(),
-                class.config().limits.mailbox
+                limits.mailbox
             ))),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(ActorCallError::Failed(format!(
-                "{}/{id}: activation ended",
-                class.name()
-            ))),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(activation_ended()),
         }
     }
 
-    /// Sends `request` to actor `(class, id)`; resolves with its reply once
-    /// the writes it made are durable.
+    /// Sends `request` (of request `request_id`) to actor `(class, id)`;
+    /// resolves with its reply once the writes it made are durable.
     pub async fn send(
         &self,
         class: &str,
         id: &str,
         request: http::Request<Bytes>,
-    ) -> Result<http::Response<Bytes>, ActorCallError> {
+        request_id: u64,
+    ) -> Result<http::Response<Bytes>, Error> {
         let class = self
             .classes
             .get(class)
-            .ok_or_else(|| ActorCallError::NoSuchClass(class.to_string()))?
+            .ok_or_else(|| {
+                Error::new(ErrorKind::NotFound).context(format!("no actor class named `{class}`"))
+            })?
             .clone();
         let (reply, mut answer) = oneshot::channel();
         let state = Arc::new(AtomicU8::new(QUEUED));
@@ -240,13 +234,14 @@ impl ActorDirectory {
             id,
             Envelope::Http {
                 request: Box::new(request),
+                request_id,
                 reply,
                 state: state.clone(),
             },
         )?;
         let deadline = class.config().limits.queue_timeout;
         tokio::select! {
-            r = &mut answer => return r.unwrap_or_else(|_| Err(ActorCallError::Failed("the activation ended".into()))),
+            r = &mut answer => return r.unwrap_or_else(|_| Err(activation_ended())),
             () = tokio::time::sleep(deadline) => {}
         }
         // Still not started after the queue deadline: give up on it, unless
@@ -255,14 +250,14 @@ impl ActorDirectory {
             .compare_exchange(QUEUED, ABANDONED, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
         {
-            return Err(ActorCallError::Busy(format!(
-                "{}/{id}: busy for longer than its queue_timeout ({deadline:?})",
-                class.name()
-            )));
+            return Err(
+                Error::shed(ErrorKind::QueueTimeout, retry_after(deadline)).context(format!(
+                    "actor {}/{id}: busy for longer than its queue_timeout ({deadline:?})",
+                    class.name()
+                )),
+            );
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(ActorCallError::Failed("the activation ended".into())))
+        answer.await.unwrap_or_else(|_| Err(activation_ended()))
     }
 
     fn deliver_alarm(&self, key: &ActorKey, at: u64, retry: u32) {
@@ -279,14 +274,26 @@ impl ActorDirectory {
     }
 }
 
+/// The activation task ended with the message still in its mailbox (it
+/// panicked or was shut down).
+fn activation_ended() -> Error {
+    Error::new(ErrorKind::Internal).context("the actor's activation ended")
+}
+
 impl ActorCaller for ActorDirectory {
-    fn call(&self, class: &str, id: &str, request: http::Request<Bytes>) -> ActorCallFuture {
+    fn call(
+        &self,
+        class: &str,
+        id: &str,
+        request: http::Request<Bytes>,
+        request_id: u64,
+    ) -> ActorCallFuture {
         let me = self
             .me
             .upgrade()
             .expect("the directory is alive while called");
         let (class, id) = (class.to_string(), id.to_string());
-        Box::pin(async move { me.send(&class, &id, request).await })
+        Box::pin(async move { me.send(&class, &id, request, request_id).await })
     }
 }
 
@@ -337,49 +344,54 @@ async fn run_activation(
             reset(&dir, &mut activation, &state.overlay);
             epoch += 1;
         }
-        let (run, waiter_for): (_, Box<dyn FnOnce(http::Response<Bytes>) -> Waiter + Send>) =
-            match envelope {
-                Envelope::Http {
-                    request,
-                    reply,
-                    state,
-                } => {
-                    if state
-                        .compare_exchange(QUEUED, STARTED, Ordering::SeqCst, Ordering::SeqCst)
-                        .is_err()
-                    {
-                        continue; // abandoned at its queue deadline
-                    }
-                    (
-                        Message::Http(request),
-                        Box::new(move |resp| Waiter::Http(reply, resp)),
-                    )
+        let (run, request_id, waiter_for): (_, u64, WaiterFor) = match envelope {
+            Envelope::Http {
+                request,
+                request_id,
+                reply,
+                state,
+            } => {
+                if state
+                    .compare_exchange(QUEUED, STARTED, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_err()
+                {
+                    continue; // abandoned at its queue deadline
                 }
-                Envelope::Alarm { at, retry } => (
-                    Message::Alarm { at, retry },
-                    Box::new(move |_| Waiter::Alarm { at, retry }),
-                ),
-            };
+                (
+                    Message::Http(request),
+                    request_id,
+                    Box::new(move |resp| Waiter::Http(reply, resp)),
+                )
+            }
+            Envelope::Alarm { at, retry } => (
+                Message::Alarm { at, retry },
+                next_request_id(),
+                Box::new(move |_| Waiter::Alarm { at, retry }),
+            ),
+        };
         if activation.is_none() {
-            match class.activate(key.id(), state.overlay.clone()).await {
+            match class
+                .activate(key.id(), state.overlay.clone(), request_id)
+                .await
+            {
                 Ok(a) => {
                     activation = Some(a);
                     dir.stats.bump(&dir.stats.activations);
                     dir.stats.active.fetch_add(1, Ordering::SeqCst);
                 }
                 Err(e) => {
-                    tracing::warn!(actor = ?key, error = %e, "actor activation failed");
                     let waiter = waiter_for(http::Response::new(Bytes::new()));
-                    complete(&dir, &key, Err(format!("activation failed: {e}")), waiter);
+                    let e = e.context(format!("activating actor {key:?}"));
+                    complete(&dir, &key, request_id, Err(e), waiter);
                     continue;
                 }
             }
         }
         let instance = activation.as_mut().expect("activated above");
         let outcome = match run {
-            Message::Http(request) => instance.handle(*request).await,
+            Message::Http(request) => instance.handle(*request, request_id).await,
             Message::Alarm { at, retry } => {
-                instance.alarm(retry).await.map(|mut batch| {
+                instance.alarm(retry, request_id).await.map(|mut batch| {
                     // The alarm is done unless the handler set it again.
                     batch.alarm = batch.alarm.or(Some(AlarmChange::Fired(at)));
                     (http::Response::new(Bytes::new()), batch)
@@ -390,7 +402,7 @@ async fn run_activation(
             Ok((response, batch)) => {
                 if batch.is_empty() && lock(&state.overlay).is_empty() {
                     // Nothing to make durable, before or in this message.
-                    complete(&dir, &key, Ok(()), waiter_for(response));
+                    complete(&dir, &key, request_id, Ok(()), waiter_for(response));
                 } else {
                     seq += 1;
                     lock(&state.overlay).push(seq, batch.clone());
@@ -399,20 +411,22 @@ async fn run_activation(
                         epoch,
                         batch,
                         seq,
+                        request_id,
                         waiter: waiter_for(response),
                     });
                 }
             }
             Err(e) => {
-                tracing::warn!(actor = ?key, error = %e, "actor message failed; writes rolled back, activation reset");
-                // The instance may be poisoned: drop it. Pending batches of
-                // earlier messages are unaffected.
+                // The writes are discarded; the instance may be poisoned:
+                // drop it. Pending batches of earlier messages are
+                // unaffected. The error goes to the caller, which logs it.
+                tracing::debug!(actor = ?key, request_id, "actor message failed; activation reset");
                 if activation.take().is_some() {
                     dir.stats.active.fetch_sub(1, Ordering::SeqCst);
                 }
                 dir.stats.bump(&dir.stats.resets);
                 let waiter = waiter_for(http::Response::new(Bytes::new()));
-                complete(&dir, &key, Err(e.to_string()), waiter);
+                complete(&dir, &key, request_id, Err(e), waiter);
             }
         }
     }
@@ -421,6 +435,9 @@ async fn run_activation(
         dir.stats.changed.notify_waiters();
     }
 }
+
+/// Builds a message's waiter from its response.
+type WaiterFor = Box<dyn FnOnce(http::Response<Bytes>) -> Waiter + Send>;
 
 enum Message {
     Http(Box<http::Request<Bytes>>),
@@ -435,18 +452,26 @@ fn reset(dir: &ActorDirectory, activation: &mut Option<Activation>, overlay: &Mu
     dir.stats.bump(&dir.stats.resets);
 }
 
-/// Answers a waiter: the reply is released, or the alarm is retried.
-fn complete(dir: &ActorDirectory, key: &ActorKey, outcome: Result<(), String>, waiter: Waiter) {
+/// Answers a waiter: the reply is released (an error goes to the caller,
+/// which logs it), or the alarm is retried (its error is logged here: no
+/// caller waits for it).
+fn complete(
+    dir: &ActorDirectory,
+    key: &ActorKey,
+    request_id: u64,
+    outcome: Result<(), Error>,
+    waiter: Waiter,
+) {
     match (waiter, outcome) {
         (Waiter::Http(reply, resp), Ok(())) => {
             let _ = reply.send(Ok(resp));
         }
-        (Waiter::Http(reply, _), Err(reason)) => {
-            let _ = reply.send(Err(ActorCallError::Failed(reason)));
+        (Waiter::Http(reply, _), Err(e)) => {
+            let _ = reply.send(Err(e));
         }
         (Waiter::Alarm { .. }, Ok(())) => dir.stats.bump(&dir.stats.alarms_fired),
-        (Waiter::Alarm { at, retry }, Err(reason)) => {
-            tracing::warn!(actor = ?key, retry, reason = %reason, "alarm delivery failed");
+        (Waiter::Alarm { at, retry }, Err(e)) => {
+            tracing::warn!(actor = ?key, request_id, retry, detail = %e.detail(), "alarm delivery failed");
             dir.stats.bump(&dir.stats.alarm_retries);
             let _ = dir
                 .alarms
@@ -454,170 +479,4 @@ fn complete(dir: &ActorDirectory, key: &ActorKey, outcome: Result<(), String>, w
         }
     }
     dir.stats.bump(&dir.stats.messages);
-}
-
-/// The output gate, one for the directory: takes every batch that queued
-/// while the previous commit ran, merges each actor's batches (in order) into
-/// one, commits them all in one storage call (each actor's part atomic on
-/// its own), then releases the replies.
-async fn run_committer(dir: Weak<ActorDirectory>, mut rx: mpsc::UnboundedReceiver<Pending>) {
-    let mut queued = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let Some(dir) = dir.upgrade() else { return };
-        queued.push(first);
-        while let Ok(p) = rx.try_recv() {
-            queued.push(p);
-        }
-        // Per actor, in arrival order. Batches computed on top of a failed
-        // commit fail too.
-        let mut actors: Vec<(Arc<ActorState>, Vec<Pending>)> = Vec::new();
-        let mut index: HashMap<ActorKey, usize> = HashMap::new();
-        for p in queued.drain(..) {
-            if p.epoch <= p.actor.failed_epoch.load(Ordering::SeqCst) {
-                let key = p.actor.key.clone();
-                complete(
-                    &dir,
-                    &key,
-                    Err("an earlier write of this actor failed to commit".into()),
-                    p.waiter,
-                );
-                continue;
-            }
-            let i = *index.entry(p.actor.key.clone()).or_insert_with(|| {
-                actors.push((p.actor.clone(), Vec::new()));
-                actors.len() - 1
-            });
-            actors[i].1.push(p);
-        }
-        if actors.is_empty() {
-            continue;
-        }
-        let batches: Vec<(ActorKey, ActorBatch)> = actors
-            .iter()
-            .map(|(actor, pending)| {
-                let mut merged = ActorBatch::default();
-                for p in pending {
-                    merged.writes.extend(p.batch.writes.iter().cloned());
-                    if p.batch.alarm.is_some() {
-                        merged.alarm = p.batch.alarm;
-                    }
-                }
-                (actor.key.clone(), merged)
-            })
-            .collect();
-        let alarms: Vec<Option<AlarmChange>> = batches.iter().map(|(_, b)| b.alarm).collect();
-        let results = match dir.storage.actor_commit_many(batches).await {
-            Ok(results) => results,
-            Err(e) => vec![Err(e); actors.len()],
-        };
-        dir.stats.bump(&dir.stats.commits);
-        for (((actor, pending), result), alarm) in actors.into_iter().zip(results).zip(alarms) {
-            let key = actor.key.clone();
-            match result {
-                Ok(()) => {
-                    let last_seq = pending.last().map_or(0, |p| p.seq);
-                    lock(&actor.overlay).durable_through(last_seq);
-                    match alarm {
-                        Some(AlarmChange::Set(at)) => {
-                            let _ = dir.alarms.send(AlarmCommand::Set(key.clone(), Some(at)));
-                        }
-                        Some(AlarmChange::Delete) => {
-                            let _ = dir.alarms.send(AlarmCommand::Set(key.clone(), None));
-                        }
-                        Some(AlarmChange::Fired(_)) | None => {}
-                    }
-                    for p in pending {
-                        complete(&dir, &key, Ok(()), p.waiter);
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(actor = ?key, error = %e, "actor commit failed; replies become errors and the activation resets");
-                    let epoch = pending.last().map_or(0, |p| p.epoch);
-                    actor.failed_epoch.fetch_max(epoch, Ordering::SeqCst);
-                    actor.failed.store(true, Ordering::SeqCst);
-                    for p in pending {
-                        complete(&dir, &key, Err(format!("commit failed: {e}")), p.waiter);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Fires alarms when due. In memory: a time-ordered set, rebuilt from
-/// storage at start; storage is the truth (an alarm is deleted there only
-/// by the commit of a successful handler run).
-async fn alarm_loop(
-    dir: Weak<ActorDirectory>,
-    storage: Arc<dyn ActorStorage>,
-    requeue: mpsc::UnboundedSender<AlarmCommand>,
-    mut commands: mpsc::UnboundedReceiver<AlarmCommand>,
-) {
-    match storage.all_alarms().await {
-        Ok(persisted) => {
-            if !persisted.is_empty() {
-                tracing::info!(
-                    alarms = persisted.len(),
-                    "scheduling persisted actor alarms"
-                );
-            }
-            for (key, at) in persisted {
-                let _ = requeue.send(AlarmCommand::Set(key, Some(at)));
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "cannot load persisted actor alarms"),
-    }
-    drop(requeue);
-    // (due time, key) -> (the alarm's own time, retry)
-    let mut due: BTreeSet<(u64, ActorKey)> = BTreeSet::new();
-    let mut by_key: HashMap<ActorKey, (u64, u64, u32)> = HashMap::new();
-    loop {
-        let next = due.first().map(|(t, _)| *t);
-        let sleep = match next {
-            Some(t) => Duration::from_millis(t.saturating_sub(now_ms())),
-            None => Duration::from_secs(3600),
-        };
-        tokio::select! {
-            cmd = commands.recv() => {
-                let Some(cmd) = cmd else { return };
-                match cmd {
-                    AlarmCommand::Set(key, at) => {
-                        if let Some((d, _, _)) = by_key.remove(&key) {
-                            due.remove(&(d, key.clone()));
-                        }
-                        if let Some(at) = at {
-                            due.insert((at, key.clone()));
-                            by_key.insert(key, (at, at, 0));
-                        }
-                    }
-                    AlarmCommand::Retry(key, at, retry) => {
-                        if by_key.contains_key(&key) {
-                            continue; // set again meanwhile: the new time wins
-                        }
-                        if retry >= ALARM_MAX_ATTEMPTS {
-                            tracing::error!(actor = ?key, attempts = retry, "alarm failed too many times; dropped");
-                            continue;
-                        }
-                        let backoff = ALARM_FIRST_BACKOFF * 2u32.saturating_pow(retry.saturating_sub(1));
-                        let when = now_ms() + backoff.as_millis() as u64;
-                        due.insert((when, key.clone()));
-                        by_key.insert(key, (when, at, retry));
-                    }
-                }
-            }
-            () = tokio::time::sleep(sleep) => {
-                let now = now_ms();
-                let Some(dir) = dir.upgrade() else { return };
-                while let Some((t, key)) = due.first().cloned() {
-                    if t > now {
-                        break;
-                    }
-                    due.remove(&(t, key.clone()));
-                    if let Some((_, at, retry)) = by_key.remove(&key) {
-                        dir.deliver_alarm(&key, at, retry);
-                    }
-                }
-            }
-        }
-    }
 }

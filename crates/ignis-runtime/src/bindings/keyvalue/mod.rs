@@ -18,8 +18,6 @@ use std::sync::Arc;
 use ignis_store::{KvBackend, ListFrom, Namespace, StoreError, Versioned};
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
-use crate::function::Host;
-
 /// Key-value limits (from the manifest's `[storage]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvLimits {
@@ -99,11 +97,37 @@ impl From<StoreError> for Fail {
     }
 }
 
-/// The key-value view of one request's store data.
-pub(crate) struct KvView<'a> {
+/// The key-value state of one request: the function's access and the
+/// request id its errors are logged with.
+pub struct KvState {
+    access: Arc<KvAccess>,
+    request_id: u64,
+}
+
+impl KvState {
+    /// `access` for request `request_id`.
+    pub fn new(access: Arc<KvAccess>, request_id: u64) -> KvState {
+        KvState { access, request_id }
+    }
+}
+
+/// The key-value view of one request's store data: its state and the
+/// store's resource table (buckets and CAS handles live there).
+pub struct KvView<'a> {
     access: &'a KvAccess,
     table: &'a mut ResourceTable,
     request_id: u64,
+}
+
+impl<'a> KvView<'a> {
+    /// The view over `state`, with handles in `table`.
+    pub fn new(state: &'a KvState, table: &'a mut ResourceTable) -> KvView<'a> {
+        KvView {
+            access: &state.access,
+            table,
+            request_id: state.request_id,
+        }
+    }
 }
 
 struct HasKv;
@@ -112,19 +136,13 @@ impl HasData for HasKv {
     type Data<'a> = KvView<'a>;
 }
 
-fn view(host: &mut Host) -> KvView<'_> {
-    let (access, table, request_id) = host.kv_parts();
-    KvView {
-        access,
-        table,
-        request_id,
-    }
-}
-
 /// Adds both key-value package versions to `linker`.
-pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
-    draft::bindings::Imports::add_to_linker::<Host, HasKv>(linker, view)?;
-    draft2::bindings::Imports::add_to_linker::<Host, HasKv>(linker, view)?;
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    get: fn(&mut T) -> KvView<'_>,
+) -> wasmtime::Result<()> {
+    draft::bindings::Imports::add_to_linker::<T, HasKv>(linker, get)?;
+    draft2::bindings::Imports::add_to_linker::<T, HasKv>(linker, get)?;
     Ok(())
 }
 
@@ -432,202 +450,5 @@ macro_rules! shared_batch_writes {
     };
 }
 
-/// `wasi:keyvalue@0.2.0-draft`.
-mod draft {
-    use super::*;
-
-    pub(super) mod bindings {
-        wasmtime::component::bindgen!({
-            path: "../../wit",
-            world: "wasi:keyvalue/imports@0.2.0-draft",
-            imports: { default: async | trappable },
-            with: {
-                "wasi:keyvalue/store.bucket": crate::kv::Bucket,
-            },
-        });
-    }
-
-    use bindings::wasi::keyvalue0_2_0_draft::{atomics, batch, store};
-
-    shared_store_items!();
-
-    impl store::HostBucket for KvView<'_> {
-        shared_bucket_methods!();
-
-        async fn list_keys(
-            &mut self,
-            b: Resource<Bucket>,
-            cursor: Option<u64>,
-        ) -> R<store::KeyResponse> {
-            let skip = cursor.unwrap_or(0);
-            lift(self.list(&b, ListFrom::Skip(skip)).await.map(|r| {
-                r.map(|page| {
-                    let next = skip + page.keys.len() as u64;
-                    store::KeyResponse {
-                        cursor: page.more.then_some(next),
-                        keys: page.keys,
-                    }
-                })
-            }))
-        }
-    }
-
-    impl atomics::Host for KvView<'_> {
-        async fn increment(&mut self, b: Resource<Bucket>, key: String, delta: u64) -> R<u64> {
-            let (access, rid) = (self.access, self.request_id);
-            let Ok(delta) = i64::try_from(delta) else {
-                let r = Err(Fail::Other(format!("delta {delta} is out of range")));
-                return Ok(access.logged(rid, "increment", r).map_err(Into::into));
-            };
-            let r = KvView::increment(self, &b, &key, delta).await?;
-            let r = r.and_then(|n| {
-                u64::try_from(n)
-                    .map_err(|_| Fail::Other(format!("`{key}` holds a negative counter")))
-            });
-            Ok(access.logged(rid, "increment", r).map_err(Into::into))
-        }
-    }
-
-    impl batch::Host for KvView<'_> {
-        async fn get_many(
-            &mut self,
-            b: Resource<Bucket>,
-            keys: Vec<String>,
-        ) -> R<Vec<Option<(String, Vec<u8>)>>> {
-            let r = KvView::get_many(self, &b, &keys).await;
-            lift(r.map(|r| {
-                r.map(|values| {
-                    keys.into_iter()
-                        .zip(values)
-                        .map(|(k, v)| v.map(|v| (k, v)))
-                        .collect()
-                })
-            }))
-        }
-
-        shared_batch_writes!();
-    }
-}
-
-/// `wasi:keyvalue@0.2.0-draft2`.
-mod draft2 {
-    use super::*;
-
-    pub(super) mod bindings {
-        wasmtime::component::bindgen!({
-            path: "../../wit",
-            world: "wasi:keyvalue/imports@0.2.0-draft2",
-            imports: { default: async | trappable },
-            with: {
-                "wasi:keyvalue/store.bucket": crate::kv::Bucket,
-                "wasi:keyvalue/atomics.cas": crate::kv::Cas,
-            },
-        });
-    }
-
-    use bindings::wasi::keyvalue0_2_0_draft2::{atomics, batch, store};
-
-    shared_store_items!();
-
-    impl store::HostBucket for KvView<'_> {
-        shared_bucket_methods!();
-
-        async fn list_keys(
-            &mut self,
-            b: Resource<Bucket>,
-            cursor: Option<String>,
-        ) -> R<store::KeyResponse> {
-            let from = cursor.as_deref().map_or(ListFrom::Start, ListFrom::After);
-            lift(self.list(&b, from).await.map(|r| {
-                r.map(|page| store::KeyResponse {
-                    cursor: if page.more {
-                        page.keys.last().cloned()
-                    } else {
-                        None
-                    },
-                    keys: page.keys,
-                })
-            }))
-        }
-    }
-
-    impl atomics::Host for KvView<'_> {
-        async fn increment(&mut self, b: Resource<Bucket>, key: String, delta: i64) -> R<i64> {
-            lift(KvView::increment(self, &b, &key, delta).await)
-        }
-
-        async fn swap(
-            &mut self,
-            cas: Resource<Cas>,
-            value: Vec<u8>,
-        ) -> wasmtime::Result<Result<(), atomics::CasError>> {
-            let (access, rid) = (self.access, self.request_id);
-            let Cas { ns, key, seen } = self.table.delete(cas)?;
-            let r = async {
-                access.check_value(&value)?;
-                Ok(access
-                    .backend()?
-                    .swap_if(&ns, &key, seen.as_ref().map(|v| v.version), value)
-                    .await?)
-            }
-            .await;
-            match access.logged(rid, "swap", r) {
-                Ok(true) => Ok(Ok(())),
-                Err(f) => Ok(Err(atomics::CasError::StoreError(f.into()))),
-                Ok(false) => {
-                    // Someone wrote in between: hand back a fresh handle with
-                    // the current value, ready for another attempt.
-                    let fresh = match access.backend() {
-                        Ok(backend) => backend.get(&ns, &key).await.map_err(Fail::from),
-                        Err(f) => Err(f),
-                    };
-                    match access.logged(rid, "swap", fresh) {
-                        Ok(seen) => {
-                            let handle = self.table.push(Cas { ns, key, seen })?;
-                            Ok(Err(atomics::CasError::CasFailed(handle)))
-                        }
-                        Err(f) => Ok(Err(atomics::CasError::StoreError(f.into()))),
-                    }
-                }
-            }
-        }
-    }
-
-    impl atomics::HostCas for KvView<'_> {
-        async fn new(&mut self, b: Resource<Bucket>, key: String) -> R<Resource<Cas>> {
-            let ns = self.ns(&b)?;
-            let seen = KvView::get(self, &b, &key).await?;
-            match seen {
-                Ok(seen) => Ok(Ok(self.table.push(Cas { ns, key, seen })?)),
-                Err(f) => Ok(Err(f.into())),
-            }
-        }
-
-        async fn current(&mut self, cas: Resource<Cas>) -> R<Option<Vec<u8>>> {
-            Ok(Ok(self
-                .table
-                .get(&cas)?
-                .seen
-                .as_ref()
-                .map(|v| v.value.clone())))
-        }
-
-        async fn drop(&mut self, cas: Resource<Cas>) -> wasmtime::Result<()> {
-            self.table.delete(cas)?;
-            Ok(())
-        }
-    }
-
-    impl batch::Host for KvView<'_> {
-        async fn get_many(
-            &mut self,
-            b: Resource<Bucket>,
-            keys: Vec<String>,
-        ) -> R<Vec<(String, Option<Vec<u8>>)>> {
-            let r = KvView::get_many(self, &b, &keys).await;
-            lift(r.map(|r| r.map(|values| keys.into_iter().zip(values).collect())))
-        }
-
-        shared_batch_writes!();
-    }
-}
+mod draft;
+mod draft2;

@@ -1,4 +1,5 @@
-//! The function actor: admission, mailbox, queue deadline.
+//! The admission gate in front of every function: a concurrency cap, a
+//! bounded mailbox and a queue deadline.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -6,55 +7,12 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ignis_runtime::{Body, Function, GuestError, HttpError, RequestMeta, wait_on};
+use ignis_runtime::{Body, Error, ErrorKind, Function, HttpError, RequestMeta, wait_on};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-/// Why a call did not produce the guest's response.
-#[derive(Debug, thiserror::Error)]
-pub enum CallError {
-    /// All instances were busy and the mailbox was full: shed at once.
-    #[error("function is over capacity: {waiting} requests already waiting")]
-    MailboxFull {
-        /// Requests waiting when this one arrived.
-        waiting: u32,
-        /// Suggested client back-off.
-        retry_after: Duration,
-    },
-    /// The request waited in the mailbox past the queue deadline.
-    #[error("no instance became free within {waited:?}")]
-    QueueTimeout {
-        /// The queue deadline it hit.
-        waited: Duration,
-        /// Suggested client back-off.
-        retry_after: Duration,
-    },
-    /// The guest ran and failed (trap, limits, no response, ...).
-    #[error(transparent)]
-    Guest(#[from] GuestError),
-}
-
-impl CallError {
-    /// The HTTP status the edge answers with.
-    pub fn status(&self) -> u16 {
-        match self {
-            CallError::MailboxFull { .. } | CallError::QueueTimeout { .. } => 503,
-            CallError::Guest(e) => e.status(),
-        }
-    }
-
-    /// The `Retry-After` to send with a shed request.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            CallError::MailboxFull { retry_after, .. }
-            | CallError::QueueTimeout { retry_after, .. } => Some(*retry_after),
-            CallError::Guest(_) => None,
-        }
-    }
-}
-
-/// Admission counters of one actor.
+/// Admission counters of one gate.
 #[derive(Debug, Default)]
-pub struct ActorStats {
+pub struct AdmissionStats {
     /// Requests that got an instance slot (at once or after waiting).
     pub admitted: AtomicU64,
     /// Requests that had to wait in the mailbox.
@@ -68,7 +26,7 @@ pub struct ActorStats {
     changed: Notify,
 }
 
-impl ActorStats {
+impl AdmissionStats {
     /// Waits until `check` holds; re-checked whenever a counter changes.
     pub async fn wait_until(&self, check: impl Fn(&Self) -> bool) {
         wait_on(&self.changed, || check(self)).await;
@@ -80,20 +38,20 @@ impl ActorStats {
     }
 }
 
-/// One deployed function as an actor (see the crate docs).
-pub struct FunctionActor {
+/// One deployed function behind its admission gate (see the crate docs).
+pub struct FunctionGate {
     function: Arc<Function>,
     admission: Admission,
 }
 
-/// The admission state machine of one actor: instance slots, the mailbox
+/// The admission state machine of one gate: instance slots, the mailbox
 /// bound and the queue deadline.
 pub struct Admission {
     slots: Arc<Semaphore>,
     mailbox: u32,
     queue_timeout: Duration,
     retry_after: Duration,
-    stats: ActorStats,
+    stats: AdmissionStats,
 }
 
 /// An admitted request's instance slot; released when dropped.
@@ -101,7 +59,7 @@ pub type Slot = OwnedSemaphorePermit;
 
 /// Decrements the waiting count however the wait ends (slot, deadline, or
 /// the caller dropping the request).
-struct Waiting<'a>(&'a ActorStats);
+struct Waiting<'a>(&'a AdmissionStats);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
@@ -110,26 +68,26 @@ impl Drop for Waiting<'_> {
     }
 }
 
-impl FunctionActor {
-    /// An actor for `function`, with its limits' `max_concurrency`,
+impl FunctionGate {
+    /// A gate for `function`, with its limits' `max_concurrency`,
     /// `mailbox` and `queue_timeout`.
-    pub fn new(function: Arc<Function>) -> Arc<FunctionActor> {
+    pub fn new(function: Arc<Function>) -> Arc<FunctionGate> {
         let limits = function.limits();
         let admission =
             Admission::new(limits.max_concurrency, limits.mailbox, limits.queue_timeout);
-        Arc::new(FunctionActor {
+        Arc::new(FunctionGate {
             function,
             admission,
         })
     }
 
-    /// The function this actor runs.
+    /// The function behind the gate.
     pub fn function(&self) -> &Arc<Function> {
         &self.function
     }
 
     /// Admission counters.
-    pub fn stats(&self) -> &ActorStats {
+    pub fn stats(&self) -> &AdmissionStats {
         &self.admission.stats
     }
 
@@ -139,13 +97,13 @@ impl FunctionActor {
         &self,
         request: http::Request<B>,
         meta: RequestMeta,
-    ) -> Result<http::Response<Body>, CallError>
+    ) -> Result<http::Response<Body>, Error>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<HttpError>,
     {
         let slot = self.admission.admit().await?;
-        Ok(self.function.handle(request, meta, Some(slot)).await?)
+        self.function.handle(request, meta, Some(slot)).await
     }
 }
 
@@ -156,19 +114,18 @@ impl Admission {
             slots: Arc::new(Semaphore::new(max_concurrency as usize)),
             mailbox,
             queue_timeout,
-            // Whole seconds (the header's unit), at least one.
-            retry_after: Duration::from_secs(queue_timeout.as_secs_f64().ceil().max(1.0) as u64),
-            stats: ActorStats::default(),
+            retry_after: retry_after(queue_timeout),
+            stats: AdmissionStats::default(),
         }
     }
 
     /// Counters.
-    pub fn stats(&self) -> &ActorStats {
+    pub fn stats(&self) -> &AdmissionStats {
         &self.stats
     }
 
     /// Runs, queues or sheds (see the crate docs).
-    pub async fn admit(&self) -> Result<Slot, CallError> {
+    pub async fn admit(&self) -> Result<Slot, Error> {
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
             self.stats.admitted.fetch_add(1, Ordering::Relaxed);
             return Ok(slot);
@@ -178,10 +135,9 @@ impl Admission {
         if waiting >= self.mailbox {
             drop(guard);
             self.stats.bump(&self.stats.shed_full);
-            return Err(CallError::MailboxFull {
-                waiting,
-                retry_after: self.retry_after,
-            });
+            // No allocation: shedding is the hot path of an overload.
+            return Err(Error::shed(ErrorKind::Overloaded, self.retry_after)
+                .context("every instance is busy and the mailbox is full"));
         }
         // tokio's semaphore is fair: waiters get slots in the order they
         // registered. Register (first poll) before counting this request as
@@ -204,11 +160,16 @@ impl Admission {
             }
             _ => {
                 self.stats.bump(&self.stats.shed_timeout);
-                Err(CallError::QueueTimeout {
-                    waited: self.queue_timeout,
-                    retry_after: self.retry_after,
-                })
+                Err(Error::shed(ErrorKind::QueueTimeout, self.retry_after)
+                    .context(format!("waited {:?} for an instance", self.queue_timeout)))
             }
         }
     }
+}
+
+/// The `Retry-After` of a request shed by a gate or an actor mailbox whose
+/// queue deadline is `queue_timeout`: that deadline in whole seconds (the
+/// header's unit), rounded up, at least one.
+pub fn retry_after(queue_timeout: Duration) -> Duration {
+    Duration::from_secs(queue_timeout.as_secs_f64().ceil().max(1.0) as u64)
 }

@@ -4,8 +4,13 @@
 //! still running after half an epoch slice of CPU is handed, as an
 //! [`async_task::Runnable`], to its tenant's [`SliceQueue`]; from then on
 //! each wake-up (every epoch tick for a CPU-bound guest) schedules it there
-//! again. The scheduler itself lives above the runtime (`ignis-actors`): the
-//! runtime only owns these traits.
+//! again. [`FairScheduler`] implements these traits (weighted fair queueing
+//! across tenants on dedicated threads); a runtime built without one keeps
+//! every guest on the caller's executor.
+
+mod fair;
+
+pub use fair::{FairScheduler, TenantStats};
 
 use std::cell::Cell;
 use std::sync::Arc;

@@ -1,0 +1,521 @@
+//! One deployed function and the life of one request inside it.
+//!
+//! The request runs in a fresh instance ([`p2`] or [`p3`] by the world the
+//! component exports) under the guest-run core ([`crate::guest`]), inside
+//! the caller's task until it has used half a slice of CPU, then on its
+//! tenant's queue in the fair scheduler.
+
+mod p2;
+mod p3;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use ignis_config::{FunctionConfig, Limits};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::time::Instant;
+use wasmtime::Store;
+use wasmtime_wasi_http::WasiBody;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
+
+use crate::Runtime;
+use crate::bindings::actor::{CallerSlot, ClientState};
+use crate::bindings::config::ConfigState;
+use crate::bindings::http::{OutboundGrant, OutboundHooks};
+use crate::bindings::keyvalue::{KvAccess, KvState};
+use crate::cache::CacheOutcome;
+use crate::engine::Platform;
+use crate::error::{BoxError, Error, ErrorKind};
+use crate::guest::{GuestStats, RunLimits, run_limited};
+use crate::host::{Base, Host, new_store};
+use crate::outbound::{Outbound, OutboundPolicy};
+use crate::sched::SliceQueue;
+
+/// The response body type: streamed from the guest as it writes.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Per-request facts the edge passes in.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestMeta {
+    /// Unique id of the request (logged, and shown in error bodies).
+    pub request_id: u64,
+    /// Whether the request arrived over TLS.
+    pub https: bool,
+}
+
+impl RequestMeta {
+    /// A plain-HTTP request with this id.
+    pub fn new(request_id: u64) -> Self {
+        RequestMeta {
+            request_id,
+            https: false,
+        }
+    }
+}
+
+/// Keeps `active` right however the guest task ends (completion, abort, panic).
+struct ActiveGuard(Arc<GuestStats>);
+
+impl ActiveGuard {
+    fn new(stats: Arc<GuestStats>) -> Self {
+        stats.active.fetch_add(1, Ordering::SeqCst);
+        stats.notify();
+        ActiveGuard(stats)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+        self.0.notify();
+    }
+}
+
+/// The guest's response body. It also drives the guest: the guest runs
+/// inside the connection's task (no spawn, no cross-thread wake-ups), and
+/// each poll of the body first lets the guest make progress, then takes the
+/// next frame it produced. Dropping the body before its end drops the guest,
+/// which cancels it and frees its instance.
+struct DrivingBody {
+    inner: HyperOutgoingBody,
+    guest: Option<GuestFuture>,
+    /// Who logs a failure that happens after the response head went out.
+    owner: Arc<str>,
+    request_id: u64,
+    /// Dropped when the body is complete (or dropped): tells a WASI 0.3
+    /// guest's event loop that nobody reads the body any more.
+    done: Option<oneshot::Sender<()>>,
+}
+
+/// A request's guest, wrapped in its limits: how it ended.
+type GuestFuture = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
+
+impl http_body::Body for DrivingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(guest) = self.guest.as_mut()
+            && let Poll::Ready(ended) = guest.as_mut().poll(cx)
+        {
+            self.guest = None;
+            if let Err(e) = ended {
+                // The head is out: the client sees the body end early; the
+                // cause is logged here, the one place that sees it.
+                e.log(&self.owner, self.request_id);
+            }
+        }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.done = None;
+        }
+        if let Poll::Ready(None) = polled
+            && let Some(guest) = self.guest.take()
+        {
+            // The body is complete but the guest is still running (work after
+            // the response): let it finish on its own, bounded by its deadlines.
+            let (owner, request_id) = (self.owner.clone(), self.request_id);
+            tokio::spawn(async move {
+                if let Err(e) = guest.await {
+                    e.log(&owner, request_id);
+                }
+            });
+        }
+        polled.map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Counts a cancellation when the guest future is dropped before it finished.
+struct CancelGuard {
+    stats: Arc<GuestStats>,
+    finished: bool,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A prepared component, by the `wasi:http` world it exports.
+#[derive(Clone)]
+pub(crate) enum Pre {
+    /// `wasi:http/proxy` 0.2.x (`incoming-handler`).
+    P2(ProxyPre<Host>),
+    /// `wasi:http/service` 0.3.x (`handler`).
+    P3(ServicePre<Host>),
+}
+
+impl Pre {
+    fn engine(&self) -> &wasmtime::Engine {
+        match self {
+            Pre::P2(pre) => pre.instance_pre().engine(),
+            Pre::P3(pre) => pre.instance_pre().engine(),
+        }
+    }
+}
+
+/// A deployed function: a prepared component, its limits and the state
+/// its bindings share across requests.
+pub struct Function {
+    /// The engines and the epoch ticker (kept alive while the function exists).
+    runtime: Arc<Runtime>,
+    name: Arc<str>,
+    tenant: String,
+    pre: Pre,
+    limits: Limits,
+    env: Vec<(String, String)>,
+    outbound: Arc<Outbound>,
+    grant: Arc<OutboundGrant>,
+    queue: Option<Arc<dyn SliceQueue>>,
+    demote_after: Duration,
+    stats: Arc<GuestStats>,
+    cache_outcome: CacheOutcome,
+    kv: Arc<KvAccess>,
+    config: ConfigState,
+    caller: CallerSlot,
+}
+
+impl Function {
+    pub(crate) fn new(
+        runtime: Arc<Runtime>,
+        config: &FunctionConfig,
+        pre: Pre,
+        cache_outcome: CacheOutcome,
+        platform: &Platform,
+    ) -> Arc<Function> {
+        let name: Arc<str> = config.name.as_str().into();
+        let queue = runtime.scheduler().map(|s| s.tenant_queue(&config.tenant));
+        // A guest still running after half a slice of CPU in the caller's
+        // task is a CPU hog: the rest of it goes to the fair scheduler.
+        let demote_after = runtime.settings().epoch_tick / 2;
+        let outbound = Arc::new(Outbound::new(
+            OutboundPolicy::new(&config.allowed_outbound_hosts),
+            config
+                .backends
+                .iter()
+                .filter_map(|b| platform.backends.get(b).cloned())
+                .collect(),
+        ));
+        Arc::new(Function {
+            runtime,
+            queue,
+            demote_after,
+            kv: Arc::new(KvAccess::new(
+                platform.kv.clone(),
+                name.clone(),
+                &config.tenant,
+                &config.key_value_stores,
+                platform.kv_limits,
+            )),
+            config: ConfigState::new(
+                config
+                    .config
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.value.as_str())),
+            ),
+            grant: Arc::new(OutboundGrant::new(
+                outbound.clone(),
+                config.max_outbound_requests,
+            )),
+            outbound,
+            name,
+            tenant: config.tenant.clone(),
+            pre,
+            limits: config.limits.clone(),
+            env: config
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            caller: platform.actor_caller.clone(),
+            stats: Arc::new(GuestStats::default()),
+            cache_outcome,
+        })
+    }
+
+    /// The function's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The owning tenant.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// Its limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> &Arc<GuestStats> {
+        &self.stats
+    }
+
+    /// Whether the component came from the compile cache.
+    pub fn cache_outcome(&self) -> CacheOutcome {
+        self.cache_outcome
+    }
+
+    /// The runtime the function runs on.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Outbound TCP connections opened by this function's pool so far.
+    pub fn outbound_connections(&self) -> u64 {
+        self.outbound.connections_opened()
+    }
+
+    fn new_store(&self, request_id: u64) -> Store<Host> {
+        let base = Base {
+            owner: self.name.clone(),
+            request_id,
+            env: &self.env,
+            memory_bytes: self.limits.memory_bytes,
+            ticker: self.runtime.store_lease(),
+        };
+        let host = Host::for_function(
+            base,
+            OutboundHooks::new(Some(self.grant.clone()), self.name.clone(), request_id),
+            KvState::new(self.kv.clone(), request_id),
+            self.config.clone(),
+            ClientState::new(self.caller.clone(), self.name.clone(), None, request_id),
+        );
+        new_store(self.pre.engine(), host)
+    }
+
+    /// Creates a store and instantiates the component, then drops both: the
+    /// fixed per-request cost without the guest's own work (for benchmarks).
+    #[doc(hidden)]
+    pub async fn instantiate_only(&self) -> Result<(), Error> {
+        let mut store = self.new_store(0);
+        let instantiated = match &self.pre {
+            Pre::P2(pre) => pre.instantiate_async(&mut store).await.map(drop),
+            Pre::P3(pre) => pre.instantiate_async(&mut store).await.map(drop),
+        };
+        instantiated.map_err(Error::internal)
+    }
+
+    /// Runs one request in a fresh instance. The response is returned as soon
+    /// as the guest sets it; its body streams while the guest writes it.
+    ///
+    /// Admission is the caller's job (`ignis-actors` caps concurrency and
+    /// sheds); `slot`, if any, is held until the instance is freed.
+    ///
+    /// Dropping the returned future (or the response body before its end)
+    /// cancels the guest and frees its instance.
+    pub async fn handle<B>(
+        &self,
+        request: http::Request<B>,
+        meta: RequestMeta,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Result<http::Response<Body>, Error>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let limits = RunLimits {
+            deadline: Instant::now() + self.limits.wall_time,
+            cpu: self.limits.cpu_time,
+            hog_above: self.demote_after,
+        };
+        let store = self.new_store(meta.request_id);
+        let (tx, rx) = oneshot::channel::<Sent>();
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let run: GuestRun = match &self.pre {
+            Pre::P2(pre) => p2::start(pre, store, request, meta.https, tx)?,
+            Pre::P3(pre) => p3::start(pre, store, request, tx, done_rx),
+        };
+        let guest: GuestFuture = Box::pin(run_task(
+            run,
+            TaskContext {
+                slot,
+                active: ActiveGuard::new(self.stats.clone()),
+                limits,
+            },
+        ));
+        // CPU hogs go to the fair scheduler: after half a slice of CPU in
+        // this task, or at once if the function's recent requests mostly did.
+        let mut guest: GuestFuture = match &self.queue {
+            Some(queue) => {
+                let state = if self.stats.mostly_hogs() {
+                    self.stats.started_pooled.fetch_add(1, Ordering::Relaxed);
+                    SlicedState::Pooled(spawn_pooled(queue, guest))
+                } else {
+                    SlicedState::Inline(guest)
+                };
+                Box::pin(Sliced {
+                    state,
+                    used: Duration::ZERO,
+                    demote_after: self.demote_after,
+                    queue: queue.clone(),
+                    stats: self.stats.clone(),
+                })
+            }
+            None => guest,
+        };
+        let mut rx = rx;
+        // Drive the guest in this task until it sets the response or ends.
+        // If this future is dropped (client gone), the guest is dropped with it.
+        let first = std::future::poll_fn(|cx| {
+            if let Poll::Ready(sent) = Pin::new(&mut rx).poll(cx) {
+                return Poll::Ready(First::Sent(sent));
+            }
+            guest.as_mut().poll(cx).map(First::Ended)
+        })
+        .await;
+        let (sent, guest) = match first {
+            First::Sent(sent) => (sent, Some(guest)),
+            First::Ended(ended) => match rx.try_recv() {
+                // Responded, then finished: the body may still hold data.
+                Ok(sent) => {
+                    if let Err(e) = ended {
+                        e.log(&self.name, meta.request_id);
+                    }
+                    (Ok(sent), None)
+                }
+                Err(_) => return Err(ended.err().unwrap_or_else(no_response)),
+            },
+        };
+        match sent {
+            Ok(Ok(response)) => Ok(response.map(|inner| {
+                DrivingBody {
+                    inner,
+                    guest,
+                    owner: self.name.clone(),
+                    request_id: meta.request_id,
+                    done: Some(done_tx),
+                }
+                .boxed_unsync()
+            })),
+            Ok(Err(code)) => Err(Error::new(ErrorKind::GuestErrorCode(code))),
+            // The guest dropped its response-outparam without using it: wait for it to end.
+            Err(_) => match guest {
+                Some(guest) => Err(guest.await.err().unwrap_or_else(no_response)),
+                None => Err(no_response()),
+            },
+        }
+    }
+}
+
+/// What the guest answered: a response, or the `wasi:http` error code it gave instead.
+type Sent = Result<http::Response<WasiBody>, String>;
+
+enum First {
+    Sent(Result<Sent, oneshot::error::RecvError>),
+    Ended(Result<(), Error>),
+}
+
+fn no_response() -> Error {
+    Error::new(ErrorKind::NoResponse)
+}
+
+struct TaskContext {
+    slot: Option<OwnedSemaphorePermit>,
+    active: ActiveGuard,
+    limits: RunLimits,
+}
+
+/// A guest run: the result and whether the memory limiter refused growth.
+type GuestRun = Pin<Box<dyn Future<Output = (wasmtime::Result<()>, bool)> + Send>>;
+
+/// The guest under its limits; frees the instance slot when it ends and
+/// counts a cancellation if it is dropped first.
+async fn run_task(run: GuestRun, cx: TaskContext) -> Result<(), Error> {
+    let stats = &cx.active.0;
+    let mut cancel = CancelGuard {
+        stats: stats.clone(),
+        finished: false,
+    };
+    let outcome = run_limited(run, cx.limits, stats).await;
+    cancel.finished = true;
+    drop(cx.slot);
+    outcome.into_result()
+}
+
+/// A guest that runs in the caller's task (the connection's) until it has
+/// used `demote_after` of CPU without finishing; from then on it runs as a
+/// task of its tenant's queue in the fair scheduler. Short requests never
+/// leave the connection's task; CPU hogs stop competing with it.
+///
+/// Dropping it cancels the guest wherever it runs (dropping an
+/// `async_task::Task` cancels its future).
+struct Sliced {
+    state: SlicedState,
+    used: Duration,
+    demote_after: Duration,
+    queue: Arc<dyn SliceQueue>,
+    stats: Arc<GuestStats>,
+}
+
+enum SlicedState {
+    Inline(GuestFuture),
+    Pooled(async_task::Task<Result<(), Error>>),
+    Moving,
+}
+
+impl Future for Sliced {
+    type Output = Result<(), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let SlicedState::Inline(guest) = &mut this.state {
+            let start = std::time::Instant::now();
+            if let Poll::Ready(outcome) = guest.as_mut().poll(cx) {
+                return Poll::Ready(outcome);
+            }
+            this.used += start.elapsed();
+            if this.used < this.demote_after {
+                return Poll::Pending;
+            }
+            let SlicedState::Inline(guest) =
+                std::mem::replace(&mut this.state, SlicedState::Moving)
+            else {
+                unreachable!("state checked above");
+            };
+            this.stats.demoted.fetch_add(1, Ordering::Relaxed);
+            this.state = SlicedState::Pooled(spawn_pooled(&this.queue, guest));
+        }
+        match &mut this.state {
+            SlicedState::Pooled(task) => Pin::new(task).poll(cx),
+            _ => unreachable!("a guest is inline or pooled between polls"),
+        }
+    }
+}
+
+/// Makes `guest` a task of `queue` and schedules its first slice.
+fn spawn_pooled(
+    queue: &Arc<dyn SliceQueue>,
+    guest: GuestFuture,
+) -> async_task::Task<Result<(), Error>> {
+    let queue = queue.clone();
+    let (runnable, task) = async_task::spawn(guest, move |r| queue.schedule(r));
+    runnable.schedule();
+    task
+}

@@ -1,0 +1,57 @@
+//! A request on a `wasi:http/service` 0.3 component (`handler`).
+//!
+//! The guest returns its response from `handle`; its body is a stream that
+//! the store's event loop feeds, so the loop keeps running until the
+//! response body is complete (`done`).
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use wasmtime::Store;
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
+
+use super::{GuestRun, Sent};
+use crate::host::Host;
+
+/// The guest run: instantiate, call `handle`, send the response to `tx`,
+/// and keep the event loop alive until `done` (the body was read or
+/// dropped).
+pub(super) fn start<B>(
+    pre: &ServicePre<Host>,
+    mut store: Store<Host>,
+    request: http::Request<B>,
+    tx: oneshot::Sender<Sent>,
+    done: oneshot::Receiver<()>,
+) -> GuestRun
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<wasmtime_wasi_http::Error>,
+{
+    let (req, request_io) =
+        wasmtime_wasi_http::p3::Request::from_http(store.data_mut().http().hooks, request);
+    let pre = pre.clone();
+    Box::pin(async move {
+        let result = async {
+            let service = pre.instantiate_async(&mut store).await?;
+            store
+                .run_concurrent(async move |accessor| {
+                    match service.handle(accessor, req).await? {
+                        Ok(response) => {
+                            let response = accessor
+                                .with(|mut store| response.into_http(&mut store, request_io))?;
+                            let _ = tx.send(Ok(response));
+                            // Keep the event loop alive while the body streams.
+                            let _ = done.await;
+                        }
+                        Err(code) => {
+                            let _ = tx.send(Err(format!("{code:?}")));
+                        }
+                    }
+                    wasmtime::Result::<()>::Ok(())
+                })
+                .await?
+        }
+        .await;
+        (result, store.data().limiter.denied)
+    })
+}

@@ -1,0 +1,107 @@
+//! Counters of one function or actor class.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::Outcome;
+
+/// Counters for one function or actor class. `active` is the number of live
+/// function instances (actor activations are counted by their directory).
+#[derive(Debug, Default)]
+pub struct GuestStats {
+    /// Requests (or actor messages and alarms) received.
+    pub requests: AtomicU64,
+    /// Instances alive now.
+    pub active: AtomicU64,
+    /// Guest traps (including memory-limit traps).
+    pub traps: AtomicU64,
+    /// Runs stopped for memory.
+    pub memory_kills: AtomicU64,
+    /// Runs stopped at the CPU budget.
+    pub cpu_kills: AtomicU64,
+    /// Runs stopped at the wall deadline.
+    pub wall_kills: AtomicU64,
+    /// Requests whose client went away before the guest finished.
+    pub cancelled: AtomicU64,
+    /// Requests whose guest outlived its first slice and moved to the fair scheduler.
+    pub demoted: AtomicU64,
+    /// Requests started directly in the fair scheduler because the function's
+    /// recent requests were CPU hogs.
+    pub started_pooled: AtomicU64,
+    /// CPU time used by all runs, in nanoseconds.
+    pub cpu_nanos: AtomicU64,
+    /// Moving average of "this run used more than half a slice of CPU",
+    /// in 1/1024ths.
+    hog_score: AtomicU64,
+    changed: Notify,
+}
+
+/// Weight of one run in the hog score's moving average: 1/8.
+const HOG_STEP: u64 = 128;
+/// Above this score (half of recent runs were hogs) new requests skip the
+/// connection task and start in the fair scheduler.
+const HOG_THRESHOLD: u64 = 512;
+
+impl GuestStats {
+    /// Records one run's CPU time and updates the hog score.
+    pub(crate) fn record_cpu(&self, used: Duration, hog_above: Duration) {
+        self.cpu_nanos
+            .fetch_add(used.as_nanos() as u64, Ordering::Relaxed);
+        let hog = used >= hog_above;
+        let _ = self
+            .hog_score
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(s - s / 8 + if hog { HOG_STEP } else { 0 })
+            });
+    }
+
+    /// Counts how a run ended.
+    pub(crate) fn record_outcome<T>(&self, outcome: &Outcome<T>) {
+        let counters: &[&AtomicU64] = match outcome {
+            Outcome::Done(_) => &[],
+            Outcome::Trap(_) => &[&self.traps],
+            Outcome::Memory => &[&self.traps, &self.memory_kills],
+            Outcome::Cpu => &[&self.cpu_kills],
+            Outcome::Wall => &[&self.wall_kills],
+        };
+        for c in counters {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether recent runs were mostly CPU hogs.
+    pub fn mostly_hogs(&self) -> bool {
+        self.hog_score.load(Ordering::Relaxed) > HOG_THRESHOLD
+    }
+
+    /// Waits until no instance is alive.
+    pub async fn wait_idle(&self) {
+        self.wait_until(|s| s.active.load(Ordering::SeqCst) == 0)
+            .await;
+    }
+
+    /// Waits until `check` holds; re-checked each time an instance starts or ends.
+    pub async fn wait_until(&self, check: impl Fn(&Self) -> bool) {
+        wait_on(&self.changed, || check(self)).await;
+    }
+
+    /// Wakes `wait_until` callers (an instance started or ended).
+    pub(crate) fn notify(&self) {
+        self.changed.notify_waiters();
+    }
+}
+
+/// Waits until `check` holds, re-checking it each time `changed` is
+/// notified (with `notify_waiters`). Registers before checking, so a change
+/// between the check and the wait is not missed.
+pub async fn wait_on(changed: &Notify, check: impl Fn() -> bool) {
+    loop {
+        let notified = changed.notified();
+        if check() {
+            return;
+        }
+        notified.await;
+    }
+}
