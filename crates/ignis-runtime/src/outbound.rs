@@ -5,21 +5,28 @@
 //!    `allowed_outbound_hosts`: `api.example.com` (any port),
 //!    `api.example.com:8443`, `*.example.com`, or `*`. Nothing listed means
 //!    nothing allowed. A miss is `HTTP-request-denied` for the guest.
-//! 2. The addresses the host resolves to must be public unless the entry that
-//!    matched names the host exactly: loopback, private (RFC 1918, ULA),
-//!    link-local, CGNAT, unspecified and multicast addresses are refused with
-//!    `destination-IP-prohibited`. The check runs on the resolved addresses,
-//!    inside the connector, so a DNS answer cannot smuggle a private address
-//!    past a wildcard.
-//! 3. Connections are pooled per function and reused across requests
+//! 2. The addresses the host resolves to must be public unless the address
+//!    itself is listed (`127.0.0.1:8080`): loopback, private (RFC 1918,
+//!    ULA), link-local (the cloud metadata address), CGNAT, benchmarking,
+//!    reserved, unspecified, multicast, and the IPv6 forms that embed an
+//!    IPv4 address (NAT64, 6to4, Teredo, IPv4-compatible, IPv4-mapped) are
+//!    refused with `destination-IP-prohibited`. An exactly listed *name*
+//!    gets no exception: a tenant that points its own domain at
+//!    169.254.169.254 or 127.0.0.1 is refused. The check runs on the
+//!    resolved addresses, inside the connector, so a DNS answer cannot
+//!    smuggle a private address past the list.
+//! 3. Resolving and connecting share one deadline (10 s), across every
+//!    address the name resolves to: a slow DNS server or a list of
+//!    blackholed addresses cannot hold a guest longer than that.
+//! 4. Connections are pooled per function and reused across requests
 //!    (HTTP/1.1 keep-alive), and TLS verifies certificates against the web PKI
 //!    roots.
-//! 4. Named backends (`[backends.NAME]`, listed in a function's `backends`)
+//! 5. Named backends (`[backends.NAME]`, listed in a function's `backends`)
 //!    are reached as `http://NAME/...` or by their own URL. Each has its own
 //!    pool (`pool_size` idle connections kept), response timeout and TLS
 //!    setting (`tls_verify`, on by default), shared by every function that
 //!    lists it. The operator wrote the address, so it may be private.
-//! 5. One guest request may send at most `max_outbound_requests`; past
+//! 6. One guest request may send at most `max_outbound_requests`; past
 //!    that, `HTTP-request-denied`.
 
 use std::future::Future;
@@ -60,9 +67,10 @@ struct Rule {
 pub enum Decision {
     /// Not listed.
     Denied,
-    /// Listed by a wildcard: public addresses only.
+    /// Listed by a wildcard.
     PublicOnly,
-    /// Listed by exact name: any address it resolves to.
+    /// Listed by exact name. Its addresses must still be public unless
+    /// the address itself is listed ([`OutboundPolicy::lists_address`]).
     Explicit,
 }
 
@@ -90,6 +98,15 @@ impl OutboundPolicy {
             })
             .collect();
         OutboundPolicy { rules }
+    }
+
+    /// Whether the address `ip` (with `port`) is itself listed: only then
+    /// may a guest reach it when it is not public.
+    pub fn lists_address(&self, ip: IpAddr, port: u16) -> bool {
+        self.rules.iter().any(|rule| {
+            rule.port.is_none_or(|p| p == port)
+                && matches!(&rule.host, HostPattern::Exact(h) if h.parse::<IpAddr>() == Ok(ip))
+        })
     }
 
     /// Checks a host (lower-case, brackets stripped for IPv6) and port.
@@ -126,7 +143,8 @@ fn split_host_port(s: &str) -> (&str, Option<u16>) {
     }
 }
 
-/// Whether an address is on the public internet.
+/// Whether an address is on the public internet (see the module docs for
+/// what is not).
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -139,7 +157,14 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || v4.is_multicast()
                 || v4.is_documentation()
                 || o[0] == 0
-                || (o[0] == 100 && (o[1] & 0xc0) == 64))
+                // 100.64.0.0/10: carrier-grade NAT.
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                // 192.0.0.0/24: IETF protocol assignments.
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                // 198.18.0.0/15: benchmarking.
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
+                // 240.0.0.0/4: reserved.
+                || o[0] >= 240)
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
@@ -149,8 +174,21 @@ pub fn is_public(ip: IpAddr) -> bool {
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
+                // ::/96: IPv4-compatible.
+                || seg[..6] == [0; 6]
+                // fc00::/7: unique local.
                 || (seg[0] & 0xfe00) == 0xfc00
-                || (seg[0] & 0xffc0) == 0xfe80)
+                // fe80::/10: link-local; fec0::/10: site-local.
+                || (seg[0] & 0xffc0) == 0xfe80
+                || (seg[0] & 0xffc0) == 0xfec0
+                // 64:ff9b::/96 and 64:ff9b:1::/48: NAT64.
+                || (seg[0] == 0x64 && seg[1] == 0xff9b)
+                // 2002::/16: 6to4.
+                || seg[0] == 0x2002
+                // 2001::/32: Teredo; 2001:db8::/32: documentation.
+                || (seg[0] == 0x2001 && (seg[1] == 0 || seg[1] == 0xdb8))
+                // 100::/64: discard.
+                || (seg[0] == 0x100 && seg[1..4] == [0; 3]))
         }
     }
 }
@@ -216,8 +254,11 @@ impl Connection for Stream {
 pub struct Connector {
     policy: Arc<OutboundPolicy>,
     tls: tokio_rustls::TlsConnector,
+    /// One deadline for resolving and connecting, across all addresses.
     connect_timeout: Duration,
     connections: Arc<AtomicU64>,
+    /// A backend the operator named: any address it resolves to is allowed.
+    operator_named: bool,
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -260,22 +301,31 @@ impl Connector {
             .trim_end_matches(']')
             .to_ascii_lowercase();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let explicit = self.policy.check(&host, port) == Decision::Explicit;
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
         let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => tokio::net::lookup_host((host.as_str(), port))
-                .await
-                .map_err(ConnectError::Dns)?
-                .collect(),
+            Err(_) => {
+                tokio::time::timeout_at(deadline, tokio::net::lookup_host((host.as_str(), port)))
+                    .await
+                    .map_err(|_| ConnectError::Timeout)?
+                    .map_err(ConnectError::Dns)?
+                    .collect()
+            }
         };
         let mut last = None;
         for addr in addrs {
-            if !explicit && !is_public(addr.ip()) {
+            let allowed = self.operator_named
+                || is_public(addr.ip())
+                || self.policy.lists_address(addr.ip(), port);
+            if !allowed {
                 last = Some(ConnectError::Prohibited(addr.ip()));
                 continue;
             }
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-                Err(_) => last = Some(ConnectError::Timeout),
+            match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+                Err(_) => {
+                    last = Some(ConnectError::Timeout);
+                    break;
+                }
                 Ok(Err(e)) => last = Some(ConnectError::Connect(e)),
                 Ok(Ok(tcp)) => {
                     let _ = tcp.set_nodelay(true);
@@ -383,6 +433,7 @@ type PooledClient = Client<Connector, WasiBody>;
 
 fn pooled_client(
     policy: Arc<OutboundPolicy>,
+    operator_named: bool,
     tls: rustls::ClientConfig,
     connect_timeout: Duration,
     idle_per_host: usize,
@@ -393,6 +444,7 @@ fn pooled_client(
         tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
         connect_timeout,
         connections: connections.clone(),
+        operator_named,
     };
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
@@ -424,6 +476,7 @@ impl Backend {
         let policy = Arc::new(OutboundPolicy::new(std::slice::from_ref(&exact)));
         let (client, connections) = pooled_client(
             policy,
+            true,
             tls_config(config.tls_verify),
             config.timeout.min(Duration::from_secs(10)),
             config.pool_size,
@@ -494,6 +547,7 @@ impl Outbound {
         let policy = Arc::new(policy);
         let (client, connections) = pooled_client(
             policy.clone(),
+            false,
             tls_config(true),
             Duration::from_secs(10),
             32,
@@ -622,11 +676,47 @@ mod tests {
             "fe80::1",
             "fd00::1",
             "::ffff:127.0.0.1",
+            // Added with the SSRF review: each fails on the list before it.
+            "64:ff9b::7f00:1",
+            "64:ff9b:1::a9fe:a9fe",
+            "2002:7f00:1::1",
+            "::7f00:1",
+            "fec0::1",
+            "2001:0:4136:e378::1",
+            "2001:db8::1",
+            "198.18.0.1",
+            "198.19.255.255",
+            "240.0.0.1",
+            "255.255.255.254",
+            "192.0.0.170",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
+        for ip in [
+            "93.184.216.34",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "198.20.0.1",
+            "192.0.1.1",
+            "2001:4860::8888",
+        ] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
+    }
+
+    #[test]
+    fn only_a_listed_address_is_an_exception() {
+        let p = OutboundPolicy::new(&[
+            "localhost:8081".into(),
+            "127.0.0.1:9000".into(),
+            "10.0.0.5".into(),
+        ]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // A listed name is not a listed address.
+        assert!(!p.lists_address(ip("127.0.0.1"), 8081));
+        assert!(p.lists_address(ip("127.0.0.1"), 9000));
+        assert!(!p.lists_address(ip("127.0.0.1"), 9001));
+        assert!(p.lists_address(ip("10.0.0.5"), 443));
+        assert!(!p.lists_address(ip("10.0.0.6"), 443));
     }
 }

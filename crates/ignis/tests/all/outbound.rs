@@ -77,7 +77,11 @@ function = "fetch"
 async fn allowed_host_works_and_connections_are_reused() {
     let origin = origin().await;
     let port = origin.addr.port();
-    let server = TestServer::start(&manifest(&format!("\"localhost:{port}\""))).await;
+    // The name, and (it is loopback) the address it resolves to.
+    let server = TestServer::start(&manifest(&format!(
+        "\"localhost:{port}\", \"127.0.0.1:{port}\""
+    )))
+    .await;
     let c = client();
     for i in 1..=20u64 {
         let r = get(
@@ -139,6 +143,27 @@ async fn unlisted_hosts_and_loopback_are_refused() {
             r.text()
         );
     }
+    assert_eq!(origin.connections.load(Ordering::SeqCst), 0);
+    server.shutdown().await;
+}
+
+/// A tenant that lists its own name, and points that name at loopback (or
+/// the metadata address), is refused: only a listed address may be
+/// private. Fails on the code before, where an exactly listed name could
+/// resolve anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exactly_listed_name_resolving_to_loopback_is_refused() {
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let server = TestServer::start(&manifest(&format!("\"localhost:{port}\""))).await;
+    let c = client();
+    let r = get(
+        &c,
+        &server.url(&format!("/fetch?url=http://localhost:{port}/")),
+    )
+    .await;
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("DestinationIpProhibited"), "{}", r.text());
     assert_eq!(origin.connections.load(Ordering::SeqCst), 0);
     server.shutdown().await;
 }
