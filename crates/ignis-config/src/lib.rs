@@ -214,6 +214,10 @@ pub struct ServerConfig {
     pub guest_threads: usize,
     /// File of secret values (`name = "value"`), read at load time.
     pub secrets_file: Option<PathBuf>,
+    /// Live durable-actor activations on the node, all classes together
+    /// (each holds an instance); past it the least recently used idle one
+    /// is evicted, or the message is shed with 503.
+    pub max_activations: u32,
 }
 
 /// Where a function's component comes from.
@@ -345,6 +349,21 @@ pub struct ActorClassConfig {
     pub max_writes_per_message: usize,
     /// Environment variables visible to the guest.
     pub env: BTreeMap<String, String>,
+    /// The tenant that owns the class (defaults to the class name).
+    pub tenant: String,
+    /// Who else may call it through `ignis:actor/client`: tenant, function
+    /// or actor class names. Callers of the class's own tenant always may.
+    pub callers: Vec<String>,
+    /// Live activations of this class at once; past it the least recently
+    /// used idle one is evicted, or the message is shed with 503.
+    pub max_activations: u32,
+}
+
+impl ActorClassConfig {
+    /// Whether a guest named `name` of `tenant` may send this class messages.
+    pub fn admits(&self, tenant: &str, name: &str) -> bool {
+        self.tenant == tenant || self.callers.iter().any(|c| c == tenant || c == name)
+    }
 }
 
 // ---- raw, serde-facing shapes ----
@@ -394,6 +413,10 @@ struct RawActor {
     max_writes_per_message: Option<Spanned<u32>>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    tenant: Option<Spanned<String>>,
+    #[serde(default)]
+    callers: Vec<Spanned<String>>,
+    max_activations: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -444,6 +467,7 @@ struct RawServer {
     pooling: Option<bool>,
     guest_threads: Option<Spanned<u32>>,
     secrets_file: Option<PathBuf>,
+    max_activations: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -480,6 +504,11 @@ struct RawRoute {
     function: Option<Spanned<String>>,
     actor: Option<Spanned<String>>,
 }
+
+/// Default of `server.max_activations`: live actor activations on a node.
+pub const DEFAULT_NODE_ACTIVATIONS: u32 = 2000;
+/// Default of `actors.NAME.max_activations`: live activations of one class.
+pub const DEFAULT_CLASS_ACTIVATIONS: u32 = 1000;
 
 /// Default listen address when the manifest names none.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -578,10 +607,24 @@ impl Validator<'_> {
             let func = self.function(&name, span.start, f.into_inner(), &refs)?;
             functions.insert(name, func);
         }
+        // Names an actor class's `callers` may list.
+        let mut known: std::collections::BTreeSet<String> = functions
+            .values()
+            .flat_map(|f| [f.name.clone(), f.tenant.clone()])
+            .collect();
+        for (name, a) in &raw.actors {
+            known.insert(name.clone());
+            known.insert(
+                a.get_ref()
+                    .tenant
+                    .as_ref()
+                    .map_or_else(|| name.clone(), |t| t.get_ref().clone()),
+            );
+        }
         let mut actors = BTreeMap::new();
         for (name, a) in raw.actors {
             let span = a.span();
-            let actor = self.actor(&name, span.start, a.into_inner())?;
+            let actor = self.actor(&name, span.start, a.into_inner(), &known)?;
             actors.insert(name, actor);
         }
         let mut routes = Vec::new();
@@ -600,11 +643,13 @@ impl Validator<'_> {
                 1..=1000,
                 tenant.weight,
             )?;
-            if !functions.values().any(|f| f.tenant == name) {
+            if !functions.values().any(|f| f.tenant == name)
+                && !actors.values().any(|a| a.tenant == name)
+            {
                 return Err(self.err(
                     span.start,
                     format!("tenants.{name}"),
-                    format!("no function belongs to tenant `{name}`"),
+                    format!("no function or actor class belongs to tenant `{name}`"),
                 ));
             }
             tenants.insert(name, tenant);
@@ -706,6 +751,7 @@ impl Validator<'_> {
         name: &str,
         offset: usize,
         raw: RawActor,
+        known: &std::collections::BTreeSet<String>,
     ) -> Result<ActorClassConfig, ConfigError> {
         let table = format!("actors.{name}");
         let key = |k: &str| format!("actors.{name}.{k}");
@@ -766,6 +812,47 @@ impl Validator<'_> {
             1..=1_000_000,
             1000,
         )? as usize;
+        let tenant = match raw.tenant {
+            None => name.to_string(),
+            Some(t) if valid_name(t.get_ref()) => t.into_inner(),
+            Some(t) => {
+                return Err(self.err(
+                    t.span().start,
+                    key("tenant"),
+                    "tenant names use letters, digits, '-' and '_'",
+                ));
+            }
+        };
+        let mut callers = Vec::new();
+        for c in raw.callers {
+            if !valid_name(c.get_ref()) {
+                return Err(self.err(
+                    c.span().start,
+                    key("callers"),
+                    format!(
+                        "`{}` is not a tenant, function or actor class name (letters, digits, '-' and '_')",
+                        c.get_ref()
+                    ),
+                ));
+            }
+            if !known.contains(c.get_ref()) {
+                return Err(self.err(
+                    c.span().start,
+                    key("callers"),
+                    format!(
+                        "`{}` names no tenant, function or actor class of this manifest",
+                        c.get_ref()
+                    ),
+                ));
+            }
+            callers.push(c.into_inner());
+        }
+        let max_activations = self.count(
+            raw.max_activations,
+            &key("max_activations"),
+            1..=100_000,
+            DEFAULT_CLASS_ACTIVATIONS,
+        )?;
         Ok(ActorClassConfig {
             name: name.to_string(),
             source,
@@ -775,6 +862,9 @@ impl Validator<'_> {
             max_value_bytes: sizes[1].0,
             max_writes_per_message,
             env: raw.env,
+            tenant,
+            callers,
+            max_activations,
         })
     }
 
@@ -949,6 +1039,12 @@ impl Validator<'_> {
             pooling: raw.pooling.unwrap_or(true),
             guest_threads,
             secrets_file: raw.secrets_file.map(|p| self.resolve(&p)),
+            max_activations: self.count(
+                raw.max_activations,
+                "server.max_activations",
+                1..=100_000,
+                DEFAULT_NODE_ACTIVATIONS,
+            )?,
         })
     }
 

@@ -389,3 +389,44 @@ fn actor_classes_and_actor_routes() {
     let (line, key, _) = invalid("[actors.room]\nmemory = \"1MiB\"\n");
     assert_eq!((line, key.as_str()), (1, "actors.room"));
 }
+
+#[test]
+fn actor_classes_belong_to_tenants_and_list_their_callers() {
+    let m = parse(
+        "[actors.room]\ncomponent = \"room.wasm\"\ntenant = \"acme\"\ncallers = [\"partner\", \"f\"]\nmax_activations = 5\n[functions.f]\ncomponent = \"f.wasm\"\n[functions.p]\ncomponent = \"p.wasm\"\ntenant = \"partner\"\n[server]\nmax_activations = 3\n",
+    )
+    .unwrap();
+    let a = &m.actors["room"];
+    assert_eq!((a.tenant.as_str(), a.max_activations), ("acme", 5));
+    assert_eq!(m.server.max_activations, 3);
+    assert!(a.admits("acme", "anything"));
+    assert!(a.admits("partner", "p"));
+    assert!(a.admits("f", "f"));
+    assert!(!a.admits("evil", "g"));
+    // Defaults: the class is its own tenant; nobody else is listed.
+    let m = parse("[actors.room]\ncomponent = \"room.wasm\"\n").unwrap();
+    let a = &m.actors["room"];
+    assert_eq!((a.tenant.as_str(), a.callers.len()), ("room", 0));
+    assert_eq!(a.max_activations, ignis_config::DEFAULT_CLASS_ACTIVATIONS);
+    assert_eq!(
+        m.server.max_activations,
+        ignis_config::DEFAULT_NODE_ACTIVATIONS
+    );
+    // A tenants table may name an actor class's tenant.
+    parse("[actors.room]\ncomponent = \"r.wasm\"\ntenant = \"acme\"\n[tenants.acme]\nweight = 2\n")
+        .unwrap();
+
+    // Bad input names the line and key.
+    let (line, key, msg) =
+        invalid("[actors.room]\ncomponent = \"r.wasm\"\ncallers = [\"nobody\"]\n");
+    assert_eq!((line, key.as_str()), (3, "actors.room.callers"), "{msg}");
+    assert!(msg.contains("nobody"), "{msg}");
+    let (line, key, _) = invalid("[actors.room]\ncomponent = \"r.wasm\"\ncallers = [\"a b\"]\n");
+    assert_eq!((line, key.as_str()), (3, "actors.room.callers"));
+    let (line, key, _) = invalid("[actors.room]\ncomponent = \"r.wasm\"\ntenant = \"a/b\"\n");
+    assert_eq!((line, key.as_str()), (3, "actors.room.tenant"));
+    let (line, key, _) = invalid("[actors.room]\ncomponent = \"r.wasm\"\nmax_activations = 0\n");
+    assert_eq!((line, key.as_str()), (3, "actors.room.max_activations"));
+    let (line, key, _) = invalid("[server]\nmax_activations = 1000000\n");
+    assert_eq!((line, key.as_str()), (2, "server.max_activations"));
+}

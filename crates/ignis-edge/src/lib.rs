@@ -197,7 +197,7 @@ impl Edge {
             }
         };
         let resp = directory
-            .send(class, actor_id, Request::from_parts(parts, body), id)
+            .send(class, actor_id, Request::from_parts(parts, body), id, None)
             .await?;
         let mut resp = resp.map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync());
         resp.headers_mut()

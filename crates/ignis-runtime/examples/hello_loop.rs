@@ -60,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         // slots): the runtime falls back to on-demand and the line printed
         // at the end says so.
         instance_slots: 1000,
+        activation_slots: 0,
         max_memory_bytes: config.limits.memory_bytes,
     })?;
     let function = runtime.load_function(&config, &wasm)?;

@@ -34,24 +34,44 @@ pub struct RuntimeSettings {
     pub instance_slots: u32,
     /// The largest per-function memory limit (sizes a pool slot).
     pub max_memory_bytes: u64,
+    /// Pool slots reserved for durable-actor activations (each live
+    /// activation keeps its instance): the actor directory never holds more
+    /// live activations than this, so actors cannot take the slots
+    /// functions need.
+    pub activation_slots: u32,
 }
 
 impl RuntimeSettings {
     /// Settings sized from a manifest: one pool slot per allowed concurrent
-    /// instance of each function, plus [`ACTIVATION_SLOTS`] per actor class
-    /// (activations hold their instance between messages), capped at 4,000.
+    /// instance of each function, plus the activation slots (the node's
+    /// `server.max_activations`, or the classes' `max_activations` summed
+    /// if that is smaller), capped at [`MAX_POOL_SLOTS`].
     pub fn from_manifest(m: &Manifest) -> Self {
-        let slots: u64 = m
+        let function_slots: u64 = m
             .functions
             .values()
             .map(|f| u64::from(f.limits.max_concurrency))
-            .sum::<u64>()
-            + ACTIVATION_SLOTS * m.actors.len() as u64;
+            .sum();
+        let class_slots: u64 = m
+            .actors
+            .values()
+            .map(|a| u64::from(a.max_activations))
+            .sum();
+        let activation_slots = class_slots.min(u64::from(m.server.max_activations));
+        let wanted = function_slots + activation_slots;
+        if wanted > u64::from(MAX_POOL_SLOTS) {
+            tracing::warn!(
+                function_slots,
+                activation_slots,
+                max = MAX_POOL_SLOTS,
+                "the manifest asks for more instance slots than the pool holds; functions and actors may wait for slots"
+            );
+        }
         RuntimeSettings {
             pooling: m.server.pooling,
             epoch_tick: m.server.epoch_tick,
             cache_dir: m.server.cache_dir.clone(),
-            instance_slots: slots.clamp(16, 4000) as u32,
+            instance_slots: wanted.clamp(16, u64::from(MAX_POOL_SLOTS)) as u32,
             max_memory_bytes: m
                 .functions
                 .values()
@@ -59,14 +79,14 @@ impl RuntimeSettings {
                 .chain(m.actors.values().map(|a| a.limits.memory_bytes))
                 .max()
                 .unwrap_or(64 << 20),
+            activation_slots: activation_slots as u32,
         }
     }
 }
 
-/// Pool slots reserved per actor class: live activations of one class that
-/// the pooling allocator can hold at once (more fail to activate, with a
-/// 500 and a log line, until idle ones are evicted).
-pub const ACTIVATION_SLOTS: u64 = 1200;
+/// Most instance slots one pool reserves (address space: each slot reserves
+/// its largest memory).
+pub const MAX_POOL_SLOTS: u32 = 4000;
 
 /// What a function may import, for load errors.
 const FUNCTION_IMPORTS: &str = "WASI 0.2 (and 0.3), wasi:http, wasi:keyvalue, wasi:config and ignis:actor/client; ignis:actor/storage, alarms and context are for actor classes";

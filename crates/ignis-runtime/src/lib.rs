@@ -53,7 +53,7 @@ pub mod sched;
 mod stdio;
 mod ticker;
 
-pub use engine::{ACTIVATION_SLOTS, AllocatorKind, Platform, Runtime, RuntimeSettings};
+pub use engine::{AllocatorKind, MAX_POOL_SLOTS, Platform, Runtime, RuntimeSettings};
 pub use error::{BoxError, Error, ErrorKind, LoadError, LogLevel};
 pub use function::{Body, Function, RequestMeta};
 pub use guest::{GuestStats, wait_on};

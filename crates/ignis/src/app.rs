@@ -155,7 +155,11 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
             for (name, config) in &manifest.actors {
                 classes.push(runtime.load_actor_class(config, &paths.actors[name])?);
             }
-            let directory = ActorDirectory::start(classes, Arc::new(store.clone()));
+            let directory = ActorDirectory::start(
+                classes,
+                Arc::new(store.clone()),
+                runtime.settings().activation_slots,
+            );
             let _ = caller_slot.set(directory.clone());
             Some(directory)
         }

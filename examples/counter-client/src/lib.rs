@@ -1,6 +1,7 @@
 //! `counter-client`: a function that talks to the `counter` actor through
 //! `ignis:actor/client`. `GET /bump?id=X` increments counter X and answers
-//! `counter X is now N`.
+//! `counter X is now N`; `&class=C` calls another class, `&op=OP` sends
+//! `OP` instead of `incr` (with GET) and answers the actor's body.
 
 use std::io::Write as _;
 
@@ -29,6 +30,17 @@ fn answer(request: &IncomingRequest) -> (u16, String) {
         .and_then(|(_, q)| q.split('&').find_map(|kv| kv.strip_prefix("class=")))
         .unwrap_or("counter")
         .to_string();
+    let op = pq
+        .split_once('?')
+        .and_then(|(_, q)| q.split('&').find_map(|kv| kv.strip_prefix("op=")))
+        .unwrap_or("incr")
+        .to_string();
+    if op != "incr" {
+        return match client::call(&class, &id, "GET", &format!("/counter/{id}/{op}"), &[]) {
+            Ok(resp) => (resp.status, String::from_utf8_lossy(&resp.body).into_owned()),
+            Err(e) => (502, format!("actor call failed: {e:?}")),
+        };
+    }
     match client::call(&class, &id, "POST", &format!("/counter/{id}/incr"), &[]) {
         Ok(resp) if resp.status == 200 => (
             200,

@@ -16,6 +16,7 @@
 //! | `POST .../spin?ms=N` | keeps the actor busy for N ms |
 //! | `POST .../put?key=K&size=N` | writes N bytes at K; the storage error if refused |
 //! | `POST .../say?text=T&fill=N` | prints T, then about N bytes of filler lines, to stdout |
+//! | `GET .../caller` | the `ignis-caller` header (`tenant/name` of the guest that sent the message), or `none` |
 
 use std::io::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -171,7 +172,13 @@ impl wasip2::exports::http::incoming_handler::Guest for Counter {
     fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
         let pq = request.path_with_query().unwrap_or_default();
         let (path, query) = pq.split_once('?').unwrap_or((&pq, ""));
-        let (status, body) = route(path, query);
+        let (status, body) = if path.ends_with("/caller") {
+            let caller = request.headers().get("ignis-caller");
+            let caller = caller.first().map(|v| String::from_utf8_lossy(v).into_owned());
+            (200, caller.unwrap_or_else(|| "none".into()))
+        } else {
+            route(path, query)
+        };
         let resp = OutgoingResponse::new(Fields::new());
         resp.set_status_code(status).unwrap();
         let out = resp.body().unwrap();

@@ -135,6 +135,7 @@ mod tests {
             overlay: Arc::new(Mutex::new(Overlay::default())),
             failed: AtomicBool::new(false),
             failed_epoch: AtomicU64::new(failed_epoch),
+            waiting: AtomicBool::new(false),
         })
     }
 

@@ -23,10 +23,12 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ignis_runtime::actor::{Activation, ActorCallFuture, ActorCaller, ActorClass, Overlay};
+use ignis_runtime::actor::{
+    Activation, ActorCallFuture, ActorCaller, ActorClass, CallerId, Overlay,
+};
 use ignis_runtime::{Error, ErrorKind, next_request_id, wait_on};
 use ignis_store::{ActorBatch, ActorKey, ActorStorage, AlarmChange};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::admission::retry_after;
 use alarms::{AlarmCommand, alarm_loop};
@@ -56,6 +58,9 @@ pub struct DirectoryStats {
     pub alarms_fired: AtomicU64,
     /// Alarm deliveries that failed and were rescheduled.
     pub alarm_retries: AtomicU64,
+    /// Messages for a new activation shed because the class's or the
+    /// node's activation cap was reached and no activation was idle.
+    pub shed_full: AtomicU64,
     changed: Notify,
 }
 
@@ -90,8 +95,42 @@ enum Envelope {
     },
 }
 
+/// The directory's entry for a live activation.
 struct Handle {
     tx: mpsc::Sender<Envelope>,
+    /// Tells this activation from a later one of the same key.
+    generation: u64,
+    state: Arc<ActorState>,
+    /// When a message was last enqueued (the directory's logical clock).
+    last_used: u64,
+    /// Closed when the activation task has ended (its instance is gone).
+    ended: watch::Receiver<()>,
+}
+
+impl Handle {
+    /// Whether the activation can be evicted without losing anything: its
+    /// task waits for a message, none is queued, and no reply waits for a
+    /// commit. Checked under the directory lock, where messages are queued.
+    fn evictable(&self) -> bool {
+        self.state.waiting.load(Ordering::SeqCst)
+            && self.tx.capacity() == self.tx.max_capacity()
+            && lock(&self.state.overlay).is_empty()
+    }
+}
+
+/// Live activations, under the directory lock.
+#[derive(Default)]
+struct Activations {
+    by_key: HashMap<ActorKey, Handle>,
+    /// Activation tasks alive per class, including ones evicted but not
+    /// yet ended; and in all.
+    live: HashMap<String, u32>,
+    live_total: u32,
+    /// Evicted activations still ending, by key: a new activation of the
+    /// same key starts only once the old one has ended.
+    retiring: HashMap<ActorKey, (u64, watch::Receiver<()>)>,
+    next_generation: u64,
+    clock: u64,
 }
 
 /// What a committed batch answers.
@@ -113,7 +152,9 @@ struct Pending {
 pub struct ActorDirectory {
     classes: HashMap<String, Arc<ActorClass>>,
     storage: Arc<dyn ActorStorage>,
-    activations: Mutex<HashMap<ActorKey, Handle>>,
+    activations: Mutex<Activations>,
+    /// Live activations allowed on the node, all classes together.
+    max_activations: u32,
     alarms: mpsc::UnboundedSender<AlarmCommand>,
     commits: mpsc::UnboundedSender<Pending>,
     stats: Arc<DirectoryStats>,
@@ -128,6 +169,8 @@ struct ActorState {
     failed: AtomicBool,
     /// Batches of this epoch or older fail (they may have read a failed write).
     failed_epoch: AtomicU64,
+    /// Set while the task waits for its next message.
+    waiting: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -135,12 +178,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ActorDirectory {
-    /// The directory for `classes`, sharing `storage`. Its alarm task
-    /// loads the persisted alarms and schedules them (past-due ones fire at
-    /// once). Must be called inside a tokio runtime.
+    /// The directory for `classes`, sharing `storage`, with at most
+    /// `max_activations` live activations in all (each class is also held to
+    /// its own `max_activations`). Its alarm task loads the persisted alarms
+    /// and schedules them (past-due ones fire at once). Must be called
+    /// inside a tokio runtime.
     pub fn start(
         classes: Vec<Arc<ActorClass>>,
         storage: Arc<dyn ActorStorage>,
+        max_activations: u32,
     ) -> Arc<ActorDirectory> {
         let (alarms, commands) = mpsc::unbounded_channel();
         let (commits, commit_rx) = mpsc::unbounded_channel();
@@ -150,7 +196,8 @@ impl ActorDirectory {
                 .map(|c| (c.name().to_string(), c))
                 .collect(),
             storage,
-            activations: Mutex::new(HashMap::new()),
+            activations: Mutex::new(Activations::default()),
+            max_activations,
             alarms,
             commits,
             stats: Arc::new(DirectoryStats::default()),
@@ -173,7 +220,9 @@ impl ActorDirectory {
 
     /// Whether actor `(class, id)` has a live activation.
     pub fn is_active(&self, class: &str, id: &str) -> bool {
-        lock(&self.activations).contains_key(&ActorKey::new(class, id))
+        lock(&self.activations)
+            .by_key
+            .contains_key(&ActorKey::new(class, id))
     }
 
     /// The class named `name`.
@@ -181,20 +230,25 @@ impl ActorDirectory {
         self.classes.get(name)
     }
 
+    /// Live activations now (tasks alive, including evicted ones that are
+    /// still ending).
+    pub fn live_activations(&self) -> u32 {
+        lock(&self.activations).live_total
+    }
+
     /// Puts `envelope` in the actor's mailbox, starting an activation if
     /// there is none. Under the directory lock, so an eviction cannot drop it.
     fn enqueue(&self, class: &Arc<ActorClass>, id: &str, envelope: Envelope) -> Result<(), Error> {
         let key = ActorKey::new(class.name(), id);
-        let mut activations = lock(&self.activations);
-        let handle = activations.entry(key.clone()).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(class.config().limits.mailbox as usize);
-            let me = self
-                .me
-                .upgrade()
-                .expect("the directory is alive while called");
-            tokio::spawn(run_activation(me, class.clone(), key, rx));
-            Handle { tx }
-        });
+        let mut guard = lock(&self.activations);
+        let acts = &mut *guard;
+        acts.clock += 1;
+        if !acts.by_key.contains_key(&key) {
+            let handle = self.spawn_activation(acts, class, &key)?;
+            acts.by_key.insert(key.clone(), handle);
+        }
+        let handle = acts.by_key.get_mut(&key).expect("inserted above");
+        handle.last_used = acts.clock;
         let limits = &class.config().limits;
         match handle.tx.try_send(envelope) {
             Ok(()) => Ok(()),
@@ -211,14 +265,102 @@ impl ActorDirectory {
         }
     }
 
+    /// Starts the activation task of `key`, within the class's and the
+    /// node's caps: past either, the least recently used evictable
+    /// activation (of the class, or of any class for the node cap) is
+    /// evicted and the new one starts once it has ended (it takes its pool
+    /// slot); if none is evictable the message is shed with 503.
+    fn spawn_activation(
+        &self,
+        acts: &mut Activations,
+        class: &Arc<ActorClass>,
+        key: &ActorKey,
+    ) -> Result<Handle, Error> {
+        let config = class.config();
+        let class_live = acts.live.get(class.name()).copied().unwrap_or(0);
+        let class_full = class_live >= config.max_activations;
+        let node_full = acts.live_total >= self.max_activations;
+        let mut wait_for = Vec::new();
+        if class_full || node_full {
+            let victim = acts
+                .by_key
+                .iter()
+                .filter(|(k, h)| (!class_full || k.class() == class.name()) && h.evictable())
+                .min_by_key(|(_, h)| h.last_used)
+                .map(|(k, _)| k.clone());
+            let Some(victim) = victim else {
+                self.stats.bump(&self.stats.shed_full);
+                let (what, cap) = if class_full {
+                    ("of this class", config.max_activations)
+                } else {
+                    ("on this node", self.max_activations)
+                };
+                return Err(Error::shed(
+                    ErrorKind::Overloaded,
+                    retry_after(config.limits.queue_timeout),
+                )
+                .context(format!("{cap} actors {what} are active and none is idle")));
+            };
+            let handle = acts.by_key.remove(&victim).expect("found above");
+            tracing::debug!(actor = ?victim, "activation evicted to make room (least recently used)");
+            self.stats.bump(&self.stats.evictions);
+            wait_for.push(handle.ended.clone());
+            acts.retiring
+                .insert(victim, (handle.generation, handle.ended));
+        }
+        if let Some((_, ended)) = acts.retiring.remove(key) {
+            wait_for.push(ended);
+        }
+        acts.next_generation += 1;
+        let generation = acts.next_generation;
+        *acts.live.entry(class.name().to_string()).or_default() += 1;
+        acts.live_total += 1;
+        let (tx, rx) = mpsc::channel(config.limits.mailbox as usize);
+        let (ended_tx, ended) = watch::channel(());
+        let state = Arc::new(ActorState {
+            key: key.clone(),
+            overlay: Arc::new(Mutex::new(Overlay::default())),
+            failed: AtomicBool::new(false),
+            failed_epoch: AtomicU64::new(0),
+            waiting: AtomicBool::new(false),
+        });
+        let me = self
+            .me
+            .upgrade()
+            .expect("the directory is alive while called");
+        let task = Task {
+            dir: me,
+            class: class.clone(),
+            state: state.clone(),
+            generation,
+            _ended: ended_tx,
+        };
+        tokio::spawn(run_activation(task, rx, wait_for));
+        Ok(Handle {
+            tx,
+            generation,
+            state,
+            last_used: acts.clock,
+            ended,
+        })
+    }
+
     /// Sends `request` (of request `request_id`) to actor `(class, id)`;
     /// resolves with its reply once the writes it made are durable.
+    ///
+    /// `caller` is the guest calling through `ignis:actor/client` (`None`:
+    /// a route of the manifest). A guest of another tenant that the class
+    /// does not list in `callers` is refused (403) before anything is
+    /// activated; an admitted guest's identity reaches the actor as the
+    /// `ignis-caller: tenant/name` header, which is removed from requests
+    /// that come from routes so that clients cannot forge it.
     pub async fn send(
         &self,
         class: &str,
         id: &str,
-        request: http::Request<Bytes>,
+        mut request: http::Request<Bytes>,
         request_id: u64,
+        caller: Option<&CallerId>,
     ) -> Result<http::Response<Bytes>, Error> {
         let class = self
             .classes
@@ -227,6 +369,23 @@ impl ActorDirectory {
                 Error::new(ErrorKind::NotFound).context(format!("no actor class named `{class}`"))
             })?
             .clone();
+        check_actor_id(id)?;
+        request.headers_mut().remove(CALLER_HEADER);
+        if let Some(caller) = caller {
+            if !class.config().admits(&caller.tenant, &caller.name) {
+                return Err(Error::new(ErrorKind::Forbidden).context(format!(
+                    "`{}` of tenant `{}` may not call actor class `{}` (tenant `{}`; add it to the class's `callers`)",
+                    caller.name,
+                    caller.tenant,
+                    class.name(),
+                    class.config().tenant
+                )));
+            }
+            let value = format!("{}/{}", caller.tenant, caller.name);
+            if let Ok(value) = http::HeaderValue::from_str(&value) {
+                request.headers_mut().insert(CALLER_HEADER, value);
+            }
+        }
         let (reply, mut answer) = oneshot::channel();
         let state = Arc::new(AtomicU8::new(QUEUED));
         self.enqueue(
@@ -274,6 +433,32 @@ impl ActorDirectory {
     }
 }
 
+/// The header that tells an actor which guest sent a message.
+pub const CALLER_HEADER: &str = "ignis-caller";
+
+/// Longest actor id, in bytes.
+pub const MAX_ACTOR_ID_BYTES: usize = 256;
+
+/// An actor id is at most [`MAX_ACTOR_ID_BYTES`] bytes of printable
+/// characters: no control characters (they would reach logs and storage
+/// keys), not empty.
+fn check_actor_id(id: &str) -> Result<(), Error> {
+    let bad = |why: &str| Err(Error::new(ErrorKind::BadRequest).context(format!("actor id {why}")));
+    if id.is_empty() {
+        return bad("is empty");
+    }
+    if id.len() > MAX_ACTOR_ID_BYTES {
+        return bad(&format!(
+            "is {} bytes; the limit is {MAX_ACTOR_ID_BYTES}",
+            id.len()
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return bad("contains control characters");
+    }
+    Ok(())
+}
+
 /// The activation task ended with the message still in its mailbox (it
 /// panicked or was shut down).
 fn activation_ended() -> Error {
@@ -287,36 +472,89 @@ impl ActorCaller for ActorDirectory {
         id: &str,
         request: http::Request<Bytes>,
         request_id: u64,
+        caller: &CallerId,
     ) -> ActorCallFuture {
         let me = self
             .me
             .upgrade()
             .expect("the directory is alive while called");
-        let (class, id) = (class.to_string(), id.to_string());
-        Box::pin(async move { me.send(&class, &id, request, request_id).await })
+        let (class, id, caller) = (class.to_string(), id.to_string(), caller.clone());
+        Box::pin(async move {
+            me.send(&class, &id, request, request_id, Some(&caller))
+                .await
+        })
     }
 }
 
-/// One activation: the input gate. Ends when evicted.
-async fn run_activation(
+/// An activation task's place in the directory. Dropped when the task
+/// ends, however it ends (evicted, idle, or a panic): its entry leaves the
+/// directory if it is still its own (so the next message starts a fresh
+/// activation instead of finding a dead mailbox), the live counts go down,
+/// and `ended` closes, which lets an activation waiting for its pool slot
+/// (or for its key) start.
+struct Task {
     dir: Arc<ActorDirectory>,
     class: Arc<ActorClass>,
-    key: ActorKey,
+    state: Arc<ActorState>,
+    generation: u64,
+    _ended: watch::Sender<()>,
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        let mut acts = lock(&self.dir.activations);
+        let key = &self.state.key;
+        if acts
+            .by_key
+            .get(key)
+            .is_some_and(|h| h.generation == self.generation)
+        {
+            acts.by_key.remove(key);
+        }
+        if acts
+            .retiring
+            .get(key)
+            .is_some_and(|(g, _)| *g == self.generation)
+        {
+            acts.retiring.remove(key);
+        }
+        if let Some(n) = acts.live.get_mut(self.class.name()) {
+            *n -= 1;
+            if *n == 0 {
+                acts.live.remove(self.class.name());
+            }
+        }
+        acts.live_total -= 1;
+        drop(acts);
+        self.dir.stats.changed.notify_waiters();
+    }
+}
+
+/// One activation: the input gate. Ends when evicted (idle, or to make
+/// room), after waiting for `wait_for` (the activation whose slot it takes,
+/// and an earlier activation of its key that is still ending).
+async fn run_activation(
+    task: Task,
     mut rx: mpsc::Receiver<Envelope>,
+    wait_for: Vec<watch::Receiver<()>>,
 ) {
-    let state = Arc::new(ActorState {
-        key: key.clone(),
-        overlay: Arc::new(Mutex::new(Overlay::default())),
-        failed: AtomicBool::new(false),
-        failed_epoch: AtomicU64::new(0),
-    });
+    for mut ended in wait_for {
+        // Err once the sender is gone: that task has ended.
+        let _ = ended.changed().await;
+    }
+    let (dir, class, state) = (&task.dir, &task.class, &task.state);
+    let key = state.key.clone();
     let idle = class.config().idle_timeout;
     let mut activation: Option<Activation> = None;
     let mut epoch = 1u64;
     let mut seq = 0u64;
     loop {
-        let envelope = match tokio::time::timeout(idle, rx.recv()).await {
+        state.waiting.store(true, Ordering::SeqCst);
+        let received = tokio::time::timeout(idle, rx.recv()).await;
+        state.waiting.store(false, Ordering::SeqCst);
+        let envelope = match received {
             Ok(Some(e)) => e,
+            // Evicted to make room: the directory dropped the mailbox.
             Ok(None) => break,
             Err(_) => {
                 // Idle: evict unless replies still wait for their commit or
@@ -324,15 +562,18 @@ async fn run_activation(
                 if !lock(&state.overlay).is_empty() {
                     continue;
                 }
-                let mut activations = lock(&dir.activations);
+                let mut acts = lock(&dir.activations);
                 if !rx.is_empty() {
                     continue;
                 }
-                activations.remove(&key);
-                drop(activations);
-                if activation.take().is_some() {
-                    dir.stats.active.fetch_sub(1, Ordering::SeqCst);
+                if acts
+                    .by_key
+                    .get(&key)
+                    .is_some_and(|h| h.generation == task.generation)
+                {
+                    acts.by_key.remove(&key);
                 }
+                drop(acts);
                 dir.stats.bump(&dir.stats.evictions);
                 tracing::debug!(actor = ?key, "activation evicted after {idle:?} idle");
                 break;
@@ -341,7 +582,7 @@ async fn run_activation(
         if state.failed.swap(false, Ordering::SeqCst) {
             // A commit failed: everything after it was answered with an
             // error; start over from what is durable.
-            reset(&dir, &mut activation, &state.overlay);
+            reset(dir, &mut activation, &state.overlay);
             epoch += 1;
         }
         let (run, request_id, waiter_for): (_, u64, WaiterFor) = match envelope {
@@ -382,7 +623,7 @@ async fn run_activation(
                 Err(e) => {
                     let waiter = waiter_for(http::Response::new(Bytes::new()));
                     let e = e.context(format!("activating actor {key:?}"));
-                    complete(&dir, &key, request_id, Err(e), waiter);
+                    complete(dir, &key, request_id, Err(e), waiter);
                     continue;
                 }
             }
@@ -402,7 +643,7 @@ async fn run_activation(
             Ok((response, batch)) => {
                 if batch.is_empty() && lock(&state.overlay).is_empty() {
                     // Nothing to make durable, before or in this message.
-                    complete(&dir, &key, request_id, Ok(()), waiter_for(response));
+                    complete(dir, &key, request_id, Ok(()), waiter_for(response));
                 } else {
                     seq += 1;
                     lock(&state.overlay).push(seq, batch.clone());
@@ -426,7 +667,7 @@ async fn run_activation(
                 }
                 dir.stats.bump(&dir.stats.resets);
                 let waiter = waiter_for(http::Response::new(Bytes::new()));
-                complete(&dir, &key, request_id, Err(e), waiter);
+                complete(dir, &key, request_id, Err(e), waiter);
             }
         }
     }

@@ -33,7 +33,7 @@ use crate::error::{Error, ErrorKind};
 use crate::guest::{GuestStats, RunLimits, run_limited};
 use crate::host::{Base, Host, new_store};
 
-pub use crate::bindings::actor::{ActorCallFuture, ActorCaller, CallerSlot};
+pub use crate::bindings::actor::{ActorCallFuture, ActorCaller, CallerId, CallerSlot};
 
 /// Largest response body an actor may return (it is buffered until the
 /// message's writes are durable).
@@ -142,7 +142,10 @@ impl ActorClass {
             actor,
             ClientState::new(
                 self.runtime.platform().actor_caller.clone(),
-                self.name.clone(),
+                CallerId {
+                    tenant: self.config.tenant.as_str().into(),
+                    name: self.name.clone(),
+                },
                 Some(key),
                 request_id,
             ),

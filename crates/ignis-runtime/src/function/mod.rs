@@ -28,7 +28,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use crate::Runtime;
-use crate::bindings::actor::{CallerSlot, ClientState};
+use crate::bindings::actor::{CallerId, CallerSlot, ClientState};
 use crate::bindings::config::ConfigState;
 use crate::bindings::http::{OutboundGrant, OutboundHooks};
 use crate::bindings::keyvalue::{KvAccess, KvState};
@@ -196,6 +196,8 @@ pub struct Function {
     kv: Arc<KvAccess>,
     config: ConfigState,
     caller: CallerSlot,
+    /// Who this function is when it calls an actor.
+    caller_id: CallerId,
 }
 
 impl Function {
@@ -219,6 +221,10 @@ impl Function {
                 .filter_map(|b| platform.backends.get(b).cloned())
                 .collect(),
         ));
+        let caller_id = CallerId {
+            tenant: config.tenant.as_str().into(),
+            name: name.clone(),
+        };
         Arc::new(Function {
             runtime,
             queue,
@@ -251,6 +257,7 @@ impl Function {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             caller: platform.actor_caller.clone(),
+            caller_id,
             stats: Arc::new(GuestStats::default()),
             cache_outcome,
         })
@@ -304,7 +311,12 @@ impl Function {
             OutboundHooks::new(Some(self.grant.clone()), self.name.clone(), request_id),
             KvState::new(self.kv.clone(), request_id),
             self.config.clone(),
-            ClientState::new(self.caller.clone(), self.name.clone(), None, request_id),
+            ClientState::new(
+                self.caller.clone(),
+                self.caller_id.clone(),
+                None,
+                request_id,
+            ),
         );
         new_store(self.pre.engine(), host)
     }

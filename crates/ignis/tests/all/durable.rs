@@ -17,10 +17,12 @@ path = "{db}"
 
 [actors.counter]
 component = "{counter}"
+tenant = "app"
 {class_extra}
 
 [functions.client]
 component = "{client}"
+tenant = "app"
 
 [[routes]]
 path = "/counter/{{id}}/..."
@@ -506,14 +508,14 @@ async fn a_failed_commit_turns_the_reply_into_an_error_and_resets_the_activation
             std::path::Path::new(&wasm("counter")),
         )
         .unwrap();
-    let directory = ignis_actors::ActorDirectory::start(vec![class], storage.clone());
+    let directory = ignis_actors::ActorDirectory::start(vec![class], storage.clone(), 10);
     let send = |op: &'static str| {
         let directory = directory.clone();
         async move {
             let req = http::Request::post(format!("http://x/counter/f/{op}"))
                 .body(bytes::Bytes::new())
                 .unwrap();
-            directory.send("counter", "f", req, 1).await
+            directory.send("counter", "f", req, 1, None).await
         }
     };
     let text = |r: Result<http::Response<bytes::Bytes>, _>| {

@@ -11,3 +11,4 @@ mod http_limits;
 mod isolation;
 mod outbound;
 mod serving;
+mod tenants;

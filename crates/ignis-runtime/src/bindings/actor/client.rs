@@ -18,43 +18,55 @@ use crate::error::{Error, ErrorKind};
 pub type ActorCallFuture =
     Pin<Box<dyn Future<Output = Result<http::Response<Bytes>, Error>> + Send>>;
 
+/// Who calls an actor: a function or an actor class, and its tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerId {
+    /// The caller's tenant.
+    pub tenant: Arc<str>,
+    /// The function or actor class name.
+    pub name: Arc<str>,
+}
+
 /// Sends messages to actors. Implemented by the actor directory
 /// (`ignis-actors`), installed into the runtime after it is built.
 pub trait ActorCaller: Send + Sync {
-    /// Delivers `request` (of request `request_id`) to actor `(class, id)`
-    /// and resolves with its reply once the writes it made are durable.
+    /// Delivers `request` (of request `request_id`, from `caller`) to actor
+    /// `(class, id)` and resolves with its reply once the writes it made
+    /// are durable. The directory decides whether `caller` may.
     fn call(
         &self,
         class: &str,
         id: &str,
         request: http::Request<Bytes>,
         request_id: u64,
+        caller: &CallerId,
     ) -> ActorCallFuture;
 }
 
 /// Where the actor caller will be, shared by every store.
 pub type CallerSlot = Arc<OnceLock<Arc<dyn ActorCaller>>>;
 
-/// The client state of one store: the caller, who is calling (an actor
-/// may not call itself: it would wait for itself), and the request id.
+/// The client state of one store: the way to the directory, who is
+/// calling (an actor may not call itself: it would wait for itself), and
+/// the request id.
 pub struct ClientState {
     caller: CallerSlot,
-    owner: Arc<str>,
+    me: CallerId,
     this_actor: Option<ActorKey>,
     request_id: u64,
 }
 
 impl ClientState {
-    /// The client of `owner` (a function, or the actor `this_actor`).
+    /// The client of `me` (a function, or the actor `this_actor`).
     pub fn new(
         caller: CallerSlot,
-        owner: Arc<str>,
+        me: CallerId,
         this_actor: Option<ActorKey>,
         request_id: u64,
     ) -> ClientState {
         ClientState {
             caller,
-            owner,
+            me,
             this_actor,
             request_id,
         }
@@ -109,7 +121,7 @@ impl client::Host for ClientView<'_> {
             Err(e) => return Ok(Err(types::Error::Invalid(format!("bad request: {e}")))),
         };
         Ok(
-            match caller.call(&class, &id, request, s.request_id).await {
+            match caller.call(&class, &id, request, s.request_id, &s.me).await {
                 Ok(resp) => {
                     let (parts, body) = resp.into_parts();
                     Ok(client::Response {
@@ -130,12 +142,11 @@ impl client::Host for ClientView<'_> {
                 Err(e) => {
                     // The guest gets the interface's error; the cause is logged
                     // here, the one place that sees it.
-                    e.log(&s.owner, s.request_id);
+                    e.log(&s.me.name, s.request_id);
                     Err(match e.kind() {
                         ErrorKind::NotFound => types::Error::NoSuchClass(class),
-                        ErrorKind::BadRequest | ErrorKind::Forbidden => {
-                            types::Error::Invalid(e.public())
-                        }
+                        ErrorKind::Forbidden => types::Error::Forbidden(e.public()),
+                        ErrorKind::BadRequest => types::Error::Invalid(e.public()),
                         _ => types::Error::Unavailable(e.public()),
                     })
                 }

@@ -6,7 +6,7 @@
 mod client;
 mod storage;
 
-pub use client::{ActorCallFuture, ActorCaller, CallerSlot, ClientState, ClientView};
+pub use client::{ActorCallFuture, ActorCaller, CallerId, CallerSlot, ClientState, ClientView};
 pub(crate) use storage::WriteLimits;
 pub use storage::{ActorState, ActorView};
 
