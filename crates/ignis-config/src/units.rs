@@ -60,17 +60,28 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Parses `250ms`-style durations.
+///
+/// At most [`MAX_DURATION`]: every duration in the manifest is added to the
+/// current time somewhere (deadlines, timeouts), and a sum past the clock's
+/// range would panic at the first request instead of failing at load.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let err = || format!("`{s}` is not a duration like 100us, 250ms, 5s or 2m");
     let (n, unit) = split_number(s).ok_or_else(err)?;
-    Ok(match unit {
+    let d = match unit {
         "us" | "µs" => Duration::from_micros(n),
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(err)?),
         _ => return Err(err()),
-    })
+    };
+    if d > MAX_DURATION {
+        return Err(format!("`{s}` is longer than 24h, the longest duration Ignis accepts"));
+    }
+    Ok(d)
 }
+
+/// The longest duration the manifest accepts (24 hours).
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -123,5 +134,9 @@ mod tests {
         assert_eq!(parse_duration("100us"), Ok(Duration::from_micros(100)));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("ms").is_err());
+        assert_eq!(parse_duration("1440m"), Ok(MAX_DURATION));
+        // Would overflow `Instant::now() + d` at the first request.
+        assert!(parse_duration("18446744073709551615s").is_err());
+        assert!(parse_duration("86401s").is_err());
     }
 }
