@@ -9,8 +9,11 @@
 //! settings misses the cache rather than loading incompatible code.
 //!
 //! Files are written to a temporary name and renamed, so a crash never leaves
-//! a half-written entry under a real name. The directory must be writable
-//! only by Ignis: loading an entry trusts it as native code.
+//! a half-written entry under a real name. Loading an entry trusts it as
+//! native code, so the directory is created 0700 and entries 0600, and an
+//! entry (or a directory) that another user owns or that group or others
+//! may write is refused with a warning and compiled again: a tampered
+//! `.cwasm` would run as the host.
 
 #![allow(unsafe_code)]
 
@@ -87,7 +90,11 @@ impl CompileCache {
             source,
         })?;
         let entry = self.entry_path(engine, &wasm);
-        if entry.exists() {
+        if entry.exists()
+            && let Err(why) = private_to_us(&self.dir).and_then(|()| private_to_us(&entry))
+        {
+            tracing::warn!(path = %entry.display(), reason = %why, "refusing a compile cache entry that is not private to this user; compiling instead");
+        } else if entry.exists() {
             // SAFETY: the entry was written by `Component::serialize` from
             // this cache (its name binds it to the source hash and the
             // engine's compatibility hash, and wasmtime re-checks the header);
@@ -115,15 +122,94 @@ impl CompileCache {
     }
 
     fn store(&self, entry: &Path, component: &Component) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)?;
         let bytes = component.serialize()?;
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let unique = NEXT.fetch_add(1, Ordering::Relaxed);
         let tmp = entry.with_extension(format!("tmp.{}.{unique}", std::process::id()));
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, entry)?;
         Ok(())
+    }
+}
+
+/// Whether `path` is owned by this process's user and not writable by group
+/// or others; the reason if not.
+fn private_to_us(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(format!(
+            "{} is owned by uid {}, not {me}",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} is writable by group or others (mode {:o})",
+            path.display(),
+            meta.mode() & 0o777
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn engine() -> Engine {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        Engine::new(&config).unwrap()
+    }
+
+    /// The smallest component: no imports, no exports.
+    const EMPTY: &[u8] = b"\0asm\x0d\x00\x01\x00";
+
+    #[test]
+    fn entries_are_private_and_tampered_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CompileCache::new(dir.path().join("cache"));
+        let wasm = dir.path().join("empty.wasm");
+        std::fs::write(&wasm, EMPTY).unwrap();
+        let engine = engine();
+        let (_, outcome) = cache.load_or_compile(&engine, "f", &wasm).unwrap();
+        assert_eq!(outcome, CacheOutcome::Compiled);
+        let entry = cache.entry_path(&engine, EMPTY);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("cache")), 0o700);
+        assert_eq!(mode(&entry), 0o600);
+        let (_, outcome) = cache.load_or_compile(&engine, "f", &wasm).unwrap();
+        assert_eq!(outcome, CacheOutcome::Hit);
+        // Group- or world-writable: someone else could have replaced the
+        // native code. Fails on the code before, which loaded it.
+        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let (_, outcome) = cache.load_or_compile(&engine, "f", &wasm).unwrap();
+        assert_eq!(outcome, CacheOutcome::Compiled);
+        // Compiling again replaced it with a private entry.
+        assert_eq!(mode(&entry), 0o600);
+        std::fs::set_permissions(
+            dir.path().join("cache"),
+            std::fs::Permissions::from_mode(0o777),
+        )
+        .unwrap();
+        let (_, outcome) = cache.load_or_compile(&engine, "f", &wasm).unwrap();
+        assert_eq!(outcome, CacheOutcome::Compiled);
     }
 }

@@ -141,13 +141,12 @@ fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection, StoreErr
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, with its parent
     /// directories, and starts the writer thread.
+    ///
+    /// A new database file is created readable and writable by its owner
+    /// only (0600; SQLite gives its `-wal` and `-shm` files the same mode),
+    /// in a directory created 0700: tenants' data is not other users'.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        if let Some(dir) = path.parent()
-            && !dir.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Engine(format!("cannot create {}: {e}", dir.display())))?;
-        }
+        create_private(path)?;
         let writer = open_connection(path, OpenFlags::default())?;
         // WAL: readers do not block the writer; FULL: the WAL is fsynced at
         // every commit, so a committed write survives a crash or power loss.
@@ -668,5 +667,33 @@ impl Drop for Shared {
         if let Some(thread) = lock(&self.thread).take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Creates `path`'s missing parent directories (0700) and the file itself
+/// (0600) if it does not exist yet; an existing file keeps its mode.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let fail = |what: &Path, e: std::io::Error| {
+        StoreError::Engine(format!("cannot create {}: {e}", what.display()))
+    };
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| fail(dir, e))?;
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(fail(path, e)),
     }
 }

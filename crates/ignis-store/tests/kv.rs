@@ -286,3 +286,26 @@ async fn actor_storage_batches_listing_and_alarms() {
     .unwrap();
     assert_eq!(s.actor_get(&a, "m:1").await.unwrap(), None);
 }
+
+/// Tenants' data is readable by the Ignis user only: the database, its
+/// WAL and shared-memory files 0600, a directory created for it 0700.
+/// Fails on the code before (files followed the umask: 0644 and 0755).
+#[tokio::test]
+async fn store_files_are_private_to_the_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, s) = open();
+    s.set(&Namespace::new("t", "default"), "k", b"v".to_vec())
+        .await
+        .unwrap();
+    let mode = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("data"), 0o700);
+    for file in ["data/ignis.db", "data/ignis.db-wal", "data/ignis.db-shm"] {
+        assert_eq!(mode(file), 0o600, "{file}");
+    }
+}
