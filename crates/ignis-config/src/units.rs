@@ -75,7 +75,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(err()),
     };
     if d > MAX_DURATION {
-        return Err(format!("`{s}` is longer than 24h, the longest duration Ignis accepts"));
+        return Err(format!(
+            "`{s}` is longer than 24h, the longest duration Ignis accepts"
+        ));
     }
     Ok(d)
 }

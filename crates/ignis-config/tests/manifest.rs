@@ -435,15 +435,15 @@ fn actor_classes_belong_to_tenants_and_list_their_callers() {
 /// first request (`Instant::now() + wall_time`); it is a config error now.
 #[test]
 fn huge_durations_are_config_errors() {
-    for (key, line) in [
-        ("wall_time", 3),
-        ("cpu_time", 3),
-        ("queue_timeout", 3),
-    ] {
+    for (key, line) in [("wall_time", 3), ("cpu_time", 3), ("queue_timeout", 3)] {
         let (l, k, msg) = invalid(&format!(
             "[functions.f]\ncomponent = \"f.wasm\"\n{key} = \"18446744073709551615s\"\n"
         ));
-        assert_eq!((l, k.as_str()), (line, format!("functions.f.{key}").as_str()), "{msg}");
+        assert_eq!(
+            (l, k.as_str()),
+            (line, format!("functions.f.{key}").as_str()),
+            "{msg}"
+        );
         assert!(msg.contains("24h"), "{msg}");
     }
     let (l, k, _) = invalid("[server]\nshutdown_grace = \"100000s\"\n");
