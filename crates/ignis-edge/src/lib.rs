@@ -118,6 +118,12 @@ impl Edge {
                     .map(strip_port)
             })
             .unwrap_or("");
+        if req.uri().authority().is_none() && !req.headers().contains_key(header::HOST) {
+            // HTTP/1.0 without Host: nothing to route by, and `wasi:http`
+            // needs an authority. Refused here, before any guest or actor.
+            let e = Error::new(ErrorKind::BadRequest).context("a Host header is required");
+            return error_response("edge", &e, id);
+        }
         let path = req.uri().path().to_string();
         let gate = match self.router.route(host, &path) {
             None => {

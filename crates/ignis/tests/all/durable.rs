@@ -286,6 +286,31 @@ async fn actor_output_is_logged_per_message_under_its_request_id() {
     assert_eq!(logs.matches("dropped_bytes").count(), 2, "{logs}");
 }
 
+/// A request that cannot reach the guest must not disturb the actor. Fails
+/// on the code before: an HTTP/1.0 request without Host answered 500 with
+/// the wasi:http error text and reset the activation (its memory lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_host_gets_400_and_leaves_the_actor_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), "").await;
+    let c = client();
+    assert_eq!(
+        post(&c, &server.url("/counter/h/incr"), "").await.text(),
+        "1"
+    );
+    let reply = raw(server.addr, b"POST /counter/h/incr HTTP/1.0\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.0 400"), "{reply}");
+    assert!(reply.contains("Host header is required"), "{reply}");
+    assert!(!reply.contains("authority"), "{reply}");
+    let directory = server.directory.as_ref().unwrap();
+    assert_eq!(directory.stats().resets.load(Ordering::SeqCst), 0);
+    assert_eq!(directory.stats().activations.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        post(&c, &server.url("/counter/h/incr"), "").await.text(),
+        "2"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn functions_reach_actors_through_the_client_interface() {
     let dir = tempfile::tempdir().unwrap();
