@@ -41,17 +41,30 @@ pub(super) fn partition(queued: impl IntoIterator<Item = Pending>) -> Partitione
 }
 
 /// One actor's batches as one: every write in order (the store applies
-/// them in order, so the last write of a key wins), and the last alarm
-/// change.
+/// them in order, so the last write of a key wins), and the alarm changes
+/// folded in order ([`then`]).
 pub(super) fn merge(pending: &[Pending]) -> ActorBatch {
     let mut merged = ActorBatch::default();
     for p in pending {
         merged.writes.extend(p.batch.writes.iter().cloned());
-        if p.batch.alarm.is_some() {
-            merged.alarm = p.batch.alarm;
+        if let Some(next) = p.batch.alarm {
+            merged.alarm = Some(then(merged.alarm, next));
         }
     }
     merged
+}
+
+/// The alarm change `earlier` followed by `later`, as one. A firing only
+/// removes the alarm it fired: if an earlier message of the group set the
+/// alarm to another time, that time stands (taking the firing as the last
+/// word lost it for good).
+fn then(earlier: Option<AlarmChange>, later: AlarmChange) -> AlarmChange {
+    match (earlier, later) {
+        (Some(AlarmChange::Set(at)), AlarmChange::Fired(fired)) if at != fired => {
+            AlarmChange::Set(at)
+        }
+        (_, later) => later,
+    }
 }
 
 pub(super) async fn run_committer(
@@ -222,5 +235,28 @@ mod tests {
             ]
         );
         assert_eq!(merged.alarm, Some(AlarmChange::Delete));
+    }
+
+    /// Fails on the code before, where the group's last alarm change won:
+    /// a message set the alarm to T2, then the firing of T1 was merged
+    /// after it, the commit removed the alarm, and T2 was lost for good.
+    #[test]
+    fn a_firing_merged_after_a_new_time_keeps_the_new_time() {
+        let a = actor("a", 0);
+        let merged = |changes: &[AlarmChange]| {
+            let queued: Vec<_> = changes
+                .iter()
+                .enumerate()
+                .map(|(i, c)| pending(&a, 1, i as u64 + 1, &[], Some(*c)))
+                .collect();
+            merge(&partition(queued).1[0].1).alarm
+        };
+        use AlarmChange::{Delete, Fired, Set};
+        assert_eq!(merged(&[Set(2000), Fired(1000)]), Some(Set(2000)));
+        // The same time set and fired: it is gone.
+        assert_eq!(merged(&[Set(1000), Fired(1000)]), Some(Fired(1000)));
+        assert_eq!(merged(&[Fired(1000), Set(2000)]), Some(Set(2000)));
+        assert_eq!(merged(&[Set(2000), Delete]), Some(Delete));
+        assert_eq!(merged(&[Delete, Fired(1000)]), Some(Fired(1000)));
     }
 }
