@@ -126,8 +126,11 @@ impl<'a> ActorView<'a> {
     }
 }
 
+/// The engine's message names files and internals: it goes to the log,
+/// the guest learns only that storage failed.
 fn storage_error(e: ignis_store::StoreError) -> types::Error {
-    types::Error::Storage(e.to_string())
+    tracing::warn!(error = %e, "actor storage call failed");
+    types::Error::Storage("storage error; the details are in the server log".into())
 }
 
 fn no_transaction() -> types::Error {

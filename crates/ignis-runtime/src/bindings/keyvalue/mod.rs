@@ -88,12 +88,19 @@ pub struct Cas {
 #[derive(Debug)]
 enum Fail {
     NoSuchStore,
+    /// A limit or a misuse: the reason is the guest's to see.
     Other(String),
+    /// The engine failed: logged in full, the guest sees only that storage
+    /// failed (engine messages name files and internals).
+    Storage(StoreError),
 }
+
+/// What a guest is told when the storage engine fails.
+const STORAGE_FAILED: &str = "storage error; the details are in the server log";
 
 impl From<StoreError> for Fail {
     fn from(e: StoreError) -> Self {
-        Fail::Other(e.to_string())
+        Fail::Storage(e)
     }
 }
 
@@ -194,6 +201,13 @@ impl KvAccess {
                     request_id = request_id,
                     op,
                     "key-value: store not declared in this function's key_value_stores"
+                ),
+                Fail::Storage(e) => tracing::warn!(
+                    function = %self.function,
+                    request_id = request_id,
+                    op,
+                    error = %e,
+                    "key-value storage failed"
                 ),
                 Fail::Other(reason) => tracing::warn!(
                     function = %self.function,
@@ -383,6 +397,7 @@ macro_rules! shared_store_items {
                 match f {
                     Fail::NoSuchStore => store::Error::NoSuchStore,
                     Fail::Other(s) => store::Error::Other(s),
+                    Fail::Storage(_) => store::Error::Other(STORAGE_FAILED.into()),
                 }
             }
         }
