@@ -1,4 +1,6 @@
-//! The process-wide engine, its epoch ticker and the shared linker.
+//! The runtime: one engine per WASI generation, the linkers, the compile
+//! cache and the epoch ticker; it loads functions and actor classes and
+//! hands each the [`Shared`] services they run with.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -10,16 +12,15 @@ use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAlloc
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
 
-use crate::actor::{ActorClass, CallerSlot};
-use crate::bindings::keyvalue::KvLimits;
+use crate::actor::ActorClass;
 use crate::cache::CompileCache;
 use crate::error::LoadError;
 use crate::function::{Function, Pre};
 use crate::host::{Host, actor_linker, function_linker};
 use crate::sched::GuestScheduler;
-use crate::ticker::{IDLE_BEFORE_PARK, StoreLease, Ticker};
+use crate::shared::{Platform, Shared};
+use crate::ticker::{IDLE_BEFORE_PARK, Ticker};
 use ignis_config::ActorClassConfig;
-use ignis_store::{ActorStorage, KvBackend};
 
 /// Everything the runtime needs to know before any function loads.
 #[derive(Debug, Clone)]
@@ -94,22 +95,6 @@ const FUNCTION_IMPORTS: &str = "WASI 0.2 (and 0.3), wasi:http, wasi:keyvalue, wa
 const ACTOR_IMPORTS: &str =
     "WASI 0.2, wasi:http and ignis:actor (storage, alarms, context, client)";
 
-/// Process-wide services behind the platform bindings.
-#[derive(Clone, Default)]
-pub struct Platform {
-    /// The key-value engine (`None`: no function declares a store).
-    pub kv: Option<Arc<dyn KvBackend>>,
-    /// Key, value and batch limits.
-    pub kv_limits: KvLimits,
-    /// Named outbound backends, by name.
-    pub backends: std::collections::BTreeMap<String, Arc<crate::outbound::Backend>>,
-    /// Durable actor storage (`None`: no actor classes).
-    pub actor_storage: Option<Arc<dyn ActorStorage>>,
-    /// Where the actor directory installs itself once built (guests call
-    /// actors through it).
-    pub actor_caller: CallerSlot,
-}
-
 /// Which instance allocator the engine ended up with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AllocatorKind {
@@ -136,9 +121,8 @@ pub struct Runtime {
     cache: CompileCache,
     allocator: AllocatorKind,
     settings: RuntimeSettings,
-    scheduler: Option<Arc<dyn GuestScheduler>>,
-    platform: Platform,
-    ticker: Arc<Ticker>,
+    /// What functions and actor classes share with the runtime.
+    shared: Arc<Shared>,
 }
 
 /// An engine and the linker that goes with it.
@@ -280,10 +264,13 @@ impl Runtime {
             actors,
             p3,
             allocator,
+            shared: Arc::new(Shared {
+                platform,
+                ticker,
+                scheduler,
+                epoch_tick: settings.epoch_tick,
+            }),
             settings,
-            scheduler,
-            platform,
-            ticker,
         }))
     }
 
@@ -308,26 +295,21 @@ impl Runtime {
     }
 
     /// The platform services.
-    pub(crate) fn platform(&self) -> &Platform {
-        &self.platform
-    }
-
-    /// A lease that keeps the epoch ticker running while a store exists.
-    pub(crate) fn store_lease(&self) -> StoreLease {
-        self.ticker.lease()
+    pub fn platform(&self) -> &Platform {
+        &self.shared.platform
     }
 
     /// Epoch ticks so far. The ticker parks once its ticks have found no
     /// store for a second ([`IDLE_BEFORE_PARK`]), so an idle server does not
     /// tick.
     pub fn epoch_ticks(&self) -> u64 {
-        self.ticker.ticks()
+        self.shared.ticker.ticks()
     }
 
     /// Blocks the calling thread until the epoch ticker parks, at most
     /// `timeout`; returns whether it did. For tests and diagnostics.
     pub fn wait_epoch_ticker_parked(&self, timeout: Duration) -> bool {
-        self.ticker.wait_parked(timeout)
+        self.shared.ticker.wait_parked(timeout)
     }
 
     /// Loads an actor class's component (a `wasi:http` 0.2 component, which
@@ -338,14 +320,15 @@ impl Runtime {
         wasm: &Path,
     ) -> Result<Arc<ActorClass>, LoadError> {
         let name = &config.name;
-        let storage = self
-            .platform
-            .actor_storage
-            .clone()
-            .ok_or_else(|| LoadError::Other {
-                function: name.clone(),
-                reason: "no actor storage is configured".into(),
-            })?;
+        let storage =
+            self.shared
+                .platform
+                .actor_storage
+                .clone()
+                .ok_or_else(|| LoadError::Other {
+                    function: name.clone(),
+                    reason: "no actor storage is configured".into(),
+                })?;
         let (component, outcome) = self.cache.load_or_compile(&self.p2.engine, name, wasm)?;
         let instance_pre =
             self.actors
@@ -361,12 +344,12 @@ impl Runtime {
             reason: format!("{e:#}"),
         })?;
         tracing::info!(actor_class = %name, path = %wasm.display(), cache = ?outcome, "actor class loaded");
-        Ok(ActorClass::new(self.clone(), config, pre, storage))
+        Ok(ActorClass::new(self.shared.clone(), config, pre, storage))
     }
 
     /// The fair scheduler, if one was installed.
     pub fn scheduler(&self) -> Option<&Arc<dyn GuestScheduler>> {
-        self.scheduler.as_ref()
+        self.shared.scheduler.as_ref()
     }
 
     fn p3(&self) -> anyhow::Result<&EngineSet> {
@@ -424,18 +407,6 @@ impl Runtime {
             reason: format!("{e:#}"),
         })?;
         tracing::info!(function = %name, path = %wasm.display(), cache = ?outcome, "function loaded");
-        Ok(Function::new(
-            self.clone(),
-            config,
-            pre,
-            outcome,
-            &self.platform,
-        ))
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        self.ticker.stop();
+        Ok(Function::new(self.shared.clone(), config, pre, outcome))
     }
 }

@@ -50,14 +50,16 @@ pub mod host;
 mod limits;
 pub mod outbound;
 pub mod sched;
+mod shared;
 mod stdio;
 mod ticker;
 
-pub use engine::{AllocatorKind, MAX_POOL_SLOTS, Platform, Runtime, RuntimeSettings};
+pub use engine::{AllocatorKind, MAX_POOL_SLOTS, Runtime, RuntimeSettings};
 pub use error::{BoxError, Error, ErrorKind, LoadError, LogLevel};
 pub use function::{Body, Function, RequestMeta};
 pub use guest::{GuestStats, wait_on};
 pub use host::next_request_id;
+pub use shared::Platform;
 pub use ticker::IDLE_BEFORE_PARK;
 /// The `wasi:http` host error type (request and response body errors).
 pub use wasmtime_wasi_http::Error as HttpError;

@@ -8,9 +8,7 @@
 //! [`Overlay`]), then the store. The `ignis:actor` interfaces themselves
 //! are in [`crate::bindings::actor`].
 
-pub(crate) mod overlay;
-
-pub use overlay::Overlay;
+pub use crate::bindings::actor::Overlay;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,12 +24,12 @@ use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 
-use crate::Runtime;
 use crate::bindings::actor::{ActorState, ClientState};
 use crate::bindings::http::OutboundHooks;
 use crate::error::{Error, ErrorKind};
 use crate::guest::{GuestStats, RunLimits, run_limited};
 use crate::host::{Base, Host, new_store};
+use crate::shared::Shared;
 
 pub use crate::bindings::actor::{ActorCallFuture, ActorCaller, CallerId, CallerSlot};
 
@@ -44,8 +42,8 @@ type AlarmFunc = TypedFunc<(u32,), (Result<(), String>,)>;
 
 /// A deployed actor class: a prepared component and its settings.
 pub struct ActorClass {
-    /// The engines, the platform services and the epoch ticker.
-    runtime: Arc<Runtime>,
+    /// The platform services and the epoch ticker.
+    shared: Arc<Shared>,
     name: Arc<str>,
     pre: ProxyPre<Host>,
     alarm_export: Option<ComponentExportIndex>,
@@ -57,7 +55,7 @@ pub struct ActorClass {
 
 impl ActorClass {
     pub(crate) fn new(
-        runtime: Arc<Runtime>,
+        shared: Arc<Shared>,
         config: &ActorClassConfig,
         pre: ProxyPre<Host>,
         storage: Arc<dyn ActorStorage>,
@@ -67,7 +65,7 @@ impl ActorClass {
             .get_export_index(None, "ignis:actor/alarm-handler@0.1.0")
             .and_then(|iface| component.get_export_index(Some(&iface), "on-alarm"));
         Arc::new(ActorClass {
-            runtime,
+            shared,
             name: config.name.as_str().into(),
             pre,
             alarm_export,
@@ -134,14 +132,14 @@ impl ActorClass {
             request_id,
             env: &self.env,
             memory_bytes: self.config.limits.memory_bytes,
-            ticker: self.runtime.store_lease(),
+            ticker: self.shared.store_lease(),
         };
         let host = Host::for_actor(
             base,
             OutboundHooks::new(None, self.name.clone(), request_id),
             actor,
             ClientState::new(
-                self.runtime.platform().actor_caller.clone(),
+                self.shared.platform.actor_caller.clone(),
                 CallerId {
                     tenant: self.config.tenant.as_str().into(),
                     name: self.name.clone(),

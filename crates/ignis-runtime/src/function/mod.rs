@@ -27,18 +27,17 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
 
-use crate::Runtime;
 use crate::bindings::actor::{CallerId, CallerSlot, ClientState};
 use crate::bindings::config::ConfigState;
 use crate::bindings::http::{OutboundGrant, OutboundHooks};
 use crate::bindings::keyvalue::{KvAccess, KvState};
 use crate::cache::CacheOutcome;
-use crate::engine::Platform;
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::guest::{GuestStats, RunLimits, run_limited};
 use crate::host::{Base, Host, new_store};
 use crate::outbound::{Outbound, OutboundPolicy};
 use crate::sched::SliceQueue;
+use crate::shared::Shared;
 
 /// The response body type: streamed from the guest as it writes.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -180,8 +179,9 @@ impl Pre {
 /// A deployed function: a prepared component, its limits and the state
 /// its bindings share across requests.
 pub struct Function {
-    /// The engines and the epoch ticker (kept alive while the function exists).
-    runtime: Arc<Runtime>,
+    /// The platform services and the epoch ticker (kept running while the
+    /// function exists).
+    shared: Arc<Shared>,
     name: Arc<str>,
     tenant: String,
     pre: Pre,
@@ -202,17 +202,20 @@ pub struct Function {
 
 impl Function {
     pub(crate) fn new(
-        runtime: Arc<Runtime>,
+        shared: Arc<Shared>,
         config: &FunctionConfig,
         pre: Pre,
         cache_outcome: CacheOutcome,
-        platform: &Platform,
     ) -> Arc<Function> {
+        let platform = &shared.platform;
         let name: Arc<str> = config.name.as_str().into();
-        let queue = runtime.scheduler().map(|s| s.tenant_queue(&config.tenant));
+        let queue = shared
+            .scheduler
+            .as_ref()
+            .map(|s| s.tenant_queue(&config.tenant));
         // A guest still running after half a slice of CPU in the caller's
         // task is a CPU hog: the rest of it goes to the fair scheduler.
-        let demote_after = runtime.settings().epoch_tick / 2;
+        let demote_after = shared.epoch_tick / 2;
         let outbound = Arc::new(Outbound::new(
             OutboundPolicy::new(&config.allowed_outbound_hosts),
             config
@@ -226,7 +229,6 @@ impl Function {
             name: name.clone(),
         };
         Arc::new(Function {
-            runtime,
             queue,
             demote_after,
             kv: Arc::new(KvAccess::new(
@@ -258,6 +260,7 @@ impl Function {
                 .collect(),
             caller: platform.actor_caller.clone(),
             caller_id,
+            shared: shared.clone(),
             stats: Arc::new(GuestStats::default()),
             cache_outcome,
         })
@@ -288,11 +291,6 @@ impl Function {
         self.cache_outcome
     }
 
-    /// The runtime the function runs on.
-    pub fn runtime(&self) -> &Arc<Runtime> {
-        &self.runtime
-    }
-
     /// Outbound TCP connections opened by this function's pool so far.
     pub fn outbound_connections(&self) -> u64 {
         self.outbound.connections_opened()
@@ -304,7 +302,7 @@ impl Function {
             request_id,
             env: &self.env,
             memory_bytes: self.limits.memory_bytes,
-            ticker: self.runtime.store_lease(),
+            ticker: self.shared.store_lease(),
         };
         let host = Host::for_function(
             base,

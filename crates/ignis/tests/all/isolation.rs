@@ -74,7 +74,7 @@ async fn infinite_loops_are_stopped_while_others_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_server_parks_its_ticker_and_still_stops_a_spinning_guest() {
     let server = TestServer::start(&manifest("300ms", "20s")).await;
-    let runtime = server.function("limits").runtime().clone();
+    let runtime = server.runtime.clone();
     let waiting = runtime.clone();
     let parked = tokio::task::spawn_blocking(move || {
         waiting.wait_epoch_ticker_parked(Duration::from_secs(30))

@@ -4,9 +4,11 @@
 //! semantics.
 
 mod client;
+mod overlay;
 mod storage;
 
 pub use client::{ActorCallFuture, ActorCaller, CallerId, CallerSlot, ClientState, ClientView};
+pub use overlay::Overlay;
 pub(crate) use storage::WriteLimits;
 pub use storage::{ActorState, ActorView};
 

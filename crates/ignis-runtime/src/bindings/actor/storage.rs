@@ -13,7 +13,7 @@ use ignis_store::{ActorBatch, ActorKey, ActorStorage, AlarmChange, ListOptions};
 
 use super::R;
 use super::generated::ignis::actor::{alarms, context, storage, types};
-use crate::actor::overlay::{Overlay, Writes, merge_list};
+use super::overlay::{Overlay, Writes, merge_list};
 
 /// Per-class limits on what one message may write.
 #[derive(Debug, Clone, Copy)]
