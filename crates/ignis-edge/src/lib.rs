@@ -33,6 +33,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -325,14 +326,33 @@ impl Server {
             };
             let _ = stream.set_nodelay(true);
             let edge = self.edge.clone();
+            let served = Arc::new(AtomicBool::new(false));
+            let first_request = served.clone();
             let service = hyper::service::service_fn(move |req| {
+                first_request.store(true, Ordering::Relaxed);
                 let edge = edge.clone();
                 async move { Ok::<_, Infallible>(edge.handle(req).await) }
             });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             let conn = graceful.watch(conn.into_owned());
+            let first_within = self.edge.server.header_read_timeout;
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                // hyper's head timeout starts once the protocol is known;
+                // reading the bytes that decide it (HTTP/1.1 or the h2
+                // preface) has none. A connection that has not brought a
+                // request by `header_read_timeout` is closed.
+                let mut conn = std::pin::pin!(conn);
+                let ended = tokio::select! {
+                    ended = conn.as_mut() => ended,
+                    () = tokio::time::sleep(first_within) => {
+                        if !served.load(Ordering::Relaxed) {
+                            tracing::debug!("connection closed: no request within header_read_timeout");
+                            return;
+                        }
+                        conn.await
+                    }
+                };
+                if let Err(e) = ended {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
             });

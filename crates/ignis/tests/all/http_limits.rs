@@ -137,6 +137,25 @@ async fn malformed_requests_get_400() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_sends_a_request_is_closed() {
+    // Fails on the code before: hyper-util's protocol detection (HTTP/1.1 or
+    // the h2 preface) had no timeout, so these sockets stayed open forever.
+    let server = TestServer::start_full(&manifest()).await;
+    for first in [&b""[..], b"P", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"] {
+        let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        conn.write_all(first).await.unwrap();
+        let mut buf = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut buf)).await;
+        assert!(
+            closed.is_ok(),
+            "server should close a connection that sent {first:?} and nothing more"
+        );
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_idle_connections_are_closed() {
     let server = TestServer::start_full(&manifest()).await;
     // A head that never completes.
