@@ -574,6 +574,11 @@ async fn run_activation(
                     acts.by_key.remove(&key);
                 }
                 drop(acts);
+                // The instance goes before the eviction is counted, so a
+                // caller that sees the eviction sees no live instance.
+                if activation.take().is_some() {
+                    dir.stats.active.fetch_sub(1, Ordering::SeqCst);
+                }
                 dir.stats.bump(&dir.stats.evictions);
                 tracing::debug!(actor = ?key, "activation evicted after {idle:?} idle");
                 break;
