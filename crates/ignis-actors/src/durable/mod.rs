@@ -133,6 +133,20 @@ struct Activations {
     clock: u64,
 }
 
+impl Activations {
+    /// Removes `key`'s entry if it is still that of activation
+    /// `generation` (a later activation of the key keeps its own).
+    fn remove_own(&mut self, key: &ActorKey, generation: u64) {
+        if self
+            .by_key
+            .get(key)
+            .is_some_and(|h| h.generation == generation)
+        {
+            self.by_key.remove(key);
+        }
+    }
+}
+
 /// What a committed batch answers.
 enum Waiter {
     Http(oneshot::Sender<Reply>, http::Response<Bytes>),
@@ -228,12 +242,6 @@ impl ActorDirectory {
     /// The class named `name`.
     pub fn class(&self, name: &str) -> Option<&Arc<ActorClass>> {
         self.classes.get(name)
-    }
-
-    /// Live activations now (tasks alive, including evicted ones that are
-    /// still ending).
-    pub fn live_activations(&self) -> u32 {
-        lock(&self.activations).live_total
     }
 
     /// Puts `envelope` in the actor's mailbox, starting an activation if
@@ -504,13 +512,7 @@ impl Drop for Task {
     fn drop(&mut self) {
         let mut acts = lock(&self.dir.activations);
         let key = &self.state.key;
-        if acts
-            .by_key
-            .get(key)
-            .is_some_and(|h| h.generation == self.generation)
-        {
-            acts.by_key.remove(key);
-        }
+        acts.remove_own(key, self.generation);
         if acts
             .retiring
             .get(key)
@@ -566,13 +568,7 @@ async fn run_activation(
                 if !rx.is_empty() {
                     continue;
                 }
-                if acts
-                    .by_key
-                    .get(&key)
-                    .is_some_and(|h| h.generation == task.generation)
-                {
-                    acts.by_key.remove(&key);
-                }
+                acts.remove_own(&key, task.generation);
                 drop(acts);
                 // The instance goes before the eviction is counted, so a
                 // caller that sees the eviction sees no live instance.

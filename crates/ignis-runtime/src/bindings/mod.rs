@@ -8,3 +8,8 @@ pub mod actor;
 pub mod config;
 pub mod http;
 pub mod keyvalue;
+
+/// What a guest is told when the storage engine fails (key-value and actor
+/// storage alike); the engine's message, which names files and internals,
+/// goes to the log.
+pub(crate) const STORAGE_FAILED: &str = "storage error; the details are in the server log";

@@ -130,7 +130,7 @@ impl<'a> ActorView<'a> {
 /// the guest learns only that storage failed.
 fn storage_error(e: ignis_store::StoreError) -> types::Error {
     tracing::warn!(error = %e, "actor storage call failed");
-    types::Error::Storage("storage error; the details are in the server log".into())
+    types::Error::Storage(crate::bindings::STORAGE_FAILED.into())
 }
 
 fn no_transaction() -> types::Error {

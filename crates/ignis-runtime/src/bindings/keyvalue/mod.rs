@@ -95,9 +95,6 @@ enum Fail {
     Storage(StoreError),
 }
 
-/// What a guest is told when the storage engine fails.
-const STORAGE_FAILED: &str = "storage error; the details are in the server log";
-
 impl From<StoreError> for Fail {
     fn from(e: StoreError) -> Self {
         Fail::Storage(e)
@@ -397,7 +394,7 @@ macro_rules! shared_store_items {
                 match f {
                     Fail::NoSuchStore => store::Error::NoSuchStore,
                     Fail::Other(s) => store::Error::Other(s),
-                    Fail::Storage(_) => store::Error::Other(STORAGE_FAILED.into()),
+                    Fail::Storage(_) => store::Error::Other(crate::bindings::STORAGE_FAILED.into()),
                 }
             }
         }
