@@ -218,6 +218,23 @@ pub struct ServerConfig {
     /// (each holds an instance); past it the least recently used idle one
     /// is evicted, or the message is shed with 503.
     pub max_activations: u32,
+    /// Open connections the node holds; at the cap, new clients wait in the
+    /// listen backlog until one closes.
+    pub max_connections: u32,
+    /// Open connections one client address (IPv6: one /64) may hold; past
+    /// it a new connection is closed at once.
+    pub max_connections_per_ip: u32,
+    /// A connection with no request in flight for this long is closed
+    /// gracefully (HTTP/2 `GOAWAY`; HTTP/1.1 keep-alive connections are also
+    /// closed by `header_read_timeout`).
+    pub idle_timeout: Duration,
+    /// A response whose data has been ready for the client this long without
+    /// the client taking any (a zero HTTP/2 window, a socket nobody reads)
+    /// has its connection closed.
+    pub write_idle_timeout: Duration,
+    /// Time allowed to receive the whole request body of an actor route
+    /// (408 past it); function routes are bounded by the guest's wall time.
+    pub body_read_timeout: Duration,
 }
 
 /// Where a function's component comes from.
@@ -468,6 +485,11 @@ struct RawServer {
     guest_threads: Option<Spanned<u32>>,
     secrets_file: Option<PathBuf>,
     max_activations: Option<Spanned<u32>>,
+    max_connections: Option<Spanned<u32>>,
+    max_connections_per_ip: Option<Spanned<u32>>,
+    idle_timeout: Option<HumanDuration>,
+    write_idle_timeout: Option<HumanDuration>,
+    body_read_timeout: Option<HumanDuration>,
 }
 
 #[derive(Deserialize)]
@@ -703,6 +725,25 @@ impl Validator<'_> {
                 n.span().start,
                 key,
                 format!("must be between {} and {}", range.start(), range.end()),
+            )),
+        }
+    }
+
+    /// A duration in `range`, or `default` when the key is absent.
+    fn duration(
+        &self,
+        value: Option<HumanDuration>,
+        key: &str,
+        range: std::ops::RangeInclusive<Duration>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(d) if range.contains(&d.duration) => Ok(d.duration),
+            Some(d) => Err(self.err(
+                d.span.start,
+                key,
+                format!("must be between {:?} and {:?}", range.start(), range.end()),
             )),
         }
     }
@@ -1033,9 +1074,12 @@ impl Validator<'_> {
                 .map_or(Duration::from_secs(10), |d| d.duration),
             max_header_bytes,
             max_headers,
-            header_read_timeout: raw
-                .header_read_timeout
-                .map_or(Duration::from_secs(10), |d| d.duration),
+            header_read_timeout: self.duration(
+                raw.header_read_timeout,
+                "server.header_read_timeout",
+                Duration::from_millis(100)..=Duration::from_secs(3600),
+                Duration::from_secs(10),
+            )?,
             pooling: raw.pooling.unwrap_or(true),
             guest_threads,
             secrets_file: raw.secrets_file.map(|p| self.resolve(&p)),
@@ -1044,6 +1088,36 @@ impl Validator<'_> {
                 "server.max_activations",
                 1..=100_000,
                 DEFAULT_NODE_ACTIVATIONS,
+            )?,
+            max_connections: self.count(
+                raw.max_connections,
+                "server.max_connections",
+                1..=1_000_000,
+                10_000,
+            )?,
+            max_connections_per_ip: self.count(
+                raw.max_connections_per_ip,
+                "server.max_connections_per_ip",
+                1..=1_000_000,
+                1_000,
+            )?,
+            idle_timeout: self.duration(
+                raw.idle_timeout,
+                "server.idle_timeout",
+                Duration::from_secs(1)..=Duration::from_secs(24 * 3600),
+                Duration::from_secs(120),
+            )?,
+            write_idle_timeout: self.duration(
+                raw.write_idle_timeout,
+                "server.write_idle_timeout",
+                Duration::from_secs(1)..=Duration::from_secs(3600),
+                Duration::from_secs(30),
+            )?,
+            body_read_timeout: self.duration(
+                raw.body_read_timeout,
+                "server.body_read_timeout",
+                Duration::from_millis(100)..=Duration::from_secs(3600),
+                Duration::from_secs(30),
             )?,
         })
     }

@@ -27,13 +27,13 @@
 //! finish within the grace period, then closes what is left.
 
 mod body;
+mod conn;
 mod routing;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,7 +42,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use ignis_actors::{ActorDirectory, FunctionGate};
 use ignis_config::RouteTarget;
 use ignis_config::{Manifest, ServerConfig};
@@ -186,10 +185,14 @@ impl Edge {
             .class(class)
             .map_or(0, |c| c.config().limits.max_body_bytes);
         let (parts, incoming) = req.into_parts();
-        let body = match http_body_util::Limited::new(incoming, max_body as usize)
-            .collect()
-            .await
-        {
+        let read = http_body_util::Limited::new(incoming, max_body as usize).collect();
+        let Ok(read) = tokio::time::timeout(self.server.body_read_timeout, read).await else {
+            return Err(Error::new(ErrorKind::RequestTimeout).context(format!(
+                "the request body did not arrive within {:?}",
+                self.server.body_read_timeout
+            )));
+        };
+        let body = match read {
             Ok(b) => b.to_bytes(),
             Err(e)
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -309,10 +312,18 @@ impl Server {
     /// in-flight requests `shutdown_grace` to finish.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), EdgeError> {
         let builder = Arc::new(Self::builder(&self.edge.server));
-        let graceful = GracefulShutdown::new();
+        let caps = conn::Caps::new(&self.edge.server);
+        let limits = conn::WatchLimits::new(&self.edge.server);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
-            let (stream, _peer) = tokio::select! {
+            // At the node's cap, wait for a connection to close: new clients
+            // wait in the listen backlog instead of taking descriptors.
+            let permit = tokio::select! {
+                permit = caps.reserve() => permit,
+                () = &mut shutdown => break,
+            };
+            let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok(conn) => conn,
                     Err(e) => {
@@ -324,49 +335,108 @@ impl Server {
                 },
                 () = &mut shutdown => break,
             };
+            let Some(slot) = caps.admit(peer.ip(), permit) else {
+                tracing::debug!(%peer, "connection refused: max_connections_per_ip reached");
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let edge = self.edge.clone();
-            let served = Arc::new(AtomicBool::new(false));
-            let first_request = served.clone();
+            let watch = conn::Watch::new(limits);
+            let watched = watch.clone();
             let service = hyper::service::service_fn(move |req| {
-                first_request.store(true, Ordering::Relaxed);
-                let edge = edge.clone();
-                async move { Ok::<_, Infallible>(edge.handle(req).await) }
-            });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let conn = graceful.watch(conn.into_owned());
-            let first_within = self.edge.server.header_read_timeout;
-            tokio::spawn(async move {
-                // hyper's head timeout starts once the protocol is known;
-                // reading the bytes that decide it (HTTP/1.1 or the h2
-                // preface) has none. A connection that has not brought a
-                // request by `header_read_timeout` is closed.
-                let mut conn = std::pin::pin!(conn);
-                let ended = tokio::select! {
-                    ended = conn.as_mut() => ended,
-                    () = tokio::time::sleep(first_within) => {
-                        if !served.load(Ordering::Relaxed) {
-                            tracing::debug!("connection closed: no request within header_read_timeout");
-                            return;
-                        }
-                        conn.await
-                    }
-                };
-                if let Err(e) = ended {
-                    tracing::debug!(error = %e, "connection ended with an error");
+                let in_flight = watched.request();
+                let (edge, watched) = (edge.clone(), watched.clone());
+                async move {
+                    let resp = edge.handle(req).await;
+                    Ok::<_, Infallible>(resp.map(|body| watched.track(body, in_flight)))
                 }
             });
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            tokio::spawn(serve_watched(conn, watch, stop_rx.clone(), slot));
         }
         drop(self.listener);
+        let _ = stop_tx.send(true);
         let grace = self.edge.server.shutdown_grace;
         tracing::info!(
             ?grace,
             "shutting down: no longer accepting; waiting for in-flight requests"
         );
-        match tokio::time::timeout(grace, graceful.shutdown()).await {
+        match tokio::time::timeout(grace, caps.all_closed()).await {
             Ok(()) => tracing::info!("all connections closed"),
             Err(_) => tracing::warn!("grace period over; closing remaining connections"),
         }
         Ok(())
+    }
+}
+
+/// Drives one connection under its [`conn::Watch`]: closed when the watch
+/// says so, drained when the server shuts down. `slot` (its share of the
+/// connection caps) is released when it ends.
+async fn serve_watched<C>(
+    conn: C,
+    watch: Arc<conn::Watch>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    slot: conn::Slot,
+) where
+    C: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Drains,
+{
+    let mut conn = std::pin::pin!(conn);
+    let mut draining = false;
+    let mut next = watch.verdict(tokio::time::Instant::now());
+    loop {
+        let wake = match next {
+            conn::Verdict::Wait(at) => at,
+            conn::Verdict::Drain => {
+                if !draining {
+                    tracing::debug!("connection idle: closing gracefully");
+                    conn.as_mut().drain();
+                    draining = true;
+                }
+                tokio::time::Instant::now() + Duration::from_secs(1)
+            }
+            conn::Verdict::Close(why) => {
+                tracing::debug!(reason = why, "connection closed");
+                break;
+            }
+        };
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            changed = stop.changed(), if !draining => {
+                if changed.is_err() || *stop.borrow() {
+                    conn.as_mut().drain();
+                    draining = true;
+                }
+                continue;
+            }
+            () = tokio::time::sleep_until(wake) => {}
+        }
+        next = watch.verdict(tokio::time::Instant::now());
+    }
+    drop(slot);
+}
+
+/// A connection that can be asked to finish its requests and close.
+trait Drains {
+    fn drain(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, E, B> Drains for hyper_util::server::conn::auto::UpgradeableConnection<'static, I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper_util::server::conn::auto::HttpServerConnExec<S::Future, B>,
+{
+    fn drain(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }

@@ -17,6 +17,7 @@ use crate::cache::CompileCache;
 use crate::error::LoadError;
 use crate::function::{Function, Pre};
 use crate::host::{Host, actor_linker, function_linker};
+use crate::limits::{MAX_CORE_INSTANCES, MAX_MEMORIES, MAX_TABLES};
 use crate::sched::GuestScheduler;
 use crate::shared::{Platform, Shared};
 use crate::ticker::{IDLE_BEFORE_PARK, Ticker};
@@ -165,6 +166,12 @@ fn pooling_config(settings: &RuntimeSettings) -> PoolingAllocationConfig {
         .total_tables(slots.saturating_mul(4))
         .total_stacks(slots)
         .max_memory_size(settings.max_memory_bytes as usize)
+        // One component's share of the pool, whatever it is made of (the
+        // memory limiter also caps the total bytes of all its memories).
+        .max_core_instances_per_component(MAX_CORE_INSTANCES)
+        .max_memories_per_component(MAX_MEMORIES)
+        .max_tables_per_component(MAX_TABLES)
+        .table_elements(TABLE_ELEMENTS)
         // Reused slots are reset with memset instead of madvise up to this
         // size, so the next request does not page-fault its heap back in.
         // With PAGEMAP_SCAN (Linux 6.7+) only the pages the last request
@@ -174,6 +181,9 @@ fn pooling_config(settings: &RuntimeSettings) -> PoolingAllocationConfig {
         .pagemap_scan(Enabled::Auto);
     pool
 }
+
+/// Elements one table of a pool slot holds (wasmtime's default is 20,000).
+const TABLE_ELEMENTS: usize = 20_000;
 
 /// Builds an engine for `generation`: pooling if asked and possible, else
 /// on-demand with a log line saying why.
@@ -408,5 +418,86 @@ impl Runtime {
         })?;
         tracing::info!(function = %name, path = %wasm.display(), cache = ?outcome, "function loaded");
         Ok(Function::new(self.shared.clone(), config, pre, outcome))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wasm_encoder::{
+        Component, InstanceSection, MemorySection, MemoryType, Module, ModuleArg, ModuleSection,
+    };
+    use wasmtime::Store;
+    use wasmtime::component::Linker;
+
+    use super::*;
+    use crate::limits::MemoryLimiter;
+
+    /// A component of `memories` core modules, each instantiated and each
+    /// with one linear memory of `pages` 64 KiB pages.
+    fn component_with_memories(memories: u32, pages: u64) -> Vec<u8> {
+        let mut module = Module::new();
+        let mut section = MemorySection::new();
+        section.memory(MemoryType {
+            minimum: pages,
+            maximum: None,
+            memory64: false,
+            shared: false,
+            page_size_log2: None,
+        });
+        module.section(&section);
+        let mut component = Component::new();
+        for _ in 0..memories {
+            component.section(&ModuleSection(&module));
+        }
+        let mut instances = InstanceSection::new();
+        for i in 0..memories {
+            instances.instantiate(i, std::iter::empty::<(&str, ModuleArg)>());
+        }
+        component.section(&instances);
+        component.finish()
+    }
+
+    fn settings(pooling: bool) -> RuntimeSettings {
+        RuntimeSettings {
+            pooling,
+            epoch_tick: Duration::from_millis(1),
+            cache_dir: PathBuf::from("unused"),
+            instance_slots: 4,
+            max_memory_bytes: 4 << 20,
+            activation_slots: 0,
+        }
+    }
+
+    /// Compiles and instantiates `wasm` under a 4 MiB limit: `Ok` or the
+    /// error's text (the pooling allocator refuses a component that can
+    /// never fit a slot when it is compiled, that is at load time).
+    fn instantiate(pooling: bool, wasm: &[u8]) -> Result<(), String> {
+        let (engine, kind) = build_engine(&settings(pooling), Generation::P2).unwrap();
+        assert_eq!(kind == AllocatorKind::Pooling, pooling);
+        let component =
+            wasmtime::component::Component::new(&engine, wasm).map_err(|e| format!("{e:#}"))?;
+        let mut store = Store::new(&engine, MemoryLimiter::new(4 << 20));
+        store.limiter(|l| l);
+        Linker::<MemoryLimiter>::new(&engine)
+            .instantiate(&mut store, &component)
+            .map(drop)
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    #[test]
+    fn a_component_with_many_memories_gets_its_limit_in_total() {
+        // Fails on the code before: each memory was checked on its own, so
+        // two 3 MiB memories passed a 4 MiB limit.
+        for pooling in [true, false] {
+            assert_eq!(instantiate(pooling, &component_with_memories(2, 16)), Ok(()));
+            let two_of_3mib = instantiate(pooling, &component_with_memories(2, 48));
+            assert!(two_of_3mib.is_err(), "pooling {pooling}: 6 MiB under a 4 MiB limit");
+            // More memories than a component may have, however small.
+            let five = instantiate(pooling, &component_with_memories(5, 1));
+            assert!(
+                five.as_ref().is_err_and(|e| e.contains("memor")),
+                "pooling {pooling}: five memories: {five:?}"
+            );
+        }
     }
 }

@@ -42,6 +42,8 @@ pub enum ErrorKind {
     GuestErrorCode(String),
     /// The request body was larger than the target allows.
     BodyTooLarge,
+    /// The client did not send its request (body) in time.
+    RequestTimeout,
     /// The request is malformed (the context says how).
     BadRequest,
     /// No such route, actor class or store.
@@ -61,6 +63,7 @@ impl ErrorKind {
             ErrorKind::BadRequest => 400,
             ErrorKind::Forbidden => 403,
             ErrorKind::NotFound => 404,
+            ErrorKind::RequestTimeout => 408,
             ErrorKind::BodyTooLarge => 413,
             ErrorKind::Trap(_)
             | ErrorKind::MemoryLimit
@@ -85,6 +88,7 @@ impl ErrorKind {
             ErrorKind::NoResponse => "guest returned no response",
             ErrorKind::GuestErrorCode(_) => "guest answered with an error",
             ErrorKind::BodyTooLarge => "request body too large",
+            ErrorKind::RequestTimeout => "request body timed out",
             ErrorKind::BadRequest => "bad request",
             ErrorKind::NotFound => "not found",
             ErrorKind::Forbidden => "forbidden",

@@ -9,11 +9,31 @@ use crate::sched::CpuInstant;
 
 use wasmtime::ResourceLimiter;
 
-/// Caps linear memory and table growth and remembers whether it said no, so a
-/// trap that follows can be reported as "memory limit exceeded".
+/// Most core instances, linear memories and tables one instance (a
+/// component and everything it contains) may have. The pooling allocator
+/// enforces the same caps per component (`engine.rs`); this limiter
+/// enforces them with the on-demand allocator too.
+pub(crate) const MAX_CORE_INSTANCES: u32 = 64;
+/// See [`MAX_CORE_INSTANCES`].
+pub(crate) const MAX_MEMORIES: u32 = 4;
+/// See [`MAX_CORE_INSTANCES`].
+pub(crate) const MAX_TABLES: u32 = 16;
+/// Table elements one instance may hold, all tables together.
+pub(crate) const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+/// Caps an instance's memory and table growth, counted over all its linear
+/// memories and all its tables together (a component with N memories gets
+/// the function's `memory` in total, not N times it), and remembers whether
+/// it said no, so a trap that follows can be reported as "memory limit
+/// exceeded".
+///
+/// A growth the limiter allowed but wasmtime then failed stays counted:
+/// the error is on the side of refusing.
 pub(crate) struct MemoryLimiter {
-    pub(crate) max_memory: usize,
-    pub(crate) max_table_elements: usize,
+    max_memory: usize,
+    max_table_elements: usize,
+    memory_total: usize,
+    table_total: usize,
     pub(crate) denied: bool,
 }
 
@@ -21,37 +41,103 @@ impl MemoryLimiter {
     pub(crate) fn new(max_memory: u64) -> Self {
         MemoryLimiter {
             max_memory: usize::try_from(max_memory).unwrap_or(usize::MAX),
-            max_table_elements: 1 << 20,
+            max_table_elements: MAX_TABLE_ELEMENTS,
+            memory_total: 0,
+            table_total: 0,
             denied: false,
         }
     }
+
+    /// Bytes of linear memory the instance holds, all memories together.
+    #[cfg(test)]
+    pub(crate) fn memory_total(&self) -> usize {
+        self.memory_total
+    }
+}
+
+/// `total` with one memory (or table) going from `current` to `desired`,
+/// if that stays within `max`.
+fn grow_within(total: usize, current: usize, desired: usize, max: usize) -> Option<usize> {
+    let grown = total.checked_add(desired.saturating_sub(current))?;
+    (grown <= max).then_some(grown)
 }
 
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max_memory {
-            self.denied = true;
-            return Ok(false);
+        match grow_within(self.memory_total, current, desired, self.max_memory) {
+            Some(total) => {
+                self.memory_total = total;
+                Ok(true)
+            }
+            None => {
+                self.denied = true;
+                Ok(false)
+            }
         }
-        Ok(true)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max_table_elements {
-            self.denied = true;
-            return Ok(false);
+        match grow_within(self.table_total, current, desired, self.max_table_elements) {
+            Some(total) => {
+                self.table_total = total;
+                Ok(true)
+            }
+            None => {
+                self.denied = true;
+                Ok(false)
+            }
         }
-        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_CORE_INSTANCES as usize
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES as usize
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_is_counted_over_all_memories_of_an_instance() {
+        let mut limiter = MemoryLimiter::new(10 << 20);
+        // Two memories of 4 MiB each fit; a third does not.
+        assert!(limiter.memory_growing(0, 4 << 20, None).unwrap());
+        assert!(limiter.memory_growing(0, 4 << 20, None).unwrap());
+        assert!(!limiter.memory_growing(0, 4 << 20, None).unwrap());
+        assert!(limiter.denied);
+        // Growing one of them by 2 MiB still fits (8 + 2 = 10 MiB) ...
+        assert!(limiter.memory_growing(4 << 20, 6 << 20, None).unwrap());
+        assert_eq!(limiter.memory_total(), 10 << 20);
+        // ... and by one more byte does not.
+        assert!(!limiter.memory_growing(6 << 20, (6 << 20) + 1, None).unwrap());
+    }
+
+    #[test]
+    fn table_elements_are_counted_over_all_tables() {
+        let mut limiter = MemoryLimiter::new(1 << 20);
+        assert!(limiter.table_growing(0, MAX_TABLE_ELEMENTS / 2, None).unwrap());
+        assert!(limiter.table_growing(0, MAX_TABLE_ELEMENTS / 2, None).unwrap());
+        assert!(!limiter.table_growing(0, 1, None).unwrap());
+        assert!(!limiter.table_growing(usize::MAX - 1, usize::MAX, None).unwrap());
     }
 }
 

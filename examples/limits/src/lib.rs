@@ -10,6 +10,7 @@
 //! | `/trap` | panics (a wasm trap) | 500 with a request id |
 //! | `/sleep?ms=N` | waits N ms on the host clock | 200, or 504 past the wall deadline |
 //! | `/drip?n=N` | sends N lines, 10 ms apart | a streamed 200 |
+//! | `/flood?mib=N` | streams N MiB as fast as the client takes it | a streamed 200 |
 //! | `/log?lines=N` | prints N lines to stdout | 200; lines go to the log, bounded |
 //! | `/noreply` | returns without a response | 500 |
 //! | `/consume` | reads the whole request body, then answers its length | 200, or 413 past `max_body` |
@@ -92,6 +93,22 @@ impl wasip2::exports::http::incoming_handler::Guest for Limits {
                     }
                     monotonic_clock::subscribe_duration(10_000_000).block();
                 }
+                drop(stream);
+                OutgoingBody::finish(body, None).unwrap();
+            }
+            "/flood" => {
+                let resp = OutgoingResponse::new(Fields::new());
+                let body = resp.body().unwrap();
+                ResponseOutparam::set(out, Ok(resp));
+                let mut stream = body.write().unwrap();
+                let chunk = vec![b'x'; 64 * 1024];
+                for _ in 0..num(&path, "mib", 1) * 16 {
+                    // Blocks while the client does not read (back-pressure).
+                    if stream.write_all(&chunk).is_err() {
+                        return;
+                    }
+                }
+                let _ = stream.flush();
                 drop(stream);
                 OutgoingBody::finish(body, None).unwrap();
             }

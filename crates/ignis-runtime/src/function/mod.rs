@@ -9,8 +9,8 @@ mod p2;
 mod p3;
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -84,9 +84,20 @@ impl Drop for ActiveGuard {
 /// each poll of the body first lets the guest make progress, then takes the
 /// next frame it produced. Dropping the body before its end drops the guest,
 /// which cancels it and frees its instance.
+///
+/// Once the head is out, hyper polls the body only when the client can
+/// take data (an h2 stream with a zero window, or a full socket, is not
+/// polled at all), so a guest driven only by these polls would stop, and
+/// keep its instance, for as long as a client chooses not to read. The
+/// first time a poll returns with the guest still running, the guest moves
+/// to a shared cell and a watchdog task drops it at its wall deadline,
+/// polled or not. Guests that finish within the first poll (most short
+/// responses) never arm a watchdog.
 struct DrivingBody {
     inner: HyperOutgoingBody,
-    guest: Option<GuestFuture>,
+    guest: Guest,
+    /// The request's wall deadline (the watchdog's alarm).
+    deadline: Instant,
     /// Who logs a failure that happens after the response head went out.
     owner: Arc<str>,
     request_id: u64,
@@ -98,6 +109,91 @@ struct DrivingBody {
 /// A request's guest, wrapped in its limits: how it ended.
 type GuestFuture = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
 
+/// Where a running guest lives once its response head is out.
+enum Guest {
+    /// Finished (or handed to a task of its own).
+    None,
+    /// Owned by the body: nobody else can reach it.
+    Owned(GuestFuture),
+    /// Shared with the watchdog, which empties the cell at the deadline.
+    Watched {
+        cell: Arc<Mutex<Option<GuestFuture>>>,
+        watchdog: tokio::task::AbortHandle,
+    },
+}
+
+impl Drop for DrivingBody {
+    fn drop(&mut self) {
+        if let Guest::Watched { watchdog, .. } = &self.guest {
+            watchdog.abort();
+        }
+    }
+}
+
+impl DrivingBody {
+    /// Polls the guest (wherever it lives); `Ready` with how it ended.
+    fn poll_guest(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        match &mut self.guest {
+            Guest::None => Poll::Pending,
+            Guest::Owned(guest) => guest.as_mut().poll(cx),
+            Guest::Watched { cell, .. } => {
+                let mut slot = cell.lock().unwrap_or_else(|p| p.into_inner());
+                match slot.as_mut() {
+                    // The watchdog dropped it at the deadline (and logged it).
+                    None => Poll::Ready(Ok(())),
+                    Some(guest) => {
+                        let polled = guest.as_mut().poll(cx);
+                        if polled.is_ready() {
+                            *slot = None;
+                        }
+                        polled
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the guest out, wherever it lives, to run it elsewhere.
+    fn take_guest(&mut self) -> Option<GuestFuture> {
+        match std::mem::replace(&mut self.guest, Guest::None) {
+            Guest::None => None,
+            Guest::Owned(guest) => Some(guest),
+            Guest::Watched { cell, watchdog } => {
+                watchdog.abort();
+                cell.lock().unwrap_or_else(|p| p.into_inner()).take()
+            }
+        }
+    }
+
+    /// The guest is still running and the body goes back to hyper, which
+    /// may not poll it again for as long as the client likes: from now on a
+    /// watchdog enforces the wall deadline.
+    fn arm_watchdog(&mut self) {
+        let Guest::Owned(_) = &self.guest else {
+            return;
+        };
+        let Guest::Owned(guest) = std::mem::replace(&mut self.guest, Guest::None) else {
+            unreachable!("checked above");
+        };
+        let cell = Arc::new(Mutex::new(Some(guest)));
+        let (watched, owner, request_id) = (cell.clone(), self.owner.clone(), self.request_id);
+        let deadline = self.deadline;
+        let watchdog = tokio::spawn(async move {
+            tokio::time::sleep_until(deadline).await;
+            let guest = watched.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(guest) = guest {
+                // Dropped outside the lock: this frees the instance.
+                drop(guest);
+                Error::new(ErrorKind::WallLimit)
+                    .context("the response was not read before the wall deadline")
+                    .log(&owner, request_id);
+            }
+        })
+        .abort_handle();
+        self.guest = Guest::Watched { cell, watchdog };
+    }
+}
+
 impl http_body::Body for DrivingBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -106,31 +202,34 @@ impl http_body::Body for DrivingBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(guest) = self.guest.as_mut()
-            && let Poll::Ready(ended) = guest.as_mut().poll(cx)
-        {
-            self.guest = None;
+        let this = &mut *self;
+        if let Poll::Ready(ended) = this.poll_guest(cx) {
+            if let Guest::Watched { watchdog, .. } = &this.guest {
+                watchdog.abort();
+            }
+            this.guest = Guest::None;
             if let Err(e) = ended {
                 // The head is out: the client sees the body end early; the
                 // cause is logged here, the one place that sees it.
-                e.log(&self.owner, self.request_id);
+                e.log(&this.owner, this.request_id);
             }
         }
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(None) = polled {
-            self.done = None;
-        }
-        if let Poll::Ready(None) = polled
-            && let Some(guest) = self.guest.take()
-        {
-            // The body is complete but the guest is still running (work after
-            // the response): let it finish on its own, bounded by its deadlines.
-            let (owner, request_id) = (self.owner.clone(), self.request_id);
-            tokio::spawn(async move {
-                if let Err(e) = guest.await {
-                    e.log(&owner, request_id);
-                }
-            });
+            this.done = None;
+            if let Some(guest) = this.take_guest() {
+                // The body is complete but the guest is still running (work
+                // after the response): let it finish on its own, bounded by
+                // its deadlines.
+                let (owner, request_id) = (this.owner.clone(), this.request_id);
+                tokio::spawn(async move {
+                    if let Err(e) = guest.await {
+                        e.log(&owner, request_id);
+                    }
+                });
+            }
+        } else {
+            this.arm_watchdog();
         }
         polled.map_err(Into::into)
     }
@@ -417,7 +516,8 @@ impl Function {
             Ok(Ok(response)) => Ok(response.map(|inner| {
                 DrivingBody {
                     inner,
-                    guest,
+                    guest: guest.map_or(Guest::None, Guest::Owned),
+                    deadline: limits.deadline,
                     owner: self.name.clone(),
                     request_id: meta.request_id,
                     done: Some(done_tx),

@@ -11,4 +11,5 @@ mod http_limits;
 mod isolation;
 mod outbound;
 mod serving;
+mod slow_clients;
 mod tenants;
