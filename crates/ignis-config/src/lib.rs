@@ -126,6 +126,10 @@ pub struct StorageConfig {
     pub max_value_bytes: usize,
     /// Most keys in one batch call (default 1,000).
     pub max_batch_keys: usize,
+    /// Most bytes one batch call (`get-many`, `set-many`) or actor-storage
+    /// `list` may carry, keys and values together (default 16 MiB): what a
+    /// guest can make the host hold for it in one call.
+    pub max_batch_bytes: usize,
 }
 
 /// A named outbound origin (`[backends.NAME]`). A guest reaches it as
@@ -443,6 +447,7 @@ struct RawStorage {
     max_key_bytes: Option<ByteSize>,
     max_value_bytes: Option<ByteSize>,
     max_batch_keys: Option<Spanned<u32>>,
+    max_batch_bytes: Option<ByteSize>,
 }
 
 #[derive(Deserialize)]
@@ -918,6 +923,7 @@ impl Validator<'_> {
             max_key_bytes: 1024,
             max_value_bytes: 1 << 20,
             max_batch_keys: 1000,
+            max_batch_bytes: 16 << 20,
         };
         if let Some(b) = raw.max_key_bytes {
             if !(1..=64 * 1024).contains(&b.bytes) {
@@ -938,6 +944,16 @@ impl Validator<'_> {
                 ));
             }
             storage.max_value_bytes = b.bytes as usize;
+        }
+        if let Some(b) = raw.max_batch_bytes {
+            if !(1024..=1 << 30).contains(&b.bytes) {
+                return Err(self.err(
+                    b.span.start,
+                    "storage.max_batch_bytes",
+                    "must be between 1KiB and 1GiB",
+                ));
+            }
+            storage.max_batch_bytes = b.bytes as usize;
         }
         storage.max_batch_keys = self.count(
             raw.max_batch_keys,

@@ -449,3 +449,72 @@ fn huge_durations_are_config_errors() {
     let (l, k, _) = invalid("[server]\nshutdown_grace = \"100000s\"\n");
     assert_eq!((l, k.as_str()), (2, "server.shutdown_grace"));
 }
+
+#[test]
+fn connection_and_batch_bounds_have_defaults_and_ranges() {
+    let m = parse("").unwrap();
+    let s = &m.server;
+    assert_eq!(
+        (s.max_connections, s.max_connections_per_ip),
+        (10_000, 1_000)
+    );
+    assert_eq!(
+        (s.idle_timeout, s.write_idle_timeout, s.body_read_timeout),
+        (
+            Duration::from_secs(120),
+            Duration::from_secs(30),
+            Duration::from_secs(30)
+        )
+    );
+    assert_eq!(m.storage.max_batch_bytes, 16 << 20);
+    let m = parse(
+        "[server]\nmax_connections = 5\nmax_connections_per_ip = 2\nidle_timeout = \"5s\"\nwrite_idle_timeout = \"2s\"\nbody_read_timeout = \"1s\"\n[storage]\nmax_batch_bytes = \"4KiB\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        (m.server.max_connections, m.server.max_connections_per_ip),
+        (5, 2)
+    );
+    assert_eq!(m.server.write_idle_timeout, Duration::from_secs(2));
+    assert_eq!(m.storage.max_batch_bytes, 4096);
+    for (text, line, key) in [
+        (
+            "[server]\nmax_connections = 0\n",
+            2,
+            "server.max_connections",
+        ),
+        (
+            "[server]\n\nmax_connections_per_ip = 0\n",
+            3,
+            "server.max_connections_per_ip",
+        ),
+        (
+            "[server]\nidle_timeout = \"0s\"\n",
+            2,
+            "server.idle_timeout",
+        ),
+        (
+            "[server]\nwrite_idle_timeout = \"2h\"\n",
+            2,
+            "server.write_idle_timeout",
+        ),
+        (
+            "[server]\nbody_read_timeout = \"1us\"\n",
+            2,
+            "server.body_read_timeout",
+        ),
+        (
+            "[server]\nheader_read_timeout = \"0s\"\n",
+            2,
+            "server.header_read_timeout",
+        ),
+        (
+            "[storage]\nmax_batch_bytes = \"1B\"\n",
+            2,
+            "storage.max_batch_bytes",
+        ),
+    ] {
+        let (l, k, msg) = invalid(text);
+        assert_eq!((l, k.as_str()), (line, key), "{text}: {msg}");
+    }
+}

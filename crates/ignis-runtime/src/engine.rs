@@ -489,9 +489,15 @@ mod tests {
         // Fails on the code before: each memory was checked on its own, so
         // two 3 MiB memories passed a 4 MiB limit.
         for pooling in [true, false] {
-            assert_eq!(instantiate(pooling, &component_with_memories(2, 16)), Ok(()));
+            assert_eq!(
+                instantiate(pooling, &component_with_memories(2, 16)),
+                Ok(())
+            );
             let two_of_3mib = instantiate(pooling, &component_with_memories(2, 48));
-            assert!(two_of_3mib.is_err(), "pooling {pooling}: 6 MiB under a 4 MiB limit");
+            assert!(
+                two_of_3mib.is_err(),
+                "pooling {pooling}: 6 MiB under a 4 MiB limit"
+            );
             // More memories than a component may have, however small.
             let five = instantiate(pooling, &component_with_memories(5, 1));
             assert!(

@@ -66,6 +66,16 @@ pub(crate) struct Base<'a> {
     pub(crate) ticker: StoreLease,
 }
 
+/// Live resources (header maps, streams, pollables, buckets, ...) one
+/// instance may hold; past it the call that would add one fails (a guest
+/// that leaks handles traps instead of growing the host's memory).
+pub(crate) const MAX_RESOURCES: usize = 4096;
+
+/// Largest in-memory size of one guest-built header map (wasi:http
+/// `fields`), about 32 KiB of headers on the wire. With [`MAX_RESOURCES`]
+/// this bounds what header maps can make the host hold for one instance.
+pub(crate) const MAX_FIELDS_BYTES: usize = 64 * 1024;
+
 impl Host {
     fn base(base: Base<'_>, outbound: OutboundHooks, client: ClientState) -> Host {
         let log = GuestLog::new(base.owner, base.request_id);
@@ -75,10 +85,14 @@ impl Host {
             .stderr(log.stderr.clone())
             .allow_tcp(false)
             .allow_udp(false);
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(MAX_FIELDS_BYTES);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
         Host {
             wasi: wasi.build(),
-            http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
+            http,
+            table,
             outbound,
             kv: None,
             config: None,

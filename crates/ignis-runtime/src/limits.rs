@@ -128,16 +128,32 @@ mod tests {
         assert!(limiter.memory_growing(4 << 20, 6 << 20, None).unwrap());
         assert_eq!(limiter.memory_total(), 10 << 20);
         // ... and by one more byte does not.
-        assert!(!limiter.memory_growing(6 << 20, (6 << 20) + 1, None).unwrap());
+        assert!(
+            !limiter
+                .memory_growing(6 << 20, (6 << 20) + 1, None)
+                .unwrap()
+        );
     }
 
     #[test]
     fn table_elements_are_counted_over_all_tables() {
         let mut limiter = MemoryLimiter::new(1 << 20);
-        assert!(limiter.table_growing(0, MAX_TABLE_ELEMENTS / 2, None).unwrap());
-        assert!(limiter.table_growing(0, MAX_TABLE_ELEMENTS / 2, None).unwrap());
+        assert!(
+            limiter
+                .table_growing(0, MAX_TABLE_ELEMENTS / 2, None)
+                .unwrap()
+        );
+        assert!(
+            limiter
+                .table_growing(0, MAX_TABLE_ELEMENTS / 2, None)
+                .unwrap()
+        );
         assert!(!limiter.table_growing(0, 1, None).unwrap());
-        assert!(!limiter.table_growing(usize::MAX - 1, usize::MAX, None).unwrap());
+        assert!(
+            !limiter
+                .table_growing(usize::MAX - 1, usize::MAX, None)
+                .unwrap()
+        );
     }
 }
 

@@ -61,6 +61,10 @@ pub enum StoreError {
     /// The store is shutting down.
     #[error("the store is closed")]
     Closed,
+    /// A read would return more bytes than the caller's budget allows
+    /// (the message says which budget; it is safe to show the guest).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -179,11 +183,14 @@ pub trait KvBackend: Send + Sync + 'static {
         value: Vec<u8>,
     ) -> StoreFuture<'a, bool>;
 
-    /// The values of `keys`, in order, read from one snapshot.
+    /// The values of `keys`, in order, read from one snapshot; fails with
+    /// [`StoreError::TooLarge`] once they add up to more than `max_bytes`
+    /// (a key named twice counts twice), before reading the rest.
     fn get_many<'a>(
         &'a self,
         ns: &'a Namespace,
         keys: &'a [String],
+        max_bytes: usize,
     ) -> StoreFuture<'a, Vec<Option<Vec<u8>>>>;
 
     /// Sets every entry, all or nothing.
@@ -323,11 +330,14 @@ pub trait ActorStorage: Send + Sync + 'static {
         key: &'a str,
     ) -> StoreFuture<'a, Option<Vec<u8>>>;
 
-    /// Entries selected by `options`, in key order (or reverse).
+    /// Entries selected by `options`, in key order (or reverse); fails
+    /// with [`StoreError::TooLarge`] once keys and values add up to more
+    /// than `max_bytes`, before reading the rest.
     fn actor_list<'a>(
         &'a self,
         actor: &'a ActorKey,
         options: &'a ListOptions,
+        max_bytes: usize,
     ) -> StoreFuture<'a, Vec<(String, Vec<u8>)>>;
 
     /// Applies `batch` atomically and durably.

@@ -238,7 +238,10 @@ impl SqliteStore {
     }
 
     /// Runs `f` with a read connection from the pool, on this thread.
-    fn read<R>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> Result<R, StoreError> {
+    fn read<R, E: Into<StoreError>>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, E>,
+    ) -> Result<R, StoreError> {
         let pooled = lock(&self.shared.readers).pop();
         let conn = match pooled {
             Some(c) => c,
@@ -251,7 +254,7 @@ impl SqliteStore {
                 c
             }
         };
-        let result = f(&conn).map_err(StoreError::from);
+        let result = f(&conn).map_err(Into::into);
         let mut idle = lock(&self.shared.readers);
         if idle.len() < MAX_IDLE_READERS {
             idle.push(conn);
@@ -430,7 +433,7 @@ impl KvBackend for SqliteStore {
                         }
                     }
                 }
-                Ok(out)
+                Ok::<_, rusqlite::Error>(out)
             })?;
             let more = keys.len() > limit as usize;
             keys.truncate(limit as usize);
@@ -475,20 +478,26 @@ impl KvBackend for SqliteStore {
         &'a self,
         ns: &'a Namespace,
         keys: &'a [String],
+        max_bytes: usize,
     ) -> StoreFuture<'a, Vec<Option<Vec<u8>>>> {
         Box::pin(async move {
             self.read(|c| {
                 // One read transaction: every value comes from the same snapshot.
                 c.execute_batch("BEGIN")?;
+                let mut budget = Budget::new(max_bytes, "get-many");
                 let values = keys
                     .iter()
-                    .map(|k| current(c, ns, k).map(|v| v.map(|v| v.value)))
-                    .collect::<rusqlite::Result<Vec<_>>>();
+                    .map(|k| {
+                        let v = current(c, ns, k)?.map(|v| v.value);
+                        budget.spend(v.as_ref().map_or(0, Vec::len))?;
+                        Ok(v)
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>();
                 // Never return a pooled connection inside a transaction.
                 let end = c.execute_batch(if values.is_ok() { "COMMIT" } else { "ROLLBACK" });
                 let values = values?;
                 end?;
-                Ok(values)
+                Ok::<_, StoreError>(values)
             })
         })
     }
@@ -583,6 +592,7 @@ impl ActorStorage for SqliteStore {
         &'a self,
         actor: &'a ActorKey,
         options: &'a ListOptions,
+        max_bytes: usize,
     ) -> StoreFuture<'a, Vec<(String, Vec<u8>)>> {
         Box::pin(async move {
             let (lo, hi) = options.bounds();
@@ -596,9 +606,16 @@ impl ActorStorage for SqliteStore {
                 let mut st = c.prepare_cached(&sql)?;
                 let rows = st
                     .query_map(params![actor.class(), actor.id(), lo, hi, limit], |r| {
-                        Ok((r.get(0)?, r.get(1)?))
+                        Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
                     })?;
-                rows.collect()
+                let mut budget = Budget::new(max_bytes, "list");
+                let mut entries = Vec::new();
+                for row in rows {
+                    let (k, v) = row?;
+                    budget.spend(k.len() + v.len())?;
+                    entries.push((k, v));
+                }
+                Ok::<_, StoreError>(entries)
             })
         })
     }
@@ -695,5 +712,36 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(fail(path, e)),
+    }
+}
+
+/// Bytes a read may still return before it fails with
+/// [`StoreError::TooLarge`].
+struct Budget {
+    left: usize,
+    max: usize,
+    call: &'static str,
+}
+
+impl Budget {
+    fn new(max: usize, call: &'static str) -> Self {
+        Budget {
+            left: max,
+            max,
+            call,
+        }
+    }
+
+    fn spend(&mut self, bytes: usize) -> Result<(), StoreError> {
+        match self.left.checked_sub(bytes) {
+            Some(left) => {
+                self.left = left;
+                Ok(())
+            }
+            None => Err(StoreError::TooLarge(format!(
+                "{} would return more than {} bytes",
+                self.call, self.max
+            ))),
+        }
     }
 }

@@ -168,9 +168,15 @@ async fn batches_and_listing() {
     s.set_many(&ns, entries).await.unwrap();
     let keys = vec!["k03".to_string(), "nope".to_string(), "k24".to_string()];
     assert_eq!(
-        s.get_many(&ns, &keys).await.unwrap(),
+        s.get_many(&ns, &keys, 2).await.unwrap(),
         vec![Some(vec![3]), None, Some(vec![24])]
     );
+    // A key named twice counts twice: the budget stops the read.
+    let twice = vec!["k03".to_string(), "k03".to_string(), "k03".to_string()];
+    assert!(matches!(
+        s.get_many(&ns, &twice, 2).await,
+        Err(StoreError::TooLarge(_))
+    ));
     // Keyset pages.
     let mut all = Vec::new();
     let mut after: Option<String> = None;
@@ -252,13 +258,24 @@ async fn actor_storage_batches_listing_and_alarms() {
         limit: Some(2),
         ..Default::default()
     };
-    assert_eq!(keys(s.actor_list(&a, &opts).await.unwrap()), ["m:3", "m:2"]);
+    assert_eq!(
+        keys(s.actor_list(&a, &opts, 1 << 20).await.unwrap()),
+        ["m:3", "m:2"]
+    );
     let opts = ListOptions {
         start: Some("m:2".into()),
         end: Some("n:1".into()),
         ..Default::default()
     };
-    assert_eq!(keys(s.actor_list(&a, &opts).await.unwrap()), ["m:2", "m:3"]);
+    assert_eq!(
+        keys(s.actor_list(&a, &opts, 1 << 20).await.unwrap()),
+        ["m:2", "m:3"]
+    );
+    // Past the byte budget the list fails instead of growing.
+    assert!(matches!(
+        s.actor_list(&a, &opts, 4).await,
+        Err(StoreError::TooLarge(_))
+    ));
     // Alarms: set, fired only if unchanged, deleted.
     assert_eq!(s.actor_alarm(&a).await.unwrap(), Some(1_000));
     let fired = |at| ActorBatch {

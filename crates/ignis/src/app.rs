@@ -124,6 +124,7 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
             max_key_bytes: manifest.storage.max_key_bytes,
             max_value_bytes: manifest.storage.max_value_bytes,
             max_batch_keys: manifest.storage.max_batch_keys,
+            max_batch_bytes: manifest.storage.max_batch_bytes,
         },
         backends: manifest
             .backends

@@ -9,7 +9,7 @@
 //! | `POST .../trap` | writes `count = 1000000`, then traps: the write must vanish |
 //! | `POST .../bulk?n=N` | writes N keys `k0..kN` in one message |
 //! | `POST .../txn` | `begin`, write `a`, `rollback`, write `b`, `begin`, write `c`, `commit`; lists the keys |
-//! | `GET .../list?prefix=P` | the keys with prefix P |
+//! | `GET .../list?prefix=P` | the keys with prefix P; the storage error (507) if refused |
 //! | `POST .../alarm?in_ms=N&trap_first=1` | sets the alarm N ms ahead (the first attempt traps if asked) |
 //! | `GET .../alarms` | `fired=F retry=R pending=T` |
 //! | `GET .../whoami` | `class/id` |
@@ -59,19 +59,22 @@ fn now_ms() -> u64 {
 }
 
 fn keys(prefix: &str) -> String {
+    try_keys(prefix).expect("storage list")
+}
+
+fn try_keys(prefix: &str) -> Result<String, storage::Error> {
     let entries = storage::list(&storage::ListOptions {
         prefix: Some(prefix.to_string()),
         start: None,
         end: None,
         limit: None,
         reverse: false,
-    })
-    .expect("storage list");
-    entries
+    })?;
+    Ok(entries
         .into_iter()
         .map(|(k, _)| k)
         .collect::<Vec<_>>()
-        .join(",")
+        .join(","))
 }
 
 fn route(path: &str, query: &str) -> (u16, String) {
@@ -106,7 +109,10 @@ fn route(path: &str, query: &str) -> (u16, String) {
             storage::commit().expect("commit");
             (200, keys("t:"))
         }
-        "list" => (200, keys(param(query, "prefix").unwrap_or(""))),
+        "list" => match try_keys(param(query, "prefix").unwrap_or("")) {
+            Ok(keys) => (200, keys),
+            Err(e) => (507, format!("{e:?}")),
+        },
         "alarm" => {
             let in_ms: u64 = param(query, "in_ms").and_then(|n| n.parse().ok()).unwrap_or(0);
             put("trap_first", param(query, "trap_first").unwrap_or("0"));

@@ -12,7 +12,7 @@
 //! | `POST /kv/cas-incr?key=K` | increment by compare-and-swap; `value retries` |
 //! | `GET /kv/list` | every key, one per line (follows the cursors) |
 //! | `POST /kv/set-many?n=N&size=B` | sets keys `b0..bN` to B bytes each in one batch |
-//! | `GET /kv/get-many?n=N` | reads `b0..bN` in one batch; how many were found |
+//! | `GET /kv/get-many?n=N` | reads `b0..bN` in one batch (`&same=1`: `b0`, N times); how many were found |
 //! | `POST /kv/delete-many?n=N` | deletes `b0..bN` in one batch |
 //! | `GET /config?key=K` | the `wasi:config` value, or 404 |
 //!
@@ -209,7 +209,12 @@ fn route<K: Kv>(
             ok(format!("{}", entries.len()).into_bytes())
         }
         "get-many" => {
-            let found = K::get_many(&bucket, &batch_keys(q.num("n", 1)))?
+            let mut keys = batch_keys(q.num("n", 1));
+            if q.num("same", 0) == 1 {
+                // The same key, n times.
+                keys.iter_mut().for_each(|k| *k = "b0".into());
+            }
+            let found = K::get_many(&bucket, &keys)?
                 .iter()
                 .filter(|v| v.is_some())
                 .count();

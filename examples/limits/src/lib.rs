@@ -10,6 +10,7 @@
 //! | `/trap` | panics (a wasm trap) | 500 with a request id |
 //! | `/sleep?ms=N` | waits N ms on the host clock | 200, or 504 past the wall deadline |
 //! | `/drip?n=N` | sends N lines, 10 ms apart | a streamed 200 |
+//! | `/handles?n=N` | holds N header maps (resources) at once | 200, or 500 past the host's cap |
 //! | `/flood?mib=N` | streams N MiB as fast as the client takes it | a streamed 200 |
 //! | `/log?lines=N` | prints N lines to stdout | 200; lines go to the log, bounded |
 //! | `/noreply` | returns without a response | 500 |
@@ -95,6 +96,10 @@ impl wasip2::exports::http::incoming_handler::Guest for Limits {
                 }
                 drop(stream);
                 OutgoingBody::finish(body, None).unwrap();
+            }
+            "/handles" => {
+                let held: Vec<Fields> = (0..num(&path, "n", 10)).map(|_| Fields::new()).collect();
+                respond(out, 200, &format!("holding {} header maps\n", held.len()));
             }
             "/flood" => {
                 let resp = OutgoingResponse::new(Fields::new());

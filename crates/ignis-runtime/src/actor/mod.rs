@@ -124,6 +124,7 @@ impl ActorClass {
                 max_key_bytes: limits.max_key_bytes,
                 max_value_bytes: limits.max_value_bytes,
                 max_writes: limits.max_writes_per_message,
+                max_batch_bytes: self.shared.platform.kv_limits.max_batch_bytes,
             },
             self.alarm_export.is_some(),
         );

@@ -451,3 +451,43 @@ async fn the_same_store_file_serves_a_restarted_in_process_server() {
     .unwrap();
     assert_eq!((r.status, r.text().as_str()), (200, "yes"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_call_cannot_make_the_host_hold_more_than_max_batch_bytes() {
+    // Fails on the code before: get-many read every value it was asked for,
+    // so 1,000 copies of one 1 MiB key made the host hold 1 GiB for one
+    // call; set-many had no total either.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&kv_manifest(
+        dir.path(),
+        "max_batch_bytes = \"1KiB\"",
+        &by_host(&[
+            ("d1", "kv_draft", "one", "\"default\""),
+            ("d2", "kv", "two", "\"default\""),
+        ]),
+    ))
+    .await;
+    let c = client();
+    for host in ["d1.test", "d2.test"] {
+        let r = on(&c, &server, host, "POST", "/kv/set-many?n=1&size=600").await;
+        assert_eq!(r.status, 200, "{host}: {}", r.text());
+        let r = on(&c, &server, host, "GET", "/kv/get-many?n=1").await;
+        assert_eq!((r.status, r.text().as_str()), (200, "1"), "{host}");
+        // The same 600-byte key twice is 1,200 bytes.
+        let r = on(&c, &server, host, "GET", "/kv/get-many?n=2&same=1").await;
+        assert_eq!(r.status, 500, "{host}: {}", r.text());
+        assert!(
+            r.text()
+                .contains("get-many would return more than 1024 bytes"),
+            "{host}: {}",
+            r.text()
+        );
+        let r = on(&c, &server, host, "POST", "/kv/set-many?n=2&size=600").await;
+        assert!(
+            r.text()
+                .contains("batch carries 1204 bytes; the limit is 1024"),
+            "{host}: {}",
+            r.text()
+        );
+    }
+}

@@ -470,8 +470,9 @@ impl ignis_store::ActorStorage for FlakyStorage {
         &'a self,
         actor: &'a ignis_store::ActorKey,
         options: &'a ignis_store::ListOptions,
+        max_bytes: usize,
     ) -> ignis_store::StoreFuture<'a, Vec<(String, Vec<u8>)>> {
-        self.inner.actor_list(actor, options)
+        self.inner.actor_list(actor, options, max_bytes)
     }
 
     fn actor_commit<'a>(
@@ -561,4 +562,46 @@ async fn a_failed_commit_turns_the_reply_into_an_error_and_resets_the_activation
     assert_eq!(text(send("get").await), "1");
     assert_eq!(directory.stats().resets.load(Ordering::SeqCst), 1);
     assert_eq!(text(send("incr").await), "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_or_a_message_cannot_make_the_host_hold_more_than_max_batch_bytes() {
+    // Fails on the code before: `list` with no limit read every entry of
+    // the actor into host memory, and one message's writes (held until
+    // durable) had no byte total.
+    let dir = tempfile::tempdir().unwrap();
+    let text = actor_manifest(dir.path(), "")
+        .replace("[storage]\n", "[storage]\nmax_batch_bytes = \"1KiB\"\n");
+    let server = TestServer::start(&text).await;
+    let c = client();
+    for key in ["a", "b"] {
+        let r = post(
+            &c,
+            &server.url(&format!("/counter/m/put?key={key}&size=600")),
+            "",
+        )
+        .await;
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    }
+    let r = get(&c, &server.url("/counter/m/list?prefix=a")).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "a"));
+    // Both entries are 1,202 bytes: refused with an error the guest sees.
+    let r = get(&c, &server.url("/counter/m/list?prefix=")).await;
+    assert_eq!(r.status, 507, "{}", r.text());
+    assert!(
+        r.text().contains("TooLarge") && r.text().contains("more than 1024 bytes"),
+        "{}",
+        r.text()
+    );
+    let r = post(&c, &server.url("/counter/m/put?key=c&size=2000"), "").await;
+    assert_eq!(r.status, 507, "{}", r.text());
+    assert!(
+        r.text()
+            .contains("one message's writes would carry more than 1024 bytes"),
+        "{}",
+        r.text()
+    );
+    // The actor keeps working.
+    let r = post(&c, &server.url("/counter/m/incr"), "").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "1"));
 }

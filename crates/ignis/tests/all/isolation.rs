@@ -123,6 +123,26 @@ async fn memory_bomb_gets_500_and_the_function_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_cannot_hold_unbounded_host_resources() {
+    // Fails on the code before: the resource table took up to a million
+    // entries, each header map up to 128 KiB of host memory, so one
+    // request could make the host hold far more than its memory limit.
+    let server = TestServer::start(&manifest("5s", "10s")).await;
+    let c = client();
+    let r = get(&c, &server.url("/limits/handles?n=1000")).await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "holding 1000 header maps\n")
+    );
+    let r = get(&c, &server.url("/limits/handles?n=5000")).await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.text().contains("guest trapped"), "{}", r.text());
+    let r = get(&c, &server.url("/hello")).await;
+    assert_eq!(r.status, 200);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trap_gets_500_with_request_id() {
     let server = TestServer::start(&manifest("5s", "10s")).await;
     let c = client();

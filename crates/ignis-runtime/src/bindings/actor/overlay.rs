@@ -48,6 +48,17 @@ impl Overlay {
         })
     }
 
+    /// Pending deletes, here and in `writes`, of keys `options` selects:
+    /// each may hide one stored entry from a `list`.
+    pub(crate) fn deletes_within(&self, writes: &Writes, options: &ListOptions) -> usize {
+        self.batches
+            .iter()
+            .flat_map(|(_, b)| b.writes.iter().map(|(k, v)| (k, v)))
+            .chain(writes.iter())
+            .filter(|(k, v)| v.is_none() && options.contains(k))
+            .count()
+    }
+
     /// The newest pending alarm change.
     pub(crate) fn alarm(&self) -> Option<AlarmChange> {
         self.batches.iter().rev().find_map(|(_, b)| b.alarm)

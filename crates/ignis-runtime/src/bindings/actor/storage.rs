@@ -21,6 +21,9 @@ pub(crate) struct WriteLimits {
     pub(crate) max_key_bytes: usize,
     pub(crate) max_value_bytes: usize,
     pub(crate) max_writes: usize,
+    /// Most bytes (keys and values) one `list` may return, and one
+    /// message may write.
+    pub(crate) max_batch_bytes: usize,
 }
 
 /// The `ignis:actor` state of one activation.
@@ -30,6 +33,8 @@ pub struct ActorState {
     overlay: Arc<Mutex<Overlay>>,
     /// This message's writes (the final value per key).
     writes: Writes,
+    /// Bytes (keys and values) in `writes`.
+    written: usize,
     alarm: Option<AlarmChange>,
     /// State at `begin`, restored by `rollback`.
     txn: Option<(Writes, Option<AlarmChange>)>,
@@ -50,6 +55,7 @@ impl ActorState {
             storage,
             overlay,
             writes: BTreeMap::new(),
+            written: 0,
             alarm: None,
             txn: None,
             limits,
@@ -60,6 +66,7 @@ impl ActorState {
     /// The message's writes and alarm change, as one batch.
     pub(crate) fn take_batch(&mut self) -> ActorBatch {
         self.txn = None;
+        self.written = 0;
         ActorBatch {
             writes: std::mem::take(&mut self.writes).into_iter().collect(),
             alarm: self.alarm.take(),
@@ -69,12 +76,19 @@ impl ActorState {
     /// Forgets the message's writes (it failed).
     pub(crate) fn discard(&mut self) {
         self.writes.clear();
+        self.written = 0;
         self.alarm = None;
         self.txn = None;
     }
 
     fn overlay(&self) -> std::sync::MutexGuard<'_, Overlay> {
         self.overlay.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Deletes not yet in storage of keys `options` selects.
+    fn pending_deletes(&self, options: &ListOptions) -> u32 {
+        let pending = self.overlay().deletes_within(&self.writes, options);
+        u32::try_from(pending).unwrap_or(u32::MAX)
     }
 
     fn check_key(&self, key: &str) -> Result<(), types::Error> {
@@ -95,6 +109,18 @@ impl ActorState {
                 self.limits.max_writes
             )));
         }
+        // The batch waits in memory until it is durable: its bytes are
+        // bounded like a key-value batch call's.
+        let size = |k: &str, v: &Option<Vec<u8>>| k.len() + v.as_ref().map_or(0, Vec::len);
+        let replaced = self.writes.get(&key).map_or(0, |old| size(&key, old));
+        let written = self.written - replaced + size(&key, &value);
+        if written > self.limits.max_batch_bytes {
+            return Err(types::Error::TooLarge(format!(
+                "one message's writes would carry more than {} bytes",
+                self.limits.max_batch_bytes
+            )));
+        }
+        self.written = written;
         self.writes.insert(key, value);
         Ok(())
     }
@@ -129,6 +155,9 @@ impl<'a> ActorView<'a> {
 /// The engine's message names files and internals: it goes to the log,
 /// the guest learns only that storage failed.
 fn storage_error(e: ignis_store::StoreError) -> types::Error {
+    if let ignis_store::StoreError::TooLarge(why) = e {
+        return types::Error::TooLarge(why);
+    }
     tracing::warn!(error = %e, "actor storage call failed");
     types::Error::Storage(crate::bindings::STORAGE_FAILED.into())
 }
@@ -176,13 +205,17 @@ impl storage::Host for ActorView<'_> {
             limit: options.limit,
             reverse: options.reverse,
         };
-        // Stored entries without the limit (pending deletes may remove
-        // some); the overlay and this message's writes go on top.
-        let unlimited = ListOptions {
-            limit: None,
+        // Stored entries: the limit plus one per pending delete (each may
+        // hide one stored entry), never more than `max_batch_bytes`; the
+        // overlay and this message's writes go on top.
+        let widened = ListOptions {
+            limit: options
+                .limit
+                .map(|l| l.saturating_add(a.pending_deletes(&options))),
             ..options.clone()
         };
-        let stored = match a.storage.actor_list(&a.key, &unlimited).await {
+        let max_bytes = a.limits.max_batch_bytes;
+        let stored = match a.storage.actor_list(&a.key, &widened, max_bytes).await {
             Ok(v) => v,
             Err(e) => return Ok(Err(storage_error(e))),
         };
@@ -209,6 +242,10 @@ impl storage::Host for ActorView<'_> {
         Ok(match a.txn.take() {
             None => Err(no_transaction()),
             Some((writes, alarm)) => {
+                a.written = writes
+                    .iter()
+                    .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                    .sum();
                 a.writes = writes;
                 a.alarm = alarm;
                 Ok(())

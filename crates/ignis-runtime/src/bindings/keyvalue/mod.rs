@@ -27,6 +27,8 @@ pub struct KvLimits {
     pub max_value_bytes: usize,
     /// Most keys in one batch call.
     pub max_batch_keys: usize,
+    /// Most bytes one batch call may carry, keys and values together.
+    pub max_batch_bytes: usize,
 }
 
 impl Default for KvLimits {
@@ -35,6 +37,7 @@ impl Default for KvLimits {
             max_key_bytes: 1024,
             max_value_bytes: 1 << 20,
             max_batch_keys: 1000,
+            max_batch_bytes: 16 << 20,
         }
     }
 }
@@ -97,7 +100,11 @@ enum Fail {
 
 impl From<StoreError> for Fail {
     fn from(e: StoreError) -> Self {
-        Fail::Storage(e)
+        match e {
+            // A budget the guest's call ran into: its to see.
+            StoreError::TooLarge(why) => Fail::Other(why),
+            e => Fail::Storage(e),
+        }
     }
 }
 
@@ -340,7 +347,8 @@ impl KvView<'_> {
             for k in keys {
                 access.check_key(k)?;
             }
-            Ok(access.backend()?.get_many(&ns, keys).await?)
+            let max_bytes = access.limits.max_batch_bytes;
+            Ok(access.backend()?.get_many(&ns, keys, max_bytes).await?)
         }
         .await;
         Ok(access.logged(rid, "get-many", r))
@@ -358,6 +366,13 @@ impl KvView<'_> {
             for (k, v) in &entries {
                 access.check_key(k)?;
                 access.check_value(v)?;
+            }
+            let bytes: usize = entries.iter().map(|(k, v)| k.len() + v.len()).sum();
+            let max = access.limits.max_batch_bytes;
+            if bytes > max {
+                return Err(Fail::Other(format!(
+                    "batch carries {bytes} bytes; the limit is {max}"
+                )));
             }
             Ok(access.backend()?.set_many(&ns, entries).await?)
         }
