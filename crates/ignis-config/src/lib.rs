@@ -177,11 +177,22 @@ pub struct TenantConfig {
     /// Share of the guest CPU when tenants compete, relative to other
     /// tenants' weights (1..=1000, default 1).
     pub weight: u32,
+    /// Outbound connections the tenant's functions may hold open at once,
+    /// idle keep-alive ones included (default 256); past it a new
+    /// connection fails at once with `connection-limit-reached`.
+    pub max_outbound_connections: u32,
+    /// DNS lookups the tenant's functions may have in flight at once
+    /// (default 16); more wait, within the 10 s connect deadline.
+    pub max_dns_lookups: u32,
 }
 
 impl Default for TenantConfig {
     fn default() -> Self {
-        TenantConfig { weight: 1 }
+        TenantConfig {
+            weight: 1,
+            max_outbound_connections: 256,
+            max_dns_lookups: 16,
+        }
     }
 }
 
@@ -474,6 +485,8 @@ enum RawConfigValue {
 #[serde(deny_unknown_fields)]
 struct RawTenant {
     weight: Option<Spanned<u32>>,
+    max_outbound_connections: Option<Spanned<u32>>,
+    max_dns_lookups: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -669,6 +682,18 @@ impl Validator<'_> {
                 &format!("tenants.{name}.weight"),
                 1..=1000,
                 tenant.weight,
+            )?;
+            tenant.max_outbound_connections = self.count(
+                t.max_outbound_connections,
+                &format!("tenants.{name}.max_outbound_connections"),
+                1..=100_000,
+                tenant.max_outbound_connections,
+            )?;
+            tenant.max_dns_lookups = self.count(
+                t.max_dns_lookups,
+                &format!("tenants.{name}.max_dns_lookups"),
+                1..=10_000,
+                tenant.max_dns_lookups,
             )?;
             if !functions.values().any(|f| f.tenant == name)
                 && !actors.values().any(|a| a.tenant == name)

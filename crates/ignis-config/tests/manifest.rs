@@ -518,3 +518,28 @@ fn connection_and_batch_bounds_have_defaults_and_ranges() {
         assert_eq!((l, k.as_str()), (line, key), "{text}: {msg}");
     }
 }
+
+#[test]
+fn tenant_outbound_budgets_have_defaults_and_ranges() {
+    let m = parse("[functions.f]\ncomponent = \"f.wasm\"\ntenant = \"t\"\n").unwrap();
+    let t = m.tenant("t");
+    assert_eq!((t.max_outbound_connections, t.max_dns_lookups), (256, 16));
+    let m = parse(
+        "[functions.f]\ncomponent = \"f.wasm\"\ntenant = \"t\"\n[tenants.t]\nmax_outbound_connections = 3\nmax_dns_lookups = 2\n",
+    )
+    .unwrap();
+    let t = m.tenant("t");
+    assert_eq!((t.max_outbound_connections, t.max_dns_lookups), (3, 2));
+    for (line, key) in [
+        (
+            "max_outbound_connections = 0",
+            "tenants.t.max_outbound_connections",
+        ),
+        ("max_dns_lookups = 0", "tenants.t.max_dns_lookups"),
+    ] {
+        let (l, k, msg) = invalid(&format!(
+            "[functions.f]\ncomponent = \"f.wasm\"\ntenant = \"t\"\n[tenants.t]\n{line}\n"
+        ));
+        assert_eq!((l, k.as_str()), (5, key), "{msg}");
+    }
+}

@@ -28,6 +28,12 @@
 //!    lists it. The operator wrote the address, so it may be private.
 //! 6. One guest request may send at most `max_outbound_requests`; past
 //!    that, `HTTP-request-denied`.
+//! 7. A tenant's functions share a budget ([`TenantOutbound`]): at most
+//!    `max_outbound_connections` open connections through their allowlist
+//!    pools (idle keep-alive ones included; past it a new one fails at once
+//!    with `connection-limit-reached`) and `max_dns_lookups` lookups in
+//!    flight (more wait, inside the connect deadline). One tenant cannot
+//!    take the node's sockets or its resolver.
 
 use std::future::Future;
 use std::io;
@@ -47,6 +53,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use ignis_config::BackendConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,13 +216,19 @@ enum ConnectError {
     Tls(io::Error),
     #[error("invalid uri")]
     Uri,
+    #[error("the tenant's max_outbound_connections are all open")]
+    TenantLimit,
 }
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// A plain or TLS connection to an origin.
-pub struct Stream(Box<dyn Io>);
+pub struct Stream {
+    io: Box<dyn Io>,
+    /// The tenant's connection slot, released when the connection closes.
+    _slot: Option<OwnedSemaphorePermit>,
+}
 
 impl AsyncRead for Stream {
     fn poll_read(
@@ -223,7 +236,7 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0).poll_read(cx, buf)
+        Pin::new(&mut *self.io).poll_read(cx, buf)
     }
 }
 
@@ -233,13 +246,13 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.0).poll_write(cx, buf)
+        Pin::new(&mut *self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0).poll_flush(cx)
+        Pin::new(&mut *self.io).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0).poll_shutdown(cx)
+        Pin::new(&mut *self.io).poll_shutdown(cx)
     }
 }
 
@@ -249,9 +262,28 @@ impl Connection for Stream {
     }
 }
 
+/// One tenant's outbound budget, shared by all its functions.
+#[derive(Debug)]
+pub struct TenantOutbound {
+    connections: Arc<Semaphore>,
+    dns: Semaphore,
+}
+
+impl TenantOutbound {
+    /// The budget `config` sets.
+    pub fn new(config: &ignis_config::TenantConfig) -> Self {
+        TenantOutbound {
+            connections: Arc::new(Semaphore::new(config.max_outbound_connections as usize)),
+            dns: Semaphore::new(config.max_dns_lookups as usize),
+        }
+    }
+}
+
 /// Resolves, applies the address policy, connects, and wraps in TLS for https.
 #[derive(Clone)]
 pub struct Connector {
+    /// The tenant's budget (`None` for operator-named backends).
+    tenant: Option<Arc<TenantOutbound>>,
     policy: Arc<OutboundPolicy>,
     tls: tokio_rustls::TlsConnector,
     /// One deadline for resolving and connecting, across all addresses.
@@ -302,10 +334,28 @@ impl Connector {
             .to_ascii_lowercase();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        // The tenant's connection budget, taken before anything else and
+        // held by the connection until it closes.
+        let permit = match &self.tenant {
+            Some(t) => Some(
+                t.connections
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| ConnectError::TenantLimit)?,
+            ),
+            None => None,
+        };
         let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
             Err(_) => {
-                tokio::time::timeout_at(deadline, tokio::net::lookup_host((host.as_str(), port)))
+                let lookup = async {
+                    let _slot = match &self.tenant {
+                        Some(t) => Some(t.dns.acquire().await),
+                        None => None,
+                    };
+                    tokio::net::lookup_host((host.as_str(), port)).await
+                };
+                tokio::time::timeout_at(deadline, lookup)
                     .await
                     .map_err(|_| ConnectError::Timeout)?
                     .map_err(ConnectError::Dns)?
@@ -333,14 +383,20 @@ impl Connector {
                     let stream = if https {
                         let name = rustls::pki_types::ServerName::try_from(host.clone())
                             .map_err(|_| ConnectError::Uri)?;
-                        Stream(Box::new(
-                            self.tls
-                                .connect(name, tcp)
-                                .await
-                                .map_err(ConnectError::Tls)?,
-                        ))
+                        Stream {
+                            io: Box::new(
+                                self.tls
+                                    .connect(name, tcp)
+                                    .await
+                                    .map_err(ConnectError::Tls)?,
+                            ),
+                            _slot: permit,
+                        }
                     } else {
-                        Stream(Box::new(tcp))
+                        Stream {
+                            io: Box::new(tcp),
+                            _slot: permit,
+                        }
                     };
                     return Ok(TokioIo::new(stream));
                 }
@@ -433,13 +489,15 @@ type PooledClient = Client<Connector, WasiBody>;
 
 fn pooled_client(
     policy: Arc<OutboundPolicy>,
-    operator_named: bool,
+    tenant: Option<Arc<TenantOutbound>>,
     tls: rustls::ClientConfig,
     connect_timeout: Duration,
     idle_per_host: usize,
 ) -> (PooledClient, Arc<AtomicU64>) {
     let connections = Arc::new(AtomicU64::new(0));
+    let operator_named = tenant.is_none();
     let connector = Connector {
+        tenant,
         policy,
         tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
         connect_timeout,
@@ -476,7 +534,7 @@ impl Backend {
         let policy = Arc::new(OutboundPolicy::new(std::slice::from_ref(&exact)));
         let (client, connections) = pooled_client(
             policy,
-            true,
+            None,
             tls_config(config.tls_verify),
             config.timeout.min(Duration::from_secs(10)),
             config.pool_size,
@@ -543,11 +601,15 @@ impl Backend {
 impl Outbound {
     /// A pooled client that enforces `policy`, and the named `backends`
     /// the function may call.
-    pub fn new(policy: OutboundPolicy, backends: Vec<Arc<Backend>>) -> Self {
+    pub fn new(
+        policy: OutboundPolicy,
+        tenant: Arc<TenantOutbound>,
+        backends: Vec<Arc<Backend>>,
+    ) -> Self {
         let policy = Arc::new(policy);
         let (client, connections) = pooled_client(
             policy.clone(),
-            false,
+            Some(tenant),
             tls_config(true),
             Duration::from_secs(10),
             32,
@@ -622,6 +684,7 @@ fn map_client_error(e: &hyper_util::client::legacy::Error) -> HttpError {
                 ConnectError::Timeout => HttpError::ConnectionTimeout,
                 ConnectError::Tls(_) => HttpError::TlsProtocolError,
                 ConnectError::Uri => HttpError::HttpRequestUriInvalid,
+                ConnectError::TenantLimit => HttpError::ConnectionLimitReached,
             };
         }
         source = s.source();
@@ -638,6 +701,43 @@ pub async fn collect(body: WasiBody) -> Result<Bytes, HttpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn connector(tenant: &Arc<TenantOutbound>) -> Connector {
+        Connector {
+            tenant: Some(tenant.clone()),
+            policy: Arc::new(OutboundPolicy::new(&["localhost".to_string()])),
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls_config(true))),
+            connect_timeout: Duration::from_millis(300),
+            connections: Arc::default(),
+            operator_named: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tenants_lookups_and_connections_are_budgeted() {
+        let config = ignis_config::TenantConfig {
+            max_dns_lookups: 1,
+            max_outbound_connections: 1,
+            ..Default::default()
+        };
+        let tenant = Arc::new(TenantOutbound::new(&config));
+        let connector = connector(&tenant);
+        let uri: Uri = "http://localhost:9/".parse().unwrap();
+        // Its one lookup slot is taken: the next lookup waits, and gives up
+        // at the connect deadline.
+        let lookup = tenant.dns.acquire().await.unwrap();
+        let e = connector.connect(uri.clone()).await.err().unwrap();
+        assert!(matches!(e, ConnectError::Timeout), "{e}");
+        drop(lookup);
+        // Free again: the name resolves (to loopback, which is refused).
+        let e = connector.connect(uri.clone()).await.err().unwrap();
+        assert!(matches!(e, ConnectError::Prohibited(_)), "{e}");
+        // Its one connection is open: the next fails at once.
+        let open = tenant.connections.clone().try_acquire_owned().unwrap();
+        let e = connector.connect(uri).await.err().unwrap();
+        assert!(matches!(e, ConnectError::TenantLimit), "{e}");
+        drop(open);
+    }
 
     #[test]
     fn policy_matches_hosts_and_ports() {

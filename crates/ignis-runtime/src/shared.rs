@@ -29,6 +29,9 @@ pub struct Platform {
     /// Where the actor directory installs itself once built (guests call
     /// actors through it).
     pub actor_caller: CallerSlot,
+    /// Each tenant's outbound connection and DNS budget, shared by its
+    /// functions (a tenant missing here gets the defaults).
+    pub tenant_outbound: std::collections::BTreeMap<String, Arc<crate::outbound::TenantOutbound>>,
 }
 
 /// The services behind every store (see the module docs).

@@ -9,7 +9,7 @@ use ignis_actors::{ActorDirectory, FunctionGate};
 use ignis_config::{ComponentSource, Manifest};
 use ignis_edge::{Edge, Server};
 use ignis_runtime::bindings::keyvalue::KvLimits;
-use ignis_runtime::outbound::Backend;
+use ignis_runtime::outbound::{Backend, TenantOutbound};
 use ignis_runtime::sched::FairScheduler;
 use ignis_runtime::{Function, Platform, Runtime, RuntimeSettings};
 use ignis_store::{ActorStorage, KvBackend, SqliteStore};
@@ -136,6 +136,14 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
             _ => None,
         },
         actor_caller: Default::default(),
+        tenant_outbound: manifest
+            .functions
+            .values()
+            .map(|f| {
+                let budget = TenantOutbound::new(&manifest.tenant(&f.tenant));
+                (f.tenant.clone(), Arc::new(budget))
+            })
+            .collect(),
     };
     let caller_slot = platform.actor_caller.clone();
     let runtime = Runtime::with_platform(

@@ -366,3 +366,80 @@ function = "lax"
     assert_eq!((r.status, r.text().as_str()), (200, "secure origin"));
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cannot_open_more_outbound_connections_than_its_cap() {
+    // Fails on the code before: there was no per-tenant cap, so one
+    // tenant's guests could open connections until the node ran out of
+    // sockets, everyone else's outbound calls included.
+    let origin = origin().await;
+    let port = origin.addr.port();
+    let allowed = format!("\"127.0.0.1:{port}\"");
+    let server = TestServer::start(&format!(
+        r#"
+[tenants.capped]
+max_outbound_connections = 1
+
+[functions.fetch]
+component = "{fetch}"
+tenant = "capped"
+allowed_outbound_hosts = [{allowed}]
+
+[functions.other]
+component = "{fetch}"
+tenant = "other"
+allowed_outbound_hosts = [{allowed}]
+
+[[routes]]
+path = "/fetch"
+function = "fetch"
+
+[[routes]]
+path = "/other"
+function = "other"
+"#,
+        fetch = wasm("fetch"),
+    ))
+    .await;
+    let c = client();
+    // The capped tenant's one connection is busy with a slow call ...
+    let slow = {
+        let (c, url) = (
+            c.clone(),
+            server.url(&format!("/fetch?url=http://127.0.0.1:{port}/slow")),
+        );
+        tokio::spawn(async move { get(&c, &url).await })
+    };
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while origin.requests.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "the slow call reached the origin");
+    // ... so a second connection is refused at once, with its own code ...
+    let r = get(
+        &c,
+        &server.url(&format!("/fetch?url=http://127.0.0.1:{port}/second")),
+    )
+    .await;
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("ConnectionLimitReached"), "{}", r.text());
+    // ... while another tenant connects as usual.
+    let r = get(
+        &c,
+        &server.url(&format!("/other?url=http://127.0.0.1:{port}/x")),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Once the slow call is done its connection (kept alive) serves again.
+    let r = slow.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get(
+        &c,
+        &server.url(&format!("/fetch?url=http://127.0.0.1:{port}/third")),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    server.shutdown().await;
+}
