@@ -630,14 +630,22 @@ async fn run_activation(
             }
         }
         let instance = activation.as_mut().expect("activated above");
+        // A panic in the host while the guest runs (a binding, the store)
+        // fails this message like a trap: the instance is dropped and the
+        // next message gets a fresh one, instead of the task dying with
+        // messages in its mailbox.
         let outcome = match run {
-            Message::Http(request) => instance.handle(*request, request_id).await,
+            Message::Http(request) => {
+                CatchPanic(Box::pin(instance.handle(*request, request_id))).await
+            }
             Message::Alarm { at, retry } => {
-                instance.alarm(retry, request_id).await.map(|mut batch| {
-                    // The alarm is done unless the handler set it again.
-                    batch.alarm = batch.alarm.or(Some(AlarmChange::Fired(at)));
-                    (http::Response::new(Bytes::new()), batch)
-                })
+                CatchPanic(Box::pin(instance.alarm(retry, request_id)))
+                    .await
+                    .map(|mut batch| {
+                        // The alarm is done unless the handler set it again.
+                        batch.alarm = batch.alarm.or(Some(AlarmChange::Fired(at)));
+                        (http::Response::new(Bytes::new()), batch)
+                    })
             }
         };
         match outcome {
@@ -675,6 +683,35 @@ async fn run_activation(
     if activation.take().is_some() {
         dir.stats.active.fetch_sub(1, Ordering::SeqCst);
         dir.stats.changed.notify_waiters();
+    }
+}
+
+/// A guest run whose panics become an [`ErrorKind::Internal`] error (the
+/// payload is logged).
+struct CatchPanic<F>(std::pin::Pin<Box<F>>);
+
+impl<T, F: Future<Output = Result<T, Error>>> Future for CatchPanic<F> {
+    type Output = Result<T, Error>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(polled) => polled,
+            Err(payload) => {
+                let what = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %what, "the host panicked while an actor message ran");
+                std::task::Poll::Ready(Err(
+                    Error::new(ErrorKind::Internal).context("the actor's host failed")
+                ))
+            }
+        }
     }
 }
 
