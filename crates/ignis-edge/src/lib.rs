@@ -23,8 +23,11 @@
 //! `Content-Length` or as soon as a streamed body crosses the cap), malformed
 //! requests get 400 from hyper, unknown routes 404. The time to receive a
 //! request head is bounded (`header_read_timeout`), which also closes idle
-//! keep-alive connections. Shutdown stops accepting, lets in-flight requests
-//! finish within the grace period, then closes what is left.
+//! keep-alive connections. Connections are capped node-wide and per client
+//! address, and each is watched for a first request, idleness and a client
+//! that stops taking its response (`conn`). Shutdown stops accepting, lets
+//! in-flight requests finish within the grace period, then closes what is
+//! left.
 
 mod body;
 mod conn;
