@@ -55,11 +55,25 @@ impl MemoryLimiter {
     }
 }
 
-/// `total` with one memory (or table) going from `current` to `desired`,
-/// if that stays within `max`.
-fn grow_within(total: usize, current: usize, desired: usize, max: usize) -> Option<usize> {
-    let grown = total.checked_add(desired.saturating_sub(current))?;
-    (grown <= max).then_some(grown)
+/// Lets one memory (or table) of an instance go from `current` to
+/// `desired` if the instance's `total` stays within `max`; a refusal sets
+/// `denied`.
+fn grow_within(
+    total: &mut usize,
+    denied: &mut bool,
+    (current, desired): (usize, usize),
+    max: usize,
+) -> bool {
+    match total.checked_add(desired.saturating_sub(current)) {
+        Some(grown) if grown <= max => {
+            *total = grown;
+            true
+        }
+        _ => {
+            *denied = true;
+            false
+        }
+    }
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -69,16 +83,13 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        match grow_within(self.memory_total, current, desired, self.max_memory) {
-            Some(total) => {
-                self.memory_total = total;
-                Ok(true)
-            }
-            None => {
-                self.denied = true;
-                Ok(false)
-            }
-        }
+        let max = self.max_memory;
+        Ok(grow_within(
+            &mut self.memory_total,
+            &mut self.denied,
+            (current, desired),
+            max,
+        ))
     }
 
     fn table_growing(
@@ -87,16 +98,13 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        match grow_within(self.table_total, current, desired, self.max_table_elements) {
-            Some(total) => {
-                self.table_total = total;
-                Ok(true)
-            }
-            None => {
-                self.denied = true;
-                Ok(false)
-            }
-        }
+        let max = self.max_table_elements;
+        Ok(grow_within(
+            &mut self.table_total,
+            &mut self.denied,
+            (current, desired),
+            max,
+        ))
     }
 
     fn instances(&self) -> usize {

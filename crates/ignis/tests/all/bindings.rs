@@ -165,18 +165,24 @@ async fn stores_are_per_tenant_and_must_be_declared() {
     assert_eq!(r.status, 404, "{}", r.text());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_package_versions_do_every_operation() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&kv_manifest(
-        dir.path(),
-        "",
+/// `d1.test` on the first `wasi:keyvalue` draft, `d2.test` on the second,
+/// over one store with `storage_extra` in `[storage]`.
+async fn both_drafts(dir: &std::path::Path, storage_extra: &str) -> TestServer {
+    TestServer::start(&kv_manifest(
+        dir,
+        storage_extra,
         &by_host(&[
             ("d1", "kv_draft", "one", "\"default\""),
             ("d2", "kv", "two", "\"default\""),
         ]),
     ))
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_package_versions_do_every_operation() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = both_drafts(dir.path(), "").await;
     let c = client();
     for host in ["d1.test", "d2.test"] {
         let r = on(&c, &server, host, "PUT", "/kv/set?key=a&value=1").await;
@@ -215,14 +221,10 @@ async fn both_package_versions_do_every_operation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_keys_values_and_batches_get_error_variants() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&kv_manifest(
+    let server = both_drafts(
         dir.path(),
         "max_key_bytes = 16\nmax_value_bytes = 64\nmax_batch_keys = 5",
-        &by_host(&[
-            ("d1", "kv_draft", "one", "\"default\""),
-            ("d2", "kv", "two", "\"default\""),
-        ]),
-    ))
+    )
     .await;
     let c = client();
     let long_key = "k".repeat(17);
@@ -458,15 +460,7 @@ async fn a_batch_call_cannot_make_the_host_hold_more_than_max_batch_bytes() {
     // so 1,000 copies of one 1 MiB key made the host hold 1 GiB for one
     // call; set-many had no total either.
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&kv_manifest(
-        dir.path(),
-        "max_batch_bytes = \"1KiB\"",
-        &by_host(&[
-            ("d1", "kv_draft", "one", "\"default\""),
-            ("d2", "kv", "two", "\"default\""),
-        ]),
-    ))
-    .await;
+    let server = both_drafts(dir.path(), "max_batch_bytes = \"1KiB\"").await;
     let c = client();
     for host in ["d1.test", "d2.test"] {
         let r = on(&c, &server, host, "POST", "/kv/set-many?n=1&size=600").await;

@@ -451,13 +451,47 @@ async fn acknowledged_increments_survive_kill_9_and_alarms_fire_after_restart() 
     sigkill(proc);
 }
 
-/// SQLite, except that commits fail while `fail` is set.
-struct FlakyStorage {
+/// SQLite with faults a test turns on: commits fail while `fail` is set,
+/// wait while `hold` is set (so the batches queued behind them are merged
+/// into one group commit), and listing the prefix `boom` panics (a host
+/// bug in the middle of a message).
+struct TestStorage {
     inner: ignis_store::SqliteStore,
     fail: std::sync::atomic::AtomicBool,
+    hold: std::sync::atomic::AtomicBool,
+    released: tokio::sync::Notify,
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
-impl ignis_store::ActorStorage for FlakyStorage {
+impl TestStorage {
+    fn open(path: &std::path::Path) -> Arc<TestStorage> {
+        Arc::new(TestStorage {
+            inner: ignis_store::SqliteStore::open(path).unwrap(),
+            fail: Default::default(),
+            hold: Default::default(),
+            released: Default::default(),
+            waiting: Default::default(),
+        })
+    }
+
+    async fn gate(&self) {
+        while self.hold.load(Ordering::SeqCst) {
+            let released = self.released.notified();
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            if self.hold.load(Ordering::SeqCst) {
+                released.await;
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn release(&self) {
+        self.hold.store(false, Ordering::SeqCst);
+        self.released.notify_waiters();
+    }
+}
+
+impl ignis_store::ActorStorage for TestStorage {
     fn actor_get<'a>(
         &'a self,
         actor: &'a ignis_store::ActorKey,
@@ -472,6 +506,11 @@ impl ignis_store::ActorStorage for FlakyStorage {
         options: &'a ignis_store::ListOptions,
         max_bytes: usize,
     ) -> ignis_store::StoreFuture<'a, Vec<(String, Vec<u8>)>> {
+        assert_ne!(
+            options.prefix.as_deref(),
+            Some("boom"),
+            "injected host panic"
+        );
         self.inner.actor_list(actor, options, max_bytes)
     }
 
@@ -480,14 +519,15 @@ impl ignis_store::ActorStorage for FlakyStorage {
         actor: &'a ignis_store::ActorKey,
         batch: ignis_store::ActorBatch,
     ) -> ignis_store::StoreFuture<'a, ()> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Box::pin(async {
-                Err(ignis_store::StoreError::Engine(
+        Box::pin(async move {
+            self.gate().await;
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(ignis_store::StoreError::Engine(
                     "injected commit failure".into(),
-                ))
-            });
-        }
-        self.inner.actor_commit(actor, batch)
+                ));
+            }
+            self.inner.actor_commit(actor, batch).await
+        })
     }
 
     fn actor_alarm<'a>(
@@ -502,23 +542,28 @@ impl ignis_store::ActorStorage for FlakyStorage {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_commit_turns_the_reply_into_an_error_and_resets_the_activation() {
+/// The `counter` class (with `class_extra` in its table) in a directory
+/// over `storage`, outside any server: the runtime (keep it alive), the
+/// class's counters and the directory.
+fn counter_directory(
+    dir: &std::path::Path,
+    storage: &Arc<TestStorage>,
+    class_extra: &str,
+) -> (
+    Arc<ignis_runtime::Runtime>,
+    Arc<ignis_runtime::GuestStats>,
+    Arc<ignis_actors::ActorDirectory>,
+) {
     use ignis_runtime::{Platform, Runtime, RuntimeSettings};
-    let dir = tempfile::tempdir().unwrap();
     let manifest = ignis_config::Manifest::from_str_at(
         &format!(
-            "[server]\ncache_dir = \"{}\"\n[actors.counter]\ncomponent = \"{}\"\n",
+            "[server]\ncache_dir = \"{}\"\n[actors.counter]\ncomponent = \"{}\"\n{class_extra}\n",
             shared_cache(),
             wasm("counter")
         ),
-        &dir.path().join("ignis.toml"),
+        &dir.join("ignis.toml"),
     )
     .unwrap();
-    let storage = Arc::new(FlakyStorage {
-        inner: ignis_store::SqliteStore::open(&dir.path().join("a.db")).unwrap(),
-        fail: std::sync::atomic::AtomicBool::new(false),
-    });
     let runtime = Runtime::with_platform(
         RuntimeSettings::from_manifest(&manifest),
         None,
@@ -534,22 +579,35 @@ async fn a_failed_commit_turns_the_reply_into_an_error_and_resets_the_activation
             std::path::Path::new(&wasm("counter")),
         )
         .unwrap();
+    let stats = class.stats().clone();
     let directory = ignis_actors::ActorDirectory::start(vec![class], storage.clone(), 10);
-    let send = |op: &'static str| {
-        let directory = directory.clone();
-        async move {
-            let req = http::Request::post(format!("http://x/counter/f/{op}"))
-                .body(bytes::Bytes::new())
-                .unwrap();
-            directory.send("counter", "f", req, 1, None).await
-        }
-    };
-    let text = |r: Result<http::Response<bytes::Bytes>, _>| {
-        String::from_utf8(r.unwrap().into_body().to_vec()).unwrap()
-    };
-    assert_eq!(text(send("incr").await), "1");
+    (runtime, stats, directory)
+}
+
+/// Sends `POST .../{op}` to counter `id` through `directory`: the reply's
+/// text, or the error.
+async fn send_to(
+    directory: &Arc<ignis_actors::ActorDirectory>,
+    id: &str,
+    op: &str,
+) -> Result<String, ignis_runtime::Error> {
+    let req = http::Request::post(format!("http://x/counter/{id}/{op}"))
+        .body(bytes::Bytes::new())
+        .unwrap();
+    directory
+        .send("counter", id, req, 1, None)
+        .await
+        .map(|r| String::from_utf8(r.into_body().to_vec()).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_turns_the_reply_into_an_error_and_resets_the_activation() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = TestStorage::open(&dir.path().join("a.db"));
+    let (_runtime, _, directory) = counter_directory(dir.path(), &storage, "");
+    assert_eq!(send_to(&directory, "f", "incr").await.unwrap(), "1");
     storage.fail.store(true, Ordering::SeqCst);
-    let failed = send("incr").await;
+    let failed = send_to(&directory, "f", "incr").await;
     // A storage error: the caller sees "storage error", the cause is only
     // in the log detail.
     let err = failed.as_ref().unwrap_err();
@@ -559,9 +617,9 @@ async fn a_failed_commit_turns_the_reply_into_an_error_and_resets_the_activation
     storage.fail.store(false, Ordering::SeqCst);
     // The write whose commit failed is gone: the activation started over
     // from what is durable.
-    assert_eq!(text(send("get").await), "1");
+    assert_eq!(send_to(&directory, "f", "get").await.unwrap(), "1");
     assert_eq!(directory.stats().resets.load(Ordering::SeqCst), 1);
-    assert_eq!(text(send("incr").await), "2");
+    assert_eq!(send_to(&directory, "f", "incr").await.unwrap(), "2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -606,134 +664,19 @@ async fn a_list_or_a_message_cannot_make_the_host_hold_more_than_max_batch_bytes
     assert_eq!((r.status, r.text().as_str()), (200, "1"));
 }
 
-/// SQLite, except that while `hold` is set commits wait (so that the
-/// batches queued behind them are merged into one group commit).
-struct GatedStorage {
-    inner: ignis_store::SqliteStore,
-    hold: std::sync::atomic::AtomicBool,
-    released: tokio::sync::Notify,
-    waiting: std::sync::atomic::AtomicUsize,
-}
-
-impl GatedStorage {
-    async fn gate(&self) {
-        while self.hold.load(Ordering::SeqCst) {
-            let released = self.released.notified();
-            self.waiting.fetch_add(1, Ordering::SeqCst);
-            if self.hold.load(Ordering::SeqCst) {
-                released.await;
-            }
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-
-    fn release(&self) {
-        self.hold.store(false, Ordering::SeqCst);
-        self.released.notify_waiters();
-    }
-}
-
-impl ignis_store::ActorStorage for GatedStorage {
-    fn actor_get<'a>(
-        &'a self,
-        actor: &'a ignis_store::ActorKey,
-        key: &'a str,
-    ) -> ignis_store::StoreFuture<'a, Option<Vec<u8>>> {
-        self.inner.actor_get(actor, key)
-    }
-
-    fn actor_list<'a>(
-        &'a self,
-        actor: &'a ignis_store::ActorKey,
-        options: &'a ignis_store::ListOptions,
-        max_bytes: usize,
-    ) -> ignis_store::StoreFuture<'a, Vec<(String, Vec<u8>)>> {
-        self.inner.actor_list(actor, options, max_bytes)
-    }
-
-    fn actor_commit<'a>(
-        &'a self,
-        actor: &'a ignis_store::ActorKey,
-        batch: ignis_store::ActorBatch,
-    ) -> ignis_store::StoreFuture<'a, ()> {
-        Box::pin(async move {
-            self.gate().await;
-            self.inner.actor_commit(actor, batch).await
-        })
-    }
-
-    fn actor_commit_many(
-        &self,
-        batches: Vec<(ignis_store::ActorKey, ignis_store::ActorBatch)>,
-    ) -> ignis_store::StoreFuture<'_, Vec<Result<(), ignis_store::StoreError>>> {
-        Box::pin(async move {
-            self.gate().await;
-            self.inner.actor_commit_many(batches).await
-        })
-    }
-
-    fn actor_alarm<'a>(
-        &'a self,
-        actor: &'a ignis_store::ActorKey,
-    ) -> ignis_store::StoreFuture<'a, Option<u64>> {
-        self.inner.actor_alarm(actor)
-    }
-
-    fn all_alarms(&self) -> ignis_store::StoreFuture<'_, Vec<(ignis_store::ActorKey, u64)>> {
-        self.inner.all_alarms()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alarm_fired_and_set_again_in_one_group_commit_survives_a_restart() {
     // A message setting T2 and the (now stale) firing of T1 land in one
     // group commit, queued behind a held commit. Folded with the firing as
     // the last word, as before the committer fix, the merged batch deleted
     // the alarm, T2 included, for good (checked by restoring that fold).
-    use ignis_runtime::{Platform, Runtime, RuntimeSettings};
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("a.db");
-    let manifest = ignis_config::Manifest::from_str_at(
-        &format!(
-            "[server]\ncache_dir = \"{}\"\n[actors.counter]\ncomponent = \"{}\"\ncpu_time = \"10s\"\n",
-            shared_cache(),
-            wasm("counter")
-        ),
-        &dir.path().join("ignis.toml"),
-    )
-    .unwrap();
-    let storage = Arc::new(GatedStorage {
-        inner: ignis_store::SqliteStore::open(&db).unwrap(),
-        hold: std::sync::atomic::AtomicBool::new(false),
-        released: tokio::sync::Notify::new(),
-        waiting: std::sync::atomic::AtomicUsize::new(0),
-    });
-    let runtime = Runtime::with_platform(
-        RuntimeSettings::from_manifest(&manifest),
-        None,
-        Platform {
-            actor_storage: Some(storage.clone()),
-            ..Platform::default()
-        },
-    )
-    .unwrap();
-    let class = runtime
-        .load_actor_class(
-            &manifest.actors["counter"],
-            std::path::Path::new(&wasm("counter")),
-        )
-        .unwrap();
-    let stats = class.stats().clone();
-    let directory = ignis_actors::ActorDirectory::start(vec![class], storage.clone(), 10);
+    let storage = TestStorage::open(&db);
+    let (runtime, stats, directory) = counter_directory(dir.path(), &storage, "cpu_time = \"10s\"");
     let send = |op: &'static str| {
         let directory = directory.clone();
-        tokio::spawn(async move {
-            let req = http::Request::post(format!("http://x/counter/f/{op}"))
-                .body(bytes::Bytes::new())
-                .unwrap();
-            let resp = directory.send("counter", "f", req, 1, None).await.unwrap();
-            String::from_utf8(resp.into_body().to_vec()).unwrap()
-        })
+        tokio::spawn(async move { send_to(&directory, "f", op).await.unwrap() })
     };
     let started = |n: u64| {
         let stats = stats.clone();
@@ -792,60 +735,6 @@ async fn an_alarm_fired_and_set_again_in_one_group_commit_survives_a_restart() {
     assert_eq!(fired.as_deref(), Some(&b"1"[..]));
 }
 
-/// SQLite, except that listing the prefix `boom` panics (a host bug in the
-/// middle of a message).
-struct PanickyStorage(ignis_store::SqliteStore);
-
-impl ignis_store::ActorStorage for PanickyStorage {
-    fn actor_get<'a>(
-        &'a self,
-        actor: &'a ignis_store::ActorKey,
-        key: &'a str,
-    ) -> ignis_store::StoreFuture<'a, Option<Vec<u8>>> {
-        self.0.actor_get(actor, key)
-    }
-
-    fn actor_list<'a>(
-        &'a self,
-        actor: &'a ignis_store::ActorKey,
-        options: &'a ignis_store::ListOptions,
-        max_bytes: usize,
-    ) -> ignis_store::StoreFuture<'a, Vec<(String, Vec<u8>)>> {
-        assert_ne!(
-            options.prefix.as_deref(),
-            Some("boom"),
-            "injected host panic"
-        );
-        self.0.actor_list(actor, options, max_bytes)
-    }
-
-    fn actor_commit<'a>(
-        &'a self,
-        actor: &'a ignis_store::ActorKey,
-        batch: ignis_store::ActorBatch,
-    ) -> ignis_store::StoreFuture<'a, ()> {
-        self.0.actor_commit(actor, batch)
-    }
-
-    fn actor_commit_many(
-        &self,
-        batches: Vec<(ignis_store::ActorKey, ignis_store::ActorBatch)>,
-    ) -> ignis_store::StoreFuture<'_, Vec<Result<(), ignis_store::StoreError>>> {
-        self.0.actor_commit_many(batches)
-    }
-
-    fn actor_alarm<'a>(
-        &'a self,
-        actor: &'a ignis_store::ActorKey,
-    ) -> ignis_store::StoreFuture<'a, Option<u64>> {
-        self.0.actor_alarm(actor)
-    }
-
-    fn all_alarms(&self) -> ignis_store::StoreFuture<'_, Vec<(ignis_store::ActorKey, u64)>> {
-        self.0.all_alarms()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicked_activation_is_replaced() {
     // The host panics in the middle of a message: that message gets an
@@ -853,54 +742,20 @@ async fn a_panicked_activation_is_replaced() {
     // storage. Fails on the code before (checked): the panic ended the
     // activation's task, and the message sent right after it still found
     // the dead mailbox and got "activation ended".
-    use ignis_runtime::{Platform, Runtime, RuntimeSettings};
     let dir = tempfile::tempdir().unwrap();
-    let manifest = ignis_config::Manifest::from_str_at(
-        &format!(
-            "[server]\ncache_dir = \"{}\"\n[actors.counter]\ncomponent = \"{}\"\n",
-            shared_cache(),
-            wasm("counter")
-        ),
-        &dir.path().join("ignis.toml"),
-    )
-    .unwrap();
-    let storage = Arc::new(PanickyStorage(
-        ignis_store::SqliteStore::open(&dir.path().join("a.db")).unwrap(),
-    ));
-    let runtime = Runtime::with_platform(
-        RuntimeSettings::from_manifest(&manifest),
-        None,
-        Platform {
-            actor_storage: Some(storage.clone()),
-            ..Platform::default()
-        },
-    )
-    .unwrap();
-    let class = runtime
-        .load_actor_class(
-            &manifest.actors["counter"],
-            std::path::Path::new(&wasm("counter")),
-        )
-        .unwrap();
-    let directory = ignis_actors::ActorDirectory::start(vec![class], storage.clone(), 10);
-    let send = |op: &'static str| {
-        let directory = directory.clone();
-        async move {
-            let req = http::Request::post(format!("http://x/counter/p/{op}"))
-                .body(bytes::Bytes::new())
-                .unwrap();
-            directory
-                .send("counter", "p", req, 1, None)
-                .await
-                .map(|r| String::from_utf8(r.into_body().to_vec()).unwrap())
-        }
-    };
-    assert_eq!(send("incr").await.unwrap(), "1");
-    let err = send("list?prefix=boom").await.unwrap_err();
+    let storage = TestStorage::open(&dir.path().join("a.db"));
+    let (_runtime, _, directory) = counter_directory(dir.path(), &storage, "");
+    assert_eq!(send_to(&directory, "p", "incr").await.unwrap(), "1");
+    let err = send_to(&directory, "p", "list?prefix=boom")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), &ignis_runtime::ErrorKind::Internal, "{err:?}");
-    for expected in ["1", "2", "3"] {
-        let op = if expected == "1" { "get" } else { "incr" };
-        assert_eq!(send(op).await.unwrap(), expected, "{op}");
+    for (op, expected) in [("get", "1"), ("incr", "2"), ("incr", "3")] {
+        assert_eq!(
+            send_to(&directory, "p", op).await.unwrap(),
+            expected,
+            "{op}"
+        );
     }
     assert_eq!(
         directory.stats().activations.load(Ordering::SeqCst),
