@@ -129,6 +129,8 @@ pub(super) async fn run_committer(
                 }
             }
         }
+        // Activations waiting for their pending writes to drain look again.
+        dir.stats.changed.notify_waiters();
     }
 }
 

@@ -61,6 +61,9 @@ pub struct DirectoryStats {
     /// Messages for a new activation shed because the class's or the
     /// node's activation cap was reached and no activation was idle.
     pub shed_full: AtomicU64,
+    /// Times an activation waited for its commits to catch up because its
+    /// writes waiting to be durable passed the class's budget.
+    pub backpressure_waits: AtomicU64,
     changed: Notify,
 }
 
@@ -580,6 +583,18 @@ async fn run_activation(
                 break;
             }
         };
+        // Writes wait in memory until durable: past the budget, the
+        // committer catches up before this activation runs more.
+        let budget = class.max_pending_bytes();
+        if lock(&state.overlay).pending_bytes() > budget {
+            dir.stats.bump(&dir.stats.backpressure_waits);
+            dir.stats
+                .wait_until(|_| {
+                    state.failed.load(Ordering::SeqCst)
+                        || lock(&state.overlay).pending_bytes() <= budget
+                })
+                .await;
+        }
         if state.failed.swap(false, Ordering::SeqCst) {
             // A commit failed: everything after it was answered with an
             // error; start over from what is durable.

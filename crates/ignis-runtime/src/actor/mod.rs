@@ -101,6 +101,17 @@ impl ActorClass {
         self.alarm_export.is_some()
     }
 
+    /// Bytes of writes one activation may have waiting to be durable before
+    /// it stops running messages until its commits catch up: four times
+    /// what one message may write (`storage.max_batch_bytes`).
+    pub fn max_pending_bytes(&self) -> usize {
+        self.shared
+            .platform
+            .kv_limits
+            .max_batch_bytes
+            .saturating_mul(4)
+    }
+
     /// The storage the class's actors use.
     pub fn storage(&self) -> &Arc<dyn ActorStorage> {
         &self.storage

@@ -542,13 +542,14 @@ impl ignis_store::ActorStorage for TestStorage {
     }
 }
 
-/// The `counter` class (with `class_extra` in its table) in a directory
-/// over `storage`, outside any server: the runtime (keep it alive), the
-/// class's counters and the directory.
+/// The `counter` class in a directory over `storage`, outside any server
+/// (`extra` is added to the manifest right after the class's table, so it
+/// may set class keys and then start `[storage]`): the runtime (keep it
+/// alive), the class's counters and the directory.
 fn counter_directory(
     dir: &std::path::Path,
     storage: &Arc<TestStorage>,
-    class_extra: &str,
+    extra: &str,
 ) -> (
     Arc<ignis_runtime::Runtime>,
     Arc<ignis_runtime::GuestStats>,
@@ -557,7 +558,7 @@ fn counter_directory(
     use ignis_runtime::{Platform, Runtime, RuntimeSettings};
     let manifest = ignis_config::Manifest::from_str_at(
         &format!(
-            "[server]\ncache_dir = \"{}\"\n[actors.counter]\ncomponent = \"{}\"\n{class_extra}\n",
+            "[server]\ncache_dir = \"{}\"\n[actors.counter]\ncomponent = \"{}\"\n{extra}\n",
             shared_cache(),
             wasm("counter")
         ),
@@ -569,6 +570,10 @@ fn counter_directory(
         None,
         Platform {
             actor_storage: Some(storage.clone()),
+            kv_limits: ignis_runtime::bindings::keyvalue::KvLimits {
+                max_batch_bytes: manifest.storage.max_batch_bytes,
+                ..Default::default()
+            },
             ..Platform::default()
         },
     )
@@ -762,4 +767,48 @@ async fn a_panicked_activation_is_replaced() {
         2,
         "the panicked activation was replaced once"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_waits_for_its_commits_once_its_pending_writes_pass_the_budget() {
+    // Fails on the code before: an activation kept running messages while
+    // their batches waited for a slow commit, so a stalled disk let one
+    // actor pile up its whole mailbox's writes in memory.
+    let dir = tempfile::tempdir().unwrap();
+    let storage = TestStorage::open(&dir.path().join("a.db"));
+    // Budget: 4 x 1 KiB of writes waiting to be durable.
+    let (_runtime, stats, directory) = counter_directory(
+        dir.path(),
+        &storage,
+        "[storage]\nmax_batch_bytes = \"1KiB\"",
+    );
+    let base = stats.requests.load(Ordering::SeqCst);
+    storage.hold.store(true, Ordering::SeqCst);
+    // Ten messages of 602 bytes each (key `kN`, 600-byte value).
+    let puts: Vec<_> = (0..10)
+        .map(|i| {
+            let directory = directory.clone();
+            tokio::spawn(async move {
+                send_to(&directory, "b", &format!("put?key=k{i}&size=600"))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        directory
+            .stats()
+            .wait_until(|s| s.backpressure_waits.load(Ordering::SeqCst) == 1),
+    )
+    .await
+    .expect("the activation stopped for its commits");
+    // Seven ran (6 x 602 fits in 4,096 bytes, 7 x 602 does not); the
+    // eighth waits for the commits.
+    assert_eq!(stats.requests.load(Ordering::SeqCst), base + 7);
+    storage.release();
+    for put in puts {
+        assert_eq!(put.await.unwrap(), "ok");
+    }
+    assert_eq!(stats.requests.load(Ordering::SeqCst), base + 10);
 }

@@ -12,18 +12,36 @@ pub(crate) type Writes = BTreeMap<String, Option<Vec<u8>>>;
 #[derive(Debug, Default)]
 pub struct Overlay {
     batches: VecDeque<(u64, ActorBatch)>,
+    /// Bytes (keys and values) of the pending batches.
+    bytes: usize,
+}
+
+fn batch_bytes(batch: &ActorBatch) -> usize {
+    batch
+        .writes
+        .iter()
+        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+        .sum()
 }
 
 impl Overlay {
     /// Adds the batch of message `seq`.
     pub fn push(&mut self, seq: u64, batch: ActorBatch) {
+        self.bytes += batch_bytes(&batch);
         self.batches.push_back((seq, batch));
+    }
+
+    /// Bytes (keys and values) waiting to be durable.
+    pub fn pending_bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Forgets batches up to and including `seq` (they are durable now).
     pub fn durable_through(&mut self, seq: u64) {
         while self.batches.front().is_some_and(|(s, _)| *s <= seq) {
-            self.batches.pop_front();
+            if let Some((_, batch)) = self.batches.pop_front() {
+                self.bytes -= batch_bytes(&batch);
+            }
         }
     }
 
@@ -35,6 +53,7 @@ impl Overlay {
     /// Forgets everything (the activation is being reset).
     pub fn clear(&mut self) {
         self.batches.clear();
+        self.bytes = 0;
     }
 
     /// The newest pending value of `key`: `Some(None)` if deleted.
@@ -190,5 +209,18 @@ mod tests {
         overlay.durable_through(2);
         assert!(overlay.is_empty());
         assert_eq!(overlay.get("a"), None);
+    }
+
+    #[test]
+    fn pending_bytes_follow_pushes_commits_and_resets() {
+        let mut overlay = Overlay::default();
+        overlay.push(1, batch(&[("ab", Some("123")), ("c", None)]));
+        overlay.push(2, batch(&[("d", Some("4567"))]));
+        assert_eq!(overlay.pending_bytes(), 5 + 1 + 5);
+        overlay.durable_through(1);
+        assert_eq!(overlay.pending_bytes(), 5);
+        overlay.push(3, batch(&[("e", Some("x"))]));
+        overlay.clear();
+        assert_eq!(overlay.pending_bytes(), 0);
     }
 }
