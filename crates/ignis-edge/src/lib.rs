@@ -319,6 +319,7 @@ impl Server {
         let limits = conn::WatchLimits::new(&self.edge.server);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut failed_accepts = 0u64;
         loop {
             // At the node's cap, wait for a connection to close: new clients
             // wait in the listen backlog instead of taking descriptors.
@@ -328,10 +329,20 @@ impl Server {
             };
             let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
-                    Ok(conn) => conn,
+                    Ok(conn) => {
+                        if failed_accepts > 0 {
+                            tracing::warn!(failed_accepts, "accepting connections again");
+                            failed_accepts = 0;
+                        }
+                        conn
+                    }
                     Err(e) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!(error = %e, "accept failed");
+                        // Out of file descriptors and the like: back off and
+                        // keep serving. One line per outage, not per retry.
+                        if failed_accepts == 0 {
+                            tracing::warn!(error = %e, "accept failed; retrying every 10 ms");
+                        }
+                        failed_accepts += 1;
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }

@@ -278,9 +278,28 @@ pub fn spawn(args: &[&str]) -> Proc {
 
 /// Like [`spawn`], with extra environment variables.
 pub fn spawn_with(args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut child = ignis()
-        .envs(env.iter().copied())
+    let mut cmd = ignis();
+    cmd.envs(env.iter().copied()).args(args);
+    spawn_command(cmd)
+}
+
+/// Runs `ignis` under a shell with at most `max_files` open file
+/// descriptors (`ulimit -n`), with `args`.
+pub fn spawn_with_fd_limit(args: &[&str], max_files: u32) -> Proc {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("ulimit -n {max_files} && exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_ignis"))
         .args(args)
+        .env("IGNIS_LOG", "info")
+        .env_remove("RUST_BACKTRACE");
+    spawn_command(cmd)
+}
+
+/// Starts `cmd` (an `ignis serve`/`up`) on an ephemeral port and waits
+/// for its "listening on" line.
+fn spawn_command(mut cmd: Command) -> Proc {
+    let mut child = cmd
         .args(["--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -269,3 +269,59 @@ actor = "counter"
     assert!(reply.contains("request id"), "{reply}");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
+    // The process may open 256 descriptors; 300 connections use them up
+    // (the rest wait in the listen backlog, which holds 128 here: more would
+    // wait on SYN retries instead), and accept fails (EMFILE) until some
+    // close. The accept loop must keep going (before, it did too, but
+    // logged every 10 ms retry), and say so once per outage.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write(
+        dir.path(),
+        "ignis.toml",
+        &format!(
+            "[server]\ncache_dir = \"{}\"\n[functions.hello]\ncomponent = \"{}\"\n[[routes]]\npath = \"/hello\"\nfunction = \"hello\"\n",
+            shared_cache(),
+            wasm("hello")
+        ),
+    );
+    let proc = spawn_with_fd_limit(&["serve", manifest.to_str().unwrap()], 256);
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        held.push(TcpStream::connect(proc.addr).await.unwrap());
+    }
+    // The last one waits in the listen backlog; its request is answered
+    // once the others are gone and the server can accept again.
+    let mut last = held.pop().unwrap();
+    last.write_all(b"GET /hello HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    held.clear();
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), last.read_to_end(&mut reply)).await;
+    assert!(
+        read.is_ok(),
+        "the request waiting in the backlog was never served"
+    );
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    // Each outage is one warning when it starts and one when it ends (with
+    // the number of failed attempts), however many retries it took; the
+    // refill after the release may make a second, short one.
+    let logs = strip_ansi(&sigkill(proc));
+    let outages = logs.matches("accept failed").count();
+    assert!(outages >= 1, "{logs}");
+    assert_eq!(
+        logs.matches("accepting connections again").count(),
+        outages,
+        "{logs}"
+    );
+    let retries: u64 = logs
+        .lines()
+        .filter_map(|l| l.split("failed_accepts=").nth(1))
+        .map(|n| n.trim().parse::<u64>().unwrap())
+        .sum();
+    assert!(retries >= outages as u64, "{logs}");
+}
