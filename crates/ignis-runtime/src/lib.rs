@@ -57,7 +57,7 @@ mod ticker;
 pub use engine::{AllocatorKind, MAX_POOL_SLOTS, Runtime, RuntimeSettings};
 pub use error::{BoxError, Error, ErrorKind, LoadError, LogLevel};
 pub use function::{Body, Function, RequestMeta};
-pub use guest::{GuestStats, wait_on};
+pub use guest::{GuestStats, ROUTE_BUCKETS, route_bucket, wait_on};
 pub use host::next_request_id;
 pub use shared::Platform;
 pub use ticker::IDLE_BEFORE_PARK;

@@ -209,6 +209,7 @@ impl Activation {
             cpu: limits.cpu_time,
             // Actors are not moved between executors; nothing is a hog.
             hog_above: limits.cpu_time,
+            route: None,
         }
     }
 

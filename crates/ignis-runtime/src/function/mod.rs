@@ -9,7 +9,7 @@ mod p2;
 mod p3;
 
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -33,7 +33,7 @@ use crate::bindings::http::{OutboundGrant, OutboundHooks};
 use crate::bindings::keyvalue::{KvAccess, KvState};
 use crate::cache::CacheOutcome;
 use crate::error::{BoxError, Error, ErrorKind};
-use crate::guest::{GuestStats, RunLimits, run_limited};
+use crate::guest::{GuestStats, RunLimits, route_bucket, run_limited};
 use crate::host::{Base, Host, new_store};
 use crate::outbound::{Outbound, OutboundPolicy, TenantOutbound};
 use crate::sched::SliceQueue;
@@ -455,10 +455,12 @@ impl Function {
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let route = route_bucket(request.uri().path());
         let limits = RunLimits {
             deadline: Instant::now() + self.limits.wall_time,
             cpu: self.limits.cpu_time,
             hog_above: self.demote_after,
+            route: Some(route),
         };
         let store = self.new_store(meta.request_id);
         let (tx, rx) = oneshot::channel::<Sent>();
@@ -476,12 +478,14 @@ impl Function {
             },
         ));
         // CPU hogs go to the fair scheduler: after half a slice of CPU in
-        // this task, or at once if the function's recent requests mostly did.
+        // this task, or at once if recent requests of the same route mostly
+        // did (decided per route: a cheap route of a function whose other
+        // routes are hogs still starts here).
         let mut guest: GuestFuture = match &self.queue {
             Some(queue) => {
-                let state = if self.stats.mostly_hogs() {
+                let state = if self.stats.route_mostly_hogs(route) {
                     self.stats.started_pooled.fetch_add(1, Ordering::Relaxed);
-                    SlicedState::Pooled(spawn_pooled(queue, guest))
+                    SlicedState::Pooled(spawn_pooled(queue, guest, Duration::ZERO))
                 } else {
                     SlicedState::Inline(guest)
                 };
@@ -616,7 +620,7 @@ impl Future for Sliced {
                 unreachable!("state checked above");
             };
             this.stats.demoted.fetch_add(1, Ordering::Relaxed);
-            this.state = SlicedState::Pooled(spawn_pooled(&this.queue, guest));
+            this.state = SlicedState::Pooled(spawn_pooled(&this.queue, guest, this.used));
         }
         match &mut this.state {
             SlicedState::Pooled(task) => Pin::new(task).poll(cx),
@@ -625,13 +629,41 @@ impl Future for Sliced {
     }
 }
 
-/// Makes `guest` a task of `queue` and schedules its first slice.
+/// Makes `guest`, which has used `used` CPU so far, a task of `queue` and
+/// schedules its first slice. Each slice is queued with the CPU the guest
+/// has attained (the queue serves the least-served first).
 fn spawn_pooled(
     queue: &Arc<dyn SliceQueue>,
     guest: GuestFuture,
+    used: Duration,
 ) -> async_task::Task<Result<(), Error>> {
     let queue = queue.clone();
-    let (runnable, task) = async_task::spawn(guest, move |r| queue.schedule(r));
+    let attained = Arc::new(AtomicU64::new(used.as_nanos() as u64));
+    let counted = Attained {
+        inner: guest,
+        attained: attained.clone(),
+    };
+    let (runnable, task) = async_task::spawn(counted, move |r| {
+        queue.schedule(r, Duration::from_nanos(attained.load(Ordering::Relaxed)))
+    });
     runnable.schedule();
     task
+}
+
+/// A pooled guest that adds the CPU each poll takes to `attained`.
+struct Attained {
+    inner: GuestFuture,
+    attained: Arc<AtomicU64>,
+}
+
+impl Future for Attained {
+    type Output = Result<(), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let start = crate::sched::CpuInstant::now();
+        let polled = self.inner.as_mut().poll(cx);
+        let used = start.elapsed().as_nanos() as u64;
+        self.attained.fetch_add(used, Ordering::Relaxed);
+        polled
+    }
 }

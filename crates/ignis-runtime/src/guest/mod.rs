@@ -9,7 +9,7 @@
 
 mod stats;
 
-pub use stats::{GuestStats, wait_on};
+pub use stats::{GuestStats, ROUTE_BUCKETS, route_bucket, wait_on};
 
 use std::time::Duration;
 
@@ -55,6 +55,9 @@ pub(crate) struct RunLimits {
     /// A run that used at least this much CPU counts as a hog
     /// ([`GuestStats::mostly_hogs`]).
     pub(crate) hog_above: Duration,
+    /// The run's route bucket, for the per-route hog score
+    /// ([`GuestStats::route_mostly_hogs`]); `None` for actors.
+    pub(crate) route: Option<usize>,
 }
 
 /// Runs `guest` under `limits`. The guest's output is its result and
@@ -67,7 +70,7 @@ pub(crate) async fn run_limited<T>(
     stats: &GuestStats,
 ) -> Outcome<T> {
     let budget = CpuBudget::new(guest, limits.cpu, |used| {
-        stats.record_cpu(used, limits.hog_above)
+        stats.record_cpu(used, limits.hog_above, limits.route)
     });
     let outcome = match tokio::time::timeout_at(limits.deadline, budget).await {
         Err(_) => Outcome::Wall,

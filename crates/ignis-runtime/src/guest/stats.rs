@@ -35,7 +35,28 @@ pub struct GuestStats {
     /// Moving average of "this run used more than half a slice of CPU",
     /// in 1/1024ths.
     hog_score: AtomicU64,
+    /// The same average per route (request paths hashed into
+    /// [`ROUTE_BUCKETS`] buckets): where requests of a route start.
+    route_hog_scores: [AtomicU64; ROUTE_BUCKETS],
     changed: Notify,
+}
+
+/// Buckets of per-route hog scores: a function's paths hash into these,
+/// so the state stays fixed-size whatever paths clients send.
+pub const ROUTE_BUCKETS: usize = 32;
+
+/// The hog-score bucket of a request path (the query is not part of it).
+pub fn route_bucket(path: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    path.hash(&mut h);
+    (h.finish() % ROUTE_BUCKETS as u64) as usize
+}
+
+fn update_hog_score(score: &AtomicU64, hog: bool) {
+    let _ = score.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+        Some(s - s / 8 + if hog { HOG_STEP } else { 0 })
+    });
 }
 
 /// Weight of one run in the hog score's moving average: 1/8.
@@ -45,16 +66,16 @@ const HOG_STEP: u64 = 128;
 const HOG_THRESHOLD: u64 = 512;
 
 impl GuestStats {
-    /// Records one run's CPU time and updates the hog score.
-    pub(crate) fn record_cpu(&self, used: Duration, hog_above: Duration) {
+    /// Records one run's CPU time and updates the hog scores (the
+    /// function's, and its route's if it has one).
+    pub(crate) fn record_cpu(&self, used: Duration, hog_above: Duration, route: Option<usize>) {
         self.cpu_nanos
             .fetch_add(used.as_nanos() as u64, Ordering::Relaxed);
         let hog = used >= hog_above;
-        let _ = self
-            .hog_score
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-                Some(s - s / 8 + if hog { HOG_STEP } else { 0 })
-            });
+        update_hog_score(&self.hog_score, hog);
+        if let Some(route) = route {
+            update_hog_score(&self.route_hog_scores[route % ROUTE_BUCKETS], hog);
+        }
     }
 
     /// Counts how a run ended.
@@ -74,6 +95,12 @@ impl GuestStats {
     /// Whether recent runs were mostly CPU hogs.
     pub fn mostly_hogs(&self) -> bool {
         self.hog_score.load(Ordering::Relaxed) > HOG_THRESHOLD
+    }
+
+    /// Whether recent runs of the route in bucket `route` were mostly CPU
+    /// hogs (see [`route_bucket`]).
+    pub fn route_mostly_hogs(&self, route: usize) -> bool {
+        self.route_hog_scores[route % ROUTE_BUCKETS].load(Ordering::Relaxed) > HOG_THRESHOLD
     }
 
     /// Waits until no instance is alive.

@@ -10,6 +10,19 @@
 //! slice picked): it goes ahead of tenants that have been using the CPU, but
 //! banks no credit while idle.
 //!
+//! Inside a tenant, slices are picked by least attained service: each
+//! request's guest carries the CPU it has used so far, and a tenant's queue
+//! has [`LEVELS`] levels by that amount (level `floor(log2(ms + 1))`, the
+//! last one open-ended). The next slice of a tenant comes from its lowest
+//! non-empty level, so a new request starts ahead of requests that have
+//! already used a lot of CPU, and a short one finishes in its first slices
+//! while long ones share the rest. No request starves: one pick in
+//! [`AGING_EVERY`] of a tenant goes to its most-served waiting request, so
+//! long requests keep at least that share of their tenant's CPU while short
+//! ones keep arriving (and their CPU budget still stops them). Across
+//! tenants nothing changes: the tenant is picked by weighted virtual time
+//! first.
+//!
 //! Slices end at the guest's next epoch tick (the runtime makes a running
 //! guest yield every tick), so a worker is never held longer than one tick
 //! by one guest.
@@ -43,12 +56,67 @@ pub struct TenantStats {
     pub weight: u32,
 }
 
+/// Levels of attained service inside a tenant's queue.
+pub const LEVELS: usize = 6;
+/// One pick in this many of a tenant goes to its most-served waiting
+/// request (the starvation guard).
+pub const AGING_EVERY: u32 = 8;
+
+/// The level of a request that has used `attained` CPU:
+/// `floor(log2(ms + 1))`, capped at the last level.
+fn level(attained: Duration) -> usize {
+    let ms = attained.as_millis() + 1;
+    ((u128::BITS - 1 - ms.leading_zeros()) as usize).min(LEVELS - 1)
+}
+
+/// A tenant's waiting slices, by level of attained service.
+#[derive(Default)]
+struct Levels {
+    queues: [VecDeque<Runnable>; LEVELS],
+    len: usize,
+    picks: u32,
+}
+
+impl Levels {
+    fn push(&mut self, runnable: Runnable, attained: Duration) {
+        self.queues[level(attained)].push_back(runnable);
+        self.len += 1;
+    }
+
+    /// The lowest level's oldest slice, except every [`AGING_EVERY`]th pick:
+    /// the highest level's.
+    fn pop(&mut self) -> Option<Runnable> {
+        if self.len == 0 {
+            return None;
+        }
+        self.picks = self.picks.wrapping_add(1);
+        let runnable = if self.picks.is_multiple_of(AGING_EVERY) {
+            self.queues.iter_mut().rev().find_map(VecDeque::pop_front)
+        } else {
+            self.queues.iter_mut().find_map(VecDeque::pop_front)
+        };
+        if runnable.is_some() {
+            self.len -= 1;
+        }
+        runnable
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn take_all(&mut self) -> Vec<Runnable> {
+        self.len = 0;
+        self.queues.iter_mut().flat_map(std::mem::take).collect()
+    }
+}
+
 struct Tenant {
     weight: u32,
     vtime: VTime,
     /// `Some(key)` while the tenant is in `ready` under `(key, index)`.
     ready_key: Option<VTime>,
-    queue: VecDeque<Runnable>,
+    queue: Levels,
     stats: TenantStats,
 }
 
@@ -72,7 +140,7 @@ impl RunQueue {
             weight: weight.max(1),
             vtime: 0,
             ready_key: None,
-            queue: VecDeque::new(),
+            queue: Levels::default(),
             stats: TenantStats {
                 weight: weight.max(1),
                 ..TenantStats::default()
@@ -82,10 +150,10 @@ impl RunQueue {
         i
     }
 
-    fn push(&mut self, index: usize, runnable: Runnable) {
+    fn push(&mut self, index: usize, runnable: Runnable, attained: Duration) {
         let clock = self.clock;
         let t = &mut self.tenants[index];
-        t.queue.push_back(runnable);
+        t.queue.push(runnable, attained);
         if t.ready_key.is_none() {
             t.vtime = t.vtime.max(clock);
             t.ready_key = Some(t.vtime);
@@ -97,7 +165,7 @@ impl RunQueue {
         let &(key, index) = self.ready.first()?;
         self.clock = self.clock.max(key);
         let t = &mut self.tenants[index];
-        let runnable = t.queue.pop_front().expect("a ready tenant has work");
+        let runnable = t.queue.pop().expect("a ready tenant has work");
         if t.queue.is_empty() {
             self.ready.remove(&(key, index));
             t.ready_key = None;
@@ -146,13 +214,13 @@ struct TenantQueue {
 }
 
 impl SliceQueue for TenantQueue {
-    fn schedule(&self, runnable: Runnable) {
+    fn schedule(&self, runnable: Runnable, attained: Duration) {
         let mut q = self.shared.lock();
         if q.shutdown {
             // Dropping the runnable cancels the guest.
             return;
         }
-        q.push(self.index, runnable);
+        q.push(self.index, runnable, attained);
         drop(q);
         self.shared.work.notify_one();
     }
@@ -232,7 +300,7 @@ impl Drop for FairScheduler {
                 .iter_mut()
                 .flat_map(|t| {
                     t.ready_key = None;
-                    std::mem::take(&mut t.queue)
+                    t.queue.take_all()
                 })
                 .collect()
         };
@@ -312,11 +380,11 @@ mod tests {
         let heavy = q.tenant("heavy", 3);
         let mut picked = BTreeMap::<usize, u32>::new();
         for _ in 0..400 {
-            while q.tenants[light].queue.len() < 2 {
-                q.push(light, runnable());
+            while q.tenants[light].queue.len < 2 {
+                q.push(light, runnable(), Duration::ZERO);
             }
-            while q.tenants[heavy].queue.len() < 2 {
-                q.push(heavy, runnable());
+            while q.tenants[heavy].queue.len < 2 {
+                q.push(heavy, runnable(), Duration::ZERO);
             }
             let (i, _r) = q.pop().expect("work");
             *picked.entry(i).or_default() += 1;
@@ -332,14 +400,14 @@ mod tests {
         let busy = q.tenant("busy", 1);
         let idle = q.tenant("idle", 1);
         for _ in 0..100 {
-            q.push(busy, runnable());
+            q.push(busy, runnable(), Duration::ZERO);
             let (i, _r) = q.pop().expect("work");
             q.charge(i, Duration::from_millis(1));
         }
         // `idle` wakes up: it goes first once, then they alternate.
         for _ in 0..4 {
-            q.push(idle, runnable());
-            q.push(busy, runnable());
+            q.push(idle, runnable(), Duration::ZERO);
+            q.push(busy, runnable(), Duration::ZERO);
         }
         let order: Vec<usize> = (0..8)
             .map(|_| {
@@ -355,5 +423,78 @@ mod tests {
             order[..4].contains(&busy),
             "idle tenant must not monopolise after waking: {order:?}"
         );
+    }
+
+    /// A runnable that records `id` in `ran` when it runs.
+    fn tagged(id: u32, ran: &Arc<Mutex<Vec<u32>>>) -> Runnable {
+        let ran = ran.clone();
+        let (r, task) = async_task::spawn(
+            async move {
+                ran.lock().unwrap().push(id);
+            },
+            |_| {},
+        );
+        task.detach();
+        r
+    }
+
+    #[test]
+    fn levels_grow_with_the_log_of_attained_milliseconds() {
+        let ms = Duration::from_millis;
+        let levels: Vec<usize> = [0, 1, 2, 3, 6, 7, 14, 15, 30, 31, 10_000]
+            .into_iter()
+            .map(|m| level(ms(m)))
+            .collect();
+        assert_eq!(levels, [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]);
+        assert_eq!(level(Duration::from_micros(999)), 0);
+    }
+
+    #[test]
+    fn inside_a_tenant_the_least_served_request_goes_first() {
+        let mut q = queue();
+        let t = q.tenant("t", 1);
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        // Three long requests (40, 20 and 5 ms served) wait; then a new one
+        // (0 ms) and one that has had 2 ms arrive.
+        q.push(t, tagged(40, &ran), Duration::from_millis(40));
+        q.push(t, tagged(20, &ran), Duration::from_millis(20));
+        q.push(t, tagged(5, &ran), Duration::from_millis(5));
+        q.push(t, tagged(0, &ran), Duration::ZERO);
+        q.push(t, tagged(2, &ran), Duration::from_millis(2));
+        for _ in 0..5 {
+            let (_, r) = q.pop().expect("work");
+            r.run();
+        }
+        // Least attained first (levels 0, 1, 2, 4, 5), whatever the order
+        // they arrived in.
+        assert_eq!(*ran.lock().unwrap(), [0, 2, 5, 20, 40]);
+        // In one level, arrival order: 40 and 100 ms are both in the last.
+        q.push(t, tagged(100, &ran), Duration::from_millis(100));
+        q.push(t, tagged(41, &ran), Duration::from_millis(41));
+        for _ in 0..2 {
+            let (_, r) = q.pop().expect("work");
+            r.run();
+        }
+        assert_eq!(ran.lock().unwrap()[5..], [100, 41]);
+    }
+
+    #[test]
+    fn a_long_request_gets_one_pick_in_aging_every_while_short_ones_keep_coming() {
+        let mut q = queue();
+        let t = q.tenant("t", 1);
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        q.push(t, tagged(1000, &ran), Duration::from_secs(1));
+        let mut long_picked_at = None;
+        for pick in 1..=AGING_EVERY {
+            // A fresh short request is always waiting.
+            q.push(t, tagged(0, &ran), Duration::ZERO);
+            let (_, r) = q.pop().expect("work");
+            r.run();
+            if ran.lock().unwrap().last() == Some(&1000) {
+                long_picked_at = Some(pick);
+                break;
+            }
+        }
+        assert_eq!(long_picked_at, Some(AGING_EVERY));
     }
 }

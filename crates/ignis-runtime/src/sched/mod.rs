@@ -24,9 +24,10 @@ pub trait GuestScheduler: Send + Sync + 'static {
 
 /// One tenant's run queue.
 pub trait SliceQueue: Send + Sync + 'static {
-    /// Queues one slice of a guest of this tenant. Called from any thread,
+    /// Queues one slice of a guest of this tenant that has used `attained`
+    /// CPU so far (up to its previous slice). Called from any thread,
     /// including from inside another slice.
-    fn schedule(&self, runnable: async_task::Runnable);
+    fn schedule(&self, runnable: async_task::Runnable, attained: Duration);
 }
 
 thread_local! {

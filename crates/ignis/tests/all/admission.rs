@@ -324,3 +324,61 @@ function = "compute"
     // Every request was charged its CPU, each more than half a tick.
     assert!(stats.cpu_nanos.load(Ordering::SeqCst) >= 12 * 500_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cheap_route_of_a_hog_function_starts_inline_and_finishes_while_the_hogs_spin() {
+    // One function, two routes: `/heavy` busy-loops, `/light` answers at
+    // once. Fails on the code before (checked): the function's average made
+    // every new request, `/light` included, start in the fair scheduler
+    // behind the hogs; the start is decided per route now.
+    let server = TestServer::start(&format!(
+        r#"
+[functions.app]
+component = "{noisy}"
+cpu_time = "20s"
+wall_time = "30s"
+max_concurrency = 8
+
+[[routes]]
+path = "/..."
+function = "app"
+"#,
+        noisy = wasm("noisy"),
+    ))
+    .await;
+    let c = client();
+    let app = server.function("app").clone();
+    // Make `/heavy` a known hog.
+    for _ in 0..8 {
+        let r = get(&c, &server.url("/heavy?ms=5")).await;
+        assert_eq!(r.status, 200);
+    }
+    wait_idle(&app).await;
+    let stats = app.stats();
+    assert!(stats.route_mostly_hogs(ignis_runtime::route_bucket("/heavy")));
+    // Three long hogs spin (far longer than this test waits for them).
+    let hogs: Vec<_> = (0..3)
+        .map(|_| {
+            let (c, url) = (c.clone(), server.url("/heavy?ms=15000"));
+            tokio::spawn(async move { get(&c, &url).await })
+        })
+        .collect();
+    within(
+        "three hogs running",
+        stats.wait_until(|s| s.active.load(Ordering::SeqCst) == 3),
+    )
+    .await;
+    let pooled_before = stats.started_pooled.load(Ordering::SeqCst);
+    let r = within("the cheap request", get(&c, &server.url("/light"))).await;
+    assert_eq!(r.status, 200);
+    // It started in the connection's task, not in the scheduler ...
+    assert_eq!(stats.started_pooled.load(Ordering::SeqCst), pooled_before);
+    // ... and finished while all three hogs were still spinning.
+    assert!(hogs.iter().all(|h| !h.is_finished()));
+    // Hanging up cancels them.
+    for h in &hogs {
+        h.abort();
+    }
+    wait_idle(&app).await;
+    server.shutdown().await;
+}
