@@ -357,18 +357,23 @@ function = "app"
     let stats = app.stats();
     assert!(stats.route_mostly_hogs(ignis_runtime::route_bucket("/heavy")));
     // Three long hogs spin (far longer than this test waits for them).
+    let pooled_before = stats.started_pooled.load(Ordering::SeqCst) + 3;
     let hogs: Vec<_> = (0..3)
         .map(|_| {
             let (c, url) = (c.clone(), server.url("/heavy?ms=15000"));
             tokio::spawn(async move { get(&c, &url).await })
         })
         .collect();
-    within(
-        "three hogs running",
-        stats.wait_until(|s| s.active.load(Ordering::SeqCst) == 3),
-    )
+    // All three running, each started in the scheduler (its count is
+    // bumped just after the instance is, so look at both).
+    within("three hogs running in the scheduler", async {
+        while stats.active.load(Ordering::SeqCst) != 3
+            || stats.started_pooled.load(Ordering::SeqCst) != pooled_before
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
     .await;
-    let pooled_before = stats.started_pooled.load(Ordering::SeqCst);
     let r = within("the cheap request", get(&c, &server.url("/light"))).await;
     assert_eq!(r.status, 200);
     // It started in the connection's task, not in the scheduler ...
