@@ -219,8 +219,7 @@ impl Watch {
         Tracked {
             inner: body,
             progress,
-            _in_flight: in_flight,
-            opened: self.opened,
+            in_flight,
         }
     }
 
@@ -285,8 +284,7 @@ impl Drop for InFlight {
 pub(crate) struct Tracked<B> {
     inner: B,
     progress: Arc<Progress>,
-    opened: Instant,
-    _in_flight: InFlight,
+    in_flight: InFlight,
 }
 
 impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
@@ -300,7 +298,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         let state = match polled {
             Poll::Pending => WAITING_ON_GUEST,
-            Poll::Ready(_) => self.opened.elapsed().as_millis() as u64,
+            Poll::Ready(_) => self.in_flight.watch.now_ms(),
         };
         self.progress.store(state, Ordering::Relaxed);
         polled

@@ -204,10 +204,8 @@ impl http_body::Body for DrivingBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Poll::Ready(ended) = this.poll_guest(cx) {
-            if let Guest::Watched { watchdog, .. } = &this.guest {
-                watchdog.abort();
-            }
-            this.guest = Guest::None;
+            // Ended: this only clears the (empty) slot and stops a watchdog.
+            drop(this.take_guest());
             if let Err(e) = ended {
                 // The head is out: the client sees the body end early; the
                 // cause is logged here, the one place that sees it.

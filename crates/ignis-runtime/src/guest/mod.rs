@@ -53,7 +53,7 @@ pub(crate) struct RunLimits {
     /// CPU time the run may use.
     pub(crate) cpu: Duration,
     /// A run that used at least this much CPU counts as a hog
-    /// ([`GuestStats::mostly_hogs`]).
+    /// ([`GuestStats::route_mostly_hogs`]).
     pub(crate) hog_above: Duration,
     /// The run's route bucket, for the per-route hog score
     /// ([`GuestStats::route_mostly_hogs`]); `None` for actors.

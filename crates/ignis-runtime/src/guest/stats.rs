@@ -27,16 +27,14 @@ pub struct GuestStats {
     pub cancelled: AtomicU64,
     /// Requests whose guest outlived its first slice and moved to the fair scheduler.
     pub demoted: AtomicU64,
-    /// Requests started directly in the fair scheduler because the function's
+    /// Requests started directly in the fair scheduler because their route's
     /// recent requests were CPU hogs.
     pub started_pooled: AtomicU64,
     /// CPU time used by all runs, in nanoseconds.
     pub cpu_nanos: AtomicU64,
-    /// Moving average of "this run used more than half a slice of CPU",
-    /// in 1/1024ths.
-    hog_score: AtomicU64,
-    /// The same average per route (request paths hashed into
-    /// [`ROUTE_BUCKETS`] buckets): where requests of a route start.
+    /// Per route (request paths hashed into [`ROUTE_BUCKETS`] buckets), a
+    /// moving average of "this run used more than half a slice of CPU", in
+    /// 1/1024ths: where requests of a route start.
     route_hog_scores: [AtomicU64; ROUTE_BUCKETS],
     changed: Notify,
 }
@@ -66,15 +64,16 @@ const HOG_STEP: u64 = 128;
 const HOG_THRESHOLD: u64 = 512;
 
 impl GuestStats {
-    /// Records one run's CPU time and updates the hog scores (the
-    /// function's, and its route's if it has one).
+    /// Records one run's CPU time and updates its route's hog score (if it
+    /// has a route).
     pub(crate) fn record_cpu(&self, used: Duration, hog_above: Duration, route: Option<usize>) {
         self.cpu_nanos
             .fetch_add(used.as_nanos() as u64, Ordering::Relaxed);
-        let hog = used >= hog_above;
-        update_hog_score(&self.hog_score, hog);
         if let Some(route) = route {
-            update_hog_score(&self.route_hog_scores[route % ROUTE_BUCKETS], hog);
+            update_hog_score(
+                &self.route_hog_scores[route % ROUTE_BUCKETS],
+                used >= hog_above,
+            );
         }
     }
 
@@ -90,11 +89,6 @@ impl GuestStats {
         for c in counters {
             c.fetch_add(1, Ordering::Relaxed);
         }
-    }
-
-    /// Whether recent runs were mostly CPU hogs.
-    pub fn mostly_hogs(&self) -> bool {
-        self.hog_score.load(Ordering::Relaxed) > HOG_THRESHOLD
     }
 
     /// Whether recent runs of the route in bucket `route` were mostly CPU

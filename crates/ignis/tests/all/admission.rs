@@ -318,7 +318,7 @@ function = "compute"
         stats.demoted.load(Ordering::SeqCst),
         stats.started_pooled.load(Ordering::SeqCst),
     );
-    assert!(stats.mostly_hogs());
+    assert!(stats.route_mostly_hogs(ignis_runtime::route_bucket("/compute")));
     assert!(pooled >= 1, "demoted {demoted}, started pooled {pooled}");
     assert_eq!(demoted + pooled, 12, "every request ran in the scheduler");
     // Every request was charged its CPU, each more than half a tick.

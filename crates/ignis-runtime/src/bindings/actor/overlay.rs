@@ -16,12 +16,13 @@ pub struct Overlay {
     bytes: usize,
 }
 
+/// Bytes one write holds in memory until it is durable: its key and value.
+pub(crate) fn entry_bytes(key: &str, value: &Option<Vec<u8>>) -> usize {
+    key.len() + value.as_ref().map_or(0, Vec::len)
+}
+
 fn batch_bytes(batch: &ActorBatch) -> usize {
-    batch
-        .writes
-        .iter()
-        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-        .sum()
+    batch.writes.iter().map(|(k, v)| entry_bytes(k, v)).sum()
 }
 
 impl Overlay {

@@ -13,7 +13,7 @@ use ignis_store::{ActorBatch, ActorKey, ActorStorage, AlarmChange, ListOptions};
 
 use super::R;
 use super::generated::ignis::actor::{alarms, context, storage, types};
-use super::overlay::{Overlay, Writes, merge_list};
+use super::overlay::{Overlay, Writes, entry_bytes, merge_list};
 
 /// Per-class limits on what one message may write.
 #[derive(Debug, Clone, Copy)]
@@ -111,9 +111,11 @@ impl ActorState {
         }
         // The batch waits in memory until it is durable: its bytes are
         // bounded like a key-value batch call's.
-        let size = |k: &str, v: &Option<Vec<u8>>| k.len() + v.as_ref().map_or(0, Vec::len);
-        let replaced = self.writes.get(&key).map_or(0, |old| size(&key, old));
-        let written = self.written - replaced + size(&key, &value);
+        let replaced = self
+            .writes
+            .get(&key)
+            .map_or(0, |old| entry_bytes(&key, old));
+        let written = self.written - replaced + entry_bytes(&key, &value);
         if written > self.limits.max_batch_bytes {
             return Err(types::Error::TooLarge(format!(
                 "one message's writes would carry more than {} bytes",
@@ -242,10 +244,7 @@ impl storage::Host for ActorView<'_> {
         Ok(match a.txn.take() {
             None => Err(no_transaction()),
             Some((writes, alarm)) => {
-                a.written = writes
-                    .iter()
-                    .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-                    .sum();
+                a.written = writes.iter().map(|(k, v)| entry_bytes(k, v)).sum();
                 a.writes = writes;
                 a.alarm = alarm;
                 Ok(())
