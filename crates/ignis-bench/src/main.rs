@@ -77,6 +77,10 @@ enum Cmd {
         /// Write the JSON results here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also run Ignis with `reuse = false` (a fresh instance per
+        /// request), as a fourth peer: reuse against no reuse in one run.
+        #[arg(long)]
+        fresh: bool,
     },
 }
 
@@ -117,12 +121,19 @@ fn start_peer(
     })
 }
 
-fn ignis_manifest(dir: &Path, component: &Path) -> anyhow::Result<PathBuf> {
-    let manifest = dir.join("ignis.toml");
+/// A manifest serving `component` at every path; `extra` goes into its
+/// function table (for example `reuse = false`).
+fn ignis_manifest(
+    dir: &Path,
+    file: &str,
+    component: &Path,
+    extra: &str,
+) -> anyhow::Result<PathBuf> {
+    let manifest = dir.join(file);
     std::fs::write(
         &manifest,
         format!(
-            "[server]\ncache_dir = \"{}\"\n[functions.hello]\ncomponent = \"{}\"\nmax_concurrency = 1000\n[[routes]]\npath = \"/...\"\nfunction = \"hello\"\n",
+            "[server]\ncache_dir = \"{}\"\n[functions.hello]\ncomponent = \"{}\"\nmax_concurrency = 1000\n{extra}\n[[routes]]\npath = \"/...\"\nfunction = \"hello\"\n",
             dir.join("cache").display(),
             component.canonicalize()?.display()
         ),
@@ -152,6 +163,7 @@ async fn hello_peers(
     rounds: usize,
     rate: Option<f64>,
     json: Option<&Path>,
+    fresh: bool,
 ) -> anyhow::Result<()> {
     // Create the report's directory now, not after minutes of measuring.
     if let Some(parent) = json
@@ -163,10 +175,10 @@ async fn hello_peers(
     }
     let dir = std::env::temp_dir().join(format!("ignis-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let manifest = ignis_manifest(&dir, component)?;
+    let manifest = ignis_manifest(&dir, "ignis.toml", component, "")?;
     let (pi, pw, ph) = (free_port()?, free_port()?, free_port()?);
     let me = std::env::current_exe()?;
-    let peers = vec![
+    let mut peers = vec![
         start_peer(
             "ignis",
             Command::new(ignis)
@@ -192,6 +204,20 @@ async fn hello_peers(
             "/hello",
         )?,
     ];
+    if fresh {
+        let manifest = ignis_manifest(&dir, "fresh.toml", component, "reuse = false")?;
+        let pf = free_port()?;
+        peers.push(start_peer(
+            "ignis (fresh)",
+            Command::new(ignis)
+                .arg("serve")
+                .arg(&manifest)
+                .args(["--listen", &format!("127.0.0.1:{pf}")])
+                .env("IGNIS_LOG", "warn"),
+            format!("127.0.0.1:{pf}"),
+            "/hello",
+        )?);
+    }
     for p in &peers {
         wait_ready(&p.addr, p.path).await.with_context(|| p.name)?;
     }
@@ -285,6 +311,13 @@ async fn hello_peers(
         "- p99 Ignis / wasmtime serve at {rate:.0} req/s: {:.2}",
         medians[0].1 / medians[1].1
     );
+    if let Some(fresh) = medians.get(3) {
+        println!(
+            "- throughput Ignis / Ignis (fresh): {:.2}; Ignis (fresh) / wasmtime serve: {:.2}",
+            medians[0].0 / fresh.0,
+            fresh.0 / medians[1].0
+        );
+    }
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_vec_pretty(&results)?)
             .with_context(|| format!("writing the JSON report to {}", path.display()))?;
@@ -333,6 +366,7 @@ fn main() -> anyhow::Result<()> {
                 rounds,
                 rate,
                 json,
+                fresh,
             } => {
                 hello_peers(
                     &ignis,
@@ -343,6 +377,7 @@ fn main() -> anyhow::Result<()> {
                     rounds,
                     rate,
                     json.as_deref(),
+                    fresh,
                 )
                 .await
             }

@@ -318,6 +318,73 @@ pub struct FunctionConfig {
     pub key_value_stores: Vec<String>,
     /// `wasi:config/store` values.
     pub config: BTreeMap<String, ConfigValue>,
+    /// Whether an instance may serve more than one request (`reuse`).
+    pub reuse: ReuseSetting,
+}
+
+/// A function's `reuse` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReuseSetting {
+    /// Not set: WASI 0.3 (`wasi:http/service`) components reuse instances
+    /// with [`Reuse::default`]; WASI 0.2 components get a fresh instance per
+    /// request.
+    #[default]
+    ByWorld,
+    /// `reuse = false`: a fresh instance for every request.
+    Off,
+    /// `reuse = true` or `reuse = { ... }`: instances are kept between
+    /// requests, whatever the world (for WASI 0.2 components this is an
+    /// opt-in to weaker isolation between requests of the function).
+    On(Reuse),
+}
+
+/// How long a kept instance lives: it serves one request at a time, and is
+/// retired after `max_requests` requests, at `max_age` after it was
+/// created, or as soon as one of its requests fails (trap, limit,
+/// cancellation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reuse {
+    /// Requests one instance serves before it is retired.
+    pub max_requests: u32,
+    /// Age (since instantiation) past which an instance serves no more.
+    pub max_age: Duration,
+    /// Idle instances the function keeps at most (each holds an instance
+    /// slot and its memory); at most `max_concurrency`.
+    pub max_idle: u32,
+}
+
+impl ReuseSetting {
+    /// What a function gets: `p3` says whether its component exports
+    /// `wasi:http/service` 0.3; `None` is a fresh instance per request.
+    pub fn resolve(self, p3: bool, max_concurrency: u32) -> Option<Reuse> {
+        match self {
+            ReuseSetting::Off => None,
+            ReuseSetting::On(reuse) => Some(reuse),
+            ReuseSetting::ByWorld if p3 => {
+                let mut reuse = Reuse::default();
+                reuse.max_idle = reuse.max_idle.min(max_concurrency);
+                Some(reuse)
+            }
+            ReuseSetting::ByWorld => None,
+        }
+    }
+
+    /// Idle instances the function may keep (0 when reuse is off); for
+    /// sizing the instance pool before the component's world is known.
+    pub fn max_idle(self, max_concurrency: u32) -> u32 {
+        self.resolve(true, max_concurrency)
+            .map_or(0, |reuse| reuse.max_idle)
+    }
+}
+
+impl Default for Reuse {
+    fn default() -> Self {
+        Reuse {
+            max_requests: 1000,
+            max_age: Duration::from_secs(60),
+            max_idle: 16,
+        }
+    }
 }
 
 impl FunctionConfig {
@@ -335,6 +402,7 @@ impl FunctionConfig {
             max_outbound_requests: 100,
             key_value_stores: Vec::new(),
             config: BTreeMap::new(),
+            reuse: ReuseSetting::ByWorld,
         }
     }
 }
@@ -534,6 +602,41 @@ struct RawFunction {
     key_value_stores: Vec<Spanned<String>>,
     #[serde(default)]
     config: BTreeMap<String, Spanned<RawConfigValue>>,
+    reuse: Option<Spanned<RawReuse>>,
+}
+
+/// `reuse = true | false | { max_requests, max_age, max_idle }`.
+enum RawReuse {
+    Flag(bool),
+    Table(RawReuseTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReuseTable {
+    max_requests: Option<Spanned<u32>>,
+    max_age: Option<HumanDuration>,
+    max_idle: Option<Spanned<u32>>,
+}
+
+impl<'de> Deserialize<'de> for RawReuse {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawReuse;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, false or a table { max_requests, max_age, max_idle }")
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<RawReuse, E> {
+                Ok(RawReuse::Flag(b))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawReuse, A::Error> {
+                RawReuseTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawReuse::Table)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 #[derive(Deserialize)]
@@ -1297,6 +1400,7 @@ impl Validator<'_> {
             };
             config.insert(k, value);
         }
+        let reuse = self.reuse(raw.reuse, &key, limits.max_concurrency)?;
         Ok(FunctionConfig {
             name: name.to_string(),
             tenant: raw.tenant.unwrap_or_else(|| name.to_string()),
@@ -1308,7 +1412,59 @@ impl Validator<'_> {
             max_outbound_requests,
             key_value_stores: stores,
             config,
+            reuse,
         })
+    }
+
+    fn reuse(
+        &self,
+        raw: Option<Spanned<RawReuse>>,
+        key: &dyn Fn(&str) -> String,
+        max_concurrency: u32,
+    ) -> Result<ReuseSetting, ConfigError> {
+        let Some(raw) = raw else {
+            return Ok(ReuseSetting::ByWorld);
+        };
+        let table = match raw.into_inner() {
+            RawReuse::Flag(false) => return Ok(ReuseSetting::Off),
+            RawReuse::Flag(true) => RawReuseTable {
+                max_requests: None,
+                max_age: None,
+                max_idle: None,
+            },
+            RawReuse::Table(t) => t,
+        };
+        let defaults = Reuse::default();
+        let max_idle = match table.max_idle {
+            Some(n) if *n.get_ref() > max_concurrency => {
+                return Err(self.err(
+                    n.span().start,
+                    key("reuse.max_idle"),
+                    format!("must be at most max_concurrency ({max_concurrency})"),
+                ));
+            }
+            other => self.count(
+                other,
+                &key("reuse.max_idle"),
+                1..=10_000,
+                defaults.max_idle.min(max_concurrency),
+            )?,
+        };
+        Ok(ReuseSetting::On(Reuse {
+            max_requests: self.count(
+                table.max_requests,
+                &key("reuse.max_requests"),
+                1..=1_000_000,
+                defaults.max_requests,
+            )?,
+            max_age: self.duration(
+                table.max_age,
+                &key("reuse.max_age"),
+                Duration::from_secs(1)..=Duration::from_secs(86_400),
+                defaults.max_age,
+            )?,
+            max_idle,
+        }))
     }
 
     fn route(

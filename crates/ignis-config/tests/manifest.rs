@@ -543,3 +543,75 @@ fn tenant_outbound_budgets_have_defaults_and_ranges() {
         assert_eq!((l, k.as_str()), (5, key), "{msg}");
     }
 }
+
+#[test]
+fn reuse_is_a_flag_or_a_table_and_defaults_by_world() {
+    use ignis_config::{Reuse, ReuseSetting};
+    let m = parse(
+        r#"
+[functions.unset]
+component = "a.wasm"
+max_concurrency = 4
+
+[functions.off]
+component = "a.wasm"
+reuse = false
+
+[functions.on]
+component = "a.wasm"
+reuse = true
+
+[functions.tuned]
+component = "a.wasm"
+reuse = { max_requests = 50, max_age = "5s", max_idle = 2 }
+"#,
+    )
+    .unwrap();
+    let unset = &m.functions["unset"];
+    assert_eq!(unset.reuse, ReuseSetting::ByWorld);
+    // Not set: 0.3 components reuse (idle instances capped by concurrency),
+    // 0.2 components do not.
+    let by_world = unset.reuse.resolve(true, 4).expect("0.3 reuses");
+    assert_eq!(by_world.max_idle, 4);
+    assert_eq!(unset.reuse.resolve(false, 4), None);
+    assert_eq!(m.functions["off"].reuse, ReuseSetting::Off);
+    assert_eq!(m.functions["off"].reuse.resolve(true, 64), None);
+    assert_eq!(m.functions["on"].reuse, ReuseSetting::On(Reuse::default()));
+    assert_eq!(
+        m.functions["on"].reuse.resolve(false, 64),
+        Some(Reuse::default()),
+        "an explicit reuse applies to 0.2 components too"
+    );
+    assert_eq!(
+        m.functions["tuned"].reuse,
+        ReuseSetting::On(Reuse {
+            max_requests: 50,
+            max_age: Duration::from_secs(5),
+            max_idle: 2,
+        })
+    );
+}
+
+#[test]
+fn bad_reuse_values_name_line_and_key() {
+    let f = "[functions.a]\ncomponent = \"a.wasm\"\n";
+    let (line, key, message) = invalid(&format!("{f}reuse = \"yes\"\n"));
+    assert_eq!((line, key.as_str()), (3, "functions.a.reuse"), "{message}");
+    assert!(message.contains("true, false or a table"), "{message}");
+    let (line, key, message) = invalid(&format!("{f}reuse = {{ max_request = 5 }}\n"));
+    assert_eq!(
+        (line, key.as_str()),
+        (3, "functions.a.reuse.max_request"),
+        "{message}"
+    );
+    assert!(message.contains("max_request"), "{message}");
+    let (line, key, _) = invalid(&format!("{f}reuse = {{ max_requests = 0 }}\n"));
+    assert_eq!((line, key.as_str()), (3, "functions.a.reuse.max_requests"));
+    let (line, key, _) = invalid(&format!("{f}reuse = {{ max_age = \"10ms\" }}\n"));
+    assert_eq!((line, key.as_str()), (3, "functions.a.reuse.max_age"));
+    let (line, key, message) = invalid(&format!(
+        "{f}max_concurrency = 2\nreuse = {{ max_idle = 3 }}\n"
+    ));
+    assert_eq!((line, key.as_str()), (4, "functions.a.reuse.max_idle"));
+    assert!(message.contains("max_concurrency (2)"), "{message}");
+}

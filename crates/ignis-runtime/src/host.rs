@@ -52,8 +52,9 @@ pub struct Host {
     client: ClientState,
     pub(crate) limiter: MemoryLimiter,
     log: GuestLog,
-    /// Keeps the epoch ticker running while this store exists.
-    _ticker: StoreLease,
+    /// Keeps the epoch ticker running while this store runs a guest (an
+    /// idle kept instance holds none, so an idle node's ticker parks).
+    ticker: Option<StoreLease>,
 }
 
 /// What every guest gets, whatever its kind.
@@ -100,7 +101,7 @@ impl Host {
             client,
             limiter: MemoryLimiter::new(base.memory_bytes),
             log,
-            _ticker: base.ticker,
+            ticker: Some(base.ticker),
         }
     }
 
@@ -133,14 +134,17 @@ impl Host {
         host
     }
 
-    /// Starts a new request on a kept instance (an actor's next message):
-    /// logs, outbound accounting and the actor client carry its id, the
-    /// log budget starts again, and the memory limiter forgets earlier
-    /// refusals.
+    /// Starts a new request on a kept instance (an actor's next message, a
+    /// reused function instance): logs, outbound accounting, key-value and
+    /// the actor client carry its id, the log budget and the outbound count
+    /// start again, and the memory limiter forgets earlier refusals.
     pub(crate) fn begin_request(&mut self, request_id: u64) {
         self.log.begin(request_id);
         self.outbound.begin(request_id);
         self.client.begin(request_id);
+        if let Some(kv) = &mut self.kv {
+            kv.begin(request_id);
+        }
         self.limiter.denied = false;
     }
 
@@ -148,6 +152,11 @@ impl Host {
     /// partial line logged, dropped bytes reported).
     pub(crate) fn end_request(&mut self) {
         self.log.end();
+    }
+
+    /// Lets the store keep the epoch ticker running (`Some`) or not.
+    pub(crate) fn set_ticker(&mut self, lease: Option<StoreLease>) {
+        self.ticker = lease;
     }
 
     /// The actor part (only on actor hosts).

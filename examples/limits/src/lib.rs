@@ -16,6 +16,7 @@
 //! | `/noreply` | returns without a response | 500 |
 //! | `/consume` | reads the whole request body, then answers its length | 200, or 413 past `max_body` |
 //! | `/env?key=K` | prints the environment value K | 200 |
+//! | `/instance` | counts the requests this instance served | 200 `instance request N` |
 
 use std::io::Write as _;
 
@@ -23,6 +24,9 @@ use wasip2::clocks::monotonic_clock;
 use wasip2::http::types::{Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam};
 
 struct Limits;
+
+/// Requests this instance has served (shows instance reuse).
+static SERVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn query<'a>(path: &'a str, key: &str) -> Option<&'a str> {
     let query = path.split_once('?')?.1;
@@ -62,6 +66,7 @@ fn spin() -> u64 {
 impl wasip2::exports::http::incoming_handler::Guest for Limits {
     fn handle(request: IncomingRequest, out: ResponseOutparam) {
         let path = request.path_with_query().unwrap_or_default();
+        let served = SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         // Dispatch on the last path segment, so the guest works under any route prefix.
         let route = path.split('?').next().unwrap_or("/");
         let route = format!("/{}", route.rsplit('/').next().unwrap_or(""));
@@ -137,6 +142,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Limits {
                 let key = query(&path, "key").unwrap_or("GREETING");
                 respond(out, 200, &std::env::var(key).unwrap_or_default());
             }
+            "/instance" => respond(out, 200, &format!("instance request {served}\n")),
             _ => respond(out, 404, "unknown limits route\n"),
         }
     }

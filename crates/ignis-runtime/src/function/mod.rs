@@ -1,12 +1,14 @@
 //! One deployed function and the life of one request inside it.
 //!
-//! The request runs in a fresh instance ([`p2`] or [`p3`] by the world the
-//! component exports) under the guest-run core ([`crate::guest`]), inside
-//! the caller's task until it has used half a slice of CPU, then on its
-//! tenant's queue in the fair scheduler.
+//! The request runs in an instance ([`p2`] or [`p3`] by the world the
+//! component exports), fresh or kept from an earlier request of the same
+//! function ([`reuse`]), under the guest-run core ([`crate::guest`]),
+//! inside the caller's task until it has used half a slice of CPU, then on
+//! its tenant's queue in the fair scheduler.
 
 mod p2;
 mod p3;
+mod reuse;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +40,7 @@ use crate::host::{Base, Host, new_store};
 use crate::outbound::{Outbound, OutboundPolicy, TenantOutbound};
 use crate::sched::SliceQueue;
 use crate::shared::Shared;
+use reuse::{InstancePool, Kept};
 
 /// The response body type: streamed from the guest as it writes.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -215,6 +218,16 @@ impl http_body::Body for DrivingBody {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(None) = polled {
             this.done = None;
+            // A 0.3 guest waits for `done`, and most guests end right after
+            // their body: one more poll lets them end here, so a kept
+            // instance is back in its pool before the client sees the end
+            // of the body (its next request on the connection reuses it).
+            if let Poll::Ready(ended) = this.poll_guest(cx) {
+                drop(this.take_guest());
+                if let Err(e) = ended {
+                    e.log(&this.owner, this.request_id);
+                }
+            }
             if let Some(guest) = this.take_guest() {
                 // The body is complete but the guest is still running (work
                 // after the response): let it finish on its own, bounded by
@@ -295,6 +308,9 @@ pub struct Function {
     caller: CallerSlot,
     /// Who this function is when it calls an actor.
     caller_id: CallerId,
+    /// Idle instances for the next requests (`None`: a fresh instance per
+    /// request).
+    pool: Option<Arc<InstancePool>>,
 }
 
 impl Function {
@@ -331,7 +347,20 @@ impl Function {
             tenant: config.tenant.as_str().into(),
             name: name.clone(),
         };
+        let stats = Arc::new(GuestStats::default());
+        let reuse = config
+            .reuse
+            .resolve(matches!(pre, Pre::P3(_)), config.limits.max_concurrency);
+        if let (Some(reuse), Pre::P2(_)) = (reuse, &pre) {
+            tracing::warn!(
+                function = %name,
+                max_requests = reuse.max_requests,
+                "reuse is on for a wasi:http 0.2 component: consecutive requests of this function share the instance's memory (globals, caches), see docs/configuration.md"
+            );
+        }
+        let pool = reuse.map(|reuse| InstancePool::new(reuse, stats.clone()));
         Arc::new(Function {
+            pool,
             queue,
             demote_after,
             kv: Arc::new(KvAccess::new(
@@ -364,7 +393,7 @@ impl Function {
             caller: platform.actor_caller.clone(),
             caller_id,
             shared: shared.clone(),
-            stats: Arc::new(GuestStats::default()),
+            stats,
             cache_outcome,
         })
     }
@@ -434,8 +463,10 @@ impl Function {
         instantiated.map_err(Error::internal)
     }
 
-    /// Runs one request in a fresh instance. The response is returned as soon
-    /// as the guest sets it; its body streams while the guest writes it.
+    /// Runs one request in an instance (fresh, or kept from an earlier
+    /// request if the function reuses instances). The response is returned
+    /// as soon as the guest sets it; its body streams while the guest writes
+    /// it.
     ///
     /// Admission is the caller's job (`ignis-actors` caps concurrency and
     /// sheds); `slot`, if any, is held until the instance is freed.
@@ -460,12 +491,22 @@ impl Function {
             hog_above: self.demote_after,
             route: Some(route),
         };
-        let store = self.new_store(meta.request_id);
+        let reused = self
+            .pool
+            .as_ref()
+            .and_then(|p| p.take(meta.request_id, || self.shared.store_lease()));
+        let kept = match reused {
+            Some(kept) => kept,
+            None => {
+                self.stats.fresh_instances.fetch_add(1, Ordering::Relaxed);
+                Kept::fresh(self.new_store(meta.request_id))
+            }
+        };
         let (tx, rx) = oneshot::channel::<Sent>();
         let (done_tx, done_rx) = oneshot::channel::<()>();
         let run: GuestRun = match &self.pre {
-            Pre::P2(pre) => p2::start(pre, store, request, meta.https, tx)?,
-            Pre::P3(pre) => p3::start(pre, store, request, tx, done_rx),
+            Pre::P2(pre) => p2::start(pre, kept, request, meta.https, tx)?,
+            Pre::P3(pre) => p3::start(pre, kept, request, tx, done_rx),
         };
         let guest: GuestFuture = Box::pin(run_task(
             run,
@@ -473,6 +514,7 @@ impl Function {
                 slot,
                 active: ActiveGuard::new(self.stats.clone()),
                 limits,
+                pool: self.pool.clone(),
             },
         ));
         // CPU hogs go to the fair scheduler: after half a slice of CPU in
@@ -558,13 +600,17 @@ struct TaskContext {
     slot: Option<OwnedSemaphorePermit>,
     active: ActiveGuard,
     limits: RunLimits,
+    pool: Option<Arc<InstancePool>>,
 }
 
-/// A guest run: the result and whether the memory limiter refused growth.
-type GuestRun = Pin<Box<dyn Future<Output = (wasmtime::Result<()>, bool)> + Send>>;
+/// A guest run: the store and instance back (if the guest ended well) and
+/// whether the memory limiter refused growth.
+type GuestRun = Pin<Box<dyn Future<Output = (wasmtime::Result<Kept>, bool)> + Send>>;
 
-/// The guest under its limits; frees the instance slot when it ends and
-/// counts a cancellation if it is dropped first.
+/// The guest under its limits; when it ends well its instance goes back to
+/// the function's pool (if it reuses instances), then the request's slot
+/// is freed; counts a cancellation if it is dropped first (the store and
+/// instance are dropped with it).
 async fn run_task(run: GuestRun, cx: TaskContext) -> Result<(), Error> {
     let stats = &cx.active.0;
     let mut cancel = CancelGuard {
@@ -573,8 +619,13 @@ async fn run_task(run: GuestRun, cx: TaskContext) -> Result<(), Error> {
     };
     let outcome = run_limited(run, cx.limits, stats).await;
     cancel.finished = true;
+    let ended = outcome.into_result().map(|kept| {
+        if let Some(pool) = &cx.pool {
+            pool.give_back(kept);
+        }
+    });
     drop(cx.slot);
-    outcome.into_result()
+    ended
 }
 
 /// A guest that runs in the caller's task (the connection's) until it has

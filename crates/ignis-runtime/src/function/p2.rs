@@ -2,21 +2,21 @@
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
-use wasmtime::Store;
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
+use super::reuse::{Instance, Kept};
 use super::{GuestRun, Sent};
 use crate::error::Error;
-use crate::host::Host;
 
 /// Puts `request` and a response outparam into the store's table and
-/// returns the guest run: instantiate, then call `handle`. The response
-/// goes to `tx` as soon as the guest sets it.
+/// returns the guest run: instantiate (unless `kept` holds an instance),
+/// then call `handle`. The response goes to `tx` as soon as the guest sets
+/// it; the run ends, giving the instance back, when `handle` returns.
 pub(super) fn start<B>(
-    pre: &ProxyPre<Host>,
-    mut store: Store<Host>,
+    pre: &ProxyPre<crate::host::Host>,
+    mut kept: Kept,
     request: http::Request<B>,
     https: bool,
     tx: oneshot::Sender<Sent>,
@@ -26,7 +26,7 @@ where
     B::Error: Into<wasmtime_wasi_http::Error>,
 {
     let scheme = if https { Scheme::Https } else { Scheme::Http };
-    let mut http = store.data_mut().http();
+    let mut http = kept.store.data_mut().http();
     let req = http
         .new_incoming_request(scheme, request)
         .map_err(Error::internal)?;
@@ -38,13 +38,20 @@ where
     let pre = pre.clone();
     Ok(Box::pin(async move {
         let result = async {
-            let proxy = pre.instantiate_async(&mut store).await?;
+            if kept.instance.is_none() {
+                let proxy = pre.instantiate_async(&mut kept.store).await?;
+                kept.instance = Some(Instance::P2(proxy));
+            }
+            let Some(Instance::P2(proxy)) = &kept.instance else {
+                unreachable!("a 0.2 function's instances are 0.2 proxies");
+            };
             proxy
                 .wasi_http_incoming_handler()
-                .call_handle(&mut store, req, out)
+                .call_handle(&mut kept.store, req, out)
                 .await
         }
         .await;
-        (result, store.data().limiter.denied)
+        let denied = kept.store.data().limiter.denied;
+        (result.map(|()| kept), denied)
     }))
 }

@@ -6,19 +6,19 @@
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
-use wasmtime::Store;
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
 
+use super::reuse::{Instance, Kept};
 use super::{GuestRun, Sent};
 use crate::host::Host;
 
-/// The guest run: instantiate, call `handle`, send the response to `tx`,
-/// and keep the event loop alive until `done` (the body was read or
-/// dropped).
+/// The guest run: instantiate (unless `kept` holds an instance), call
+/// `handle`, send the response to `tx`, and keep the event loop alive until
+/// `done` (the body was read or dropped); then the instance goes back.
 pub(super) fn start<B>(
     pre: &ServicePre<Host>,
-    mut store: Store<Host>,
+    mut kept: Kept,
     request: http::Request<B>,
     tx: oneshot::Sender<Sent>,
     done: oneshot::Receiver<()>,
@@ -28,12 +28,18 @@ where
     B::Error: Into<wasmtime_wasi_http::Error>,
 {
     let (req, request_io) =
-        wasmtime_wasi_http::p3::Request::from_http(store.data_mut().http().hooks, request);
+        wasmtime_wasi_http::p3::Request::from_http(kept.store.data_mut().http().hooks, request);
     let pre = pre.clone();
     Box::pin(async move {
         let result = async {
-            let service = pre.instantiate_async(&mut store).await?;
-            store
+            if kept.instance.is_none() {
+                let service = pre.instantiate_async(&mut kept.store).await?;
+                kept.instance = Some(Instance::P3(service));
+            }
+            let Some(Instance::P3(service)) = &kept.instance else {
+                unreachable!("a 0.3 function's instances are 0.3 services");
+            };
+            kept.store
                 .run_concurrent(async move |accessor| {
                     match service.handle(accessor, req).await? {
                         Ok(response) => {
@@ -52,6 +58,7 @@ where
                 .await?
         }
         .await;
-        (result, store.data().limiter.denied)
+        let denied = kept.store.data().limiter.denied;
+        (result.map(|()| kept), denied)
     })
 }

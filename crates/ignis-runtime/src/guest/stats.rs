@@ -7,14 +7,21 @@ use tokio::sync::Notify;
 
 use super::Outcome;
 
-/// Counters for one function or actor class. `active` is the number of live
-/// function instances (actor activations are counted by their directory).
+/// Counters for one function or actor class. `active` is the number of
+/// requests running in a function instance (idle kept instances are
+/// `idle_instances`; actor activations are counted by their directory).
 #[derive(Debug, Default)]
 pub struct GuestStats {
     /// Requests (or actor messages and alarms) received.
     pub requests: AtomicU64,
-    /// Instances alive now.
+    /// Requests running in an instance now.
     pub active: AtomicU64,
+    /// Requests that instantiated the component (a fresh instance).
+    pub fresh_instances: AtomicU64,
+    /// Requests served by an instance kept from an earlier request.
+    pub reused: AtomicU64,
+    /// Instances kept for reuse, waiting for a request now.
+    pub idle_instances: AtomicU64,
     /// Guest traps (including memory-limit traps).
     pub traps: AtomicU64,
     /// Runs stopped for memory.

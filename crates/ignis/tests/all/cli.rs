@@ -145,6 +145,33 @@ fn capabilities_are_checked_at_startup_by_kind_of_guest() {
 }
 
 #[test]
+fn reuse_on_a_02_component_is_a_startup_warning_naming_the_function() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write(
+        dir.path(),
+        "ignis.toml",
+        &format!(
+            "[server]\ncache_dir = \"{}\"\n[functions.kept]\ncomponent = \"{}\"\nreuse = true\n[functions.plain]\ncomponent = \"{}\"\n[functions.p3]\ncomponent = \"{}\"\n",
+            shared_cache(),
+            wasm("limits"),
+            wasm("limits"),
+            wasm("limits_p3"),
+        ),
+    );
+    let (ok, out, err) = check(&manifest);
+    assert!(ok, "{out}{err}");
+    let err = strip_ansi(&err);
+    let warnings: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("reuse is on for a wasi:http 0.2 component"))
+        .collect();
+    // Only the 0.2 function that opted in: the 0.3 one reuses by default
+    // (the standard allows it), the plain 0.2 one does not reuse.
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(warnings[0].contains("kept"), "{err}");
+}
+
+#[test]
 fn restart_reuses_the_compile_cache() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = write(

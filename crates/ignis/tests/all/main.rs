@@ -10,6 +10,7 @@ mod durable;
 mod http_limits;
 mod isolation;
 mod outbound;
+mod reuse;
 mod serving;
 mod slow_clients;
 mod tenants;

@@ -120,6 +120,11 @@ impl KvState {
     pub fn new(access: Arc<KvAccess>, request_id: u64) -> KvState {
         KvState { access, request_id }
     }
+
+    /// A new request on a kept instance.
+    pub(crate) fn begin(&mut self, request_id: u64) {
+        self.request_id = request_id;
+    }
 }
 
 /// The key-value view of one request's store data: its state and the

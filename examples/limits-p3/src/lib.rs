@@ -1,0 +1,92 @@
+//! `limits-p3`: a `wasi:http@0.3.0` `service` guest for testing how Ignis
+//! runs (and reuses) 0.3 instances. Routes by the last path segment:
+//!
+//! | path | what it does | what Ignis answers |
+//! | --- | --- | --- |
+//! | `/instance` | counts the requests this instance served | 200 `instance request N` |
+//! | `/trap` | panics (a wasm trap) | 500 with a request id |
+//! | `/loop` | spins forever | 504 at the CPU or wall deadline |
+//! | `/sleep?ms=N` | waits N ms on the host clock | 200 `instance request N`, or 504 past the wall deadline |
+//! | `/busy?ms=N` | spins for N ms of the host clock | 200 `instance request N`, or 504 past the CPU budget |
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use wasip3::clocks::monotonic_clock;
+use wasip3::http::types::{ErrorCode, Fields, Request, Response};
+use wasip3::{wit_bindgen, wit_future, wit_stream};
+
+wasip3::http::service::export!(LimitsP3);
+
+struct LimitsP3;
+
+/// Requests this instance has served (shows instance reuse).
+static SERVED: AtomicU64 = AtomicU64::new(0);
+
+fn num(path: &str, key: &str, default: u64) -> u64 {
+    path.split_once('?')
+        .and_then(|(_, q)| {
+            q.split('&').find_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                (k == key).then(|| v.parse().ok()).flatten()
+            })
+        })
+        .unwrap_or(default)
+}
+
+#[inline(never)]
+fn spin() -> u64 {
+    let mut x = 1u64;
+    loop {
+        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        if x == 0 {
+            return x;
+        }
+    }
+}
+
+#[inline(never)]
+fn spin_once() -> u64 {
+    std::hint::black_box(6364136223846793005u64).wrapping_mul(3)
+}
+
+fn text(status: u16, body: String) -> Result<Response, ErrorCode> {
+    let (mut body_tx, body_rx) = wit_stream::new();
+    let (body_result_tx, body_result_rx) = wit_future::new(|| Ok(None));
+    let headers = Fields::from_list(&[("content-type".to_string(), b"text/plain".to_vec())])
+        .map_err(|_| ErrorCode::InternalError(Some("headers".into())))?;
+    let (response, _sent) = Response::new(headers, Some(body_rx), body_result_rx);
+    response
+        .set_status_code(status)
+        .map_err(|()| ErrorCode::InternalError(Some("status".into())))?;
+    drop(body_result_tx);
+    wit_bindgen::spawn_local(async move {
+        let remaining = body_tx.write_all(body.into_bytes()).await;
+        assert!(remaining.is_empty());
+    });
+    Ok(response)
+}
+
+impl wasip3::exports::http::handler::Guest for LimitsP3 {
+    async fn handle(request: Request) -> Result<Response, ErrorCode> {
+        let served = SERVED.fetch_add(1, Ordering::Relaxed) + 1;
+        let path = request.get_path_with_query().unwrap_or_default();
+        let route = path.split('?').next().unwrap_or("/");
+        match route.rsplit('/').next().unwrap_or("") {
+            "instance" => text(200, format!("instance request {served}\n")),
+            "trap" => panic!("the limits-p3 guest panics on purpose"),
+            "loop" => text(200, format!("{}", spin())),
+            "sleep" => {
+                monotonic_clock::wait_for(num(&path, "ms", 100) * 1_000_000).await;
+                text(200, format!("instance request {served}\n"))
+            }
+            "busy" => {
+                let until = monotonic_clock::now() + num(&path, "ms", 10) * 1_000_000;
+                while monotonic_clock::now() < until {
+                    std::hint::black_box(spin_once());
+                }
+                text(200, format!("instance request {served}\n"))
+            }
+            _ => text(404, "unknown limits-p3 route\n".to_string()),
+        }
+    }
+}
