@@ -259,6 +259,24 @@ pub enum ComponentSource {
     Wasm(PathBuf),
     /// A Rust crate directory built with `cargo build --target wasm32-wasip2 --release`.
     RustCrate(PathBuf),
+    /// Any toolchain: a shell command that writes the component
+    /// (`build = { command, output, workdir, watch }`).
+    Command(BuildCommand),
+}
+
+/// A build command (`build = { command = "...", output = "app.wasm" }`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildCommand {
+    /// Run with `sh -c` in `workdir`.
+    pub command: String,
+    /// Where the command writes the component (resolved).
+    pub output: PathBuf,
+    /// Directory the command runs in (resolved; default: the manifest's).
+    pub workdir: PathBuf,
+    /// Files or directories (resolved against `workdir`) whose change makes
+    /// `ignis up` run the command again; when every one of them is older
+    /// than `output`, the build is skipped. Empty: always build.
+    pub watch: Vec<PathBuf>,
 }
 
 /// Per-function resource limits.
@@ -500,7 +518,7 @@ struct SharedLimits {
 #[serde(deny_unknown_fields)]
 struct RawActor {
     component: Option<PathBuf>,
-    build: Option<PathBuf>,
+    build: Option<Spanned<RawBuild>>,
     memory: Option<ByteSize>,
     cpu_time: Option<HumanDuration>,
     wall_time: Option<HumanDuration>,
@@ -582,7 +600,7 @@ struct RawServer {
 #[serde(deny_unknown_fields)]
 struct RawFunction {
     component: Option<PathBuf>,
-    build: Option<PathBuf>,
+    build: Option<Spanned<RawBuild>>,
     tenant: Option<String>,
     memory: Option<ByteSize>,
     cpu_time: Option<HumanDuration>,
@@ -603,6 +621,44 @@ struct RawFunction {
     #[serde(default)]
     config: BTreeMap<String, Spanned<RawConfigValue>>,
     reuse: Option<Spanned<RawReuse>>,
+}
+
+/// `build = "crate-dir"` or `build = { command, output, workdir, watch }`.
+enum RawBuild {
+    Crate(PathBuf),
+    Command(RawBuildCommand),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuildCommand {
+    command: String,
+    output: PathBuf,
+    workdir: Option<PathBuf>,
+    #[serde(default)]
+    watch: Vec<PathBuf>,
+}
+
+impl<'de> Deserialize<'de> for RawBuild {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawBuild;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a Rust crate directory, or a table { command, output, workdir, watch }",
+                )
+            }
+            fn visit_str<E>(self, dir: &str) -> Result<RawBuild, E> {
+                Ok(RawBuild::Crate(PathBuf::from(dir)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawBuild, A::Error> {
+                RawBuildCommand::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawBuild::Command)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// `reuse = true | false | { max_requests, max_age, max_idle }`.
@@ -827,20 +883,56 @@ impl Validator<'_> {
         table: &str,
         offset: usize,
         component: Option<PathBuf>,
-        build: Option<PathBuf>,
+        build: Option<Spanned<RawBuild>>,
     ) -> Result<ComponentSource, ConfigError> {
         match (component, build) {
             (Some(c), None) => Ok(ComponentSource::Wasm(self.resolve(&c))),
-            (None, Some(b)) => Ok(ComponentSource::RustCrate(self.resolve(&b))),
+            (None, Some(b)) => self.build(table, b),
             (Some(_), Some(_)) => {
                 Err(self.err(offset, table, "set either `component` or `build`, not both"))
             }
             (None, None) => Err(self.err(
                 offset,
                 table,
-                "missing `component` (a .wasm file) or `build` (a Rust crate directory)",
+                "missing `component` (a .wasm file) or `build` (a Rust crate directory, or { command, output })",
             )),
         }
+    }
+
+    fn build(&self, table: &str, raw: Spanned<RawBuild>) -> Result<ComponentSource, ConfigError> {
+        let at = raw.span().start;
+        let key = |k: &str| format!("{table}.build{k}");
+        let b = match raw.into_inner() {
+            RawBuild::Crate(dir) => return Ok(ComponentSource::RustCrate(self.resolve(&dir))),
+            RawBuild::Command(b) => b,
+        };
+        if b.command.trim().is_empty() {
+            return Err(self.err(at, key(".command"), "must not be empty"));
+        }
+        if b.output.as_os_str().is_empty() {
+            return Err(self.err(
+                at,
+                key(".output"),
+                "must name the .wasm file the command writes",
+            ));
+        }
+        let workdir = match &b.workdir {
+            Some(w) => self.resolve(w),
+            None => self.resolve(Path::new(".")),
+        };
+        let within = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                workdir.join(p)
+            }
+        };
+        Ok(ComponentSource::Command(BuildCommand {
+            command: b.command,
+            output: within(&b.output),
+            watch: b.watch.iter().map(|w| within(w)).collect(),
+            workdir,
+        }))
     }
 
     /// A whole number in `range`, or `default` when the key is absent.
@@ -1627,6 +1719,9 @@ impl fmt::Display for ComponentSource {
         match self {
             ComponentSource::Wasm(p) => write!(f, "{}", p.display()),
             ComponentSource::RustCrate(p) => write!(f, "{} (Rust crate)", p.display()),
+            ComponentSource::Command(b) => {
+                write!(f, "{} (built by `{}`)", b.output.display(), b.command)
+            }
         }
     }
 }

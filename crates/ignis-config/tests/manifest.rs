@@ -615,3 +615,68 @@ fn bad_reuse_values_name_line_and_key() {
     assert_eq!((line, key.as_str()), (4, "functions.a.reuse.max_idle"));
     assert!(message.contains("max_concurrency (2)"), "{message}");
 }
+
+#[test]
+fn build_is_a_crate_directory_or_a_command_table() {
+    use ignis_config::BuildCommand;
+    let m = parse(
+        r#"
+[functions.rust]
+build = "guests/rust"
+
+[functions.js]
+build = { command = "npm run build", output = "dist/app.wasm", workdir = "guests/js", watch = ["src", "package.json"] }
+
+[functions.py]
+build = { command = "componentize-py componentize app -o app.wasm", output = "/abs/app.wasm" }
+"#,
+    )
+    .unwrap();
+    assert_eq!(
+        m.functions["rust"].source,
+        ComponentSource::RustCrate("/app/guests/rust".into())
+    );
+    assert_eq!(
+        m.functions["js"].source,
+        ComponentSource::Command(BuildCommand {
+            command: "npm run build".into(),
+            output: "/app/guests/js/dist/app.wasm".into(),
+            workdir: "/app/guests/js".into(),
+            watch: vec![
+                "/app/guests/js/src".into(),
+                "/app/guests/js/package.json".into()
+            ],
+        })
+    );
+    let ComponentSource::Command(py) = &m.functions["py"].source else {
+        panic!("a command");
+    };
+    assert_eq!(py.workdir, Path::new("/app/."));
+    assert_eq!(py.output, Path::new("/abs/app.wasm"));
+}
+
+#[test]
+fn bad_build_tables_name_line_and_key() {
+    let f = "[functions.a]\n";
+    let (line, key, message) = invalid(&format!("{f}build = 3\n"));
+    assert_eq!((line, key.as_str()), (2, "functions.a.build"), "{message}");
+    assert!(
+        message.contains("a Rust crate directory, or a table"),
+        "{message}"
+    );
+    let (line, key, message) = invalid(&format!("{f}build = {{ output = \"a.wasm\" }}\n"));
+    assert_eq!((line, key.as_str()), (2, "functions.a.build"), "{message}");
+    assert!(message.contains("command"), "{message}");
+    let (line, key, _) = invalid(&format!(
+        "{f}build = {{ command = \" \", output = \"a.wasm\" }}\n"
+    ));
+    assert_eq!((line, key.as_str()), (2, "functions.a.build.command"));
+    let (line, key, message) = invalid(&format!(
+        "{f}build = {{ command = \"x\", output = \"a.wasm\", wtach = [] }}\n"
+    ));
+    assert_eq!(
+        (line, key.as_str()),
+        (2, "functions.a.build.wtach"),
+        "{message}"
+    );
+}

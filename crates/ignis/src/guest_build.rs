@@ -1,15 +1,21 @@
-//! Building Rust guest crates for `wasm32-wasip2`.
+//! Building guests: Rust crates for `wasm32-wasip2`, and build commands
+//! for any other toolchain (componentize-js, componentize-py, ...).
 //!
 //! `ignis up` builds every function declared with `build = "dir"`:
 //! `cargo build --release --target wasm32-wasip2` in that directory, reading
 //! the artifact path from cargo's JSON messages (so workspaces and custom
 //! target directories just work). The target is installed with
 //! `rustup target add wasm32-wasip2` the first time it is missing.
+//!
+//! `build = { command, output, workdir, watch }` runs `sh -c command` in
+//! `workdir` and loads `output`; with `watch` set, a build whose output is
+//! newer than every watched file is skipped.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
+use ignis_config::BuildCommand;
 
 /// The guest target.
 pub const TARGET: &str = "wasm32-wasip2";
@@ -100,4 +106,73 @@ pub fn build_crate(dir: &Path) -> anyhow::Result<PathBuf> {
             dir.display()
         )
     })
+}
+
+/// Lines of a failed build command's stderr that its error quotes.
+const STDERR_TAIL_LINES: usize = 20;
+
+/// Runs a function's or actor class's build command (`sh -c` in its
+/// workdir) unless every watched path is older than the output, and
+/// returns the output path. A failure names the command, its exit status
+/// and the tail of its stderr; the caller adds whose build it was.
+pub fn run_command(build: &BuildCommand) -> anyhow::Result<PathBuf> {
+    if up_to_date(build) {
+        tracing::info!(output = %build.output.display(), "build skipped: output newer than every watched path");
+        return Ok(build.output.clone());
+    }
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(&build.command)
+        .current_dir(&build.workdir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("running `{}` in {}", build.command, build.workdir.display()))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // Shown as it would have been, then quoted in the error.
+    eprint!("{stderr}");
+    if !output.status.success() {
+        let lines: Vec<&str> = stderr.lines().collect();
+        let tail = lines[lines.len().saturating_sub(STDERR_TAIL_LINES)..].join("\n");
+        bail!(
+            "build command `{}` (in {}) failed ({}); its stderr ends with:\n{tail}",
+            build.command,
+            build.workdir.display(),
+            output.status
+        );
+    }
+    if !build.output.is_file() {
+        bail!(
+            "build command `{}` succeeded but wrote no {}",
+            build.command,
+            build.output.display()
+        );
+    }
+    Ok(build.output.clone())
+}
+
+/// Whether `output` exists and is newer than every file under the watched
+/// paths (none watched: never up to date).
+fn up_to_date(build: &BuildCommand) -> bool {
+    let Ok(built) = std::fs::metadata(&build.output).and_then(|m| m.modified()) else {
+        return false;
+    };
+    !build.watch.is_empty() && build.watch.iter().all(|p| older_than(p, built))
+}
+
+fn older_than(path: &Path, built: std::time::SystemTime) -> bool {
+    let Ok(meta) = std::fs::metadata(path) else {
+        // A watched path that does not exist: build (the command may say why).
+        return false;
+    };
+    if meta.is_dir() {
+        let Ok(entries) = std::fs::read_dir(path) else {
+            return false;
+        };
+        return entries
+            .filter_map(Result::ok)
+            .all(|e| older_than(&e.path(), built));
+    }
+    meta.modified().is_ok_and(|m| m < built)
 }

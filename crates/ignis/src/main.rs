@@ -44,7 +44,7 @@ enum Command {
     Check {
         /// Path to ignis.toml.
         manifest: PathBuf,
-        /// Also build functions declared with `build = "dir"`.
+        /// Also build functions declared with `build` (a Rust crate or a command).
         #[arg(long)]
         build: bool,
     },

@@ -296,6 +296,88 @@ async fn up_builds_rust_guests_and_serves_them() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("use `ignis up`"));
 }
 
+#[test]
+fn build_commands_run_in_their_workdir_skip_when_up_to_date_and_name_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("src")).unwrap();
+    write(&dir.path().join("src"), "app.txt", "v1");
+    // A "toolchain" that copies a real component into place, and counts
+    // its runs, so skipped builds can be told apart.
+    let manifest = write(
+        dir.path(),
+        "ok.toml",
+        &format!(
+            "[server]\ncache_dir = \"{}\"\n[functions.app]\nbuild = {{ command = \"echo run >> runs.log && cp '{}' out/app.wasm\", output = \"out/app.wasm\", workdir = \"src\", watch = [\"app.txt\"] }}\n",
+            shared_cache(),
+            wasm("hello"),
+        ),
+    );
+    std::fs::create_dir(dir.path().join("src/out")).unwrap();
+    let build = |m: &Path| {
+        let out = ignis().arg("check").arg("--build").arg(m).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let runs = || {
+        std::fs::read_to_string(dir.path().join("src/runs.log"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let (ok, err) = build(&manifest);
+    assert!(ok, "{err}");
+    assert_eq!(runs(), 1, "the command ran in `workdir`");
+    // Output newer than every watched file: not run again.
+    let (ok, err) = build(&manifest);
+    assert!(ok, "{err}");
+    assert_eq!(runs(), 1, "{err}");
+    // A watched file changed (newer than the output): run again.
+    let later = std::fs::metadata(dir.path().join("src/out/app.wasm"))
+        .unwrap()
+        .modified()
+        .unwrap()
+        + Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(dir.path().join("src/app.txt"))
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let (ok, err) = build(&manifest);
+    assert!(ok, "{err}");
+    assert_eq!(runs(), 2, "{err}");
+
+    // A failing command: the error names the function, the command, its
+    // exit status and the end of its stderr.
+    let broken = write(
+        dir.path(),
+        "broken.toml",
+        "[functions.broken]\nbuild = { command = \"echo compiling >&2; echo 'app.js:3: unexpected token' >&2; exit 3\", output = \"never.wasm\" }\n",
+    );
+    let (ok, err) = build(&broken);
+    assert!(!ok);
+    let err = strip_ansi(&err);
+    assert!(err.contains("function `broken`"), "{err}");
+    assert!(err.contains("exit 3"), "{err}");
+    assert!(err.contains("exit status: 3"), "{err}");
+    assert!(err.contains("app.js:3: unexpected token"), "{err}");
+    // Succeeds but writes nothing: said so.
+    let silent = write(
+        dir.path(),
+        "silent.toml",
+        "[functions.silent]\nbuild = { command = \"true\", output = \"nothing.wasm\" }\n",
+    );
+    let (ok, err) = build(&silent);
+    assert!(!ok);
+    assert!(strip_ansi(&err).contains("wrote no"), "{err}");
+    // `serve` does not build.
+    let out = ignis().arg("serve").arg(&manifest).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use `ignis up`"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bundled_examples_serve_bindings_and_actors() {
     guests(); // built once already; `up` reuses the build
