@@ -366,8 +366,9 @@ pub struct Reuse {
     pub max_requests: u32,
     /// Age (since instantiation) past which an instance serves no more.
     pub max_age: Duration,
-    /// Idle instances the function keeps at most (each holds an instance
-    /// slot and its memory); at most `max_concurrency`.
+    /// Idle instances the function keeps at most (each holds its memory).
+    /// Kept instances and running requests together never pass
+    /// `max_concurrency`: a fresh instance is only made when none is idle.
     pub max_idle: u32,
 }
 
@@ -378,29 +379,21 @@ impl ReuseSetting {
         match self {
             ReuseSetting::Off => None,
             ReuseSetting::On(reuse) => Some(reuse),
-            ReuseSetting::ByWorld if p3 => {
-                let mut reuse = Reuse::default();
-                reuse.max_idle = reuse.max_idle.min(max_concurrency);
-                Some(reuse)
-            }
+            ReuseSetting::ByWorld if p3 => Some(Reuse::defaults(max_concurrency)),
             ReuseSetting::ByWorld => None,
         }
     }
-
-    /// Idle instances the function may keep (0 when reuse is off); for
-    /// sizing the instance pool before the component's world is known.
-    pub fn max_idle(self, max_concurrency: u32) -> u32 {
-        self.resolve(true, max_concurrency)
-            .map_or(0, |reuse| reuse.max_idle)
-    }
 }
 
-impl Default for Reuse {
-    fn default() -> Self {
+impl Reuse {
+    /// The defaults for a function admitting `max_concurrency` requests:
+    /// as many idle instances as requests may run (measured: capping them
+    /// below the load's concurrency halves the gain, docs/BENCHMARKS.md).
+    pub fn defaults(max_concurrency: u32) -> Reuse {
         Reuse {
             max_requests: 1000,
             max_age: Duration::from_secs(60),
-            max_idle: 16,
+            max_idle: max_concurrency,
         }
     }
 }
@@ -1526,7 +1519,7 @@ impl Validator<'_> {
             },
             RawReuse::Table(t) => t,
         };
-        let defaults = Reuse::default();
+        let defaults = Reuse::defaults(max_concurrency);
         let max_idle = match table.max_idle {
             Some(n) if *n.get_ref() > max_concurrency => {
                 return Err(self.err(
@@ -1535,12 +1528,7 @@ impl Validator<'_> {
                     format!("must be at most max_concurrency ({max_concurrency})"),
                 ));
             }
-            other => self.count(
-                other,
-                &key("reuse.max_idle"),
-                1..=10_000,
-                defaults.max_idle.min(max_concurrency),
-            )?,
+            other => self.count(other, &key("reuse.max_idle"), 1..=10_000, defaults.max_idle)?,
         };
         Ok(ReuseSetting::On(Reuse {
             max_requests: self.count(

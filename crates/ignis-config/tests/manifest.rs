@@ -576,12 +576,16 @@ reuse = { max_requests = 50, max_age = "5s", max_idle = 2 }
     assert_eq!(unset.reuse.resolve(false, 4), None);
     assert_eq!(m.functions["off"].reuse, ReuseSetting::Off);
     assert_eq!(m.functions["off"].reuse.resolve(true, 64), None);
-    assert_eq!(m.functions["on"].reuse, ReuseSetting::On(Reuse::default()));
+    assert_eq!(
+        m.functions["on"].reuse,
+        ReuseSetting::On(Reuse::defaults(64))
+    );
     assert_eq!(
         m.functions["on"].reuse.resolve(false, 64),
-        Some(Reuse::default()),
+        Some(Reuse::defaults(64)),
         "an explicit reuse applies to 0.2 components too"
     );
+    assert_eq!(Reuse::defaults(64).max_idle, 64);
     assert_eq!(
         m.functions["tuned"].reuse,
         ReuseSetting::On(Reuse {

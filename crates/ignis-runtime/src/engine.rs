@@ -45,18 +45,14 @@ pub struct RuntimeSettings {
 
 impl RuntimeSettings {
     /// Settings sized from a manifest: one pool slot per allowed concurrent
-    /// instance of each function and per idle instance it may keep for
-    /// reuse, plus the activation slots (the node's
+    /// instance of each function, plus the activation slots (the node's
     /// `server.max_activations`, or the classes' `max_activations` summed
     /// if that is smaller), capped at [`MAX_POOL_SLOTS`].
     pub fn from_manifest(m: &Manifest) -> Self {
         let function_slots: u64 = m
             .functions
             .values()
-            .map(|f| {
-                let running = f.limits.max_concurrency;
-                u64::from(running) + u64::from(f.reuse.max_idle(running))
-            })
+            .map(|f| u64::from(f.limits.max_concurrency))
             .sum();
         let class_slots: u64 = m
             .actors

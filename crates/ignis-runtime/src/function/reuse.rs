@@ -15,8 +15,13 @@
 //!   gets a fresh one.
 //! - The pool belongs to one [`super::Function`]: an instance is never
 //!   shared across functions, let alone tenants.
-//! - At most `max_idle` instances wait (each holds a pool slot, counted in
-//!   [`crate::RuntimeSettings::from_manifest`], and its memory); one is
+//! - A function never has more instances than `max_concurrency`, idle ones
+//!   included, so the pool slots sized in
+//!   [`crate::RuntimeSettings::from_manifest`] still hold: a request
+//!   instantiates only when no instance is idle (then every live instance
+//!   belongs to a running request, each holding an admission slot), and a
+//!   request gives its instance back before it releases its slot.
+//! - At most `max_idle` instances wait, each holding its memory; one is
 //!   retired after `max_requests` requests or once it is `max_age` old,
 //!   idle or not (a sweep every quarter of `max_age` drops idle ones that
 //!   aged, so a function that stops receiving traffic frees its instances).

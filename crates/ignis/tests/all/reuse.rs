@@ -190,26 +190,37 @@ async fn cpu_and_wall_limits_stay_per_request_on_a_kept_instance() {
     server.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_concurrent_requests_are_all_answered_and_idle_instances_stay_bounded() {
-    // A long queue_timeout: this test is about answers, not admission.
-    let text = p3(
-        "svc",
-        "max_concurrency = 16\nqueue_timeout = \"30s\"\nreuse = { max_idle = 4 }",
-    );
-    let server = TestServer::start(&text).await;
+/// Sends `n` concurrent requests for `path`; how many responses said
+/// "request N of my instance", per N.
+async fn concurrently(server: &TestServer, path: &str, n: usize) -> BTreeMap<u64, u64> {
     let c = client();
-    let requests: Vec<_> = (0..200)
+    let requests: Vec<_> = (0..n)
         .map(|_| {
-            let (c, url) = (c.clone(), server.url("/svc/sleep?ms=5"));
+            let (c, url) = (c.clone(), server.url(path));
             tokio::spawn(async move { get(&c, &url).await })
         })
         .collect();
-    // How many responses said "request N of my instance", per N.
     let mut per_n: BTreeMap<u64, u64> = BTreeMap::new();
     for r in requests {
         *per_n.entry(nth(&r.await.unwrap())).or_default() += 1;
     }
+    per_n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_requests_are_all_answered_and_instances_stay_within_max_concurrency()
+ {
+    // A long queue_timeout: this test is about answers, not admission.
+    let text = format!(
+        "{}{}",
+        p3("svc", "max_concurrency = 16\nqueue_timeout = \"30s\""),
+        p3(
+            "few",
+            "max_concurrency = 16\nqueue_timeout = \"30s\"\nreuse = { max_idle = 2 }"
+        )
+    );
+    let server = TestServer::start(&text).await;
+    let per_n = concurrently(&server, "/svc/sleep?ms=5", 200).await;
     assert_eq!(per_n.values().sum::<u64>(), 200);
     let svc = server.function("svc");
     wait_idle(svc).await;
@@ -217,7 +228,8 @@ async fn two_hundred_concurrent_requests_are_all_answered_and_idle_instances_sta
     // Every instance counted 1, 2, 3, ... without gaps: as many requests
     // were an instance's first as instances were created, and each N was
     // reached by no more instances than N - 1.
-    assert_eq!(per_n[&1], stats.fresh_instances.load(Ordering::SeqCst));
+    let fresh = stats.fresh_instances.load(Ordering::SeqCst);
+    assert_eq!(per_n[&1], fresh);
     let mut previous = u64::MAX;
     for (n, count) in &per_n {
         assert!(
@@ -226,11 +238,18 @@ async fn two_hundred_concurrent_requests_are_all_answered_and_idle_instances_sta
         );
         previous = *count;
     }
-    assert!(
-        stats.reused.load(Ordering::SeqCst) > 0,
-        "some requests reused an instance: {per_n:?}"
-    );
-    assert!(stats.idle_instances.load(Ordering::SeqCst) <= 4);
+    // Nothing was retired (no failure, young, few requests each), so every
+    // instance ever made is alive and idle now: never more than
+    // max_concurrency of them.
+    assert!(fresh <= 16, "{fresh} instances for max_concurrency 16");
+    assert_eq!(stats.idle_instances.load(Ordering::SeqCst), fresh);
+    assert_eq!(stats.reused.load(Ordering::SeqCst), 200 - fresh);
+    // With max_idle = 2, at most two wait once the burst is over.
+    let per_n = concurrently(&server, "/few/sleep?ms=5", 50).await;
+    assert_eq!(per_n.values().sum::<u64>(), 50);
+    let few = server.function("few");
+    wait_idle(few).await;
+    assert!(few.stats().idle_instances.load(Ordering::SeqCst) <= 2);
     server.shutdown().await;
 }
 
