@@ -81,6 +81,10 @@ enum Cmd {
         /// request), as a fourth peer: reuse against no reuse in one run.
         #[arg(long)]
         fresh: bool,
+        /// Serve the first Ignis peer with `reuse = true` (instances kept
+        /// between requests even for a WASI 0.2 component).
+        #[arg(long)]
+        reuse: bool,
     },
 }
 
@@ -153,6 +157,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Which Ignis configurations `hello-peers` runs besides the default.
+struct Variants {
+    /// A fourth peer with `reuse = false`.
+    fresh: bool,
+    /// The first peer with `reuse = true`.
+    reuse: bool,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn hello_peers(
     ignis: &Path,
@@ -163,7 +175,7 @@ async fn hello_peers(
     rounds: usize,
     rate: Option<f64>,
     json: Option<&Path>,
-    fresh: bool,
+    variants: Variants,
 ) -> anyhow::Result<()> {
     // Create the report's directory now, not after minutes of measuring.
     if let Some(parent) = json
@@ -175,7 +187,8 @@ async fn hello_peers(
     }
     let dir = std::env::temp_dir().join(format!("ignis-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let manifest = ignis_manifest(&dir, "ignis.toml", component, "")?;
+    let extra = if variants.reuse { "reuse = true" } else { "" };
+    let manifest = ignis_manifest(&dir, "ignis.toml", component, extra)?;
     let (pi, pw, ph) = (free_port()?, free_port()?, free_port()?);
     let me = std::env::current_exe()?;
     let mut peers = vec![
@@ -204,7 +217,7 @@ async fn hello_peers(
             "/hello",
         )?,
     ];
-    if fresh {
+    if variants.fresh {
         let manifest = ignis_manifest(&dir, "fresh.toml", component, "reuse = false")?;
         let pf = free_port()?;
         peers.push(start_peer(
@@ -367,6 +380,7 @@ fn main() -> anyhow::Result<()> {
                 rate,
                 json,
                 fresh,
+                reuse,
             } => {
                 hello_peers(
                     &ignis,
@@ -377,7 +391,7 @@ fn main() -> anyhow::Result<()> {
                     rounds,
                     rate,
                     json.as_deref(),
-                    fresh,
+                    Variants { fresh, reuse },
                 )
                 .await
             }

@@ -381,6 +381,7 @@ fn build_commands_run_in_their_workdir_skip_when_up_to_date_and_name_failures() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bundled_examples_serve_bindings_and_actors() {
     guests(); // built once already; `up` reuses the build
+    language_guests(); // likewise: `up` skips builds whose output is newer than their sources
     let mut proc = spawn(&["up", repo().join("examples").to_str().unwrap()]);
     let base = format!("http://{}", proc.addr);
     let c = client();
@@ -406,6 +407,19 @@ async fn the_bundled_examples_serve_bindings_and_actors() {
         .unwrap();
     let r = get(&c, &format!("{base}/bump?id=readme")).await;
     assert_eq!(r.text(), format!("counter readme is now {}", first + 1));
+    // The JavaScript and Python examples, built by their build commands.
+    for (lang, name) in [("js", "JavaScript"), ("py", "Python")] {
+        let r = get(&c, &format!("{base}/hello-{lang}")).await;
+        assert_eq!(r.text(), format!("Hello from Ignis, in {name}!\n"));
+        let r = get(&c, &format!("{base}/kv-{lang}/visit")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(
+            r.text().starts_with("Welcome to Ignis! You are visitor #")
+                && r.text().ends_with(&format!("({name}).\n")),
+            "{}",
+            r.text()
+        );
+    }
     sigterm(&proc.child);
     let status = tokio::task::spawn_blocking(move || proc.child.wait())
         .await

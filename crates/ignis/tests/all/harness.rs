@@ -53,6 +53,34 @@ pub fn guests() -> &'static Path {
     })
 }
 
+/// Builds the JavaScript and Python example guests once per test run, with
+/// the build commands examples/ignis.toml gives them (the pinned
+/// toolchains of scripts/guest-tools.sh); returns the directory holding
+/// their `.wasm` files (`hello-js.wasm`, `kv-py.wasm`, ...).
+pub fn language_guests() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let manifest =
+            Manifest::load(&repo().join("examples/ignis.toml")).expect("examples manifest");
+        for (name, f) in &manifest.functions {
+            if let ignis_config::ComponentSource::Command(build) = &f.source {
+                ignis::guest_build::run_command(build)
+                    .unwrap_or_else(|e| panic!("building example `{name}`: {e:#}"));
+            }
+        }
+        repo().join("examples/target/guests")
+    })
+}
+
+/// Path of a built JavaScript or Python example guest, as a TOML string
+/// literal's content.
+pub fn language_wasm(name: &str) -> String {
+    language_guests()
+        .join(format!("{name}.wasm"))
+        .display()
+        .to_string()
+}
+
 /// Path of a built example guest, as a TOML string literal's content.
 pub fn wasm(name: &str) -> String {
     guests().join(format!("{name}.wasm")).display().to_string()

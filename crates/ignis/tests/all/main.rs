@@ -9,6 +9,7 @@ mod cli;
 mod durable;
 mod http_limits;
 mod isolation;
+mod languages;
 mod outbound;
 mod reuse;
 mod serving;
