@@ -1,6 +1,6 @@
 // hello-js: a wasi:http 0.2 function in JavaScript (componentize-js,
 // StarlingMonkey). `ignis up examples` builds it with
-// scripts/componentize-js.sh (see examples/ignis.toml).
+// scripts/componentize.sh (see examples/ignis.toml).
 import { Fields, OutgoingBody, OutgoingResponse, ResponseOutparam } from 'wasi:http/types@0.2.12';
 
 export const incomingHandler = {

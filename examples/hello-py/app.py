@@ -1,6 +1,6 @@
 """hello-py: a wasi:http 0.2 function in Python (componentize-py).
 
-`ignis up examples` builds it with scripts/componentize-py.sh (see
+`ignis up examples` builds it with scripts/componentize.sh (see
 examples/ignis.toml).
 """
 

@@ -187,21 +187,26 @@ async fn hello_peers(
     }
     let dir = std::env::temp_dir().join(format!("ignis-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let extra = if variants.reuse { "reuse = true" } else { "" };
-    let manifest = ignis_manifest(&dir, "ignis.toml", component, extra)?;
-    let (pi, pw, ph) = (free_port()?, free_port()?, free_port()?);
-    let me = std::env::current_exe()?;
-    let mut peers = vec![
+    // An `ignis serve` peer of `component` with `extra` in its function.
+    let ignis_peer = |name: &'static str, file: &str, extra: &str| -> anyhow::Result<Peer> {
+        let manifest = ignis_manifest(&dir, file, component, extra)?;
+        let port = free_port()?;
         start_peer(
-            "ignis",
+            name,
             Command::new(ignis)
                 .arg("serve")
                 .arg(&manifest)
-                .args(["--listen", &format!("127.0.0.1:{pi}")])
+                .args(["--listen", &format!("127.0.0.1:{port}")])
                 .env("IGNIS_LOG", "warn"),
-            format!("127.0.0.1:{pi}"),
+            format!("127.0.0.1:{port}"),
             "/hello",
-        )?,
+        )
+    };
+    let extra = if variants.reuse { "reuse = true" } else { "" };
+    let (pw, ph) = (free_port()?, free_port()?);
+    let me = std::env::current_exe()?;
+    let mut peers = vec![
+        ignis_peer("ignis", "ignis.toml", extra)?,
         start_peer(
             "wasmtime serve",
             Command::new(wasmtime)
@@ -218,18 +223,7 @@ async fn hello_peers(
         )?,
     ];
     if variants.fresh {
-        let manifest = ignis_manifest(&dir, "fresh.toml", component, "reuse = false")?;
-        let pf = free_port()?;
-        peers.push(start_peer(
-            "ignis (fresh)",
-            Command::new(ignis)
-                .arg("serve")
-                .arg(&manifest)
-                .args(["--listen", &format!("127.0.0.1:{pf}")])
-                .env("IGNIS_LOG", "warn"),
-            format!("127.0.0.1:{pf}"),
-            "/hello",
-        )?);
+        peers.push(ignis_peer("ignis (fresh)", "fresh.toml", "reuse = false")?);
     }
     for p in &peers {
         wait_ready(&p.addr, p.path).await.with_context(|| p.name)?;
