@@ -85,6 +85,13 @@ enum Cmd {
         /// between requests even for a WASI 0.2 component).
         #[arg(long)]
         reuse: bool,
+        /// A workerd binary: also run workerd serving `--worker` (the same
+        /// logic as a Cloudflare Worker) as a peer.
+        #[arg(long, requires = "worker")]
+        workerd: Option<PathBuf>,
+        /// The Worker module (ES module with a `fetch` handler) for workerd.
+        #[arg(long, requires = "workerd")]
+        worker: Option<PathBuf>,
     },
 }
 
@@ -163,6 +170,31 @@ struct Variants {
     fresh: bool,
     /// The first peer with `reuse = true`.
     reuse: bool,
+    /// workerd and the Worker module it serves, as one more peer.
+    workerd: Option<(PathBuf, PathBuf)>,
+}
+
+/// A workerd config serving the ES module `worker` on `port`.
+fn workerd_config(dir: &Path, worker: &Path, port: u16) -> anyhow::Result<PathBuf> {
+    std::fs::copy(worker, dir.join("worker.js"))
+        .with_context(|| format!("copying {}", worker.display()))?;
+    let config = dir.join("workerd.capnp");
+    std::fs::write(
+        &config,
+        format!(
+            r#"using Workerd = import "/workerd/workerd.capnp";
+const config :Workerd.Config = (
+  services = [ (name = "main", worker = .hello) ],
+  sockets = [ (name = "http", address = "127.0.0.1:{port}", http = (), service = "main") ],
+);
+const hello :Workerd.Worker = (
+  modules = [ (name = "worker.js", esModule = embed "worker.js") ],
+  compatibilityDate = "2024-09-01",
+);
+"#
+        ),
+    )?;
+    Ok(config)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -224,6 +256,16 @@ async fn hello_peers(
     ];
     if variants.fresh {
         peers.push(ignis_peer("ignis (fresh)", "fresh.toml", "reuse = false")?);
+    }
+    if let Some((workerd, worker)) = &variants.workerd {
+        let port = free_port()?;
+        let config = workerd_config(&dir, worker, port)?;
+        peers.push(start_peer(
+            "workerd",
+            Command::new(workerd).arg("serve").arg(config),
+            format!("127.0.0.1:{port}"),
+            "/hello",
+        )?);
     }
     for p in &peers {
         wait_ready(&p.addr, p.path).await.with_context(|| p.name)?;
@@ -318,7 +360,17 @@ async fn hello_peers(
         "- p99 Ignis / wasmtime serve at {rate:.0} req/s: {:.2}",
         medians[0].1 / medians[1].1
     );
-    if let Some(fresh) = medians.get(3) {
+    if let Some(i) = results.iter().position(|r| r.name == "workerd") {
+        println!(
+            "- throughput Ignis / workerd: {:.2}",
+            medians[0].0 / medians[i].0
+        );
+    }
+    if let Some(fresh) = results
+        .iter()
+        .position(|r| r.name == "ignis (fresh)")
+        .map(|i| medians[i])
+    {
         println!(
             "- throughput Ignis / Ignis (fresh): {:.2}; Ignis (fresh) / wasmtime serve: {:.2}",
             medians[0].0 / fresh.0,
@@ -375,6 +427,8 @@ fn main() -> anyhow::Result<()> {
                 json,
                 fresh,
                 reuse,
+                workerd,
+                worker,
             } => {
                 hello_peers(
                     &ignis,
@@ -385,7 +439,11 @@ fn main() -> anyhow::Result<()> {
                     rounds,
                     rate,
                     json.as_deref(),
-                    Variants { fresh, reuse },
+                    Variants {
+                        fresh,
+                        reuse,
+                        workerd: workerd.zip(worker),
+                    },
                 )
                 .await
             }
