@@ -74,13 +74,8 @@ pub fn component_paths(manifest: &Manifest, sources: Sources) -> anyhow::Result<
                 tracing::info!(%kind, name, command = %build.command, "building guest");
                 guest_build::run_command(build).with_context(|| format!("{kind} `{name}`"))?
             }
-            (ComponentSource::RustCrate(dir), Sources::PrebuiltOnly) => bail!(
-                "{kind} `{name}` is built from source ({}); use `ignis up` to build and serve it",
-                dir.display()
-            ),
-            (ComponentSource::Command(build), Sources::PrebuiltOnly) => bail!(
-                "{kind} `{name}` is built by `{}`; use `ignis up` to build and serve it",
-                build.command
+            (source, Sources::PrebuiltOnly) => bail!(
+                "{kind} `{name}` is built from source ({source}); use `ignis up` to build and serve it"
             ),
         })
     };

@@ -156,6 +156,19 @@ impl DrivingBody {
         }
     }
 
+    /// Lets the guest run; if it ended, clears its slot (stopping a
+    /// watchdog) and logs how it failed, if it did: the head is out, so the
+    /// client only sees the body end early, and this is the one place that
+    /// sees the cause.
+    fn drive_guest(&mut self, cx: &mut Context<'_>) {
+        if let Poll::Ready(ended) = self.poll_guest(cx) {
+            drop(self.take_guest());
+            if let Err(e) = ended {
+                e.log(&self.owner, self.request_id);
+            }
+        }
+    }
+
     /// Takes the guest out, wherever it lives, to run it elsewhere.
     fn take_guest(&mut self) -> Option<GuestFuture> {
         match std::mem::replace(&mut self.guest, Guest::None) {
@@ -206,15 +219,7 @@ impl http_body::Body for DrivingBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if let Poll::Ready(ended) = this.poll_guest(cx) {
-            // Ended: this only clears the (empty) slot and stops a watchdog.
-            drop(this.take_guest());
-            if let Err(e) = ended {
-                // The head is out: the client sees the body end early; the
-                // cause is logged here, the one place that sees it.
-                e.log(&this.owner, this.request_id);
-            }
-        }
+        this.drive_guest(cx);
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(None) = polled {
             this.done = None;
@@ -222,12 +227,7 @@ impl http_body::Body for DrivingBody {
             // their body: one more poll lets them end here, so a kept
             // instance is back in its pool before the client sees the end
             // of the body (its next request on the connection reuses it).
-            if let Poll::Ready(ended) = this.poll_guest(cx) {
-                drop(this.take_guest());
-                if let Err(e) = ended {
-                    e.log(&this.owner, this.request_id);
-                }
-            }
+            this.drive_guest(cx);
             if let Some(guest) = this.take_guest() {
                 // The body is complete but the guest is still running (work
                 // after the response): let it finish on its own, bounded by

@@ -9,13 +9,14 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use super::reuse::{Instance, Kept};
 use super::{GuestRun, Sent};
 use crate::error::Error;
+use crate::host::Host;
 
 /// Puts `request` and a response outparam into the store's table and
 /// returns the guest run: instantiate (unless `kept` holds an instance),
 /// then call `handle`. The response goes to `tx` as soon as the guest sets
 /// it; the run ends, giving the instance back, when `handle` returns.
 pub(super) fn start<B>(
-    pre: &ProxyPre<crate::host::Host>,
+    pre: &ProxyPre<Host>,
     mut kept: Kept,
     request: http::Request<B>,
     https: bool,

@@ -106,18 +106,16 @@ impl InstancePool {
         let mut aged = Vec::new();
         let found = {
             let mut idle = self.lock();
-            loop {
+            let found = loop {
                 match idle.pop() {
                     None => break None,
                     Some(kept) if self.young(&kept) => break Some(kept),
                     Some(kept) => aged.push(kept),
                 }
-            }
+            };
+            self.count_idle(&idle);
+            found
         };
-        self.stats.idle_instances.fetch_sub(
-            (aged.len() + usize::from(found.is_some())) as u64,
-            Ordering::Relaxed,
-        );
         // Dropped outside the lock: this frees the instances.
         drop(aged);
         let mut kept = found?;
@@ -136,36 +134,38 @@ impl InstancePool {
         let host = kept.store.data_mut();
         host.end_request();
         host.set_ticker(None);
-        if kept.instance.is_none() || kept.served >= self.policy.max_requests || !self.young(&kept)
-        {
+        if kept.served >= self.policy.max_requests || !self.young(&kept) {
             return;
         }
         let mut idle = self.lock();
-        if idle.len() >= self.policy.max_idle as usize {
-            drop(idle);
-            return;
+        if idle.len() < self.policy.max_idle as usize {
+            idle.push(kept);
+            self.count_idle(&idle);
         }
-        idle.push(kept);
-        self.stats.idle_instances.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Publishes how many instances wait (called with the lock held, after
+    /// every change, so the gauge is the list's length).
+    fn count_idle(&self, idle: &[Kept]) {
+        self.stats
+            .idle_instances
+            .store(idle.len() as u64, Ordering::Relaxed);
     }
 
     /// Drops idle instances past `max_age`.
     fn sweep(&self) {
         let aged: Vec<Kept> = {
             let mut idle = self.lock();
-            let (young, aged) = std::mem::take(&mut *idle)
+            let (young, aged): (Vec<Kept>, Vec<Kept>) = std::mem::take(&mut *idle)
                 .into_iter()
                 .partition(|k| self.young(k));
             *idle = young;
+            self.count_idle(&idle);
             aged
         };
-        let retired = aged.len() as u64;
-        // Dropped outside the lock: this frees the instances.
-        drop(aged);
-        if retired > 0 {
-            self.stats
-                .idle_instances
-                .fetch_sub(retired, Ordering::Relaxed);
+        if !aged.is_empty() {
+            // Dropped outside the lock: this frees the instances.
+            drop(aged);
             self.stats.notify();
         }
     }
@@ -173,10 +173,7 @@ impl InstancePool {
 
 impl Drop for InstancePool {
     fn drop(&mut self) {
-        let idle = self.idle.get_mut().unwrap_or_else(|p| p.into_inner());
-        self.stats
-            .idle_instances
-            .fetch_sub(idle.len() as u64, Ordering::Relaxed);
+        self.count_idle(&[]);
     }
 }
 
