@@ -166,7 +166,14 @@ async fn cpu_and_wall_limits_stay_per_request_on_a_kept_instance() {
     // Each request uses more than half the CPU budget and of the wall
     // time: on one instance their sums pass both, yet every request is
     // within its own limits.
-    let text = p3("svc", "cpu_time = \"400ms\"\nwall_time = \"2s\"");
+    // `spin` has the same CPU budget and a wall time far past it, so its
+    // looping request is stopped by CPU even while other tests load the
+    // machine (pooled slices run below normal priority).
+    let text = format!(
+        "{}{}",
+        p3("svc", "cpu_time = \"400ms\"\nwall_time = \"2s\""),
+        p3("spin", "cpu_time = \"400ms\"\nwall_time = \"60s\"")
+    );
     let server = TestServer::start(&text).await;
     let mut seen = Vec::new();
     for _ in 0..3 {
@@ -176,17 +183,21 @@ async fn cpu_and_wall_limits_stay_per_request_on_a_kept_instance() {
         seen.push(nth(&one(&server, "svc", "/svc/sleep?ms=1200").await));
     }
     assert_eq!(seen, [1, 2, 3, 4, 5]);
-    // A request past its own budget is stopped, and retires the instance.
-    let r = one(&server, "svc", "/svc/loop").await;
-    assert_eq!(r.status, 504, "{}", r.text());
-    assert!(r.text().contains("cpu time limit exceeded"), "{}", r.text());
-    assert_eq!(nth(&one(&server, "svc", "/svc/instance").await), 1);
+    // A request past its own wall time is stopped, and retires the instance.
     let r = one(&server, "svc", "/svc/sleep?ms=5000").await;
     assert_eq!(r.status, 504, "{}", r.text());
     assert_eq!(nth(&one(&server, "svc", "/svc/instance").await), 1);
     let stats = server.function("svc").stats();
-    assert_eq!(stats.cpu_kills.load(Ordering::SeqCst), 1);
     assert_eq!(stats.wall_kills.load(Ordering::SeqCst), 1);
+    // A request past its own CPU budget likewise.
+    assert_eq!(nth(&one(&server, "spin", "/spin/instance").await), 1);
+    assert_eq!(nth(&one(&server, "spin", "/spin/instance").await), 2);
+    let r = one(&server, "spin", "/spin/loop").await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(r.text().contains("cpu time limit exceeded"), "{}", r.text());
+    assert_eq!(nth(&one(&server, "spin", "/spin/instance").await), 1);
+    let stats = server.function("spin").stats();
+    assert_eq!(stats.cpu_kills.load(Ordering::SeqCst), 1);
     server.shutdown().await;
 }
 
