@@ -10,6 +10,7 @@ scripts/setup.sh
 . scripts/wasmtime-cli.sh
 . scripts/workerd.sh
 cargo build --release -p ignis -p ignis-bench
+export IGNIS=$PWD/target/release/ignis
 (cd examples/hello-js && ../../scripts/componentize.sh js app.js ../target/guests/hello-js.wasm http-hello)
 (cd examples/hello-py && ../../scripts/componentize.sh py app ../target/guests/hello-py.wasm http-hello)
 common=(--ignis target/release/ignis --wasmtime "$WASMTIME" --reuse --fresh --connections 8 --seconds 5 --rounds 3)

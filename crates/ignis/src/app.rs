@@ -72,7 +72,9 @@ pub fn component_paths(manifest: &Manifest, sources: Sources) -> anyhow::Result<
             }
             (ComponentSource::Command(build), Sources::Build) => {
                 tracing::info!(%kind, name, command = %build.command, "building guest");
-                guest_build::run_command(build).with_context(|| format!("{kind} `{name}`"))?
+                let ignis = std::env::current_exe().context("locating the ignis executable")?;
+                guest_build::run_command(build, &ignis)
+                    .with_context(|| format!("{kind} `{name}`"))?
             }
             (source, Sources::PrebuiltOnly) => bail!(
                 "{kind} `{name}` is built from source ({source}); use `ignis up` to build and serve it"

@@ -9,7 +9,8 @@
 //!
 //! `build = { command, output, workdir, watch }` runs `sh -c command` in
 //! `workdir` and loads `output`; with `watch` set, a build whose output is
-//! newer than every watched file is skipped.
+//! newer than every watched file is skipped. The command finds the `ignis`
+//! executable in `$IGNIS` (for `$IGNIS wit DIR`, the guest WIT).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -114,8 +115,9 @@ const STDERR_TAIL_LINES: usize = 20;
 /// Runs a function's or actor class's build command (`sh -c` in its
 /// workdir) unless every watched path is older than the output, and
 /// returns the output path. A failure names the command, its exit status
-/// and the tail of its stderr; the caller adds whose build it was.
-pub fn run_command(build: &BuildCommand) -> anyhow::Result<PathBuf> {
+/// and the tail of its stderr; the caller adds whose build it was. `ignis`
+/// is the executable the command sees as `$IGNIS`.
+pub fn run_command(build: &BuildCommand, ignis: &Path) -> anyhow::Result<PathBuf> {
     if up_to_date(build) {
         tracing::info!(output = %build.output.display(), "build skipped: output newer than every watched path");
         return Ok(build.output.clone());
@@ -124,8 +126,10 @@ pub fn run_command(build: &BuildCommand) -> anyhow::Result<PathBuf> {
         .arg("-c")
         .arg(&build.command)
         .current_dir(&build.workdir)
+        .env("IGNIS", ignis)
         .stdin(Stdio::null())
-        .stdout(Stdio::inherit())
+        // ignis's stdout carries only what scripts read ("listening on").
+        .stdout(std::io::stderr())
         .stderr(Stdio::piped())
         .output()
         .with_context(|| format!("running `{}` in {}", build.command, build.workdir.display()))?;

@@ -6,3 +6,4 @@
 pub mod app;
 pub mod bench;
 pub mod guest_build;
+pub mod new;

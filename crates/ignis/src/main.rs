@@ -48,6 +48,24 @@ enum Command {
         #[arg(long)]
         build: bool,
     },
+    /// Create a project from a template: a function in Rust, JavaScript or
+    /// Python, or a durable actor class in Rust. `ignis up DIR` then builds
+    /// and serves it.
+    New {
+        /// What to create.
+        #[arg(value_enum)]
+        kind: ignis::new::Kind,
+        /// The directory to create (must not exist, or be empty); its last
+        /// component names the project and its function.
+        dir: PathBuf,
+    },
+    /// Write the WIT packages guests in other languages are built against
+    /// (WASI 0.2 as this binary links it, and Ignis's key-value, config and
+    /// actor packages) into DIR/deps, replacing what was there.
+    Wit {
+        /// The `wit` directory of a guest.
+        dir: PathBuf,
+    },
     /// Run a benchmark scenario file (open-loop loads, phases, peers such as
     /// `wasmtime serve`) and write a report, raw JSON and a latency plot.
     Bench {
@@ -132,6 +150,18 @@ fn run() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::New { kind, dir } => {
+            ignis::new::create(kind, &dir)?;
+            let kind = clap::ValueEnum::to_possible_value(&kind).expect("every kind is listed");
+            println!(
+                "created a {} project in {}; build and serve it with: ignis up {}",
+                kind.get_name(),
+                dir.display(),
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Wit { dir } => ignis::new::write_wit(&dir),
         Command::Bench {
             scenario,
             wasmtime,

@@ -64,7 +64,7 @@ pub fn language_guests() -> &'static Path {
             Manifest::load(&repo().join("examples/ignis.toml")).expect("examples manifest");
         for (name, f) in &manifest.functions {
             if let ignis_config::ComponentSource::Command(build) = &f.source {
-                ignis::guest_build::run_command(build)
+                ignis::guest_build::run_command(build, Path::new(env!("CARGO_BIN_EXE_ignis")))
                     .unwrap_or_else(|e| panic!("building example `{name}`: {e:#}"));
             }
         }

@@ -14,4 +14,5 @@ mod outbound;
 mod reuse;
 mod serving;
 mod slow_clients;
+mod templates;
 mod tenants;
