@@ -67,10 +67,7 @@ const JS: &[File] = &[
 const PYTHON: &[File] = &[
     ("app.py", include_str!("../templates/python/app.py")),
     ("ignis.toml", include_str!("../templates/python/ignis.toml")),
-    (
-        "wit/world.wit",
-        include_str!("../templates/world.wit"),
-    ),
+    ("wit/world.wit", include_str!("../templates/world.wit")),
     (".gitignore", include_str!("../templates/python/gitignore")),
 ];
 
