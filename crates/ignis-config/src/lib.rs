@@ -28,7 +28,7 @@
 
 mod units;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -113,6 +113,58 @@ pub struct Manifest {
     pub backends: BTreeMap<String, BackendConfig>,
     /// Durable actor classes (`[actors.NAME]`).
     pub actors: BTreeMap<String, ActorClassConfig>,
+    /// The HTTPS listener (`[tls]`), if any.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The HTTPS listener (`[tls]`): certificates chosen by SNI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Where HTTPS listens (default 127.0.0.1:8443).
+    pub listen: SocketAddr,
+    /// The certificate for clients whose SNI names no configured host (or
+    /// that send none), if any (`cert`, `key`).
+    pub default: Option<CertFiles>,
+    /// Certificates by host name (`[[tls.certificates]]`).
+    pub certificates: Vec<HostCert>,
+    /// What a handshake naming no configured host gets.
+    pub unknown_sni: UnknownSni,
+    /// Whether `server.listen` answers every request with a redirect to
+    /// HTTPS instead of serving it.
+    pub redirect_http: bool,
+    /// How often the PEM files are checked for changes (they are reloaded
+    /// when one changed; a bad file keeps the old certificates).
+    pub reload_interval: Duration,
+    /// Longest a TLS handshake may take.
+    pub handshake_timeout: Duration,
+}
+
+/// A certificate chain and its private key, as PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// The chain (leaf first).
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// A certificate and the host names it serves (exact, or `*.example.com`
+/// for any single label below `example.com`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCert {
+    /// Lowercase host names.
+    pub hosts: Vec<String>,
+    /// The files.
+    pub files: CertFiles,
+}
+
+/// What a TLS handshake whose SNI names no configured host gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownSni {
+    /// The default certificate.
+    Default,
+    /// A handshake failure.
+    Reject,
 }
 
 /// The embedded store and the key-value limits (`[storage]`).
@@ -496,6 +548,29 @@ struct RawManifest {
     backends: BTreeMap<String, Spanned<RawBackend>>,
     #[serde(default)]
     actors: BTreeMap<String, Spanned<RawActor>>,
+    tls: Option<Spanned<RawTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: Option<Spanned<String>>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    #[serde(default)]
+    certificates: Vec<Spanned<RawHostCert>>,
+    unknown_sni: Option<Spanned<String>>,
+    redirect_http: Option<bool>,
+    reload_interval: Option<HumanDuration>,
+    handshake_timeout: Option<HumanDuration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHostCert {
+    hosts: Vec<Spanned<String>>,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 /// Limit keys functions and actor classes share.
@@ -704,6 +779,8 @@ pub const DEFAULT_CLASS_ACTIVATIONS: u32 = 1000;
 
 /// Default listen address when the manifest names none.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Where `[tls]` listens unless `tls.listen` says otherwise.
+pub const DEFAULT_TLS_LISTEN: &str = "127.0.0.1:8443";
 
 impl Manifest {
     /// Reads and validates the manifest at `path`.
@@ -859,7 +936,9 @@ impl Validator<'_> {
             tenants.insert(name, tenant);
         }
         let storage = self.storage(raw.storage)?;
+        let tls = raw.tls.map(|t| self.tls(t, server.listen)).transpose()?;
         Ok(Manifest {
+            tls,
             path: self.path.to_path_buf(),
             server,
             functions,
@@ -926,6 +1005,124 @@ impl Validator<'_> {
             watch: b.watch.iter().map(|w| within(w)).collect(),
             workdir,
         }))
+    }
+
+    fn tls(&self, raw: Spanned<RawTls>, http: SocketAddr) -> Result<TlsConfig, ConfigError> {
+        let at = raw.span().start;
+        let raw = raw.into_inner();
+        let listen_at = raw.listen.as_ref().map_or(at, |s| s.span().start);
+        let listen: SocketAddr = match raw.listen {
+            None => DEFAULT_TLS_LISTEN.parse().expect("valid default"),
+            Some(s) => s.get_ref().parse().map_err(|e| {
+                self.err(
+                    s.span().start,
+                    "tls.listen",
+                    format!(
+                        "`{}` is not an address like 127.0.0.1:8443: {e}",
+                        s.get_ref()
+                    ),
+                )
+            })?,
+        };
+        if listen == http && listen.port() != 0 {
+            return Err(self.err(listen_at, "tls.listen", "must differ from server.listen"));
+        }
+        let default = match (raw.cert, raw.key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(CertFiles {
+                cert: self.resolve(&cert),
+                key: self.resolve(&key),
+            }),
+            (Some(_), None) => return Err(self.err(at, "tls.key", "`cert` is set without `key`")),
+            (None, Some(_)) => return Err(self.err(at, "tls.cert", "`key` is set without `cert`")),
+        };
+        let mut seen = BTreeSet::new();
+        let mut certificates = Vec::new();
+        for (i, entry) in raw.certificates.into_iter().enumerate() {
+            let key = format!("tls.certificates[{i}].hosts");
+            let entry_at = entry.span().start;
+            let entry = entry.into_inner();
+            if entry.hosts.is_empty() {
+                return Err(self.err(entry_at, key, "list at least one host name"));
+            }
+            let mut hosts = Vec::new();
+            for host in entry.hosts {
+                let name = host.get_ref().to_ascii_lowercase();
+                if !valid_tls_host(&name) {
+                    return Err(self.err(
+                        host.span().start,
+                        key,
+                        format!(
+                            "`{}` is not a host name (`example.com`, or `*.example.com` for one label below it)",
+                            host.get_ref()
+                        ),
+                    ));
+                }
+                if !seen.insert(name.clone()) {
+                    return Err(self.err(
+                        host.span().start,
+                        key,
+                        format!("`{name}` is listed twice"),
+                    ));
+                }
+                hosts.push(name);
+            }
+            certificates.push(HostCert {
+                hosts,
+                files: CertFiles {
+                    cert: self.resolve(&entry.cert),
+                    key: self.resolve(&entry.key),
+                },
+            });
+        }
+        if default.is_none() && certificates.is_empty() {
+            return Err(self.err(
+                at,
+                "tls",
+                "no certificate: set `cert` and `key`, or add [[tls.certificates]]",
+            ));
+        }
+        let unknown_sni = match raw.unknown_sni {
+            None if default.is_some() => UnknownSni::Default,
+            None => UnknownSni::Reject,
+            Some(v) => match v.get_ref().as_str() {
+                "reject" => UnknownSni::Reject,
+                "default" if default.is_some() => UnknownSni::Default,
+                "default" => {
+                    return Err(self.err(
+                        v.span().start,
+                        "tls.unknown_sni",
+                        "`default` needs a default certificate (`cert` and `key`)",
+                    ));
+                }
+                other => {
+                    return Err(self.err(
+                        v.span().start,
+                        "tls.unknown_sni",
+                        format!("`{other}` is not `default` or `reject`"),
+                    ));
+                }
+            },
+        };
+        Ok(TlsConfig {
+            listen,
+            default,
+            certificates,
+            unknown_sni,
+            redirect_http: raw.redirect_http.unwrap_or(false),
+            reload_interval: self.duration(
+                raw.reload_interval,
+                "tls.reload_interval",
+                Duration::from_millis(100)..=Duration::from_secs(3600),
+                Duration::from_secs(5),
+            )?,
+            handshake_timeout: self.duration(
+                raw.handshake_timeout,
+                "tls.handshake_timeout",
+                Duration::from_millis(100)..=Duration::from_secs(60),
+                Duration::from_secs(10),
+            )?,
+        })
     }
 
     /// A whole number in `range`, or `default` when the key is absent.
@@ -1656,6 +1853,23 @@ struct References<'a> {
     secrets: &'a BTreeMap<String, String>,
     secrets_file: Option<&'a Path>,
     backends: &'a BTreeMap<String, BackendConfig>,
+}
+
+/// An exact host name (`example.com`) or a wildcard for one label below
+/// one (`*.example.com`), lowercase, as SNI carries them.
+fn valid_tls_host(name: &str) -> bool {
+    let exact = name.strip_prefix("*.").unwrap_or(name);
+    let labels: Vec<&str> = exact.split('.').collect();
+    exact.len() <= 253
+        && (exact.len() == name.len() || labels.len() >= 2)
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
 }
 
 fn valid_name(name: &str) -> bool {

@@ -684,3 +684,139 @@ fn bad_build_tables_name_line_and_key() {
         "{message}"
     );
 }
+
+#[test]
+fn tls_parses_certificates_by_host_and_defaults() {
+    use ignis_config::{CertFiles, HostCert, UnknownSni};
+    let m = parse(
+        r#"
+[tls]
+listen = "0.0.0.0:443"
+cert = "certs/default.pem"
+key = "/keys/default.key"
+redirect_http = true
+reload_interval = "1s"
+
+[[tls.certificates]]
+hosts = ["Example.com", "*.example.com"]
+cert = "certs/example.pem"
+key = "certs/example.key"
+"#,
+    )
+    .unwrap();
+    let tls = m.tls.unwrap();
+    assert_eq!(tls.listen, "0.0.0.0:443".parse().unwrap());
+    assert_eq!(
+        tls.default,
+        Some(CertFiles {
+            cert: "/app/certs/default.pem".into(),
+            key: "/keys/default.key".into(),
+        })
+    );
+    assert_eq!(
+        tls.certificates,
+        vec![HostCert {
+            hosts: vec!["example.com".into(), "*.example.com".into()],
+            files: CertFiles {
+                cert: "/app/certs/example.pem".into(),
+                key: "/app/certs/example.key".into(),
+            },
+        }]
+    );
+    assert_eq!(tls.unknown_sni, UnknownSni::Default);
+    assert!(tls.redirect_http);
+    assert_eq!(tls.reload_interval, Duration::from_secs(1));
+    assert_eq!(tls.handshake_timeout, Duration::from_secs(10));
+
+    // Without a default certificate, unknown names are refused.
+    let m =
+        parse("[[tls.certificates]]\nhosts = [\"a.test\"]\ncert = \"a.pem\"\nkey = \"a.key\"\n")
+            .unwrap();
+    let tls = m.tls.unwrap();
+    assert_eq!(tls.unknown_sni, UnknownSni::Reject);
+    assert_eq!(tls.listen, "127.0.0.1:8443".parse().unwrap());
+    assert!(!tls.redirect_http);
+    assert!(parse("").unwrap().tls.is_none());
+}
+
+#[test]
+fn bad_tls_settings_name_line_and_key() {
+    let cases: &[(&str, usize, &str, &str)] = &[
+        ("[tls]\ncert = \"c.pem\"\n", 1, "tls.key", "without `key`"),
+        ("[tls]\nkey = \"k.pem\"\n", 1, "tls.cert", "without `cert`"),
+        ("[tls]\nredirect_http = true\n", 1, "tls", "no certificate"),
+        (
+            "[tls]\ncert = \"c\"\nkey = \"k\"\nunknown_sni = \"maybe\"\n",
+            4,
+            "tls.unknown_sni",
+            "`maybe`",
+        ),
+        (
+            "[tls]\nunknown_sni = \"default\"\n[[tls.certificates]]\nhosts = [\"a.test\"]\ncert = \"c\"\nkey = \"k\"\n",
+            2,
+            "tls.unknown_sni",
+            "needs a default certificate",
+        ),
+        (
+            "[tls]\nlisten = \"nowhere\"\ncert = \"c\"\nkey = \"k\"\n",
+            2,
+            "tls.listen",
+            "not an address",
+        ),
+        (
+            "[server]\nlisten = \"127.0.0.1:9000\"\n[tls]\nlisten = \"127.0.0.1:9000\"\ncert = \"c\"\nkey = \"k\"\n",
+            4,
+            "tls.listen",
+            "must differ",
+        ),
+        (
+            "[tls]\ncert = \"c\"\nkey = \"k\"\nreload_interval = \"1ms\"\n",
+            4,
+            "tls.reload_interval",
+            "between",
+        ),
+        (
+            "[tls]\ncert = \"c\"\nkey = \"k\"\nciphers = \"weak\"\n",
+            4,
+            "tls.ciphers",
+            "ciphers",
+        ),
+        (
+            "[[tls.certificates]]\nhosts = []\ncert = \"c\"\nkey = \"k\"\n",
+            1,
+            "tls.certificates[0].hosts",
+            "at least one",
+        ),
+        (
+            "[[tls.certificates]]\nhosts = [\"a.test\", \"A.test\"]\ncert = \"c\"\nkey = \"k\"\n",
+            2,
+            "tls.certificates[0].hosts",
+            "listed twice",
+        ),
+    ];
+    for (text, line, key, needle) in cases {
+        let (l, k, message) = invalid(text);
+        assert_eq!((l, k.as_str()), (*line, *key), "{text}: {message}");
+        assert!(message.contains(needle), "{text}: {message}");
+    }
+    for bad in [
+        "*.com",
+        "a..b",
+        "-a.test",
+        "a_b.test",
+        "*.*.a.test",
+        "a.*.test",
+        "",
+        "a.test.",
+    ] {
+        let text =
+            format!("[[tls.certificates]]\nhosts = [\"{bad}\"]\ncert = \"c\"\nkey = \"k\"\n");
+        let (l, k, message) = invalid(&text);
+        assert_eq!(
+            (l, k.as_str()),
+            (2, "tls.certificates[0].hosts"),
+            "{bad}: {message}"
+        );
+        assert!(message.contains("is not a host name"), "{bad}: {message}");
+    }
+}

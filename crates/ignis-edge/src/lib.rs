@@ -1,5 +1,6 @@
-//! The Ignis HTTP front: a listener that speaks HTTP/1.1 and HTTP/2 (h2c,
-//! prior knowledge), routes each request by host and path to a function's
+//! The Ignis HTTP front: listeners that speak HTTP/1.1 and HTTP/2 (h2c by
+//! prior knowledge on plain HTTP; over TLS with certificates chosen by SNI,
+//! HTTP/2 or HTTP/1.1 by ALPN: [`tls`]), route each request by host and path to a function's
 //! admission gate (`ignis-actors`) or to a durable actor (`/rooms/{id}/...`
 //! routes: the request goes to the actor directory with its body read,
 //! bounded by the class's `max_body`).
@@ -27,11 +28,13 @@
 //! address, and each is watched for a first request, idleness and a client
 //! that stops taking its response (`conn`). Shutdown stops accepting, lets
 //! in-flight requests finish within the grace period, then closes what is
-//! left.
+//! left. With `[tls] redirect_http = true` the plain listener answers
+//! every request with a 308 to the same URL over HTTPS instead.
 
 mod body;
 mod conn;
 mod routing;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -66,6 +69,9 @@ pub enum EdgeError {
     /// The routing table refers to a function that is not loaded.
     #[error("routing: {0}")]
     Routing(String),
+    /// The TLS configuration was refused.
+    #[error("tls: {0}")]
+    Tls(String),
     /// Binding or accepting failed.
     #[error("listener on {addr}: {source}")]
     Listen {
@@ -108,8 +114,9 @@ impl Edge {
         }))
     }
 
-    /// Handles one request; never fails (every error is a response).
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    /// Handles one request (`https`: it came over TLS); never fails (every
+    /// error is a response).
+    pub async fn handle(&self, req: Request<Incoming>, https: bool) -> Response<Body> {
         let id = next_request_id();
         let host = req
             .uri()
@@ -160,7 +167,11 @@ impl Edge {
         let (parts, incoming) = req.into_parts();
         let (limited, exceeded) = body::Limited::new(incoming, max_body);
         let req = Request::from_parts(parts, limited);
-        match gate.call(req, RequestMeta::new(id)).await {
+        let meta = RequestMeta {
+            request_id: id,
+            https,
+        };
+        match gate.call(req, meta).await {
             Ok(mut resp) => {
                 resp.headers_mut()
                     .insert("x-request-id", HeaderValue::from(id));
@@ -270,6 +281,73 @@ pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
     edge: Arc<Edge>,
+    mode: Mode,
+}
+
+/// What a listener speaks.
+#[derive(Clone)]
+enum Mode {
+    /// Plain HTTP/1.1 and h2c, served by the edge.
+    Plain,
+    /// TLS (HTTP/1.1 and HTTP/2 by ALPN), served by the edge.
+    Tls {
+        acceptor: tokio_rustls::TlsAcceptor,
+        handshake_timeout: Duration,
+    },
+    /// Plain HTTP answering every request with a redirect to HTTPS on
+    /// this port.
+    Redirect { https_port: u16 },
+}
+
+/// The redirect to `https://HOST[:PORT]/path?query` for a request that
+/// came over plain HTTP (308: the method and body are kept); 400 without a
+/// usable host.
+fn redirect_response(req: &Request<Incoming>, https_port: u16) -> Response<Body> {
+    let id = next_request_id();
+    let host = req.uri().host().or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(strip_port)
+    });
+    let host = host.filter(|h| {
+        !h.is_empty()
+            && h.len() <= 253
+            && h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'))
+    });
+    let Some(host) = host else {
+        let e = Error::new(ErrorKind::BadRequest).context("a valid Host header is required");
+        return error_response("edge", &e, id);
+    };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    let port = if https_port == 443 {
+        String::new()
+    } else {
+        format!(":{https_port}")
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{host}{port}{path}");
+    let mut resp = plain(
+        StatusCode::PERMANENT_REDIRECT,
+        id,
+        format!("moved to {location}\n"),
+    );
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            resp.headers_mut().insert(header::LOCATION, v);
+            resp
+        }
+        Err(_) => {
+            let e = Error::new(ErrorKind::BadRequest)
+                .context("the request target cannot be redirected");
+            error_response("edge", &e, id)
+        }
+    }
 }
 
 impl Server {
@@ -285,7 +363,33 @@ impl Server {
             listener,
             local_addr,
             edge,
+            mode: Mode::Plain,
         })
+    }
+
+    /// Binds `addr` for HTTPS with the certificates of `certs` (HTTP/1.1 and
+    /// HTTP/2 by ALPN; each handshake bounded by the configured timeout).
+    pub async fn bind_tls(
+        addr: SocketAddr,
+        edge: Arc<Edge>,
+        certs: &Arc<tls::CertStore>,
+    ) -> Result<Server, EdgeError> {
+        let config = certs
+            .server_config()
+            .map_err(|e| EdgeError::Tls(e.to_string()))?;
+        let mut server = Self::bind(addr, edge).await?;
+        server.mode = Mode::Tls {
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            handshake_timeout: certs.handshake_timeout(),
+        };
+        Ok(server)
+    }
+
+    /// Makes this (plain) listener answer every request with a redirect to
+    /// HTTPS on `https_port` instead of serving it.
+    pub fn redirect_to_https(mut self, https_port: u16) -> Server {
+        self.mode = Mode::Redirect { https_port };
+        self
     }
 
     /// The bound address.
@@ -354,21 +458,15 @@ impl Server {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let edge = self.edge.clone();
-            let watch = conn::Watch::new(limits);
-            let watched = watch.clone();
-            let service = hyper::service::service_fn(move |req| {
-                let in_flight = watched.request();
-                let (edge, watched) = (edge.clone(), watched.clone());
-                async move {
-                    let resp = edge.handle(req).await;
-                    Ok::<_, Infallible>(resp.map(|body| watched.track(body, in_flight)))
-                }
-            });
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            tokio::spawn(serve_watched(conn, watch, stop_rx.clone(), slot));
+            tokio::spawn(serve_connection(
+                stream,
+                self.mode.clone(),
+                self.edge.clone(),
+                builder.clone(),
+                conn::Watch::new(limits),
+                stop_rx.clone(),
+                slot,
+            ));
         }
         drop(self.listener);
         let _ = stop_tx.send(true);
@@ -382,6 +480,64 @@ impl Server {
             Err(_) => tracing::warn!("grace period over; closing remaining connections"),
         }
         Ok(())
+    }
+}
+
+/// One accepted connection: the TLS handshake first (bounded), then HTTP
+/// under its [`conn::Watch`].
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    mode: Mode,
+    edge: Arc<Edge>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watch: Arc<conn::Watch>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    slot: conn::Slot,
+) {
+    let (redirect, https) = match &mode {
+        Mode::Plain => (None, false),
+        Mode::Tls { .. } => (None, true),
+        Mode::Redirect { https_port } => (Some(*https_port), false),
+    };
+    let watched = watch.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let in_flight = watched.request();
+        let (edge, watched) = (edge.clone(), watched.clone());
+        async move {
+            let resp = match redirect {
+                Some(port) => redirect_response(&req, port),
+                None => edge.handle(req, https).await,
+            };
+            Ok::<_, Infallible>(resp.map(|body| watched.track(body, in_flight)))
+        }
+    });
+    match mode {
+        Mode::Tls {
+            acceptor,
+            handshake_timeout,
+        } => {
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(?handshake_timeout, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .into_owned();
+            serve_watched(conn, watch, stop, slot).await;
+        }
+        Mode::Plain | Mode::Redirect { .. } => {
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            serve_watched(conn, watch, stop, slot).await;
+        }
     }
 }
 

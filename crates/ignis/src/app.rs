@@ -214,13 +214,49 @@ pub async fn shutdown_signal() {
 }
 
 /// Binds and serves until SIGINT/SIGTERM. Prints `listening on http://ADDR`
-/// on stdout once the socket is bound.
+/// on stdout once the socket is bound, then `listening on https://ADDR` if
+/// the manifest has `[tls]`.
 pub async fn serve(manifest: &Manifest, app: App) -> anyhow::Result<()> {
-    let server = Server::bind(manifest.server.listen, app.edge.clone()).await?;
-    println!("listening on http://{}", server.local_addr());
+    let plain = Server::bind(manifest.server.listen, app.edge.clone()).await?;
+    println!("listening on http://{}", plain.local_addr());
+    let tls = match &manifest.tls {
+        None => None,
+        Some(config) => {
+            let certs = ignis_edge::tls::CertStore::load(config)
+                .context("loading the TLS certificates ([tls])")?;
+            ignis_edge::tls::CertStore::watch(&certs);
+            let server = Server::bind_tls(config.listen, app.edge.clone(), &certs).await?;
+            println!("listening on https://{}", server.local_addr());
+            Some((server, certs))
+        }
+    };
     for (name, f) in &app.functions {
         tracing::info!(function = %name, tenant = f.tenant(), "ready");
     }
-    server.run(shutdown_signal()).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let signal = async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    match tls {
+        None => {
+            tokio::join!(signal, plain.run(stopped())).1?;
+        }
+        Some((server, _certs)) => {
+            let plain = match manifest.tls.as_ref().is_some_and(|t| t.redirect_http) {
+                true => plain.redirect_to_https(server.local_addr().port()),
+                false => plain,
+            };
+            let (_, a, b) = tokio::join!(signal, plain.run(stopped()), server.run(stopped()));
+            a?;
+            b?;
+        }
+    }
     Ok(())
 }

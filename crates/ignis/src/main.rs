@@ -31,6 +31,9 @@ enum Command {
         /// (use 127.0.0.1:0 for any free port).
         #[arg(long, env = "IGNIS_LISTEN")]
         listen: Option<SocketAddr>,
+        /// Serve HTTPS on this address instead of the manifest's `tls.listen`.
+        #[arg(long, env = "IGNIS_TLS_LISTEN")]
+        tls_listen: Option<SocketAddr>,
     },
     /// Serve the prebuilt components named in a manifest.
     Serve {
@@ -39,6 +42,9 @@ enum Command {
         /// Listen on this address instead of the manifest's `server.listen`.
         #[arg(long, env = "IGNIS_LISTEN")]
         listen: Option<SocketAddr>,
+        /// Serve HTTPS on this address instead of the manifest's `tls.listen`.
+        #[arg(long, env = "IGNIS_TLS_LISTEN")]
+        tls_listen: Option<SocketAddr>,
     },
     /// Validate a manifest and its components (imports, exports) without serving.
     Check {
@@ -58,6 +64,16 @@ enum Command {
         /// The directory to create (must not exist, or be empty); its last
         /// component names the project and its function.
         dir: PathBuf,
+    },
+    /// Write a self-signed certificate and its key (PEM) for local HTTPS:
+    /// OUT/cert.pem and OUT/key.pem, for `[tls] cert` and `key`.
+    Cert {
+        /// Host names and IP addresses it is valid for.
+        #[arg(long = "host", default_values = ["localhost", "127.0.0.1", "::1"])]
+        hosts: Vec<String>,
+        /// The directory to write into (created if needed).
+        #[arg(long, default_value = ".ignis/tls")]
+        out: PathBuf,
     },
     /// Write the WIT packages guests in other languages are built against
     /// (WASI 0.2 as this binary links it, and Ignis's key-value, config and
@@ -84,10 +100,22 @@ enum Command {
     },
 }
 
-fn load_manifest(path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Manifest> {
+fn load_manifest(
+    path: &Path,
+    listen: Option<SocketAddr>,
+    tls_listen: Option<SocketAddr>,
+) -> anyhow::Result<Manifest> {
     let mut manifest = Manifest::load(path)?;
     if let Some(addr) = listen {
         manifest.server.listen = addr;
+    }
+    match (&mut manifest.tls, tls_listen) {
+        (Some(tls), Some(addr)) => tls.listen = addr,
+        (None, Some(_)) => anyhow::bail!(
+            "--tls-listen needs a [tls] section in {} (certificates to serve)",
+            path.display()
+        ),
+        _ => {}
     }
     Ok(manifest)
 }
@@ -116,24 +144,36 @@ fn run() -> anyhow::Result<()> {
     // Loading starts the guest scheduler, whose threads run in this runtime.
     let _context = runtime.enter();
     match cli.command {
-        Command::Up { dir, listen } => {
-            let manifest = load_manifest(&dir.join("ignis.toml"), listen)?;
+        Command::Up {
+            dir,
+            listen,
+            tls_listen,
+        } => {
+            let manifest = load_manifest(&dir.join("ignis.toml"), listen, tls_listen)?;
             let app = app::load(&manifest, Sources::Build)?;
             runtime.block_on(app::serve(&manifest, app))
         }
-        Command::Serve { manifest, listen } => {
-            let manifest = load_manifest(&manifest, listen)?;
+        Command::Serve {
+            manifest,
+            listen,
+            tls_listen,
+        } => {
+            let manifest = load_manifest(&manifest, listen, tls_listen)?;
             let app = runtime.block_on(async { app::load(&manifest, Sources::PrebuiltOnly) })?;
             runtime.block_on(app::serve(&manifest, app))
         }
         Command::Check { manifest, build } => {
-            let manifest = load_manifest(&manifest, None)?;
+            let manifest = load_manifest(&manifest, None, None)?;
             let sources = if build {
                 Sources::Build
             } else {
                 Sources::PrebuiltOnly
             };
             let app = app::load(&manifest, sources).context("check failed")?;
+            if let Some(tls) = &manifest.tls {
+                ignis_edge::tls::CertStore::load(tls).context("check failed: [tls]")?;
+                println!("ok: TLS certificates");
+            }
             for (name, f) in &app.functions {
                 println!(
                     "ok: function `{name}` (tenant {}, cache {:?})",
@@ -162,6 +202,18 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Wit { dir } => ignis::new::write_wit(&dir),
+        Command::Cert { hosts, out } => {
+            let (cert, key) = ignis::new::self_signed(&hosts, &out)?;
+            println!(
+                "wrote {} and {} (self-signed for {}); in ignis.toml:\n[tls]\ncert = \"{}\"\nkey = \"{}\"",
+                cert.display(),
+                key.display(),
+                hosts.join(", "),
+                cert.display(),
+                key.display()
+            );
+            Ok(())
+        }
         Command::Bench {
             scenario,
             wasmtime,

@@ -1,4 +1,5 @@
-//! `ignis new` (project templates) and `ignis wit` (the guest WIT).
+//! `ignis new` (project templates), `ignis wit` (the guest WIT) and
+//! `ignis cert` (a self-signed certificate for local HTTPS).
 //!
 //! Templates live in `crates/ignis/templates/` and are compiled into the
 //! binary, as is the WIT that guests in other languages are built against
@@ -191,6 +192,35 @@ pub fn write_wit(dir: &Path) -> anyhow::Result<()> {
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Writes a self-signed certificate for `hosts` and its private key to
+/// `out/cert.pem` and `out/key.pem` (the key readable by its owner only);
+/// returns their paths.
+pub fn self_signed(
+    hosts: &[String],
+    out: &Path,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let certified = rcgen::generate_simple_self_signed(hosts.to_vec())
+        .context("generating a self-signed certificate")?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let (cert, key) = (out.join("cert.pem"), out.join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem())
+        .with_context(|| format!("writing {}", cert.display()))?;
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&key)
+            .with_context(|| format!("writing {}", key.display()))?;
+        file.write_all(certified.signing_key.serialize_pem().as_bytes())
+            .with_context(|| format!("writing {}", key.display()))?;
+    }
+    Ok((cert, key))
 }
 
 #[cfg(test)]

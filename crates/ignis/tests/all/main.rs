@@ -16,3 +16,4 @@ mod serving;
 mod slow_clients;
 mod templates;
 mod tenants;
+mod tls;
