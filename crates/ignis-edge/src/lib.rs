@@ -134,6 +134,15 @@ impl Edge {
             let e = Error::new(ErrorKind::BadRequest).context("a Host header is required");
             return error_response("edge", &e, id);
         }
+        if let Some(problem) = ambiguous_framing(&req) {
+            // Never guessed at: a front end that read this request
+            // differently could smuggle a second request past routing.
+            let e = Error::new(ErrorKind::BadRequest).context(problem);
+            let mut resp = error_response("edge", &e, id);
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
         let path = req.uri().path().to_string();
         let gate = match self.router.route(host, &path) {
             None => {
@@ -228,6 +237,44 @@ impl Edge {
             .insert("x-request-id", HeaderValue::from(id));
         Ok(resp)
     }
+}
+
+/// Why a request's framing or target is ambiguous, if it is: what hyper
+/// accepts but a front end or origin could read another way (RFC 9112
+/// sections 3.2 and 6). Such a request gets 400 and its connection is closed.
+fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
+    let headers = req.headers();
+    let lengths = headers.get_all(header::CONTENT_LENGTH).iter().count();
+    let codings: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
+    if lengths > 1 {
+        return Some("more than one Content-Length");
+    }
+    if !codings.is_empty() {
+        if lengths > 0 {
+            return Some("both Content-Length and Transfer-Encoding");
+        }
+        let only_chunked = codings.len() == 1
+            && codings[0]
+                .to_str()
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+        if !only_chunked {
+            return Some("a Transfer-Encoding other than one `chunked`");
+        }
+    }
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Some("more than one Host");
+    }
+    if let (Some(target), Some(host)) = (req.uri().host(), host) {
+        let same = host
+            .to_str()
+            .is_ok_and(|h| strip_port(h).eq_ignore_ascii_case(target.trim_matches(['[', ']'])));
+        if !same {
+            return Some("the request target's host differs from Host");
+        }
+    }
+    None
 }
 
 fn body_too_large(max_body: u64) -> Error {

@@ -183,3 +183,133 @@ async fn slow_and_idle_connections_are_closed() {
     assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
     server.shutdown().await;
 }
+
+/// Sends `bytes` on a new connection and reads until the server closes it
+/// (at most 10 s); the reply, and whether the server closed.
+async fn exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> (String, bool) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .is_ok();
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+/// Request smuggling vectors on the wire. Each ambiguous request gets 400,
+/// its connection is closed, and nothing reaches the guest. The
+/// Transfer-Encoding list, duplicate Host and absolute-form checks are
+/// Ignis's own (`ambiguous_framing`); before them these four requests were
+/// served (200) with the connection kept open: `te-twice`,
+/// `te-identity-chunked`, `two-hosts`, `absolute-form-other-host`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_smuggling_vectors_get_400_and_close_the_connection() {
+    let server = TestServer::start_full(&manifest()).await;
+    let echo = server.function("echo").stats().clone();
+    let smuggled = "GET /echo HTTP/1.1\r\nHost: a\r\n\r\n";
+    let body = "5\r\nhello\r\n0\r\n\r\n";
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "differing-content-length",
+            "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!".into(),
+        ),
+        (
+            "content-length-list",
+            "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello".into(),
+        ),
+        (
+            "te-twice",
+            format!("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n{body}{smuggled}"),
+        ),
+        (
+            "te-identity-chunked",
+            format!("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n{body}{smuggled}"),
+        ),
+        (
+            "te-chunked-identity",
+            format!("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n{body}{smuggled}"),
+        ),
+        (
+            "te-space-before-colon",
+            format!("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n{body}{smuggled}"),
+        ),
+        (
+            "te-xchunked",
+            format!("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n{body}{smuggled}"),
+        ),
+        (
+            "te-vertical-tab",
+            format!("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \x0bchunked\r\n\r\n{body}{smuggled}"),
+        ),
+        (
+            "te-on-http-1.0",
+            format!("POST /echo HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{body}{smuggled}"),
+        ),
+        (
+            "obs-fold",
+            format!("POST /echo HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\nContent-Length: 5\r\n\r\nhello{smuggled}"),
+        ),
+        (
+            "obs-fold-transfer-encoding",
+            format!("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked\r\n\r\n{body}{smuggled}"),
+        ),
+        (
+            "bare-cr",
+            format!("POST /echo HTTP/1.1\r\nHost: a\rX: y\r\nContent-Length: 5\r\n\r\nhello{smuggled}"),
+        ),
+        (
+            "two-hosts",
+            format!("GET /echo HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n{smuggled}"),
+        ),
+        (
+            "absolute-form-other-host",
+            format!("GET http://b.example/echo HTTP/1.1\r\nHost: a.example\r\n\r\n{smuggled}"),
+        ),
+        (
+            "negative-content-length",
+            "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: -5\r\n\r\nhello".into(),
+        ),
+    ];
+    for (name, request) in &cases {
+        let before = echo.requests.load(std::sync::atomic::Ordering::Relaxed);
+        let (reply, closed) = exchange(server.addr, request.as_bytes()).await;
+        assert_eq!(status_of(&reply), 400, "{name}: {reply}");
+        assert_eq!(reply.matches("HTTP/1.").count(), 1, "{name}: {reply}");
+        assert!(closed, "{name}: the connection stayed open");
+        assert_eq!(
+            echo.requests.load(std::sync::atomic::Ordering::Relaxed),
+            before,
+            "{name}: reached the guest"
+        );
+    }
+
+    // Content-Length with Transfer-Encoding: hyper drops the length, reads
+    // the body as chunked (RFC 9112 section 6.1) and closes the connection
+    // after the response, so the bytes after the chunked body are never
+    // read as a second request.
+    let (reply, closed) = exchange(
+        server.addr,
+        format!("POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}").as_bytes(),
+    )
+    .await;
+    assert_eq!(reply.matches("HTTP/1.").count(), 1, "{reply}");
+    assert!(closed, "the connection stayed open: {reply}");
+    assert_eq!(status_of(&reply), 200, "{reply}");
+    // The guest got the chunked body (empty), not the 5 bytes the length named.
+    let (head, echoed) = reply.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(
+        (head.contains("content-length: 0") && echoed.is_empty())
+            || (head.contains("transfer-encoding: chunked") && echoed == "0\r\n\r\n"),
+        "{reply}"
+    );
+
+    // The same host in the target and in Host is fine.
+    let (reply, _) = exchange(
+        server.addr,
+        b"GET http://A.example/echo HTTP/1.1\r\nHost: a.example:80\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&reply), 200, "{reply}");
+    server.shutdown().await;
+}
