@@ -302,6 +302,45 @@ pub struct ServerConfig {
     /// Time allowed to receive the whole request body of an actor route
     /// (408 past it); function routes are bounded by the guest's wall time.
     pub body_read_timeout: Duration,
+    /// HTTP/2 limits (`[server.http2]`), for h2c and HTTP/2 over TLS.
+    pub http2: Http2Limits,
+}
+
+/// HTTP/2 limits (`[server.http2]`). The header list is bounded by
+/// `server.max_header_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Limits {
+    /// Streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS);
+    /// more are refused (RST_STREAM REFUSED_STREAM).
+    pub max_concurrent_streams: u32,
+    /// Flow-control window per stream, in bytes.
+    pub stream_window: u32,
+    /// Flow-control window per connection, in bytes.
+    pub connection_window: u32,
+    /// Streams the client opened and reset before they were served, at most
+    /// (the rapid-reset flood); past it: GOAWAY ENHANCE_YOUR_CALM.
+    pub max_pending_resets: u32,
+    /// Streams the server reset for the client's protocol errors, at most;
+    /// past it: GOAWAY.
+    pub max_error_resets: u32,
+    /// A PING is sent after this long without a frame from the client ...
+    pub keepalive_interval: Duration,
+    /// ... and the connection closed if no PONG comes back within this.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Http2Limits {
+    fn default() -> Self {
+        Http2Limits {
+            max_concurrent_streams: 100,
+            stream_window: 1 << 20,
+            connection_window: 2 << 20,
+            max_pending_resets: 20,
+            max_error_resets: 1024,
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Where a function's component comes from.
@@ -662,6 +701,19 @@ struct RawServer {
     idle_timeout: Option<HumanDuration>,
     write_idle_timeout: Option<HumanDuration>,
     body_read_timeout: Option<HumanDuration>,
+    http2: Option<RawHttp2>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp2 {
+    max_concurrent_streams: Option<Spanned<u32>>,
+    stream_window: Option<ByteSize>,
+    connection_window: Option<ByteSize>,
+    max_pending_resets: Option<Spanned<u32>>,
+    max_error_resets: Option<Spanned<u32>>,
+    keepalive_interval: Option<HumanDuration>,
+    keepalive_timeout: Option<HumanDuration>,
 }
 
 #[derive(Deserialize)]
@@ -1544,6 +1596,67 @@ impl Validator<'_> {
                 "server.body_read_timeout",
                 Duration::from_millis(100)..=Duration::from_secs(3600),
                 Duration::from_secs(30),
+            )?,
+            http2: match raw.http2 {
+                None => Http2Limits::default(),
+                Some(h) => self.http2(h)?,
+            },
+        })
+    }
+
+    fn http2(&self, raw: RawHttp2) -> Result<Http2Limits, ConfigError> {
+        let d = Http2Limits::default();
+        let window = |value: Option<ByteSize>, key: &str, max: u64, default: u32| match value {
+            None => Ok(default),
+            Some(b) if (65_535..=max).contains(&b.bytes) => Ok(b.bytes as u32),
+            Some(b) => Err(self.err(
+                b.span.start,
+                key,
+                format!("must be between 65535B and {}MiB", max >> 20),
+            )),
+        };
+        Ok(Http2Limits {
+            max_concurrent_streams: self.count(
+                raw.max_concurrent_streams,
+                "server.http2.max_concurrent_streams",
+                1..=10_000,
+                d.max_concurrent_streams,
+            )?,
+            stream_window: window(
+                raw.stream_window,
+                "server.http2.stream_window",
+                16 << 20,
+                d.stream_window,
+            )?,
+            connection_window: window(
+                raw.connection_window,
+                "server.http2.connection_window",
+                64 << 20,
+                d.connection_window,
+            )?,
+            max_pending_resets: self.count(
+                raw.max_pending_resets,
+                "server.http2.max_pending_resets",
+                1..=10_000,
+                d.max_pending_resets,
+            )?,
+            max_error_resets: self.count(
+                raw.max_error_resets,
+                "server.http2.max_error_resets",
+                1..=100_000,
+                d.max_error_resets,
+            )?,
+            keepalive_interval: self.duration(
+                raw.keepalive_interval,
+                "server.http2.keepalive_interval",
+                Duration::from_secs(1)..=Duration::from_secs(3600),
+                d.keepalive_interval,
+            )?,
+            keepalive_timeout: self.duration(
+                raw.keepalive_timeout,
+                "server.http2.keepalive_timeout",
+                Duration::from_secs(1)..=Duration::from_secs(3600),
+                d.keepalive_timeout,
             )?,
         })
     }

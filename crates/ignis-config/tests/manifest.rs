@@ -820,3 +820,55 @@ fn bad_tls_settings_name_line_and_key() {
         assert!(message.contains("is not a host name"), "{bad}: {message}");
     }
 }
+
+#[test]
+fn http2_limits_parse_default_and_name_bad_values() {
+    use ignis_config::Http2Limits;
+    assert_eq!(parse("").unwrap().server.http2, Http2Limits::default());
+    let m = parse(
+        "[server.http2]\nmax_concurrent_streams = 8\nstream_window = \"256KiB\"\nconnection_window = \"8MiB\"\nmax_pending_resets = 5\nmax_error_resets = 50\nkeepalive_interval = \"5s\"\nkeepalive_timeout = \"2s\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        m.server.http2,
+        Http2Limits {
+            max_concurrent_streams: 8,
+            stream_window: 256 * 1024,
+            connection_window: 8 << 20,
+            max_pending_resets: 5,
+            max_error_resets: 50,
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(2),
+        }
+    );
+    for (line, key) in [
+        (
+            "max_concurrent_streams = 0",
+            "server.http2.max_concurrent_streams",
+        ),
+        (
+            "max_concurrent_streams = 10001",
+            "server.http2.max_concurrent_streams",
+        ),
+        ("stream_window = \"1KiB\"", "server.http2.stream_window"),
+        ("stream_window = \"17MiB\"", "server.http2.stream_window"),
+        (
+            "connection_window = \"65MiB\"",
+            "server.http2.connection_window",
+        ),
+        ("max_pending_resets = 0", "server.http2.max_pending_resets"),
+        ("max_error_resets = 0", "server.http2.max_error_resets"),
+        (
+            "keepalive_interval = \"10ms\"",
+            "server.http2.keepalive_interval",
+        ),
+        (
+            "keepalive_timeout = \"2h\"",
+            "server.http2.keepalive_timeout",
+        ),
+        ("push = true", "server.http2.push"),
+    ] {
+        let (l, k, message) = invalid(&format!("[server.http2]\n{line}\n"));
+        assert_eq!((l, k.as_str()), (2, key), "{line}: {message}");
+    }
+}

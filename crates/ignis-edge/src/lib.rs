@@ -453,12 +453,18 @@ impl Server {
             .max_buf_size(config.max_header_bytes.max(8192))
             .max_headers(config.max_headers)
             .header_read_timeout(config.header_read_timeout);
+        let h2 = &config.http2;
         builder
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(config.max_header_bytes as u32)
-            .keep_alive_interval(Some(config.header_read_timeout))
-            .keep_alive_timeout(Duration::from_secs(10));
+            .max_concurrent_streams(h2.max_concurrent_streams)
+            .initial_stream_window_size(h2.stream_window)
+            .initial_connection_window_size(h2.connection_window)
+            .max_pending_accept_reset_streams(h2.max_pending_resets as usize)
+            .max_local_error_reset_streams(h2.max_error_resets as usize)
+            .keep_alive_interval(Some(h2.keepalive_interval))
+            .keep_alive_timeout(h2.keepalive_timeout);
         builder
     }
 

@@ -7,6 +7,7 @@ mod admission;
 mod bindings;
 mod cli;
 mod durable;
+mod http2;
 mod http_limits;
 mod isolation;
 mod languages;
