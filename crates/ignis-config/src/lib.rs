@@ -461,6 +461,9 @@ pub struct Reuse {
     /// Kept instances and running requests together never pass
     /// `max_concurrency`: a fresh instance is only made when none is idle.
     pub max_idle: u32,
+    /// Requests one instance serves at the same time (wasi:http 0.3 only;
+    /// 1: one at a time).
+    pub max_concurrent: u32,
 }
 
 impl ReuseSetting {
@@ -476,6 +479,11 @@ impl ReuseSetting {
     }
 }
 
+/// Requests a reused instance serves at once unless `reuse.max_concurrent`
+/// says otherwise (docs/BENCHMARKS.md, "Concurrent reuse": one at a time
+/// keeps a request in its connection's task, the fastest path measured).
+pub const DEFAULT_MAX_CONCURRENT: u32 = 1;
+
 impl Reuse {
     /// The defaults for a function admitting `max_concurrency` requests:
     /// as many idle instances as requests may run (measured: capping them
@@ -485,6 +493,7 @@ impl Reuse {
             max_requests: 1000,
             max_age: Duration::from_secs(60),
             max_idle: max_concurrency,
+            max_concurrent: DEFAULT_MAX_CONCURRENT,
         }
     }
 }
@@ -793,6 +802,7 @@ struct RawReuseTable {
     max_requests: Option<Spanned<u32>>,
     max_age: Option<HumanDuration>,
     max_idle: Option<Spanned<u32>>,
+    max_concurrent: Option<Spanned<u32>>,
 }
 
 impl<'de> Deserialize<'de> for RawReuse {
@@ -801,7 +811,9 @@ impl<'de> Deserialize<'de> for RawReuse {
         impl<'de> serde::de::Visitor<'de> for Visit {
             type Value = RawReuse;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("true, false or a table { max_requests, max_age, max_idle }")
+                f.write_str(
+                    "true, false or a table { max_requests, max_age, max_idle, max_concurrent }",
+                )
             }
             fn visit_bool<E>(self, b: bool) -> Result<RawReuse, E> {
                 Ok(RawReuse::Flag(b))
@@ -1826,6 +1838,7 @@ impl Validator<'_> {
                 max_requests: None,
                 max_age: None,
                 max_idle: None,
+                max_concurrent: None,
             },
             RawReuse::Table(t) => t,
         };
@@ -1854,6 +1867,12 @@ impl Validator<'_> {
                 defaults.max_age,
             )?,
             max_idle,
+            max_concurrent: self.count(
+                table.max_concurrent,
+                &key("reuse.max_concurrent"),
+                1..=1000,
+                defaults.max_concurrent,
+            )?,
         }))
     }
 

@@ -564,6 +564,10 @@ reuse = true
 [functions.tuned]
 component = "a.wasm"
 reuse = { max_requests = 50, max_age = "5s", max_idle = 2 }
+
+[functions.shared]
+component = "a.wasm"
+reuse = { max_concurrent = 16 }
 "#,
     )
     .unwrap();
@@ -586,12 +590,21 @@ reuse = { max_requests = 50, max_age = "5s", max_idle = 2 }
         "an explicit reuse applies to 0.2 components too"
     );
     assert_eq!(Reuse::defaults(64).max_idle, 64);
+    assert_eq!(Reuse::defaults(64).max_concurrent, 1);
+    assert_eq!(
+        m.functions["shared"].reuse,
+        ReuseSetting::On(Reuse {
+            max_concurrent: 16,
+            ..Reuse::defaults(m.functions["shared"].limits.max_concurrency)
+        })
+    );
     assert_eq!(
         m.functions["tuned"].reuse,
         ReuseSetting::On(Reuse {
             max_requests: 50,
             max_age: Duration::from_secs(5),
             max_idle: 2,
+            max_concurrent: 1,
         })
     );
 }
@@ -618,6 +631,13 @@ fn bad_reuse_values_name_line_and_key() {
     ));
     assert_eq!((line, key.as_str()), (4, "functions.a.reuse.max_idle"));
     assert!(message.contains("max_concurrency (2)"), "{message}");
+    for bad in ["0", "1001"] {
+        let (line, key, _) = invalid(&format!("{f}reuse = {{ max_concurrent = {bad} }}\n"));
+        assert_eq!(
+            (line, key.as_str()),
+            (3, "functions.a.reuse.max_concurrent")
+        );
+    }
 }
 
 #[test]

@@ -416,6 +416,18 @@ impl Runtime {
             path: wasm.to_path_buf(),
             reason: format!("{e:#}"),
         })?;
+        if let (Pre::P2(_), ignis_config::ReuseSetting::On(reuse)) = (&pre, config.reuse)
+            && reuse.max_concurrent > 1
+        {
+            return Err(LoadError::Other {
+                function: name.clone(),
+                reason: format!(
+                    "reuse.max_concurrent = {} needs a wasi:http 0.3 component ({} exports the 0.2 world, whose instances serve one request at a time)",
+                    reuse.max_concurrent,
+                    wasm.display()
+                ),
+            });
+        }
         tracing::info!(function = %name, path = %wasm.display(), cache = ?outcome, "function loaded");
         Ok(Function::new(self.shared.clone(), config, pre, outcome))
     }

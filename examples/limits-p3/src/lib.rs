@@ -4,10 +4,11 @@
 //! | path | what it does | what Ignis answers |
 //! | --- | --- | --- |
 //! | `/instance` | counts the requests this instance served | 200 `instance request N` |
-//! | `/trap` | panics (a wasm trap) | 500 with a request id |
+//! | `/trap?ms=N` | waits N ms (default 0), then panics (a wasm trap) | 500 with a request id |
 //! | `/loop` | spins forever | 504 at the CPU or wall deadline |
 //! | `/sleep?ms=N` | waits N ms on the host clock | 200 `instance request N`, or 504 past the wall deadline |
 //! | `/busy?ms=N` | spins for N ms of the host clock | 200 `instance request N`, or 504 past the CPU budget |
+//! | `/who?ms=N` | waits N ms, then names its instance | 200 `instance ID request N` (ID: the clock when the instance first ran) |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,6 +22,15 @@ struct LimitsP3;
 
 /// Requests this instance has served (shows instance reuse).
 static SERVED: AtomicU64 = AtomicU64::new(0);
+
+/// This instance's name: the monotonic clock when it first ran (distinct
+/// for instances made apart in time).
+static ID: AtomicU64 = AtomicU64::new(0);
+
+fn instance_id() -> u64 {
+    let _ = ID.compare_exchange(0, monotonic_clock::now(), Ordering::Relaxed, Ordering::Relaxed);
+    ID.load(Ordering::Relaxed)
+}
 
 fn num(path: &str, key: &str, default: u64) -> u64 {
     path.split_once('?')
@@ -69,15 +79,23 @@ fn text(status: u16, body: String) -> Result<Response, ErrorCode> {
 impl wasip3::exports::http::handler::Guest for LimitsP3 {
     async fn handle(request: Request) -> Result<Response, ErrorCode> {
         let served = SERVED.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = instance_id();
         let path = request.get_path_with_query().unwrap_or_default();
         let route = path.split('?').next().unwrap_or("/");
         match route.rsplit('/').next().unwrap_or("") {
             "instance" => text(200, format!("instance request {served}\n")),
-            "trap" => panic!("the limits-p3 guest panics on purpose"),
+            "trap" => {
+                monotonic_clock::wait_for(num(&path, "ms", 0) * 1_000_000).await;
+                panic!("the limits-p3 guest panics on purpose")
+            }
             "loop" => text(200, format!("{}", spin())),
             "sleep" => {
                 monotonic_clock::wait_for(num(&path, "ms", 100) * 1_000_000).await;
                 text(200, format!("instance request {served}\n"))
+            }
+            "who" => {
+                monotonic_clock::wait_for(num(&path, "ms", 100) * 1_000_000).await;
+                text(200, format!("instance {id} request {served}\n"))
             }
             "busy" => {
                 let until = monotonic_clock::now() + num(&path, "ms", 10) * 1_000_000;

@@ -9,6 +9,7 @@
 mod p2;
 mod p3;
 mod reuse;
+mod shared;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +42,7 @@ use crate::outbound::{Outbound, OutboundPolicy, TenantOutbound};
 use crate::sched::SliceQueue;
 use crate::shared::Shared;
 use reuse::{InstancePool, Kept};
+use shared::SharedPool;
 
 /// The response body type: streamed from the guest as it writes.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -309,8 +311,11 @@ pub struct Function {
     /// Who this function is when it calls an actor.
     caller_id: CallerId,
     /// Idle instances for the next requests (`None`: a fresh instance per
-    /// request).
+    /// request, or shared instances).
     pool: Option<Arc<InstancePool>>,
+    /// Instances serving several requests at once (`reuse.max_concurrent`
+    /// above 1, WASI 0.3 only).
+    shared_pool: Option<Arc<SharedPool>>,
 }
 
 impl Function {
@@ -358,9 +363,24 @@ impl Function {
                 "reuse is on for a wasi:http 0.2 component: consecutive requests of this function share the instance's memory (globals, caches), see docs/configuration.md"
             );
         }
-        let pool = reuse.map(|reuse| InstancePool::new(reuse, stats.clone()));
+        let (pool, shared_pool) = match (reuse, &pre) {
+            (Some(reuse), Pre::P3(service)) if reuse.max_concurrent > 1 => (
+                None,
+                Some(SharedPool::new(
+                    reuse,
+                    service.clone(),
+                    shared.clone(),
+                    queue.clone(),
+                    stats.clone(),
+                    config.limits.cpu_time,
+                )),
+            ),
+            (Some(reuse), _) => (Some(InstancePool::new(reuse, stats.clone())), None),
+            (None, _) => (None, None),
+        };
         Arc::new(Function {
             pool,
+            shared_pool,
             queue,
             demote_after,
             kv: Arc::new(KvAccess::new(
@@ -491,6 +511,18 @@ impl Function {
             hog_above: self.demote_after,
             route: Some(route),
         };
+        if let Some(shared) = &self.shared_pool {
+            return shared
+                .handle(
+                    || self.new_store(meta.request_id),
+                    request,
+                    meta.request_id,
+                    limits.deadline,
+                    slot,
+                    ActiveGuard::new(self.stats.clone()),
+                )
+                .await;
+        }
         let reused = self
             .pool
             .as_ref()

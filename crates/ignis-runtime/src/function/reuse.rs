@@ -83,7 +83,11 @@ impl InstancePool {
             stats,
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(sweep(Arc::downgrade(&pool), policy.max_age / 4));
+            runtime.spawn(sweep_every(
+                Arc::downgrade(&pool),
+                policy.max_age / 4,
+                InstancePool::sweep,
+            ));
         }
         pool
     }
@@ -177,15 +181,15 @@ impl Drop for InstancePool {
     }
 }
 
-/// Sweeps `pool` every `every` until the function is gone.
-async fn sweep(pool: Weak<InstancePool>, every: std::time::Duration) {
+/// Runs `sweep` on `pool` every `every` until the function is gone.
+pub(super) async fn sweep_every<P>(pool: Weak<P>, every: std::time::Duration, sweep: fn(&P)) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
         match pool.upgrade() {
-            Some(pool) => pool.sweep(),
+            Some(pool) => sweep(&pool),
             None => return,
         }
     }

@@ -190,21 +190,27 @@ fn manifest(http2: &str) -> String {
     )
 }
 
+impl Raw {
+    /// GET /hello on `stream`: answered 200.
+    async fn hello(&mut self, stream: u32) {
+        self.s
+            .write_all(&frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                stream,
+                &request_block("GET", "/hello"),
+            ))
+            .await
+            .unwrap();
+        let f = self.until(HEADERS, Some(stream)).await.expect("a response");
+        // :status 200 is index 8 of the static table.
+        assert_eq!(f.payload.first(), Some(&0x88), "{:?}", f.payload);
+    }
+}
+
 /// The server still serves a new HTTP/2 connection.
 async fn still_serves(addr: SocketAddr) {
-    let mut raw = Raw::connect(addr).await;
-    raw.s
-        .write_all(&frame(
-            HEADERS,
-            END_HEADERS | END_STREAM,
-            1,
-            &request_block("GET", "/hello"),
-        ))
-        .await
-        .unwrap();
-    let f = raw.until(HEADERS, Some(1)).await.expect("a response");
-    // :status 200 is index 8 of the static table.
-    assert_eq!(f.payload.first(), Some(&0x88), "{:?}", f.payload);
+    Raw::connect(addr).await.hello(1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,17 +373,7 @@ async fn an_oversized_header_list_is_refused_and_the_connection_serves_on() {
         "the guest ran"
     );
     // The same connection serves the next stream.
-    raw.s
-        .write_all(&frame(
-            HEADERS,
-            END_HEADERS | END_STREAM,
-            3,
-            &request_block("GET", "/hello"),
-        ))
-        .await
-        .unwrap();
-    let f = raw.until(HEADERS, Some(3)).await.expect("a response");
-    assert_eq!(f.payload.first(), Some(&0x88));
+    raw.hello(3).await;
     drop(raw);
     server.shutdown().await;
 }

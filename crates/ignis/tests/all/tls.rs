@@ -221,6 +221,15 @@ async fn hello_h1(tls: &mut TlsStream, host: &str) -> String {
     String::from_utf8(seen).unwrap()
 }
 
+/// A verifying client gets 200 for /hello on a new connection to `name`.
+async fn serves(addr: SocketAddr, ca: &Ca, name: &str) {
+    let mut tls = connect(addr, verifying(ca.roots(), &[]), name)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let reply = hello_h1(&mut tls, name).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{name}: {reply}");
+}
+
 /// Polls `done` until it holds (at most 20 s): for the file watcher.
 async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -245,11 +254,7 @@ async fn sni_picks_exact_then_wildcard_then_default_and_clients_verify_them() {
     .await;
     // Verified end to end: each name gets a chain the client accepts for it.
     for name in ["a.test", "b.test", "x.w.test", "default.test"] {
-        let mut tls = connect(server.https, verifying(ca.roots(), &[]), name)
-            .await
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let reply = hello_h1(&mut tls, name).await;
-        assert!(reply.starts_with("HTTP/1.1 200"), "{name}: {reply}");
+        serves(server.https, &ca, name).await;
     }
     // Which certificate each name gets.
     for (name, want) in [
@@ -290,14 +295,7 @@ async fn unknown_sni_is_a_handshake_failure_when_asked() {
             .load(Ordering::Relaxed),
         1
     );
-    let mut tls = connect(server.https, verifying(ca.roots(), &[]), "a.test")
-        .await
-        .unwrap();
-    assert!(
-        hello_h1(&mut tls, "a.test")
-            .await
-            .starts_with("HTTP/1.1 200")
-    );
+    serves(server.https, &ca, "a.test").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,14 +387,7 @@ async fn certificates_reload_on_change_a_bad_file_keeps_the_old_and_open_connect
     })
     .await;
     assert_eq!(shown(server.https, "a.test").await.unwrap(), second);
-    let mut tls = connect(server.https, verifying(ca.roots(), &[]), "a.test")
-        .await
-        .unwrap();
-    assert!(
-        hello_h1(&mut tls, "a.test")
-            .await
-            .starts_with("HTTP/1.1 200")
-    );
+    serves(server.https, &ca, "a.test").await;
 
     // The connection opened before both changes still serves.
     assert!(
@@ -419,14 +410,7 @@ async fn silent_and_garbage_handshakes_are_closed_without_holding_the_listener()
     // A client that connects and says nothing is closed at the handshake
     // timeout; others are served meanwhile.
     let mut silent = tokio::net::TcpStream::connect(server.https).await.unwrap();
-    let mut tls = connect(server.https, verifying(ca.roots(), &[]), "a.test")
-        .await
-        .unwrap();
-    assert!(
-        hello_h1(&mut tls, "a.test")
-            .await
-            .starts_with("HTTP/1.1 200")
-    );
+    serves(server.https, &ca, "a.test").await;
     let mut buf = [0u8; 64];
     let read = tokio::time::timeout(Duration::from_secs(20), silent.read(&mut buf))
         .await
@@ -445,14 +429,7 @@ async fn silent_and_garbage_handshakes_are_closed_without_holding_the_listener()
         .expect("closed");
     assert!(!String::from_utf8_lossy(&got).contains("Hello"), "{got:?}");
 
-    let mut tls = connect(server.https, verifying(ca.roots(), &[]), "a.test")
-        .await
-        .unwrap();
-    assert!(
-        hello_h1(&mut tls, "a.test")
-            .await
-            .starts_with("HTTP/1.1 200")
-    );
+    serves(server.https, &ca, "a.test").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -489,14 +466,7 @@ async fn the_plain_listener_redirects_to_https_when_asked() {
     .await;
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     // HTTPS itself serves.
-    let mut tls = connect(server.https, verifying(ca.roots(), &[]), "a.test")
-        .await
-        .unwrap();
-    assert!(
-        hello_h1(&mut tls, "a.test")
-            .await
-            .starts_with("HTTP/1.1 200")
-    );
+    serves(server.https, &ca, "a.test").await;
 }
 
 #[test]
