@@ -172,6 +172,39 @@ fn reuse_on_a_02_component_is_a_startup_warning_naming_the_function() {
 }
 
 #[test]
+fn concurrent_reuse_on_a_02_component_is_a_startup_error_naming_the_function() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write(
+        dir.path(),
+        "ignis.toml",
+        &format!(
+            "[server]\ncache_dir = \"{}\"\n[functions.shared]\ncomponent = \"{}\"\nreuse = {{ max_concurrent = 4 }}\n",
+            shared_cache(),
+            wasm("limits"),
+        ),
+    );
+    let (ok, out, err) = check(&manifest);
+    assert!(!ok, "{out}{err}");
+    assert!(err.contains("shared"), "{err}");
+    assert!(
+        err.contains("max_concurrent = 4 needs a wasi:http 0.3 component"),
+        "{err}"
+    );
+    // The same on a 0.3 component loads.
+    let manifest = write(
+        dir.path(),
+        "ignis.toml",
+        &format!(
+            "[server]\ncache_dir = \"{}\"\n[functions.shared]\ncomponent = \"{}\"\nreuse = {{ max_concurrent = 4 }}\n",
+            shared_cache(),
+            wasm("limits_p3"),
+        ),
+    );
+    let (ok, out, err) = check(&manifest);
+    assert!(ok, "{out}{err}");
+}
+
+#[test]
 fn restart_reuses_the_compile_cache() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = write(
