@@ -174,16 +174,18 @@ fn reuse_on_a_02_component_is_a_startup_warning_naming_the_function() {
 #[test]
 fn concurrent_reuse_on_a_02_component_is_a_startup_error_naming_the_function() {
     let dir = tempfile::tempdir().unwrap();
-    let manifest = write(
-        dir.path(),
-        "ignis.toml",
-        &format!(
-            "[server]\ncache_dir = \"{}\"\n[functions.shared]\ncomponent = \"{}\"\nreuse = {{ max_concurrent = 4 }}\n",
-            shared_cache(),
-            wasm("limits"),
-        ),
-    );
-    let (ok, out, err) = check(&manifest);
+    let shared_with = |guest: &str| {
+        write(
+            dir.path(),
+            "ignis.toml",
+            &format!(
+                "[server]\ncache_dir = \"{}\"\n[functions.shared]\ncomponent = \"{}\"\nreuse = {{ max_concurrent = 4 }}\n",
+                shared_cache(),
+                wasm(guest),
+            ),
+        )
+    };
+    let (ok, out, err) = check(&shared_with("limits"));
     assert!(!ok, "{out}{err}");
     assert!(err.contains("shared"), "{err}");
     assert!(
@@ -191,16 +193,7 @@ fn concurrent_reuse_on_a_02_component_is_a_startup_error_naming_the_function() {
         "{err}"
     );
     // The same on a 0.3 component loads.
-    let manifest = write(
-        dir.path(),
-        "ignis.toml",
-        &format!(
-            "[server]\ncache_dir = \"{}\"\n[functions.shared]\ncomponent = \"{}\"\nreuse = {{ max_concurrent = 4 }}\n",
-            shared_cache(),
-            wasm("limits_p3"),
-        ),
-    );
-    let (ok, out, err) = check(&manifest);
+    let (ok, out, err) = check(&shared_with("limits_p3"));
     assert!(ok, "{out}{err}");
 }
 
