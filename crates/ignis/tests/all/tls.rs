@@ -355,6 +355,29 @@ async fn certificates_reload_on_change_a_bad_file_keeps_the_old_and_open_connect
     )
     .await;
     assert_eq!(shown(server.https, "a.test").await.unwrap(), first);
+    // Load through both changes: new connections (each a new handshake)
+    // and requests, none may fail.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn({
+        let (stop, roots, addr) = (stop.clone(), ca.roots(), server.https);
+        async move {
+            let (mut served, mut failed) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match connect(addr, verifying(roots.clone(), &[]), "a.test").await {
+                    Ok(mut tls) => {
+                        let reply = hello_h1(&mut tls, "a.test").await;
+                        if reply.starts_with("HTTP/1.1 200") {
+                            served += 1;
+                        } else {
+                            failed.push(reply);
+                        }
+                    }
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (served, failed)
+        }
+    });
     let mut open = connect(server.https, verifying(ca.roots(), &[]), "a.test")
         .await
         .unwrap();
@@ -388,6 +411,11 @@ async fn certificates_reload_on_change_a_bad_file_keeps_the_old_and_open_connect
     .await;
     assert_eq!(shown(server.https, "a.test").await.unwrap(), second);
     serves(server.https, &ca, "a.test").await;
+
+    stop.store(true, Ordering::Relaxed);
+    let (served, failed) = load.await.unwrap();
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert!(served > 0);
 
     // The connection opened before both changes still serves.
     assert!(
@@ -528,4 +556,50 @@ fn cert_writes_a_usable_self_signed_pair_and_bad_files_are_startup_errors() {
     assert!(other.status.success());
     let (ok, text) = check(&manifest("tls/cert.pem", "other/key.pem"));
     assert!(!ok && text.contains("does not match"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    ca.leaf(&["a.test"], dir.path(), "a");
+    let server = TlsServer::start(dir.path(), "cert = \"a.pem\"\nkey = \"a.key\"\n").await;
+    for versions in [
+        &[&rustls::version::TLS13][..],
+        &[&rustls::version::TLS12][..],
+    ] {
+        // One client configuration (its session store) for both connections.
+        let config = Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(versions)
+                .unwrap()
+                .with_root_certificates(ca.roots())
+                .with_no_client_auth(),
+        );
+        let mut first = connect(server.https, config.clone(), "a.test")
+            .await
+            .unwrap();
+        // A request and its response: TLS 1.3 tickets arrive after the handshake.
+        assert!(
+            hello_h1(&mut first, "a.test")
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+        assert_eq!(
+            first.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+        let mut second = connect(server.https, config, "a.test").await.unwrap();
+        assert_eq!(
+            second.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "{:?}",
+            versions
+        );
+        assert!(
+            hello_h1(&mut second, "a.test")
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+    }
 }
