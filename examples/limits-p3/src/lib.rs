@@ -8,6 +8,8 @@
 //! | `/loop` | spins forever | 504 at the CPU or wall deadline |
 //! | `/sleep?ms=N` | waits N ms on the host clock | 200 `instance request N`, or 504 past the wall deadline |
 //! | `/busy?ms=N` | spins for N ms of the host clock | 200 `instance request N`, or 504 past the CPU budget |
+//! | `/stream?ms=N` | answers `instance ID request N` at once, then `done` N ms later | 200, the body in two parts |
+//! | `/stream-trap?ms=N` | answers the first part at once, traps N ms later | 200, then the body ends in an error |
 //! | `/who?ms=N` | waits N ms, then names its instance | 200 `instance ID request N` (ID: the clock when the instance first ran) |
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,6 +62,16 @@ fn spin_once() -> u64 {
 }
 
 fn text(status: u16, body: String) -> Result<Response, ErrorCode> {
+    parts(status, body, None)
+}
+
+/// A response whose body is `first`, then, `wait_ms` later, `then` (or a
+/// trap, for `None`).
+fn parts(
+    status: u16,
+    first: String,
+    later: Option<(u64, Option<String>)>,
+) -> Result<Response, ErrorCode> {
     let (mut body_tx, body_rx) = wit_stream::new();
     let (body_result_tx, body_result_rx) = wit_future::new(|| Ok(None));
     let headers = Fields::from_list(&[("content-type".to_string(), b"text/plain".to_vec())])
@@ -70,8 +82,16 @@ fn text(status: u16, body: String) -> Result<Response, ErrorCode> {
         .map_err(|()| ErrorCode::InternalError(Some("status".into())))?;
     drop(body_result_tx);
     wit_bindgen::spawn_local(async move {
-        let remaining = body_tx.write_all(body.into_bytes()).await;
+        let remaining = body_tx.write_all(first.into_bytes()).await;
         assert!(remaining.is_empty());
+        if let Some((wait_ms, then)) = later {
+            monotonic_clock::wait_for(wait_ms * 1_000_000).await;
+            let Some(then) = then else {
+                panic!("the limits-p3 guest panics mid-body on purpose");
+            };
+            let remaining = body_tx.write_all(then.into_bytes()).await;
+            assert!(remaining.is_empty());
+        }
     });
     Ok(response)
 }
@@ -97,6 +117,16 @@ impl wasip3::exports::http::handler::Guest for LimitsP3 {
                 monotonic_clock::wait_for(num(&path, "ms", 100) * 1_000_000).await;
                 text(200, format!("instance {id} request {served}\n"))
             }
+            "stream" => parts(
+                200,
+                format!("instance {id} request {served}\n"),
+                Some((num(&path, "ms", 100), Some("done\n".to_string()))),
+            ),
+            "stream-trap" => parts(
+                200,
+                format!("instance {id} request {served}\n"),
+                Some((num(&path, "ms", 100), None)),
+            ),
             "busy" => {
                 let until = monotonic_clock::now() + num(&path, "ms", 10) * 1_000_000;
                 while monotonic_clock::now() < until {

@@ -12,7 +12,7 @@ mod reuse;
 mod shared;
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -109,6 +109,10 @@ struct DrivingBody {
     /// Dropped when the body is complete (or dropped): tells a WASI 0.3
     /// guest's event loop that nobody reads the body any more.
     done: Option<oneshot::Sender<()>>,
+    /// The guest failed after its head went out (seen here, or said by a
+    /// 0.3 guest run before its store closed the body's stream): an end of
+    /// the body that follows is a cut, not a complete body.
+    cut: Arc<AtomicBool>,
 }
 
 /// A request's guest, wrapped in its limits: how it ended.
@@ -167,6 +171,7 @@ impl DrivingBody {
             drop(self.take_guest());
             if let Err(e) = ended {
                 e.log(&self.owner, self.request_id);
+                self.cut.store(true, Ordering::SeqCst);
             }
         }
     }
@@ -224,6 +229,14 @@ impl http_body::Body for DrivingBody {
         this.drive_guest(cx);
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(None) = polled {
+            if this.cut.load(Ordering::SeqCst) {
+                // Cut short by the guest's failure (logged once, above): the
+                // client must not take the body for whole.
+                return Poll::Ready(Some(Err(Box::new(
+                    Error::new(ErrorKind::Trap(None))
+                        .context("the guest failed while the response streamed"),
+                ))));
+            }
             this.done = None;
             // A 0.3 guest waits for `done`, and most guests end right after
             // their body: one more poll lets them end here, so a kept
@@ -536,9 +549,10 @@ impl Function {
         };
         let (tx, rx) = oneshot::channel::<Sent>();
         let (done_tx, done_rx) = oneshot::channel::<()>();
+        let cut = Arc::new(AtomicBool::new(false));
         let run: GuestRun = match &self.pre {
             Pre::P2(pre) => p2::start(pre, kept, request, meta.https, tx)?,
-            Pre::P3(pre) => p3::start(pre, kept, request, tx, done_rx),
+            Pre::P3(pre) => p3::start(pre, kept, request, tx, done_rx, cut.clone()),
         };
         let guest: GuestFuture = Box::pin(run_task(
             run,
@@ -603,6 +617,7 @@ impl Function {
                     owner: self.name.clone(),
                     request_id: meta.request_id,
                     done: Some(done_tx),
+                    cut,
                 }
                 .boxed_unsync()
             })),

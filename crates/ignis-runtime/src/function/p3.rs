@@ -4,6 +4,9 @@
 //! the store's event loop feeds, so the loop keeps running until the
 //! response body is complete (`done`).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bytes::Bytes;
 use tokio::sync::oneshot;
 use wasmtime_wasi_http::WasiHttpView;
@@ -22,6 +25,7 @@ pub(super) fn start<B>(
     request: http::Request<B>,
     tx: oneshot::Sender<Sent>,
     done: oneshot::Receiver<()>,
+    cut: Arc<AtomicBool>,
 ) -> GuestRun
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -59,6 +63,11 @@ where
         }
         .await;
         let denied = kept.store.data().limiter.denied;
+        if result.is_err() {
+            // Said before the store goes (closing the body's stream), so
+            // the body never takes that close for a complete end.
+            cut.store(true, Ordering::SeqCst);
+        }
         (result.map(|()| kept), denied)
     })
 }

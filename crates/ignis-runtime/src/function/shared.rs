@@ -27,8 +27,14 @@
 //!   guest that never yields. Memory is per instance.
 //! - A trap kills the instance: every request it was serving that has no
 //!   response yet fails with the trap's error (500 with its request id);
-//!   responses already streaming end early. The next request gets another
-//!   instance.
+//!   responses already streaming end in an error (a body's end counts as
+//!   complete only once the worker says its request ended well). The next
+//!   request gets another instance.
+//! - A request whose client goes away before its answer is cancelled: its
+//!   slot ends at once and its instance retires.
+//! - A worker's task belongs to its pool: when the function goes, its
+//!   instances go, and a worker holds nothing whose drop could join the
+//!   scheduler thread it runs on.
 //! - Instances are never shared across functions (the pool belongs to one
 //!   function), let alone tenants. Within one instance, concurrent requests
 //!   share its host state: guest output is logged under the request that
@@ -57,10 +63,11 @@ use wasmtime_wasi_http::p3::bindings::{Service, ServicePre};
 use super::{Body, GuestFuture, Sent};
 use crate::bindings::http::OutboundHooks;
 use crate::error::{BoxError, Error, ErrorKind};
-use crate::guest::GuestStats;
+use crate::guest::{GuestStats, Outcome};
 use crate::host::Host;
 use crate::sched::{CpuInstant, SliceQueue};
 use crate::shared::Shared;
+use crate::ticker::Ticker;
 
 /// What a request gets back from its worker.
 type Answer = Result<Sent, Error>;
@@ -90,6 +97,9 @@ struct Slot {
     permit: Option<OwnedSemaphorePermit>,
     /// Counts it as active until it ends.
     active: Option<super::ActiveGuard>,
+    /// Told how it ended (`true`: its guest finished with it normally), so
+    /// its body can tell a complete end from a cut.
+    finished: Option<oneshot::Sender<bool>>,
 }
 
 /// The state a worker shares with its pool.
@@ -128,6 +138,19 @@ fn nanos() -> u64 {
 }
 
 impl WorkerState {
+    /// Takes no more requests; the worker ends once the ones it has ended.
+    fn retire(&self) {
+        self.retiring.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
     /// In a poll of its loop that has lasted over [`BUSY`]: running guest
     /// code now (between polls its requests wait on I/O).
     fn busy(&self) -> bool {
@@ -139,13 +162,17 @@ impl WorkerState {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Ends `request_id`'s slot, answering `answer` if it had no answer yet.
-    fn end(&self, request_id: u64, answer: impl FnOnce() -> Answer) {
+    /// Ends `request_id`'s slot (`well`: its guest finished with it
+    /// normally), answering `answer` if it had no answer yet.
+    fn end(&self, request_id: u64, well: bool, answer: impl FnOnce() -> Answer) {
         let mut slots = self.slots();
         if let Some(slot) = slots.get_mut(&request_id)
             && !slot.ended
         {
             slot.ended = true;
+            if let Some(finished) = slot.finished.take() {
+                let _ = finished.send(well);
+            }
             if let Some(tx) = slot.tx.take() {
                 let _ = tx.send(answer());
             }
@@ -154,10 +181,7 @@ impl WorkerState {
             slot.active = None;
             self.load.fetch_sub(1, Ordering::SeqCst);
             drop(slots);
-            let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(waker) = waker {
-                waker.wake();
-            }
+            self.wake();
         }
     }
 }
@@ -166,6 +190,25 @@ impl WorkerState {
 struct Worker {
     state: Arc<WorkerState>,
     tx: mpsc::UnboundedSender<Job>,
+    /// Dropping it (the function is gone) cancels the worker, which drops
+    /// the instance: no worker outlives its function.
+    _task: WorkerTask,
+}
+
+/// A worker's task, cancelled when dropped.
+enum WorkerTask {
+    /// On the tenant's fair-scheduler queue.
+    Pooled(#[allow(dead_code)] async_task::Task<Result<(), Error>>),
+    /// On tokio (no scheduler).
+    Tokio(tokio::task::AbortHandle),
+}
+
+impl Drop for WorkerTask {
+    fn drop(&mut self) {
+        if let WorkerTask::Tokio(handle) = self {
+            handle.abort();
+        }
+    }
 }
 
 /// The shared instances of one function.
@@ -241,7 +284,9 @@ impl SharedPool {
         let request_io: RequestIo = Box::pin(request_io);
         let (tx, rx) = oneshot::channel::<Answer>();
         let (done_tx, done_rx) = oneshot::channel::<()>();
+        let (finished_tx, finished_rx) = oneshot::channel::<bool>();
         let slot = Slot {
+            finished: Some(finished_tx),
             tx: Some(tx),
             done: Some(done_rx),
             deadline,
@@ -270,25 +315,40 @@ impl SharedPool {
                 })
                 .is_err()
         {
-            state.end(request_id, || {
+            state.end(request_id, false, || {
                 Err(Error::new(ErrorKind::NoResponse).context("the shared instance ended"))
             });
         }
         drop(worker);
+        // Until the answer is here, dropping this future (the client went
+        // away) cancels the request: it ends and its instance retires, as a
+        // cancelled request retires a kept instance.
+        let mut pending = Cancel {
+            stats: self.stats.clone(),
+            state: state.clone(),
+            request_id,
+            armed: true,
+        };
         let answer = match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(Error::new(ErrorKind::NoResponse)),
             Err(_) => {
                 // The worker fails it too (at the same deadline); whichever
-                // comes first, the request ends here.
-                state.end(request_id, || Err(Error::new(ErrorKind::WallLimit)));
+                // comes first, the request ends here, and the instance, with
+                // a guest still running for nobody, takes no more.
+                state.retire();
+                state.end(request_id, false, || Err(Error::new(ErrorKind::WallLimit)));
                 Err(Error::new(ErrorKind::WallLimit))
             }
         };
+        pending.armed = false;
+        drop(pending);
         match answer? {
             Ok(response) => Ok(response.map(|inner| {
                 http_body_util::BodyExt::boxed_unsync(SharedBody {
                     inner,
+                    ended: false,
+                    finished: finished_rx,
                     done: Some(done_tx),
                     deadline: Box::pin(tokio::time::sleep_until(deadline)),
                     state,
@@ -327,9 +387,10 @@ impl SharedPool {
             );
         }
         // Idle instances past max_idle, and those that will take nothing
-        // more, leave the list (their workers end once their requests do).
+        // more, retire (their workers end once their requests do, then
+        // leave the list).
         let mut idle = 0;
-        workers.retain(|w| {
+        for w in workers.iter() {
             let s = &w.state;
             let keep = self.open(s)
                 && (s.load.load(Ordering::SeqCst) > 0 || {
@@ -337,10 +398,9 @@ impl SharedPool {
                     idle <= self.policy.max_idle
                 });
             if !keep {
-                s.retiring.store(true, Ordering::SeqCst);
+                s.retire();
             }
-            keep
-        });
+        }
         let state = Arc::new(WorkerState {
             load: AtomicU32::new(1),
             given: AtomicU32::new(1),
@@ -353,14 +413,26 @@ impl SharedPool {
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let store = make_store();
-        let run: GuestFuture = Box::pin(run_worker(self.clone(), store, rx, state.clone()));
-        match &self.queue {
-            Some(queue) => super::spawn_pooled(queue, run, Duration::ZERO).detach(),
-            None => drop(tokio::spawn(run)),
-        }
+        let run: GuestFuture = Box::pin(run_worker(
+            WorkerSetup {
+                pre: self.pre.clone(),
+                ticker: self.shared.ticker.clone(),
+                stats: self.stats.clone(),
+                cpu_budget: self.cpu_budget,
+                max_requests: self.policy.max_requests,
+            },
+            store,
+            rx,
+            state.clone(),
+        ));
+        let task = match &self.queue {
+            Some(queue) => WorkerTask::Pooled(super::spawn_pooled(queue, run, Duration::ZERO)),
+            None => WorkerTask::Tokio(tokio::spawn(run).abort_handle()),
+        };
         workers.push(Worker {
             state: state.clone(),
             tx: tx.clone(),
+            _task: task,
         });
         self.count_idle(&workers);
         (WorkerRef { state, tx }, true)
@@ -376,18 +448,15 @@ impl SharedPool {
             .store(idle as u64, Ordering::Relaxed);
     }
 
-    /// Drops workers that aged or went idle past `max_idle`.
+    /// Retires workers that aged (idle ones end at once); forgets ended ones.
     fn sweep(&self) {
         let mut workers = self.workers();
-        workers.retain(|w| {
-            let keep = !w.state.gone.load(Ordering::SeqCst)
-                && (w.state.born.elapsed() < self.policy.max_age
-                    || w.state.load.load(Ordering::SeqCst) > 0);
-            if !keep {
-                w.state.retiring.store(true, Ordering::SeqCst);
+        workers.retain(|w| !w.state.gone.load(Ordering::SeqCst));
+        for w in workers.iter() {
+            if w.state.born.elapsed() >= self.policy.max_age {
+                w.state.retire();
             }
-            keep
-        });
+        }
         self.count_idle(&workers);
     }
 }
@@ -397,10 +466,33 @@ struct WorkerRef {
     tx: mpsc::UnboundedSender<Job>,
 }
 
+/// Cancels a request whose answer has not come when it is dropped armed.
+struct Cancel {
+    stats: Arc<GuestStats>,
+    state: Arc<WorkerState>,
+    request_id: u64,
+    armed: bool,
+}
+
+impl Drop for Cancel {
+    fn drop(&mut self) {
+        if self.armed {
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            self.state.retire();
+            self.state.end(self.request_id, false, || {
+                Err(Error::new(ErrorKind::NoResponse).context("cancelled"))
+            });
+        }
+    }
+}
+
 /// The body of a response from a shared instance: ends the request in its
 /// worker when complete or dropped, and is cut at the request's deadline.
 struct SharedBody {
     inner: WasiBody,
+    /// The guest's stream ended; waiting to hear how its request ended.
+    ended: bool,
+    finished: oneshot::Receiver<bool>,
     done: Option<oneshot::Sender<()>>,
     deadline: Pin<Box<tokio::time::Sleep>>,
     state: Arc<WorkerState>,
@@ -410,7 +502,8 @@ struct SharedBody {
 impl Drop for SharedBody {
     fn drop(&mut self) {
         self.done = None;
-        self.state.end(self.request_id, || Ok(Err(String::new())));
+        self.state
+            .end(self.request_id, false, || Ok(Err(String::new())));
     }
 }
 
@@ -428,15 +521,24 @@ impl http_body::Body for SharedBody {
                     .context("the response was not complete before the wall deadline"),
             ))));
         }
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
+        if !self.ended {
+            let polled = Pin::new(&mut self.inner).poll_frame(cx);
+            if !matches!(polled, Poll::Ready(None)) {
+                return polled.map_err(Into::into);
+            }
+            // The stream ended: complete only if the guest then finished
+            // its request normally (a dying instance ends its streams too).
+            self.ended = true;
             self.done = None;
         }
-        polled.map_err(Into::into)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match Pin::new(&mut self.finished).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(true)) => Poll::Ready(None),
+            Poll::Ready(_) => Poll::Ready(Some(Err(Box::new(
+                Error::new(ErrorKind::Trap(None))
+                    .context("the instance failed while the response streamed"),
+            )))),
+        }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
@@ -447,23 +549,38 @@ impl http_body::Body for SharedBody {
 /// One shared instance: instantiates, then serves the requests it is given
 /// until its pool drops it (or it retires) and they have all ended; checks
 /// every request's deadline and CPU budget after each poll of its loop.
+/// What a worker needs of its pool (not the pool itself: the pool owns the
+/// worker's task; and not [`Shared`]: a worker may end on a scheduler
+/// thread, which must not drop the last hold on the scheduler it runs in).
+struct WorkerSetup {
+    pre: ServicePre<Host>,
+    ticker: Arc<Ticker>,
+    stats: Arc<GuestStats>,
+    cpu_budget: Duration,
+    max_requests: u32,
+}
+
 async fn run_worker(
-    pool: Arc<SharedPool>,
+    setup: WorkerSetup,
     mut store: Store<Host>,
     rx: mpsc::UnboundedReceiver<Job>,
     state: Arc<WorkerState>,
 ) -> Result<(), Error> {
-    let pre = pool.pre.clone();
-    let budget = pool.cpu_budget;
+    let WorkerSetup {
+        pre,
+        ticker,
+        stats,
+        cpu_budget: budget,
+        max_requests,
+    } = setup;
     let inner_state = state.clone();
-    let lease_source = pool.shared.clone();
     let mut guest: Pin<Box<dyn Future<Output = (wasmtime::Result<()>, bool)> + Send + '_>> =
         Box::pin(async move {
             let result = async {
                 let service = pre.instantiate_async(&mut store).await?;
                 store
                     .run_concurrent(async |accessor| {
-                        serve(accessor, &service, rx, &inner_state, &lease_source).await
+                        serve(accessor, &service, rx, &inner_state, &ticker).await
                     })
                     .await?
             }
@@ -511,10 +628,15 @@ async fn run_worker(
         if !failed.is_empty() {
             state.retiring.store(true, Ordering::SeqCst);
             for (id, kind) in failed {
-                state.end(id, || Err(Error::new(kind)));
+                let outcome: Outcome<()> = match kind {
+                    ErrorKind::CpuLimit => Outcome::Cpu,
+                    _ => Outcome::Wall,
+                };
+                stats.record_outcome(&outcome);
+                state.end(id, false, || Err(Error::new(kind)));
             }
         }
-        let spent = state.given.load(Ordering::SeqCst) >= pool.policy.max_requests;
+        let spent = state.given.load(Ordering::SeqCst) >= max_requests;
         if open == 0
             && (state.retiring.load(Ordering::SeqCst) || spent)
             && state.load.load(Ordering::SeqCst) == 0
@@ -526,14 +648,18 @@ async fn run_worker(
         Poll::Pending
     })
     .await;
-    pool.stats.record_cpu(cpu, Duration::MAX, None);
+    stats.record_cpu(cpu, Duration::MAX, None);
     state.retiring.store(true, Ordering::SeqCst);
     let failure = match ended {
-        Some((Err(e), denied)) => Some(if denied {
-            Error::new(ErrorKind::MemoryLimit)
-        } else {
-            Error::trap(e)
-        }),
+        Some((Err(e), denied)) => {
+            let outcome: Outcome<()> = if denied {
+                Outcome::Memory
+            } else {
+                Outcome::Trap(e)
+            };
+            stats.record_outcome(&outcome);
+            outcome.into_result().err()
+        }
         _ => None,
     };
     drop(guest);
@@ -541,7 +667,7 @@ async fn run_worker(
     // Whatever is left has no instance any more.
     let ids: Vec<u64> = state.slots().keys().copied().collect();
     for id in ids {
-        state.end(id, || {
+        state.end(id, false, || {
             Err(failure.as_ref().map_or_else(
                 || Error::new(ErrorKind::NoResponse).context("the shared instance ended"),
                 |e| Error::new(e.kind().clone()),
@@ -561,7 +687,7 @@ async fn serve(
     service: &Service,
     mut rx: mpsc::UnboundedReceiver<Job>,
     state: &Arc<WorkerState>,
-    shared: &Arc<Shared>,
+    ticker: &Arc<Ticker>,
 ) -> wasmtime::Result<()> {
     let mut inflight = FuturesUnordered::new();
     let mut accepting = true;
@@ -571,7 +697,7 @@ async fn serve(
             Some(ended) = inflight.next(), if !inflight.is_empty() => {
                 let (id, result): (u64, wasmtime::Result<()>) = ended;
                 result?;
-                state.end(id, || Ok(Err(String::new())));
+                state.end(id, true, || Ok(Err(String::new())));
                 if inflight.is_empty() {
                     accessor.with(|mut store| {
                         let host = store.data_mut();
@@ -591,7 +717,7 @@ async fn serve(
                     if inflight.is_empty() {
                         accessor.with(|mut store| {
                             let host = store.data_mut();
-                            host.set_ticker(Some(shared.store_lease()));
+                            host.set_ticker(Some(ticker.lease()));
                             host.begin_request(job.request_id);
                         });
                     }
