@@ -1075,19 +1075,7 @@ impl Validator<'_> {
         let at = raw.span().start;
         let raw = raw.into_inner();
         let listen_at = raw.listen.as_ref().map_or(at, |s| s.span().start);
-        let listen: SocketAddr = match raw.listen {
-            None => DEFAULT_TLS_LISTEN.parse().expect("valid default"),
-            Some(s) => s.get_ref().parse().map_err(|e| {
-                self.err(
-                    s.span().start,
-                    "tls.listen",
-                    format!(
-                        "`{}` is not an address like 127.0.0.1:8443: {e}",
-                        s.get_ref()
-                    ),
-                )
-            })?,
-        };
+        let listen = self.address(raw.listen, "tls.listen", DEFAULT_TLS_LISTEN)?;
         if listen == http && listen.port() != 0 {
             return Err(self.err(listen_at, "tls.listen", "must differ from server.listen"));
         }
@@ -1187,6 +1175,26 @@ impl Validator<'_> {
                 Duration::from_secs(10),
             )?,
         })
+    }
+
+    /// A socket address, or `default` (itself an example of the form) when
+    /// the key is absent.
+    fn address(
+        &self,
+        value: Option<Spanned<String>>,
+        key: &str,
+        default: &str,
+    ) -> Result<SocketAddr, ConfigError> {
+        match value {
+            None => Ok(default.parse().expect("valid default")),
+            Some(s) => s.get_ref().parse().map_err(|e| {
+                self.err(
+                    s.span().start,
+                    key,
+                    format!("`{}` is not an address like {default}: {e}", s.get_ref()),
+                )
+            }),
+        }
     }
 
     /// A whole number in `range`, or `default` when the key is absent.
@@ -1507,19 +1515,7 @@ impl Validator<'_> {
     }
 
     fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
-        let listen = match raw.listen {
-            None => DEFAULT_LISTEN.parse().expect("valid default"),
-            Some(s) => s.get_ref().parse().map_err(|e| {
-                self.err(
-                    s.span().start,
-                    "server.listen",
-                    format!(
-                        "`{}` is not an address like 127.0.0.1:8080: {e}",
-                        s.get_ref()
-                    ),
-                )
-            })?,
-        };
+        let listen = self.address(raw.listen, "server.listen", DEFAULT_LISTEN)?;
         if let Some(d) = &raw.epoch_tick
             && (d.duration < Duration::from_micros(100) || d.duration > Duration::from_millis(100))
         {

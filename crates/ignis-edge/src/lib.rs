@@ -118,16 +118,7 @@ impl Edge {
     /// error is a response).
     pub async fn handle(&self, req: Request<Incoming>, https: bool) -> Response<Body> {
         let id = next_request_id();
-        let host = req
-            .uri()
-            .host()
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(strip_port)
-            })
-            .unwrap_or("");
+        let host = request_host(&req).unwrap_or("");
         if req.uri().authority().is_none() && !req.headers().contains_key(header::HOST) {
             // HTTP/1.0 without Host: nothing to route by, and `wasi:http`
             // needs an authority. Refused here, before any guest or actor.
@@ -281,6 +272,17 @@ fn body_too_large(max_body: u64) -> Error {
     Error::new(ErrorKind::BodyTooLarge).context(format!("the limit is {max_body} bytes"))
 }
 
+/// The host a request names: its target's authority, else its Host header
+/// (without the port).
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.uri().host().or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(strip_port)
+    })
+}
+
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
@@ -351,13 +353,7 @@ enum Mode {
 /// usable host.
 fn redirect_response(req: &Request<Incoming>, https_port: u16) -> Response<Body> {
     let id = next_request_id();
-    let host = req.uri().host().or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(strip_port)
-    });
-    let host = host.filter(|h| {
+    let host = request_host(req).filter(|h| {
         !h.is_empty()
             && h.len() <= 253
             && h.chars()

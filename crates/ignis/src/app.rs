@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use ignis_actors::{ActorDirectory, FunctionGate};
 use ignis_config::{ComponentSource, Manifest};
+use ignis_edge::tls::CertStore;
 use ignis_edge::{Edge, Server};
 use ignis_runtime::bindings::keyvalue::KvLimits;
 use ignis_runtime::outbound::{Backend, TenantOutbound};
@@ -213,23 +214,44 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Binds and serves until SIGINT/SIGTERM. Prints `listening on http://ADDR`
-/// on stdout once the socket is bound, then `listening on https://ADDR` if
-/// the manifest has `[tls]`.
-pub async fn serve(manifest: &Manifest, app: App) -> anyhow::Result<()> {
-    let plain = Server::bind(manifest.server.listen, app.edge.clone()).await?;
-    println!("listening on http://{}", plain.local_addr());
-    let tls = match &manifest.tls {
+/// A manifest's listeners, bound: plain HTTP (answering with redirects to
+/// HTTPS when `tls.redirect_http` is set) and, with `[tls]`, HTTPS.
+pub struct Listeners {
+    /// `server.listen`.
+    pub http: Server,
+    /// `tls.listen`, with the certificate store it serves from (the file
+    /// watcher only refers to the store: it lives as long as the server).
+    pub https: Option<(Server, Arc<CertStore>)>,
+}
+
+/// Binds the listeners of `manifest` for `edge`, loading (and watching)
+/// the certificates of `[tls]`.
+pub async fn bind(manifest: &Manifest, edge: &Arc<Edge>) -> anyhow::Result<Listeners> {
+    let mut http = Server::bind(manifest.server.listen, edge.clone()).await?;
+    let https = match &manifest.tls {
         None => None,
         Some(config) => {
-            let certs = ignis_edge::tls::CertStore::load(config)
-                .context("loading the TLS certificates ([tls])")?;
-            ignis_edge::tls::CertStore::watch(&certs);
-            let server = Server::bind_tls(config.listen, app.edge.clone(), &certs).await?;
-            println!("listening on https://{}", server.local_addr());
+            let certs = CertStore::load(config).context("loading the TLS certificates ([tls])")?;
+            CertStore::watch(&certs);
+            let server = Server::bind_tls(config.listen, edge.clone(), &certs).await?;
+            if config.redirect_http {
+                http = http.redirect_to_https(server.local_addr().port());
+            }
             Some((server, certs))
         }
     };
+    Ok(Listeners { http, https })
+}
+
+/// Binds and serves until SIGINT/SIGTERM. Prints `listening on http://ADDR`
+/// on stdout once the sockets are bound, then `listening on https://ADDR` if
+/// the manifest has `[tls]`.
+pub async fn serve(manifest: &Manifest, app: App) -> anyhow::Result<()> {
+    let Listeners { http, https } = bind(manifest, &app.edge).await?;
+    println!("listening on http://{}", http.local_addr());
+    if let Some((server, _)) = &https {
+        println!("listening on https://{}", server.local_addr());
+    }
     for (name, f) in &app.functions {
         tracing::info!(function = %name, tenant = f.tenant(), "ready");
     }
@@ -244,16 +266,12 @@ pub async fn serve(manifest: &Manifest, app: App) -> anyhow::Result<()> {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     };
-    match tls {
+    match https {
         None => {
-            tokio::join!(signal, plain.run(stopped())).1?;
+            tokio::join!(signal, http.run(stopped())).1?;
         }
-        Some((server, _certs)) => {
-            let plain = match manifest.tls.as_ref().is_some_and(|t| t.redirect_http) {
-                true => plain.redirect_to_https(server.local_addr().port()),
-                false => plain,
-            };
-            let (_, a, b) = tokio::join!(signal, plain.run(stopped()), server.run(stopped()));
+        Some((https, _certs)) => {
+            let (_, a, b) = tokio::join!(signal, http.run(stopped()), https.run(stopped()));
             a?;
             b?;
         }

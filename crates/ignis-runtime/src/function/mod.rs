@@ -230,12 +230,8 @@ impl http_body::Body for DrivingBody {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(None) = polled {
             if this.cut.load(Ordering::SeqCst) {
-                // Cut short by the guest's failure (logged once, above): the
-                // client must not take the body for whole.
-                return Poll::Ready(Some(Err(Box::new(
-                    Error::new(ErrorKind::Trap(None))
-                        .context("the guest failed while the response streamed"),
-                ))));
+                // Cut short by the guest's failure (logged once, above).
+                return Poll::Ready(Some(Err(cut_body())));
             }
             this.done = None;
             // A 0.3 guest waits for `done`, and most guests end right after
@@ -267,6 +263,14 @@ impl http_body::Body for DrivingBody {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The error that ends a response body its guest (or its instance) failed
+/// to complete: the client must never take a cut body for a whole one.
+fn cut_body() -> BoxError {
+    Box::new(
+        Error::new(ErrorKind::Trap(None)).context("the guest failed while the response streamed"),
+    )
 }
 
 /// Counts a cancellation when the guest future is dropped before it finished.

@@ -82,21 +82,21 @@ struct Job {
     request_io: RequestIo,
 }
 
-/// What the worker and the watch around it know about one request.
+/// What the worker and the watch around it know about one request, from
+/// the moment it is given to the moment it ends (then it leaves the map).
 struct Slot {
     /// Where its answer goes (taken when answered or failed).
     tx: Option<oneshot::Sender<Answer>>,
     /// Tells the guest's loop the response body was read or dropped.
     done: Option<oneshot::Receiver<()>>,
     deadline: Instant,
-    /// The worker's CPU total when the request started.
-    cpu_start: Duration,
-    /// Ended (well or not): counted out of the instance's load.
-    ended: bool,
-    /// Its admission slot, freed when it ends.
-    permit: Option<OwnedSemaphorePermit>,
+    /// The worker's CPU total when the request started (`None` until the
+    /// first poll after it was given).
+    cpu_start: Option<Duration>,
+    /// Its admission slot, freed when it ends (with the slot).
+    _permit: Option<OwnedSemaphorePermit>,
     /// Counts it as active until it ends.
-    active: Option<super::ActiveGuard>,
+    _active: super::ActiveGuard,
     /// Told how it ended (`true`: its guest finished with it normally), so
     /// its body can tell a complete end from a cut.
     finished: Option<oneshot::Sender<bool>>,
@@ -164,25 +164,20 @@ impl WorkerState {
 
     /// Ends `request_id`'s slot (`well`: its guest finished with it
     /// normally), answering `answer` if it had no answer yet.
+    /// Only the first call for a request does anything.
     fn end(&self, request_id: u64, well: bool, answer: impl FnOnce() -> Answer) {
-        let mut slots = self.slots();
-        if let Some(slot) = slots.get_mut(&request_id)
-            && !slot.ended
-        {
-            slot.ended = true;
-            if let Some(finished) = slot.finished.take() {
-                let _ = finished.send(well);
-            }
-            if let Some(tx) = slot.tx.take() {
-                let _ = tx.send(answer());
-            }
-            slot.permit = None;
-            slot.done = None;
-            slot.active = None;
-            self.load.fetch_sub(1, Ordering::SeqCst);
-            drop(slots);
-            self.wake();
+        let Some(slot) = self.slots().remove(&request_id) else {
+            return;
+        };
+        if let Some(finished) = slot.finished {
+            let _ = finished.send(well);
         }
+        if let Some(tx) = slot.tx {
+            let _ = tx.send(answer());
+        }
+        // Its permit, guard and `done` go with it.
+        self.load.fetch_sub(1, Ordering::SeqCst);
+        self.wake();
     }
 }
 
@@ -197,8 +192,10 @@ struct Worker {
 
 /// A worker's task, cancelled when dropped.
 enum WorkerTask {
-    /// On the tenant's fair-scheduler queue.
-    Pooled(#[allow(dead_code)] async_task::Task<Result<(), Error>>),
+    /// On the tenant's fair-scheduler queue (dropping the task cancels it).
+    Pooled {
+        _task: async_task::Task<Result<(), Error>>,
+    },
     /// On tokio (no scheduler).
     Tokio(tokio::task::AbortHandle),
 }
@@ -290,10 +287,9 @@ impl SharedPool {
             tx: Some(tx),
             done: Some(done_rx),
             deadline,
-            cpu_start: Duration::ZERO,
-            ended: false,
-            permit,
-            active: Some(active),
+            cpu_start: None,
+            _permit: permit,
+            _active: active,
         };
         let (worker, fresh) = self.place(make_store);
         let state = worker.state.clone();
@@ -426,7 +422,9 @@ impl SharedPool {
             state.clone(),
         ));
         let task = match &self.queue {
-            Some(queue) => WorkerTask::Pooled(super::spawn_pooled(queue, run, Duration::ZERO)),
+            Some(queue) => WorkerTask::Pooled {
+                _task: super::spawn_pooled(queue, run, Duration::ZERO),
+            },
             None => WorkerTask::Tokio(tokio::spawn(run).abort_handle()),
         };
         workers.push(Worker {
@@ -534,10 +532,7 @@ impl http_body::Body for SharedBody {
         match Pin::new(&mut self.finished).poll(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(true)) => Poll::Ready(None),
-            Poll::Ready(_) => Poll::Ready(Some(Err(Box::new(
-                Error::new(ErrorKind::Trap(None))
-                    .context("the instance failed while the response streamed"),
-            )))),
+            Poll::Ready(_) => Poll::Ready(Some(Err(super::cut_body()))),
         }
     }
 
@@ -546,9 +541,6 @@ impl http_body::Body for SharedBody {
     }
 }
 
-/// One shared instance: instantiates, then serves the requests it is given
-/// until its pool drops it (or it retires) and they have all ended; checks
-/// every request's deadline and CPU budget after each poll of its loop.
 /// What a worker needs of its pool (not the pool itself: the pool owns the
 /// worker's task; and not [`Shared`]: a worker may end on a scheduler
 /// thread, which must not drop the last hold on the scheduler it runs in).
@@ -560,6 +552,9 @@ struct WorkerSetup {
     max_requests: u32,
 }
 
+/// One shared instance: instantiates, then serves the requests it is given
+/// until it retires (or its pool goes) and they have all ended; checks every
+/// request's deadline and CPU budget after each poll of its loop.
 async fn run_worker(
     setup: WorkerSetup,
     mut store: Store<Host>,
@@ -609,16 +604,11 @@ async fn run_worker(
         {
             let mut slots = state.slots();
             for (id, slot) in slots.iter_mut() {
-                if slot.ended {
-                    continue;
-                }
-                if slot.cpu_start == Duration::ZERO {
-                    // Started during the poll that just ended.
-                    slot.cpu_start = cpu;
-                }
+                // Given during the poll that just ended, if not set yet.
+                let cpu_start = *slot.cpu_start.get_or_insert(cpu);
                 if now >= slot.deadline {
                     failed.push((*id, ErrorKind::WallLimit));
-                } else if cpu.saturating_sub(slot.cpu_start) > budget {
+                } else if cpu.saturating_sub(cpu_start) > budget {
                     failed.push((*id, ErrorKind::CpuLimit));
                 } else {
                     open += 1;

@@ -15,7 +15,6 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use ignis::app::{self, Sources};
 use ignis_config::Manifest;
-use ignis_edge::Server;
 use ignis_edge::tls::CertStore;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -76,20 +75,11 @@ impl TlsServer {
             wasm("hello")
         );
         let manifest = Manifest::from_str_at(&text, &dir.join("ignis.toml")).unwrap();
-        let config = manifest.tls.clone().unwrap();
         let app = app::load(&manifest, Sources::PrebuiltOnly).unwrap();
-        let certs = CertStore::load(&config).unwrap();
-        CertStore::watch(&certs);
-        let https = Server::bind_tls(config.listen, app.edge.clone(), &certs)
-            .await
-            .unwrap();
-        let mut http = Server::bind(manifest.server.listen, app.edge.clone())
-            .await
-            .unwrap();
+        // The listeners as `ignis serve` binds them.
+        let app::Listeners { http, https } = app::bind(&manifest, &app.edge).await.unwrap();
+        let (https, certs) = https.expect("[tls] is set");
         let addrs = (https.local_addr(), http.local_addr());
-        if config.redirect_http {
-            http = http.redirect_to_https(addrs.0.port());
-        }
         let mut stops = Vec::new();
         for server in [https, http] {
             let (stop, stopped) = oneshot::channel::<()>();
