@@ -1985,7 +1985,7 @@ struct References<'a> {
 
 /// An exact host name (`example.com`) or a wildcard for one label below
 /// one (`*.example.com`), lowercase, as SNI carries them.
-fn valid_tls_host(name: &str) -> bool {
+pub fn valid_tls_host(name: &str) -> bool {
     let exact = name.strip_prefix("*.").unwrap_or(name);
     let labels: Vec<&str> = exact.split('.').collect();
     exact.len() <= 253

@@ -201,6 +201,15 @@ pub fn self_signed(
     hosts: &[String],
     out: &Path,
 ) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    for host in hosts {
+        let usable = host.parse::<std::net::IpAddr>().is_ok()
+            || ignis_config::valid_tls_host(&host.to_ascii_lowercase());
+        if !usable {
+            bail!(
+                "`{host}` is neither an IP address nor a host name (`example.com`, `*.example.com`)"
+            );
+        }
+    }
     let certified = rcgen::generate_simple_self_signed(hosts.to_vec())
         .context("generating a self-signed certificate")?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;

@@ -188,6 +188,15 @@ fn wit_writes_the_packages_guests_build_against() {
     // What was in deps/ before is replaced; files beside it stay.
     std::fs::create_dir_all(dir.path().join("deps/stale")).unwrap();
     write(dir.path(), "world.wit", "package a:b;");
+    // A path that is a file is an error naming it.
+    let file = write(dir.path(), "not-a-dir", "");
+    let out = ignis().arg("wit").arg(&file).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not-a-dir"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = ignis().arg("wit").arg(dir.path()).output().unwrap();
     assert!(
         out.status.success(),

@@ -546,6 +546,21 @@ fn cert_writes_a_usable_self_signed_pair_and_bad_files_are_startup_errors() {
     assert!(other.status.success());
     let (ok, text) = check(&manifest("tls/cert.pem", "other/key.pem"));
     assert!(!ok && text.contains("does not match"), "{text}");
+    // Names a certificate cannot carry: refused, nothing written.
+    for bad in ["", "bad name!", "a..b", "*.com"] {
+        let out = ignis()
+            .args(["cert", "--host", bad, "--out"])
+            .arg(dir.path().join("bad"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad:?} accepted");
+        assert!(
+            err.contains("neither an IP address nor a host name"),
+            "{bad:?}: {err}"
+        );
+        assert!(!dir.path().join("bad").exists(), "{bad:?}: files written");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
