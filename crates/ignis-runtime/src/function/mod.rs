@@ -113,6 +113,10 @@ struct DrivingBody {
     /// 0.3 guest run before its store closed the body's stream): an end of
     /// the body that follows is a cut, not a complete body.
     cut: Arc<AtomicBool>,
+    /// Marked cancelled when the body is dropped with its guest still
+    /// running (the client left mid-body), before the guest can see the
+    /// stream close.
+    ending: Arc<Ending>,
 }
 
 /// A request's guest, wrapped in its limits: how it ended.
@@ -133,6 +137,9 @@ enum Guest {
 
 impl Drop for DrivingBody {
     fn drop(&mut self) {
+        if !matches!(self.guest, Guest::None) {
+            self.ending.cancel();
+        }
         if let Guest::Watched { watchdog, .. } = &self.guest {
             watchdog.abort();
         }
@@ -273,17 +280,54 @@ fn cut_body() -> BoxError {
     )
 }
 
-/// Counts a cancellation when the guest future is dropped before it finished.
-struct CancelGuard {
+/// How a request's guest ended, decided once: it finished, or it was
+/// cancelled (its future dropped first, or its client left mid-body).
+/// Whoever decides first wins, so a guest that notices its client's
+/// closed stream in the same instant it is cancelled is counted once, as
+/// cancelled: the body marks the cancellation before it lets go of the
+/// stream the guest writes to.
+struct Ending {
     stats: Arc<GuestStats>,
-    finished: bool,
+    state: std::sync::atomic::AtomicU8,
 }
+
+impl Ending {
+    const RUNNING: u8 = 0;
+    const FINISHED: u8 = 1;
+    const CANCELLED: u8 = 2;
+
+    fn new(stats: Arc<GuestStats>) -> Arc<Self> {
+        Arc::new(Ending {
+            stats,
+            state: std::sync::atomic::AtomicU8::new(Self::RUNNING),
+        })
+    }
+
+    fn decide(&self, to: u8) -> bool {
+        self.state
+            .compare_exchange(Self::RUNNING, to, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    fn finish(&self) {
+        self.decide(Self::FINISHED);
+    }
+
+    /// Counts a cancellation unless the guest already finished.
+    fn cancel(&self) {
+        if self.decide(Self::CANCELLED) {
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Cancels the request's ending when the guest future is dropped before it
+/// finished.
+struct CancelGuard(Arc<Ending>);
 
 impl Drop for CancelGuard {
     fn drop(&mut self) {
-        if !self.finished {
-            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-        }
+        self.0.cancel();
     }
 }
 
@@ -554,6 +598,7 @@ impl Function {
         let (tx, rx) = oneshot::channel::<Sent>();
         let (done_tx, done_rx) = oneshot::channel::<()>();
         let cut = Arc::new(AtomicBool::new(false));
+        let ending = Ending::new(self.stats.clone());
         let run: GuestRun = match &self.pre {
             Pre::P2(pre) => p2::start(pre, kept, request, meta.https, tx)?,
             Pre::P3(pre) => p3::start(pre, kept, request, tx, done_rx, cut.clone()),
@@ -565,6 +610,7 @@ impl Function {
                 active: ActiveGuard::new(self.stats.clone()),
                 limits,
                 pool: self.pool.clone(),
+                ending: ending.clone(),
             },
         ));
         // CPU hogs go to the fair scheduler: after half a slice of CPU in
@@ -622,6 +668,7 @@ impl Function {
                     request_id: meta.request_id,
                     done: Some(done_tx),
                     cut,
+                    ending,
                 }
                 .boxed_unsync()
             })),
@@ -652,6 +699,7 @@ struct TaskContext {
     active: ActiveGuard,
     limits: RunLimits,
     pool: Option<Arc<InstancePool>>,
+    ending: Arc<Ending>,
 }
 
 /// A guest run: the store and instance back (if the guest ended well) and
@@ -664,12 +712,9 @@ type GuestRun = Pin<Box<dyn Future<Output = (wasmtime::Result<Kept>, bool)> + Se
 /// instance are dropped with it).
 async fn run_task(run: GuestRun, cx: TaskContext) -> Result<(), Error> {
     let stats = &cx.active.0;
-    let mut cancel = CancelGuard {
-        stats: stats.clone(),
-        finished: false,
-    };
+    let _cancel = CancelGuard(cx.ending.clone());
     let outcome = run_limited(run, cx.limits, stats).await;
-    cancel.finished = true;
+    cx.ending.finish();
     let ended = outcome.into_result().map(|kept| {
         if let Some(pool) = &cx.pool {
             pool.give_back(kept);
