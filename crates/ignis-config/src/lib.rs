@@ -115,6 +115,8 @@ pub struct Manifest {
     pub actors: BTreeMap<String, ActorClassConfig>,
     /// The HTTPS listener (`[tls]`), if any.
     pub tls: Option<TlsConfig>,
+    /// Origins the edge proxies to (`[upstreams.NAME]`).
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
 }
 
 /// The HTTPS listener (`[tls]`): certificates chosen by SNI.
@@ -304,6 +306,10 @@ pub struct ServerConfig {
     pub body_read_timeout: Duration,
     /// HTTP/2 limits (`[server.http2]`), for h2c and HTTP/2 over TLS.
     pub http2: Http2Limits,
+    /// Peers whose `X-Forwarded-For`, `X-Forwarded-Proto`,
+    /// `X-Forwarded-Host` and `Forwarded` headers are believed (other
+    /// peers' are replaced): the client address is the last untrusted hop.
+    pub trusted_proxies: Vec<IpRange>,
 }
 
 /// HTTP/2 limits (`[server.http2]`). The header list is bounded by
@@ -537,6 +543,197 @@ pub enum RouteTarget {
     Function(String),
     /// A durable actor class; the id comes from the path's `{id}` segment.
     Actor(String),
+    /// An upstream (`[upstreams.NAME]`): the edge proxies the request to
+    /// one of its origins.
+    Upstream(String),
+}
+
+/// A group of origins the edge proxies to (`[upstreams.NAME]`).
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// The table key.
+    pub name: String,
+    /// The origins, in the order written.
+    pub origins: Vec<OriginConfig>,
+    /// How an origin is picked for a request.
+    pub balance: Balance,
+    /// Speak HTTP/2 to the origins: h2c by prior knowledge to `http://`
+    /// origins, offered by ALPN to `https://` ones (which may still pick
+    /// HTTP/1.1).
+    pub http2: bool,
+    /// Time allowed to connect (and finish the TLS handshake): past it the
+    /// origin counts as unreachable (502, or another origin).
+    pub connect_timeout: Duration,
+    /// Time allowed from sending the request to the response head: past
+    /// it, 504.
+    pub response_timeout: Duration,
+    /// Idle keep-alive connections kept per origin.
+    pub pool_size: usize,
+    /// An idle pooled connection is closed after this long.
+    pub pool_idle_timeout: Duration,
+    /// What the origin sees as `Host`.
+    pub host: HostRewrite,
+    /// Verify `https://` origins' certificates (default true).
+    pub tls_verify: bool,
+    /// The name sent as SNI and verified, instead of the origin's host.
+    pub tls_server_name: Option<String>,
+    /// PEM file of the roots `https://` origins are verified against,
+    /// instead of the web PKI.
+    pub tls_ca: Option<PathBuf>,
+    /// Largest request body forwarded (413 past it).
+    pub max_body_bytes: u64,
+    /// Active health checks (`[upstreams.NAME.health]`), if any.
+    pub health: Option<HealthCheckConfig>,
+    /// Consecutive failures (unreachable, reset, timed out) after which an
+    /// origin is ejected (passive health) ...
+    pub eject_after: u32,
+    /// ... for this long; then it gets requests again.
+    pub eject_for: Duration,
+    /// Extra attempts on another origin for a request that may be retried
+    /// (idempotent method, no body) whose origin failed before answering.
+    pub retries: u32,
+    /// Retries allowed per request, on average ([`UpstreamConfig::retries`]
+    /// is per request; this bounds them across all requests).
+    pub retry_budget: f64,
+}
+
+/// One origin of an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginConfig {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Host name or address, lower-case, without brackets.
+    pub host: String,
+    /// Port (the scheme's default when the URL names none).
+    pub port: u16,
+}
+
+impl OriginConfig {
+    /// `scheme://host:port`, with brackets around an IPv6 address.
+    pub fn url(&self) -> String {
+        if self.host.contains(':') {
+            format!("{}://[{}]:{}", self.scheme, self.host, self.port)
+        } else {
+            format!("{}://{}:{}", self.scheme, self.host, self.port)
+        }
+    }
+}
+
+/// How an upstream picks an origin.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Balance {
+    /// Each origin in turn.
+    RoundRobin,
+    /// The origin with the fewest requests in flight.
+    LeastRequests,
+    /// Consistent hashing on `key`: a key stays on one origin while that
+    /// origin is usable and not loaded past `load_factor` times the
+    /// average (bounded loads).
+    Hash {
+        /// What is hashed.
+        key: HashKey,
+        /// The bound on an origin's share of in-flight requests, relative
+        /// to the average (greater than 1).
+        load_factor: f64,
+    },
+}
+
+/// What consistent hashing hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// A request header's value (lower-case name).
+    Header(String),
+    /// A cookie's value.
+    Cookie(String),
+    /// The request path (without the query).
+    Path,
+    /// The client's address (after `server.trusted_proxies`).
+    ClientIp,
+}
+
+/// What the origin sees as `Host`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostRewrite {
+    /// The client's `Host` (the default).
+    Preserve,
+    /// The origin's own host and port.
+    Origin,
+    /// This value.
+    Fixed(String),
+}
+
+/// Active health checks of an upstream's origins (`[upstreams.NAME.health]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    /// Path requested with GET; any 2xx or 3xx is healthy.
+    pub path: String,
+    /// Time between checks of one origin.
+    pub interval: Duration,
+    /// Time allowed for one check.
+    pub timeout: Duration,
+    /// Consecutive failed checks that mark an origin unhealthy.
+    pub unhealthy_after: u32,
+    /// Consecutive good checks that mark it healthy again.
+    pub healthy_after: u32,
+}
+
+/// An address range (`10.0.0.0/8`, `::1/128`, or one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRange {
+    /// The network address.
+    pub addr: std::net::IpAddr,
+    /// The prefix length.
+    pub prefix: u8,
+}
+
+impl IpRange {
+    /// Whether `ip` is in the range (an IPv4-mapped IPv6 address counts as
+    /// its IPv4 address).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for IpRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{addr}` is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if p <= max => p,
+                _ => return Err(format!("`/{p}` is not a prefix length (0 to {max})")),
+            },
+        };
+        Ok(IpRange { addr, prefix })
+    }
 }
 
 /// A durable actor class (`[actors.NAME]`).
@@ -597,6 +794,42 @@ struct RawManifest {
     #[serde(default)]
     actors: BTreeMap<String, Spanned<RawActor>>,
     tls: Option<Spanned<RawTls>>,
+    #[serde(default)]
+    upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    origins: Vec<Spanned<String>>,
+    balance: Option<Spanned<String>>,
+    hash_key: Option<Spanned<String>>,
+    hash_load_factor: Option<Spanned<f64>>,
+    http2: Option<bool>,
+    connect_timeout: Option<HumanDuration>,
+    response_timeout: Option<HumanDuration>,
+    pool_size: Option<Spanned<u32>>,
+    pool_idle_timeout: Option<HumanDuration>,
+    host: Option<Spanned<String>>,
+    tls_verify: Option<bool>,
+    tls_server_name: Option<Spanned<String>>,
+    tls_ca: Option<PathBuf>,
+    max_body: Option<ByteSize>,
+    health: Option<Spanned<RawHealth>>,
+    eject_after: Option<Spanned<u32>>,
+    eject_for: Option<HumanDuration>,
+    retries: Option<Spanned<u32>>,
+    retry_budget: Option<Spanned<f64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    path: Option<Spanned<String>>,
+    interval: Option<HumanDuration>,
+    timeout: Option<HumanDuration>,
+    unhealthy_after: Option<Spanned<u32>>,
+    healthy_after: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -711,6 +944,8 @@ struct RawServer {
     write_idle_timeout: Option<HumanDuration>,
     body_read_timeout: Option<HumanDuration>,
     http2: Option<RawHttp2>,
+    #[serde(default)]
+    trusted_proxies: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -834,6 +1069,7 @@ struct RawRoute {
     path: Spanned<String>,
     function: Option<Spanned<String>>,
     actor: Option<Spanned<String>>,
+    upstream: Option<Spanned<String>>,
 }
 
 /// Default of `server.max_activations`: live actor activations on a node.
@@ -960,10 +1196,21 @@ impl Validator<'_> {
             let actor = self.actor(&name, span.start, a.into_inner(), &known)?;
             actors.insert(name, actor);
         }
+        let mut upstreams = BTreeMap::new();
+        for (name, u) in raw.upstreams {
+            let span = u.span();
+            let upstream = self.upstream(&name, span.start, u.into_inner())?;
+            upstreams.insert(name, upstream);
+        }
         let mut routes = Vec::new();
         for (i, r) in raw.routes.into_iter().enumerate() {
             let span = r.span();
-            routes.push(self.route(i, span.start, r.into_inner(), &functions, &actors, &routes)?);
+            let targets = Targets {
+                functions: &functions,
+                actors: &actors,
+                upstreams: &upstreams,
+            };
+            routes.push(self.route(i, span.start, r.into_inner(), &targets, &routes)?);
         }
         let mut tenants = BTreeMap::new();
         for (name, t) in raw.tenants {
@@ -1003,6 +1250,7 @@ impl Validator<'_> {
         let tls = raw.tls.map(|t| self.tls(t, server.listen)).transpose()?;
         Ok(Manifest {
             tls,
+            upstreams,
             path: self.path.to_path_buf(),
             server,
             functions,
@@ -1460,12 +1708,39 @@ impl Validator<'_> {
                 "backend names use letters, digits, '-' and '_'",
             ));
         }
-        let url = raw.url.get_ref().trim();
+        let (scheme, host, port) = self.origin_url(&raw.url, &key("url"))?;
+        let timeout = match raw.timeout {
+            None => Duration::from_secs(30),
+            Some(d) if d.duration.is_zero() => {
+                return Err(self.err(d.span.start, key("timeout"), "must be greater than zero"));
+            }
+            Some(d) => d.duration,
+        };
+        let pool_size = self.count(raw.pool_size, &key("pool_size"), 1..=10_000, 32)? as usize;
+        Ok(BackendConfig {
+            name: name.to_string(),
+            scheme,
+            host,
+            port,
+            timeout,
+            tls_verify: raw.tls_verify.unwrap_or(true),
+            pool_size,
+        })
+    }
+
+    /// `http[s]://host[:port]` (nothing else): scheme, lower-case host
+    /// without brackets, port.
+    fn origin_url(
+        &self,
+        raw: &Spanned<String>,
+        key: &str,
+    ) -> Result<(String, String, u16), ConfigError> {
+        let url = raw.get_ref().trim();
         let bad_url = |why: &str| {
             self.err(
-                raw.url.span().start,
-                key("url"),
-                format!("`{url}` is not a backend URL like https://origin.example[:port]: {why}"),
+                raw.span().start,
+                key,
+                format!("`{url}` is not an origin URL like https://origin.example[:port]: {why}"),
             )
         };
         let (scheme, rest) = url
@@ -1492,25 +1767,274 @@ impl Validator<'_> {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_ascii_lowercase();
-        if host.is_empty() {
-            return Err(bad_url("missing host"));
+        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            return Err(bad_url("missing or malformed host"));
         }
-        let timeout = match raw.timeout {
-            None => Duration::from_secs(30),
-            Some(d) if d.duration.is_zero() => {
-                return Err(self.err(d.span.start, key("timeout"), "must be greater than zero"));
+        if port == 0 {
+            return Err(bad_url("port 0"));
+        }
+        Ok((scheme, host, port))
+    }
+
+    fn upstream(
+        &self,
+        name: &str,
+        offset: usize,
+        raw: RawUpstream,
+    ) -> Result<UpstreamConfig, ConfigError> {
+        let key = |k: &str| format!("upstreams.{name}.{k}");
+        if !valid_name(name) {
+            return Err(self.err(
+                offset,
+                format!("upstreams.{name}"),
+                "upstream names use letters, digits, '-' and '_'",
+            ));
+        }
+        if raw.origins.is_empty() {
+            return Err(self.err(offset, key("origins"), "list at least one origin URL"));
+        }
+        if raw.origins.len() > 1000 {
+            return Err(self.err(offset, key("origins"), "at most 1000 origins"));
+        }
+        let mut origins: Vec<OriginConfig> = Vec::new();
+        for o in &raw.origins {
+            let (scheme, host, port) = self.origin_url(o, &key("origins"))?;
+            let origin = OriginConfig { scheme, host, port };
+            if origins.contains(&origin) {
+                return Err(self.err(
+                    o.span().start,
+                    key("origins"),
+                    format!("`{}` is listed twice", origin.url()),
+                ));
             }
-            Some(d) => d.duration,
+            origins.push(origin);
+        }
+        let hash_key = match &raw.hash_key {
+            None => None,
+            Some(k) => {
+                let v = k.get_ref().trim();
+                let parsed = match v.split_once(':') {
+                    Some(("header", h)) if valid_header_name(h) => {
+                        Some(HashKey::Header(h.to_ascii_lowercase()))
+                    }
+                    Some(("cookie", c)) if valid_name(c) => Some(HashKey::Cookie(c.to_string())),
+                    None if v == "path" => Some(HashKey::Path),
+                    None if v == "client-ip" => Some(HashKey::ClientIp),
+                    _ => None,
+                };
+                Some(parsed.ok_or_else(|| {
+                    self.err(
+                        k.span().start,
+                        key("hash_key"),
+                        format!(
+                            "`{v}` is not a hash key: `header:NAME`, `cookie:NAME`, `path` or `client-ip`"
+                        ),
+                    )
+                })?)
+            }
         };
-        let pool_size = self.count(raw.pool_size, &key("pool_size"), 1..=10_000, 32)? as usize;
-        Ok(BackendConfig {
+        let balance = match raw
+            .balance
+            .as_ref()
+            .map(|b| (b.get_ref().as_str(), b.span().start))
+        {
+            None | Some(("round-robin", _)) => Balance::RoundRobin,
+            Some(("least-requests", _)) => Balance::LeastRequests,
+            Some(("hash", at)) => {
+                let Some(key_) = hash_key.clone() else {
+                    return Err(self.err(
+                        at,
+                        key("hash_key"),
+                        "`balance = \"hash\"` needs `hash_key`",
+                    ));
+                };
+                let load_factor = match &raw.hash_load_factor {
+                    None => 1.25,
+                    Some(f) if (1.01..=100.0).contains(f.get_ref()) => *f.get_ref(),
+                    Some(f) => {
+                        return Err(self.err(
+                            f.span().start,
+                            key("hash_load_factor"),
+                            "must be between 1.01 and 100",
+                        ));
+                    }
+                };
+                Balance::Hash {
+                    key: key_,
+                    load_factor,
+                }
+            }
+            Some((other, at)) => {
+                return Err(self.err(
+                    at,
+                    key("balance"),
+                    format!("`{other}` is not a policy: `round-robin`, `least-requests` or `hash`"),
+                ));
+            }
+        };
+        if !matches!(balance, Balance::Hash { .. })
+            && let Some(k) = raw
+                .hash_key
+                .as_ref()
+                .map(|k| k.span().start)
+                .or(raw.hash_load_factor.as_ref().map(|f| f.span().start))
+        {
+            return Err(self.err(k, key("balance"), "hash settings need `balance = \"hash\"`"));
+        }
+        let host = match &raw.host {
+            None => HostRewrite::Preserve,
+            Some(h) => match h.get_ref().as_str() {
+                "preserve" => HostRewrite::Preserve,
+                "origin" => HostRewrite::Origin,
+                v if !v.is_empty()
+                    && v.len() <= 255
+                    && v.chars().all(|c| {
+                        c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')
+                    }) =>
+                {
+                    HostRewrite::Fixed(v.to_ascii_lowercase())
+                }
+                v => {
+                    return Err(self.err(
+                        h.span().start,
+                        key("host"),
+                        format!("`{v}` is not `preserve`, `origin` or a host[:port]"),
+                    ));
+                }
+            },
+        };
+        let tls_server_name = match &raw.tls_server_name {
+            None => None,
+            Some(n)
+                if valid_tls_host(&n.get_ref().to_ascii_lowercase())
+                    && !n.get_ref().starts_with('*') =>
+            {
+                Some(n.get_ref().to_ascii_lowercase())
+            }
+            Some(n) => {
+                return Err(self.err(
+                    n.span().start,
+                    key("tls_server_name"),
+                    format!("`{}` is not a host name", n.get_ref()),
+                ));
+            }
+        };
+        let health = match raw.health {
+            None => None,
+            Some(h) => {
+                let at = h.span().start;
+                let h = h.into_inner();
+                let hkey = |k: &str| format!("upstreams.{name}.health.{k}");
+                let path = match h.path {
+                    None => "/".to_string(),
+                    Some(p)
+                        if p.get_ref().starts_with('/')
+                            && p.get_ref().len() <= 1024
+                            && p.get_ref()
+                                .bytes()
+                                .all(|b| b.is_ascii_graphic() && b != b'#') =>
+                    {
+                        p.into_inner()
+                    }
+                    Some(p) => {
+                        return Err(self.err(
+                            p.span().start,
+                            hkey("path"),
+                            "must be a path like /healthz",
+                        ));
+                    }
+                };
+                let interval = self.duration(
+                    h.interval,
+                    &hkey("interval"),
+                    Duration::from_millis(100)..=Duration::from_secs(3600),
+                    Duration::from_secs(5),
+                )?;
+                let timeout = self.duration(
+                    h.timeout,
+                    &hkey("timeout"),
+                    Duration::from_millis(10)..=Duration::from_secs(60),
+                    Duration::from_secs(2),
+                )?;
+                if timeout > interval {
+                    return Err(self.err(at, hkey("timeout"), "must not exceed `interval`"));
+                }
+                Some(HealthCheckConfig {
+                    path,
+                    interval,
+                    timeout,
+                    unhealthy_after: self.count(
+                        h.unhealthy_after,
+                        &hkey("unhealthy_after"),
+                        1..=100,
+                        3,
+                    )?,
+                    healthy_after: self.count(
+                        h.healthy_after,
+                        &hkey("healthy_after"),
+                        1..=100,
+                        2,
+                    )?,
+                })
+            }
+        };
+        let max_body_bytes = match raw.max_body {
+            None => 100 << 20,
+            Some(b) if b.bytes == 0 => {
+                return Err(self.err(b.span.start, key("max_body"), "must be greater than zero"));
+            }
+            Some(b) => b.bytes,
+        };
+        let retry_budget = match &raw.retry_budget {
+            None => 0.2,
+            Some(f) if (0.0..=1.0).contains(f.get_ref()) => *f.get_ref(),
+            Some(f) => {
+                return Err(self.err(
+                    f.span().start,
+                    key("retry_budget"),
+                    "must be between 0 and 1",
+                ));
+            }
+        };
+        Ok(UpstreamConfig {
             name: name.to_string(),
-            scheme,
+            origins,
+            balance,
+            http2: raw.http2.unwrap_or(false),
+            connect_timeout: self.duration(
+                raw.connect_timeout,
+                &key("connect_timeout"),
+                Duration::from_millis(10)..=Duration::from_secs(60),
+                Duration::from_secs(2),
+            )?,
+            response_timeout: self.duration(
+                raw.response_timeout,
+                &key("response_timeout"),
+                Duration::from_millis(10)..=Duration::from_secs(3600),
+                Duration::from_secs(30),
+            )?,
+            pool_size: self.count(raw.pool_size, &key("pool_size"), 0..=10_000, 64)? as usize,
+            pool_idle_timeout: self.duration(
+                raw.pool_idle_timeout,
+                &key("pool_idle_timeout"),
+                Duration::from_secs(1)..=Duration::from_secs(3600),
+                Duration::from_secs(60),
+            )?,
             host,
-            port,
-            timeout,
             tls_verify: raw.tls_verify.unwrap_or(true),
-            pool_size,
+            tls_server_name,
+            tls_ca: raw.tls_ca.map(|p| self.resolve(&p)),
+            max_body_bytes,
+            health,
+            eject_after: self.count(raw.eject_after, &key("eject_after"), 1..=1000, 5)?,
+            eject_for: self.duration(
+                raw.eject_for,
+                &key("eject_for"),
+                Duration::from_millis(100)..=Duration::from_secs(3600),
+                Duration::from_secs(10),
+            )?,
+            retries: self.count(raw.retries, &key("retries"), 0..=10, 1)?,
+            retry_budget,
         })
     }
 
@@ -1548,7 +2072,22 @@ impl Validator<'_> {
             1..=256,
             cpus as u32,
         )? as usize;
+        let mut trusted_proxies = Vec::new();
+        for r in &raw.trusted_proxies {
+            let range = r.get_ref().trim().parse::<IpRange>().map_err(|why| {
+                self.err(
+                    r.span().start,
+                    "server.trusted_proxies",
+                    format!("{why} (want an address or a range like 10.0.0.0/8)"),
+                )
+            })?;
+            trusted_proxies.push(range);
+        }
+        if trusted_proxies.len() > 1000 {
+            return Err(self.err(0, "server.trusted_proxies", "at most 1000 ranges"));
+        }
         Ok(ServerConfig {
+            trusted_proxies,
             listen,
             cache_dir: raw.cache_dir.map_or_else(
                 || self.resolve(Path::new(".ignis/cache")),
@@ -1877,10 +2416,10 @@ impl Validator<'_> {
         index: usize,
         offset: usize,
         raw: RawRoute,
-        functions: &BTreeMap<String, FunctionConfig>,
-        actors: &BTreeMap<String, ActorClassConfig>,
+        targets: &Targets<'_>,
         earlier: &[RouteConfig],
     ) -> Result<RouteConfig, ConfigError> {
+        let (functions, actors) = (targets.functions, targets.actors);
         let key = |k: &str| format!("routes[{index}].{k}");
         let path = raw.path.get_ref();
         let path_at = raw.path.span().start;
@@ -1894,8 +2433,25 @@ impl Validator<'_> {
                 "'...' is only allowed as a final segment: `/prefix/...`",
             ));
         }
-        let target = match (raw.function, raw.actor) {
-            (Some(f), None) => {
+        let target = match (raw.function, raw.actor, raw.upstream) {
+            (None, None, Some(u)) => {
+                if !targets.upstreams.contains_key(u.get_ref()) {
+                    return Err(self.err(
+                        u.span().start,
+                        key("upstream"),
+                        format!("no upstream named `{}` is declared", u.get_ref()),
+                    ));
+                }
+                if path.contains('{') || path.contains('}') {
+                    return Err(self.err(
+                        path_at,
+                        key("path"),
+                        "`{id}` segments are for actor routes",
+                    ));
+                }
+                RouteTarget::Upstream(u.into_inner())
+            }
+            (Some(f), None, None) => {
                 if !functions.contains_key(f.get_ref()) {
                     return Err(self.err(
                         f.span().start,
@@ -1912,7 +2468,7 @@ impl Validator<'_> {
                 }
                 RouteTarget::Function(f.into_inner())
             }
-            (None, Some(a)) => {
+            (None, Some(a), None) => {
                 if !actors.contains_key(a.get_ref()) {
                     return Err(self.err(
                         a.span().start,
@@ -1938,7 +2494,7 @@ impl Validator<'_> {
                 return Err(self.err(
                     offset,
                     format!("routes[{index}]"),
-                    "set either `function` or `actor`",
+                    "set one of `function`, `actor` or `upstream`",
                 ));
             }
         };
@@ -1977,6 +2533,13 @@ impl Validator<'_> {
 }
 
 /// What a function's settings may refer to elsewhere in the deployment.
+/// What routes may name.
+struct Targets<'a> {
+    functions: &'a BTreeMap<String, FunctionConfig>,
+    actors: &'a BTreeMap<String, ActorClassConfig>,
+    upstreams: &'a BTreeMap<String, UpstreamConfig>,
+}
+
 struct References<'a> {
     secrets: &'a BTreeMap<String, String>,
     secrets_file: Option<&'a Path>,
@@ -1998,6 +2561,15 @@ pub fn valid_tls_host(name: &str) -> bool {
                 && l.chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         })
+}
+
+/// An HTTP field name (RFC 9110 `token`).
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn valid_name(name: &str) -> bool {

@@ -892,3 +892,244 @@ fn http2_limits_parse_default_and_name_bad_values() {
         assert_eq!((l, k.as_str()), (2, key), "{line}: {message}");
     }
 }
+
+#[test]
+fn upstreams_load_with_their_defaults_and_routes_name_them() {
+    let m = parse(
+        "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n\
+         [upstreams.api]\norigins = [\"http://10.0.0.1:8080\", \"https://[::1]\"]\n\
+         balance = \"hash\"\nhash_key = \"cookie:session\"\n\
+         [upstreams.api.health]\npath = \"/healthz\"\n\
+         [[routes]]\nhost = \"api.example\"\npath = \"/...\"\nupstream = \"api\"\n",
+    )
+    .unwrap();
+    let api = &m.upstreams["api"];
+    assert_eq!(api.origins[0].url(), "http://10.0.0.1:8080");
+    assert_eq!(api.origins[1].url(), "https://[::1]:443");
+    assert_eq!(
+        api.balance,
+        ignis_config::Balance::Hash {
+            key: ignis_config::HashKey::Cookie("session".into()),
+            load_factor: 1.25
+        }
+    );
+    let health = api.health.as_ref().unwrap();
+    assert_eq!((health.unhealthy_after, health.healthy_after), (3, 2));
+    assert_eq!(api.retries, 1);
+    assert_eq!(api.max_body_bytes, 100 << 20);
+    assert_eq!(api.host, ignis_config::HostRewrite::Preserve);
+    assert_eq!(
+        m.routes[0].target,
+        ignis_config::RouteTarget::Upstream("api".into())
+    );
+    let proxies = &m.server.trusted_proxies;
+    assert!(proxies[0].contains("10.200.0.1".parse().unwrap()));
+    assert!(!proxies[0].contains("11.0.0.1".parse().unwrap()));
+    assert!(proxies[0].contains("::ffff:10.1.2.3".parse().unwrap()));
+    assert!(proxies[1].contains("::1".parse().unwrap()));
+    assert!(!proxies[1].contains("::2".parse().unwrap()));
+}
+
+/// Every upstream key refuses bad values with the file, line and key.
+#[test]
+fn bad_upstream_settings_name_line_and_key() {
+    let up = |extra: &str| format!("[upstreams.api]\norigins = [\"http://a:1\"]\n{extra}\n");
+    let cases: Vec<(String, usize, &str, &str)> = vec![
+        (
+            "[upstreams.api]\norigins = []\n".into(),
+            1,
+            "upstreams.api.origins",
+            "at least one",
+        ),
+        (
+            "[upstreams.api]\norigins = [\"ftp://a\"]\n".into(),
+            2,
+            "upstreams.api.origins",
+            "http or https",
+        ),
+        (
+            "[upstreams.api]\norigins = [\"http://a/path\"]\n".into(),
+            2,
+            "upstreams.api.origins",
+            "only scheme",
+        ),
+        (
+            "[upstreams.api]\norigins = [\"http://a:0\"]\n".into(),
+            2,
+            "upstreams.api.origins",
+            "port 0",
+        ),
+        (
+            "[upstreams.api]\norigins = [\"http://a:99999\"]\n".into(),
+            2,
+            "upstreams.api.origins",
+            "bad port",
+        ),
+        (
+            "[upstreams.api]\norigins = [\"http://a:1\", \"http://A:1\"]\n".into(),
+            2,
+            "upstreams.api.origins",
+            "twice",
+        ),
+        (
+            "[upstreams.\"a b\"]\norigins = [\"http://a:1\"]\n".into(),
+            1,
+            "upstreams.a b",
+            "names",
+        ),
+        (
+            up("balance = \"random\""),
+            3,
+            "upstreams.api.balance",
+            "not a policy",
+        ),
+        (
+            up("balance = \"hash\""),
+            3,
+            "upstreams.api.hash_key",
+            "needs `hash_key`",
+        ),
+        (
+            up("balance = \"hash\"\nhash_key = \"header:\""),
+            4,
+            "upstreams.api.hash_key",
+            "not a hash key",
+        ),
+        (
+            up("balance = \"hash\"\nhash_key = \"query:x\""),
+            4,
+            "upstreams.api.hash_key",
+            "not a hash key",
+        ),
+        (
+            up("hash_key = \"path\""),
+            3,
+            "upstreams.api.balance",
+            "need `balance = \"hash\"`",
+        ),
+        (
+            up("balance = \"hash\"\nhash_key = \"path\"\nhash_load_factor = 1.0"),
+            5,
+            "upstreams.api.hash_load_factor",
+            "between",
+        ),
+        (
+            up("host = \"a b\""),
+            3,
+            "upstreams.api.host",
+            "not `preserve`",
+        ),
+        (
+            up("tls_server_name = \"*.x.example\""),
+            3,
+            "upstreams.api.tls_server_name",
+            "not a host name",
+        ),
+        (
+            up("connect_timeout = \"0s\""),
+            3,
+            "upstreams.api.connect_timeout",
+            "between",
+        ),
+        (
+            up("response_timeout = \"61m\""),
+            3,
+            "upstreams.api.response_timeout",
+            "between",
+        ),
+        (
+            up("max_body = \"0B\""),
+            3,
+            "upstreams.api.max_body",
+            "greater than zero",
+        ),
+        (up("retries = 11"), 3, "upstreams.api.retries", "between"),
+        (
+            up("retry_budget = 1.5"),
+            3,
+            "upstreams.api.retry_budget",
+            "between",
+        ),
+        (
+            up("eject_after = 0"),
+            3,
+            "upstreams.api.eject_after",
+            "between",
+        ),
+        (
+            up("pool_size = 100000"),
+            3,
+            "upstreams.api.pool_size",
+            "between",
+        ),
+        (
+            up("surprise = 1"),
+            3,
+            "upstreams.api.surprise",
+            "unknown field",
+        ),
+        (
+            up("[upstreams.api.health]\npath = \"healthz\""),
+            4,
+            "upstreams.api.health.path",
+            "path like",
+        ),
+        (
+            up("[upstreams.api.health]\ninterval = \"1s\"\ntimeout = \"2s\""),
+            3,
+            "upstreams.api.health.timeout",
+            "exceed",
+        ),
+        (
+            up("[upstreams.api.health]\nunhealthy_after = 0"),
+            4,
+            "upstreams.api.health.unhealthy_after",
+            "between",
+        ),
+        (
+            "[[routes]]\npath = \"/...\"\nupstream = \"nope\"\n".into(),
+            3,
+            "routes[0].upstream",
+            "no upstream named",
+        ),
+        (
+            format!(
+                "{}[[routes]]\npath = \"/{{id}}\"\nupstream = \"api\"\n",
+                up("")
+            ),
+            5,
+            "routes[0].path",
+            "actor routes",
+        ),
+        (
+            format!(
+                "{}[functions.f]\ncomponent = \"f.wasm\"\n[[routes]]\npath = \"/\"\nupstream = \"api\"\nfunction = \"f\"\n",
+                up("")
+            ),
+            6,
+            "routes[0]",
+            "one of",
+        ),
+        (
+            "[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n".into(),
+            2,
+            "server.trusted_proxies",
+            "prefix length",
+        ),
+        (
+            "[server]\ntrusted_proxies = [\"example.com\"]\n".into(),
+            2,
+            "server.trusted_proxies",
+            "not an IP",
+        ),
+    ];
+    for (text, want_line, want_key, want_message) in cases {
+        let (line, key, message) = invalid(&text);
+        assert_eq!(
+            (line, key.as_str()),
+            (want_line, want_key),
+            "{text}: {message}"
+        );
+        assert!(message.contains(want_message), "{text}: {message}");
+    }
+}

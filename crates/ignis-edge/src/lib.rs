@@ -33,6 +33,7 @@
 
 mod body;
 mod conn;
+pub mod proxy;
 mod routing;
 pub mod tls;
 
@@ -54,6 +55,7 @@ use ignis_config::{Manifest, ServerConfig};
 use ignis_runtime::{Body, Error, ErrorKind, RequestMeta, next_request_id};
 use tokio::net::TcpListener;
 
+pub use proxy::{Peer, Upstream};
 pub use routing::Router;
 
 /// Routing table plus the limits every request is held to.
@@ -61,6 +63,7 @@ pub struct Edge {
     router: Router<Target>,
     directory: Option<Arc<ActorDirectory>>,
     server: ServerConfig,
+    upstreams: BTreeMap<String, Arc<Upstream>>,
 }
 
 /// Errors building or running the edge.
@@ -72,6 +75,9 @@ pub enum EdgeError {
     /// The TLS configuration was refused.
     #[error("tls: {0}")]
     Tls(String),
+    /// An upstream could not be set up (its CA file, an origin's name).
+    #[error("upstream: {0}")]
+    Upstream(String),
     /// Binding or accepting failed.
     #[error("listener on {addr}: {source}")]
     Listen {
@@ -86,6 +92,7 @@ pub enum EdgeError {
 enum Target {
     Function(Arc<FunctionGate>),
     Actor(String),
+    Upstream(Arc<Upstream>),
 }
 
 impl Edge {
@@ -96,7 +103,17 @@ impl Edge {
         gates: &BTreeMap<String, Arc<FunctionGate>>,
         directory: Option<Arc<ActorDirectory>>,
     ) -> Result<Arc<Edge>, EdgeError> {
+        let mut upstreams = BTreeMap::new();
+        for (name, config) in &manifest.upstreams {
+            let upstream = Upstream::new(config, &manifest.server.trusted_proxies)
+                .map_err(EdgeError::Upstream)?;
+            upstreams.insert(name.clone(), upstream);
+        }
         let router = Router::new(&manifest.routes, |target| match target {
+            RouteTarget::Upstream(name) => upstreams
+                .get(name)
+                .cloned()
+                .map(|u| Arc::new(Target::Upstream(u))),
             RouteTarget::Function(name) => gates
                 .get(name)
                 .cloned()
@@ -111,12 +128,19 @@ impl Edge {
             router,
             directory,
             server: manifest.server.clone(),
+            upstreams,
         }))
     }
 
-    /// Handles one request (`https`: it came over TLS); never fails (every
-    /// error is a response).
-    pub async fn handle(&self, req: Request<Incoming>, https: bool) -> Response<Body> {
+    /// The upstream named `name` (tests and metrics).
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.get(name)
+    }
+
+    /// Handles one request from `peer`; never fails (every error is a
+    /// response).
+    pub async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+        let https = peer.https;
         let id = next_request_id();
         let host = request_host(&req).unwrap_or("");
         if req.uri().authority().is_none() && !req.headers().contains_key(header::HOST) {
@@ -142,6 +166,12 @@ impl Edge {
             }
             Some((target, actor_id)) => match &**target {
                 Target::Function(gate) => gate.clone(),
+                Target::Upstream(upstream) => {
+                    return match upstream.forward(req, peer, id).await {
+                        Ok(resp) => resp,
+                        Err(e) => error_response(upstream.name(), &e, id),
+                    };
+                }
                 Target::Actor(class) => {
                     let actor_id = actor_id.unwrap_or_default().to_string();
                     return match self.to_actor(class, &actor_id, req, id).await {
@@ -508,7 +538,7 @@ impl Server {
             };
             let _ = stream.set_nodelay(true);
             tokio::spawn(serve_connection(
-                stream,
+                (stream, peer),
                 self.mode.clone(),
                 self.edge.clone(),
                 builder.clone(),
@@ -535,7 +565,7 @@ impl Server {
 /// One accepted connection: the TLS handshake first (bounded), then HTTP
 /// under its [`conn::Watch`].
 async fn serve_connection(
-    stream: tokio::net::TcpStream,
+    (stream, peer): (tokio::net::TcpStream, SocketAddr),
     mode: Mode,
     edge: Arc<Edge>,
     builder: Arc<auto::Builder<TokioExecutor>>,
@@ -555,7 +585,7 @@ async fn serve_connection(
         async move {
             let resp = match redirect {
                 Some(port) => redirect_response(&req, port),
-                None => edge.handle(req, https).await,
+                None => edge.handle(req, Peer { addr: peer, https }).await,
             };
             Ok::<_, Infallible>(resp.map(|body| watched.track(body, in_flight)))
         }

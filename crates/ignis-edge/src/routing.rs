@@ -143,7 +143,9 @@ mod tests {
 
     fn router(routes: &[RouteConfig]) -> Router<String> {
         Router::new(routes, |t| match t {
-            RouteTarget::Function(name) | RouteTarget::Actor(name) => Some(Arc::new(name.clone())),
+            RouteTarget::Function(name)
+            | RouteTarget::Actor(name)
+            | RouteTarget::Upstream(name) => Some(Arc::new(name.clone())),
         })
         .unwrap()
     }

@@ -54,6 +54,11 @@ pub enum ErrorKind {
     Storage,
     /// The host failed (resource table, instantiation, a broken invariant).
     Internal,
+    /// A proxied request's origin was unreachable, reset the connection or
+    /// answered something that is not HTTP (or no origin is usable).
+    BadGateway,
+    /// A proxied request's origin did not answer in time.
+    GatewayTimeout,
 }
 
 impl ErrorKind {
@@ -71,8 +76,9 @@ impl ErrorKind {
             | ErrorKind::GuestErrorCode(_)
             | ErrorKind::Storage
             | ErrorKind::Internal => 500,
+            ErrorKind::BadGateway => 502,
             ErrorKind::Overloaded | ErrorKind::QueueTimeout => 503,
-            ErrorKind::CpuLimit | ErrorKind::WallLimit => 504,
+            ErrorKind::CpuLimit | ErrorKind::WallLimit | ErrorKind::GatewayTimeout => 504,
         }
     }
 
@@ -94,6 +100,8 @@ impl ErrorKind {
             ErrorKind::Forbidden => "forbidden",
             ErrorKind::Storage => "storage error",
             ErrorKind::Internal => "internal error",
+            ErrorKind::BadGateway => "bad gateway",
+            ErrorKind::GatewayTimeout => "gateway timeout",
         }
     }
 
@@ -108,6 +116,8 @@ impl ErrorKind {
                 | ErrorKind::GuestErrorCode(_)
                 | ErrorKind::Storage
                 | ErrorKind::Internal
+                | ErrorKind::BadGateway
+                | ErrorKind::GatewayTimeout
                 | ErrorKind::CpuLimit
                 | ErrorKind::WallLimit
         )

@@ -418,14 +418,22 @@ pub struct Outbound {
 /// `tls_verify = false`) any certificate, still checking the handshake
 /// signatures.
 fn tls_config(verify: bool) -> rustls::ClientConfig {
+    client_tls(verify, None)
+}
+
+/// TLS client settings for an origin the operator named: certificates
+/// verified against `roots` (the web PKI when `None`), or, with `verify`
+/// false, any certificate (handshake signatures still checked). TLS 1.2
+/// and 1.3 with rustls's safe defaults.
+pub fn client_tls(verify: bool, roots: Option<rustls::RootCertStore>) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions");
     if verify {
-        let roots = rustls::RootCertStore {
+        let roots = roots.unwrap_or_else(|| rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.into(),
-        };
+        });
         builder.with_root_certificates(roots).with_no_client_auth()
     } else {
         builder

@@ -100,6 +100,7 @@ pub struct TestServer {
     pub runtime: Arc<ignis_runtime::Runtime>,
     pub scheduler: Arc<FairScheduler>,
     pub directory: Option<Arc<ActorDirectory>>,
+    pub edge: Arc<ignis_edge::Edge>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -139,6 +140,7 @@ impl TestServer {
             runtime: app.runtime,
             scheduler: app.scheduler,
             directory: app.directory,
+            edge: app.edge,
             stop: Some(stop),
             task: Some(task),
         }

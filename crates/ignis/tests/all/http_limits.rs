@@ -38,7 +38,7 @@ function = "limits"
     )
 }
 
-fn status_of(reply: &str) -> u16 {
+pub fn status_of(reply: &str) -> u16 {
     reply
         .split(' ')
         .nth(1)
@@ -186,7 +186,7 @@ async fn slow_and_idle_connections_are_closed() {
 
 /// Sends `bytes` on a new connection and reads until the server closes it
 /// (at most 10 s); the reply, and whether the server closed.
-async fn exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> (String, bool) {
+pub async fn exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> (String, bool) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(bytes).await.unwrap();
     let mut out = Vec::new();
@@ -207,69 +207,7 @@ async fn request_smuggling_vectors_get_400_and_close_the_connection() {
     let server = TestServer::start_full(&manifest()).await;
     let echo = server.function("echo").stats().clone();
     let smuggled = "GET /echo HTTP/1.1\r\nHost: a\r\n\r\n";
-    let body = "5\r\nhello\r\n0\r\n\r\n";
-    let cases: Vec<(&str, String)> = vec![
-        (
-            "differing-content-length",
-            "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!".into(),
-        ),
-        (
-            "content-length-list",
-            "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello".into(),
-        ),
-        (
-            "te-twice",
-            format!("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n{body}{smuggled}"),
-        ),
-        (
-            "te-identity-chunked",
-            format!("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n{body}{smuggled}"),
-        ),
-        (
-            "te-chunked-identity",
-            format!("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n{body}{smuggled}"),
-        ),
-        (
-            "te-space-before-colon",
-            format!("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n{body}{smuggled}"),
-        ),
-        (
-            "te-xchunked",
-            format!("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n{body}{smuggled}"),
-        ),
-        (
-            "te-vertical-tab",
-            format!("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \x0bchunked\r\n\r\n{body}{smuggled}"),
-        ),
-        (
-            "te-on-http-1.0",
-            format!("POST /echo HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{body}{smuggled}"),
-        ),
-        (
-            "obs-fold",
-            format!("POST /echo HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\nContent-Length: 5\r\n\r\nhello{smuggled}"),
-        ),
-        (
-            "obs-fold-transfer-encoding",
-            format!("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked\r\n\r\n{body}{smuggled}"),
-        ),
-        (
-            "bare-cr",
-            format!("POST /echo HTTP/1.1\r\nHost: a\rX: y\r\nContent-Length: 5\r\n\r\nhello{smuggled}"),
-        ),
-        (
-            "two-hosts",
-            format!("GET /echo HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n{smuggled}"),
-        ),
-        (
-            "absolute-form-other-host",
-            format!("GET http://b.example/echo HTTP/1.1\r\nHost: a.example\r\n\r\n{smuggled}"),
-        ),
-        (
-            "negative-content-length",
-            "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: -5\r\n\r\nhello".into(),
-        ),
-    ];
+    let cases = smuggling_vectors("/echo");
     for (name, request) in &cases {
         let before = echo.requests.load(std::sync::atomic::Ordering::Relaxed);
         let (reply, closed) = exchange(server.addr, request.as_bytes()).await;
@@ -312,4 +250,96 @@ async fn request_smuggling_vectors_get_400_and_close_the_connection() {
     .await;
     assert_eq!(status_of(&reply), 200, "{reply}");
     server.shutdown().await;
+}
+
+/// Request smuggling vectors on the wire (name, bytes) for a route at
+/// `path`: each must get 400 with its connection closed, and reach nothing
+/// behind the edge.
+pub fn smuggling_vectors(path: &str) -> Vec<(&'static str, String)> {
+    let smuggled = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+    let body = "5\r\nhello\r\n0\r\n\r\n";
+    vec![
+        (
+            "differing-content-length",
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
+            ),
+        ),
+        (
+            "content-length-list",
+            format!("POST {path} HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello"),
+        ),
+        (
+            "te-twice",
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n{body}{smuggled}"
+            ),
+        ),
+        (
+            "te-identity-chunked",
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n{body}{smuggled}"
+            ),
+        ),
+        (
+            "te-chunked-identity",
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n{body}{smuggled}"
+            ),
+        ),
+        (
+            "te-space-before-colon",
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n{body}{smuggled}"
+            ),
+        ),
+        (
+            "te-xchunked",
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n{body}{smuggled}"
+            ),
+        ),
+        (
+            "te-vertical-tab",
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \x0bchunked\r\n\r\n{body}{smuggled}"
+            ),
+        ),
+        (
+            "te-on-http-1.0",
+            format!(
+                "POST {path} HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{body}{smuggled}"
+            ),
+        ),
+        (
+            "obs-fold",
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\nContent-Length: 5\r\n\r\nhello{smuggled}"
+            ),
+        ),
+        (
+            "obs-fold-transfer-encoding",
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked\r\n\r\n{body}{smuggled}"
+            ),
+        ),
+        (
+            "bare-cr",
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: a\rX: y\r\nContent-Length: 5\r\n\r\nhello{smuggled}"
+            ),
+        ),
+        (
+            "two-hosts",
+            format!("GET {path} HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n{smuggled}"),
+        ),
+        (
+            "absolute-form-other-host",
+            format!("GET http://b.example{path} HTTP/1.1\r\nHost: a.example\r\n\r\n{smuggled}"),
+        ),
+        (
+            "negative-content-length",
+            format!("POST {path} HTTP/1.1\r\nHost: a\r\nContent-Length: -5\r\n\r\nhello"),
+        ),
+    ]
 }

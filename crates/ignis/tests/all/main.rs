@@ -12,6 +12,7 @@ mod http_limits;
 mod isolation;
 mod languages;
 mod outbound;
+mod proxy;
 mod reuse;
 mod serving;
 mod slow_clients;

@@ -24,10 +24,14 @@ use tokio::sync::oneshot;
 use crate::harness::*;
 
 /// A test certificate authority.
-struct Ca(CertifiedIssuer<'static, KeyPair>);
+pub struct Ca(CertifiedIssuer<'static, KeyPair>);
 
 impl Ca {
-    fn new() -> Ca {
+    pub fn pem(&self) -> String {
+        self.0.pem()
+    }
+
+    pub fn new() -> Ca {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params
@@ -38,7 +42,7 @@ impl Ca {
 
     /// A leaf for `names`, written to `dir/stem.pem` and `dir/stem.key`;
     /// returns its DER.
-    fn leaf(&self, names: &[&str], dir: &Path, stem: &str) -> CertificateDer<'static> {
+    pub fn leaf(&self, names: &[&str], dir: &Path, stem: &str) -> CertificateDer<'static> {
         let key = KeyPair::generate().unwrap();
         let params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
