@@ -427,6 +427,9 @@ pub struct FunctionConfig {
     pub allowed_outbound_hosts: Vec<String>,
     /// Named backends the guest may call (keys of [`Manifest::backends`]).
     pub backends: Vec<String>,
+    /// Upstreams the guest may call by name (`http://NAME/...`): those its
+    /// routes put it in front of.
+    pub upstreams: Vec<String>,
     /// Outbound HTTP requests one guest request may send.
     pub max_outbound_requests: u32,
     /// Key-value stores the guest may open (names within its tenant).
@@ -516,6 +519,7 @@ impl FunctionConfig {
             env: BTreeMap::new(),
             allowed_outbound_hosts: Vec::new(),
             backends: Vec::new(),
+            upstreams: Vec::new(),
             max_outbound_requests: 100,
             key_value_stores: Vec::new(),
             config: BTreeMap::new(),
@@ -534,6 +538,10 @@ pub struct RouteConfig {
     pub path: String,
     /// What serves it.
     pub target: RouteTarget,
+    /// For a function route: the upstream the function stands in front
+    /// of. The function sees each request first; it reaches the upstream
+    /// as `http://NAME/...` (balancing, health checks and retries apply).
+    pub upstream: Option<String>,
 }
 
 /// The target of a route.
@@ -1203,14 +1211,34 @@ impl Validator<'_> {
             upstreams.insert(name, upstream);
         }
         let mut routes = Vec::new();
+        let mut route_spans = Vec::new();
         for (i, r) in raw.routes.into_iter().enumerate() {
             let span = r.span();
+            route_spans.push(span.start);
             let targets = Targets {
                 functions: &functions,
                 actors: &actors,
                 upstreams: &upstreams,
             };
             routes.push(self.route(i, span.start, r.into_inner(), &targets, &routes)?);
+        }
+        // A function route with an upstream binds the upstream to the
+        // function (as a backend reached by the upstream's name).
+        for (i, (route, at)) in routes.iter().zip(&route_spans).enumerate() {
+            let (RouteTarget::Function(f), Some(u)) = (&route.target, &route.upstream) else {
+                continue;
+            };
+            let function = functions.get_mut(f).expect("route checked its function");
+            if function.backends.contains(u) {
+                return Err(self.err(
+                    *at,
+                    format!("routes[{i}].upstream"),
+                    format!("function `{f}` also lists a backend named `{u}`"),
+                ));
+            }
+            if !function.upstreams.contains(u) {
+                function.upstreams.push(u.clone());
+            }
         }
         let mut tenants = BTreeMap::new();
         for (name, t) in raw.tenants {
@@ -2351,6 +2379,7 @@ impl Validator<'_> {
             env: raw.env,
             allowed_outbound_hosts: allowed,
             backends,
+            upstreams: Vec::new(),
             max_outbound_requests,
             key_value_stores: stores,
             config,
@@ -2433,6 +2462,7 @@ impl Validator<'_> {
                 "'...' is only allowed as a final segment: `/prefix/...`",
             ));
         }
+        let mut bound = None;
         let target = match (raw.function, raw.actor, raw.upstream) {
             (None, None, Some(u)) => {
                 if !targets.upstreams.contains_key(u.get_ref()) {
@@ -2451,7 +2481,17 @@ impl Validator<'_> {
                 }
                 RouteTarget::Upstream(u.into_inner())
             }
-            (Some(f), None, None) => {
+            (Some(f), None, u) => {
+                if let Some(u) = &u
+                    && !targets.upstreams.contains_key(u.get_ref())
+                {
+                    return Err(self.err(
+                        u.span().start,
+                        key("upstream"),
+                        format!("no upstream named `{}` is declared", u.get_ref()),
+                    ));
+                }
+                bound = u.map(Spanned::into_inner);
                 if !functions.contains_key(f.get_ref()) {
                     return Err(self.err(
                         f.span().start,
@@ -2494,7 +2534,7 @@ impl Validator<'_> {
                 return Err(self.err(
                     offset,
                     format!("routes[{index}]"),
-                    "set one of `function`, `actor` or `upstream`",
+                    "set one of `function` (optionally with `upstream`), `actor` or `upstream`",
                 ));
             }
         };
@@ -2517,6 +2557,7 @@ impl Validator<'_> {
             host,
             path: path.clone(),
             target,
+            upstream: bound,
         };
         if earlier
             .iter()
@@ -2532,7 +2573,6 @@ impl Validator<'_> {
     }
 }
 
-/// What a function's settings may refer to elsewhere in the deployment.
 /// What routes may name.
 struct Targets<'a> {
     functions: &'a BTreeMap<String, FunctionConfig>,
@@ -2540,6 +2580,7 @@ struct Targets<'a> {
     upstreams: &'a BTreeMap<String, UpstreamConfig>,
 }
 
+/// What a function's settings may refer to elsewhere in the deployment.
 struct References<'a> {
     secrets: &'a BTreeMap<String, String>,
     secrets_file: Option<&'a Path>,

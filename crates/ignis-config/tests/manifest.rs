@@ -1103,10 +1103,10 @@ fn bad_upstream_settings_name_line_and_key() {
         ),
         (
             format!(
-                "{}[functions.f]\ncomponent = \"f.wasm\"\n[[routes]]\npath = \"/\"\nupstream = \"api\"\nfunction = \"f\"\n",
+                "{}[[routes]]\npath = \"/\"\nupstream = \"api\"\nactor = \"room\"\n",
                 up("")
             ),
-            6,
+            4,
             "routes[0]",
             "one of",
         ),
@@ -1132,4 +1132,29 @@ fn bad_upstream_settings_name_line_and_key() {
         );
         assert!(message.contains(want_message), "{text}: {message}");
     }
+}
+
+#[test]
+fn a_function_route_with_an_upstream_binds_the_upstream_to_the_function() {
+    let base = "[upstreams.api]\norigins = [\"http://a:1\"]\n\
+                [functions.gate]\ncomponent = \"g.wasm\"\n";
+    let m = parse(&format!(
+        "{base}[[routes]]\npath = \"/a/...\"\nfunction = \"gate\"\nupstream = \"api\"\n\
+         [[routes]]\npath = \"/b/...\"\nfunction = \"gate\"\nupstream = \"api\"\n"
+    ))
+    .unwrap();
+    assert_eq!(m.functions["gate"].upstreams, ["api"]);
+    assert_eq!(m.routes[0].upstream.as_deref(), Some("api"));
+    // A backend of the same name would make `http://api/` ambiguous.
+    let (line, key, message) = invalid(
+        "[backends.api]\nurl = \"http://b:1\"\n[upstreams.api]\norigins = [\"http://a:1\"]\n\
+         [functions.gate]\ncomponent = \"g.wasm\"\nbackends = [\"api\"]\n\
+         [[routes]]\npath = \"/\"\nfunction = \"gate\"\nupstream = \"api\"\n",
+    );
+    assert_eq!((line, key.as_str()), (8, "routes[0].upstream"), "{message}");
+    assert!(message.contains("also lists a backend"), "{message}");
+    let (_, key, _) = invalid(&format!(
+        "{base}[[routes]]\npath = \"/\"\nfunction = \"gate\"\nupstream = \"nope\"\n"
+    ));
+    assert_eq!(key, "routes[0].upstream");
 }

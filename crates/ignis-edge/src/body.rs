@@ -22,15 +22,15 @@ impl Exceeded {
 
 /// Passes frames through until `limit` bytes, then fails the stream (the guest
 /// sees a body error) and raises the [`Exceeded`] flag so the edge answers 413.
-pub(crate) struct Limited {
-    inner: Incoming,
+pub(crate) struct Limited<B = Incoming> {
+    inner: B,
     remaining: u64,
     limit: u64,
     exceeded: Exceeded,
 }
 
-impl Limited {
-    pub(crate) fn new(inner: Incoming, limit: u64) -> (Self, Exceeded) {
+impl<B> Limited<B> {
+    pub(crate) fn new(inner: B, limit: u64) -> (Self, Exceeded) {
         let exceeded = Exceeded::default();
         (
             Limited {
@@ -44,7 +44,11 @@ impl Limited {
     }
 }
 
-impl Body for Limited {
+impl<B> Body for Limited<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<HttpError>,
+{
     type Data = Bytes;
     type Error = HttpError;
 
@@ -66,7 +70,7 @@ impl Body for Limited {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(HttpError::from(e)))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

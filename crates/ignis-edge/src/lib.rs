@@ -12,7 +12,8 @@
 //!
 //! ```no_run
 //! # async fn demo(manifest: ignis_config::Manifest, gates: std::collections::BTreeMap<String, std::sync::Arc<ignis_actors::FunctionGate>>) -> anyhow::Result<()> {
-//! let edge = ignis_edge::Edge::new(&manifest, &gates, None)?;
+//! let upstreams = ignis_edge::Edge::upstreams(&manifest)?;
+//! let edge = ignis_edge::Edge::new(&manifest, &gates, None, &upstreams)?;
 //! let server = ignis_edge::Server::bind(manifest.server.listen, edge).await?;
 //! println!("listening on {}", server.local_addr());
 //! server.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
@@ -96,19 +97,16 @@ enum Target {
 }
 
 impl Edge {
-    /// Builds the routing table from the manifest, the functions' gates
-    /// and (if the manifest has actor classes) the durable actor directory.
+    /// Builds the routing table from the manifest, the functions' gates,
+    /// (if the manifest has actor classes) the durable actor directory and
+    /// the upstreams ([`Edge::upstreams`] builds them).
     pub fn new(
         manifest: &Manifest,
         gates: &BTreeMap<String, Arc<FunctionGate>>,
         directory: Option<Arc<ActorDirectory>>,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
     ) -> Result<Arc<Edge>, EdgeError> {
-        let mut upstreams = BTreeMap::new();
-        for (name, config) in &manifest.upstreams {
-            let upstream = Upstream::new(config, &manifest.server.trusted_proxies)
-                .map_err(EdgeError::Upstream)?;
-            upstreams.insert(name.clone(), upstream);
-        }
+        let upstreams = upstreams.clone();
         let router = Router::new(&manifest.routes, |target| match target {
             RouteTarget::Upstream(name) => upstreams
                 .get(name)
@@ -130,6 +128,21 @@ impl Edge {
             server: manifest.server.clone(),
             upstreams,
         }))
+    }
+
+    /// The manifest's upstreams, with their health checks started (on the
+    /// current tokio runtime). Built before the functions, which may reach
+    /// them ([`ignis_runtime::outbound::UpstreamClient`]).
+    pub fn upstreams(manifest: &Manifest) -> Result<BTreeMap<String, Arc<Upstream>>, EdgeError> {
+        manifest
+            .upstreams
+            .iter()
+            .map(|(name, config)| {
+                Upstream::new(config, &manifest.server.trusted_proxies)
+                    .map(|u| (name.clone(), u))
+                    .map_err(EdgeError::Upstream)
+            })
+            .collect()
     }
 
     /// The upstream named `name` (tests and metrics).
@@ -167,7 +180,7 @@ impl Edge {
             Some((target, actor_id)) => match &**target {
                 Target::Function(gate) => gate.clone(),
                 Target::Upstream(upstream) => {
-                    return match upstream.forward(req, peer, id).await {
+                    return match upstream.forward(req, Some(peer), id).await {
                         Ok(resp) => resp,
                         Err(e) => error_response(upstream.name(), &e, id),
                     };

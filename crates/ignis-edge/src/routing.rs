@@ -138,6 +138,7 @@ mod tests {
             host: host.map(str::to_string),
             path: path.to_string(),
             target: RouteTarget::Function(function.to_string()),
+            upstream: None,
         }
     }
 

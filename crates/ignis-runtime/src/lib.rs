@@ -63,3 +63,5 @@ pub use shared::Platform;
 pub use ticker::IDLE_BEFORE_PARK;
 /// The `wasi:http` host error type (request and response body errors).
 pub use wasmtime_wasi_http::Error as HttpError;
+/// A body a guest sends or receives over outbound HTTP.
+pub use wasmtime_wasi_http::WasiBody as GuestBody;

@@ -412,6 +412,19 @@ pub struct Outbound {
     client: PooledClient,
     connections: Arc<AtomicU64>,
     backends: Vec<Arc<Backend>>,
+    upstreams: Vec<(String, Arc<dyn UpstreamClient>)>,
+}
+
+/// What a guest request to an upstream (`http://NAME/...`) resolves to.
+pub type UpstreamFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<WasiBody>, HttpError>> + Send>>;
+
+/// An upstream of the edge (`[upstreams.NAME]`) as a guest reaches it: the
+/// edge implements it, so its balancing, health and retries apply to guest
+/// calls too. The runtime only names the contract.
+pub trait UpstreamClient: Send + Sync {
+    /// Sends the guest's `request` (made while serving `request_id`).
+    fn send(&self, request: http::Request<WasiBody>, request_id: u64) -> UpstreamFuture;
 }
 
 /// The TLS client settings: web PKI roots, or (for a backend with
@@ -613,6 +626,7 @@ impl Outbound {
         policy: OutboundPolicy,
         tenant: Arc<TenantOutbound>,
         backends: Vec<Arc<Backend>>,
+        upstreams: Vec<(String, Arc<dyn UpstreamClient>)>,
     ) -> Self {
         let policy = Arc::new(policy);
         let (client, connections) = pooled_client(
@@ -627,6 +641,7 @@ impl Outbound {
             client,
             connections,
             backends,
+            upstreams,
         }
     }
 
@@ -636,11 +651,13 @@ impl Outbound {
         self.connections.load(Ordering::Relaxed)
     }
 
-    /// Sends a guest's request to a named backend, or to an allowed host.
+    /// Sends a guest's request (made while serving `request_id`) to an
+    /// upstream or a backend named by its host, or to an allowed host.
     pub async fn send(
         &self,
         request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
+        request_id: u64,
     ) -> Result<http::Response<WasiBody>, HttpError> {
         let uri = request.uri();
         let host = uri
@@ -650,6 +667,11 @@ impl Outbound {
             .trim_end_matches(']')
             .to_ascii_lowercase();
         let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        if uri.port().is_none()
+            && let Some((_, upstream)) = self.upstreams.iter().find(|(name, _)| *name == host)
+        {
+            return upstream.send(request, request_id).await;
+        }
         if let Some(backend) = self
             .backends
             .iter()

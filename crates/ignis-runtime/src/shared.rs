@@ -24,6 +24,9 @@ pub struct Platform {
     pub kv_limits: KvLimits,
     /// Named outbound backends, by name.
     pub backends: std::collections::BTreeMap<String, Arc<crate::outbound::Backend>>,
+    /// The edge's upstreams, by name (guests reach the ones their routes
+    /// put them in front of).
+    pub upstreams: std::collections::BTreeMap<String, Arc<dyn crate::outbound::UpstreamClient>>,
     /// Durable actor storage (`None`: no actor classes).
     pub actor_storage: Option<Arc<dyn ActorStorage>>,
     /// Where the actor directory installs itself once built (guests call

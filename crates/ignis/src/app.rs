@@ -124,7 +124,15 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
     } else {
         None
     };
+    let upstreams = Edge::upstreams(manifest)?;
     let platform = Platform {
+        upstreams: upstreams
+            .iter()
+            .map(|(name, u)| {
+                let client: Arc<dyn ignis_runtime::outbound::UpstreamClient> = u.clone();
+                (name.clone(), client)
+            })
+            .collect(),
         kv: store.clone().map(|s| Arc::new(s) as Arc<dyn KvBackend>),
         kv_limits: KvLimits {
             max_key_bytes: manifest.storage.max_key_bytes,
@@ -180,7 +188,7 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         }
         _ => None,
     };
-    let edge = Edge::new(manifest, &gates, directory.clone())?;
+    let edge = Edge::new(manifest, &gates, directory.clone(), &upstreams)?;
     Ok(App {
         runtime,
         functions,

@@ -59,6 +59,8 @@ pub struct Upstream {
     trusted: Arc<[IpRange]>,
     tunnels: Arc<Semaphore>,
     checks: Vec<tokio::task::AbortHandle>,
+    /// Itself, for the futures guests' calls return.
+    self_ref: std::sync::Weak<Upstream>,
 }
 
 impl Drop for Upstream {
@@ -118,7 +120,8 @@ impl Upstream {
                 checks.push(task.abort_handle());
             }
         }
-        Ok(Arc::new(Upstream {
+        Ok(Arc::new_cyclic(|self_ref| Upstream {
+            self_ref: self_ref.clone(),
             picker: Picker::new(&config.balance, &urls),
             budget: RetryBudget::new(config.retry_budget),
             config: config.clone(),
@@ -151,13 +154,18 @@ impl Upstream {
             .collect()
     }
 
-    /// Proxies `req` (request `id`, from `peer`) to one of the origins.
-    pub async fn forward(
+    /// Proxies `req` (request `id`, from `peer`; `None`: a guest's call
+    /// through its route's upstream) to one of the origins.
+    pub async fn forward<B>(
         &self,
-        mut req: Request<Incoming>,
-        peer: Peer,
+        mut req: Request<B>,
+        peer: Option<Peer>,
         id: u64,
-    ) -> Result<Response<Body>, Error> {
+    ) -> Result<Response<Body>, Error>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<ignis_runtime::HttpError>,
+    {
         let max_body = self.config.max_body_bytes;
         let declared = req
             .headers()
@@ -167,12 +175,16 @@ impl Upstream {
         if declared.is_some_and(|len| len > max_body) {
             return Err(body_too_large(max_body));
         }
-        let client_ip = headers::client_ip(req.headers(), peer.addr.ip(), &self.trusted);
+        let client_ip = match peer {
+            Some(peer) => headers::client_ip(req.headers(), peer.addr.ip(), &self.trusted),
+            // A guest's call: every one comes from this node.
+            None => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        };
         let key = match &self.config.balance {
             Balance::Hash { key, .. } => hash_key(&req, key, client_ip),
             _ => None,
         };
-        let websocket = is_websocket(&req);
+        let websocket = peer.is_some() && is_websocket(&req);
         let tunnel = if websocket {
             let Ok(permit) = self.tunnels.clone().try_acquire_owned() else {
                 return Err(
@@ -185,29 +197,53 @@ impl Upstream {
             None
         };
         let host = request_authority(&req).unwrap_or_default();
-        let (mut parts, incoming) = req.into_parts();
-        let bodyless = http_body::Body::is_end_stream(&incoming)
+        let (mut parts, mut incoming) = req.into_parts();
+        let mut bodyless = incoming.is_end_stream()
             || (declared == Some(0) && !parts.headers.contains_key(header::TRANSFER_ENCODING));
+        // A body that has already ended (a guest's GET whose empty body it
+        // finished before sending) counts as none; a frame already there
+        // is kept and sent first. Nothing waits here.
+        let mut first = None;
+        if !bodyless && declared.is_none() && idempotent(&parts.method) {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            match std::pin::Pin::new(&mut incoming).poll_frame(&mut cx) {
+                std::task::Poll::Ready(None) => bodyless = true,
+                std::task::Poll::Ready(Some(Ok(frame))) => first = Some(frame),
+                std::task::Poll::Ready(Some(Err(e))) => {
+                    return Err(Error::new(ErrorKind::BadRequest)
+                        .context("the request body could not be read")
+                        .with_source(e.into()));
+                }
+                std::task::Poll::Pending => {}
+            }
+        }
         let retryable = idempotent(&parts.method) && bodyless && !websocket;
         let (body, exceeded): (ProxyBody, _) = if bodyless {
             (empty(), None)
         } else {
+            let incoming = Prefixed {
+                first,
+                rest: incoming,
+            };
             let (limited, exceeded) = crate::body::Limited::new(incoming, max_body);
-            (
-                limited
-                    .map_err(|e| -> BoxError { Box::new(e) })
-                    .boxed_unsync(),
-                Some(exceeded),
-            )
+            let limited =
+                limited.map_err(|e: ignis_runtime::HttpError| -> BoxError { Box::new(e) });
+            (limited.boxed_unsync(), Some(exceeded))
         };
         headers::strip_hop_by_hop(&mut parts.headers, websocket);
-        let hop = headers::Hop {
-            peer: peer.addr,
-            https: peer.https,
-            host: &host,
-            proxies: &self.trusted,
-        };
-        headers::add_forwarding(&mut parts.headers, &hop, parts.version);
+        match peer {
+            Some(peer) => {
+                let hop = headers::Hop {
+                    peer: peer.addr,
+                    https: peer.https,
+                    host: &host,
+                    proxies: &self.trusted,
+                };
+                headers::add_forwarding(&mut parts.headers, &hop, parts.version);
+            }
+            // A guest's request says what it says; only Via is added.
+            None => headers::add_via(&mut parts.headers, parts.version),
+        }
         parts.headers.insert("x-request-id", HeaderValue::from(id));
         match &self.config.host {
             HostRewrite::Preserve => {
@@ -351,6 +387,65 @@ impl Upstream {
             })
             .boxed_unsync();
         Ok(Response::from_parts(parts, body))
+    }
+}
+
+impl ignis_runtime::outbound::UpstreamClient for Upstream {
+    fn send(
+        &self,
+        request: Request<ignis_runtime::GuestBody>,
+        request_id: u64,
+    ) -> ignis_runtime::outbound::UpstreamFuture {
+        use ignis_runtime::HttpError;
+        // The upstream outlives the guest's call only through this future,
+        // which the guest's store drops with it; the work is all here.
+        let this = self.self_ref.upgrade();
+        Box::pin(async move {
+            let Some(this) = this else {
+                return Err(HttpError::DestinationUnavailable);
+            };
+            match this.forward(request, None, request_id).await {
+                Ok(resp) => Ok(resp.map(|b| {
+                    b.map_err(|e| HttpError::InternalError(Some(e.to_string())))
+                        .boxed_unsync()
+                })),
+                Err(e) => {
+                    // Logged here, once: the guest sees only the code.
+                    e.log(&this.name, request_id);
+                    Err(match e.kind() {
+                        ErrorKind::GatewayTimeout => HttpError::HttpResponseTimeout,
+                        ErrorKind::BodyTooLarge => HttpError::HttpRequestBodySize(None),
+                        ErrorKind::Overloaded => HttpError::ConnectionLimitReached,
+                        _ => HttpError::DestinationUnavailable,
+                    })
+                }
+            }
+        })
+    }
+}
+
+/// A body with one frame read ahead of the rest.
+struct Prefixed<B> {
+    first: Option<http_body::Frame<Bytes>>,
+    rest: B,
+}
+
+impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Prefixed<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        if let Some(frame) = self.first.take() {
+            return std::task::Poll::Ready(Some(Ok(frame)));
+        }
+        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
     }
 }
 

@@ -77,8 +77,9 @@ impl WasiHttpHooks for OutboundHooks {
         }
         self.sent += 1;
         let outbound = grant.outbound.clone();
+        let request_id = self.request_id;
         Box::new(async move {
-            let response = outbound.send(request, options).await?;
+            let response = outbound.send(request, options, request_id).await?;
             // The pool owns the connection task; nothing extra to drive here.
             Ok((response, Box::new(async { Ok(()) }) as IoFuture))
         })

@@ -408,6 +408,11 @@ impl Function {
                 .iter()
                 .filter_map(|b| platform.backends.get(b).cloned())
                 .collect(),
+            config
+                .upstreams
+                .iter()
+                .filter_map(|u| Some((u.clone(), platform.upstreams.get(u)?.clone())))
+                .collect(),
         ));
         let caller_id = CallerId {
             tenant: config.tenant.as_str().into(),

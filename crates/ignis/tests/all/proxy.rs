@@ -806,3 +806,71 @@ async fn https_origins_are_verified_with_the_configured_ca_and_server_name() {
         .expect("a bad CA file is refused");
     assert!(format!("{err:#}").contains("bad.pem"), "{err:#}");
 }
+
+/// A function in front of an upstream: it sees the request first and
+/// passes it on as `http://api/...`, through the upstream's balancing,
+/// ejection and retries. A function whose routes do not name the upstream
+/// cannot reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_in_front_of_an_upstream_reaches_it_through_balancing_and_health() {
+    let a = Recorder::start("a").await;
+    let b = Recorder::start("b").await;
+    let dead = dead_port().await;
+    let text = format!(
+        r#"
+[upstreams.api]
+origins = ["http://{dead}", "{a}", "{b}"]
+eject_after = 1
+eject_for = "60m"
+
+[functions.front]
+component = "{fetch}"
+
+[functions.other]
+component = "{fetch}"
+
+[[routes]]
+path = "/front"
+function = "front"
+upstream = "api"
+
+[[routes]]
+path = "/other"
+function = "other"
+"#,
+        a = a.url(),
+        b = b.url(),
+        fetch = wasm("fetch"),
+    );
+    let server = TestServer::start(&text).await;
+    let upstream = server.edge.upstream("api").unwrap().clone();
+    let c = client();
+    let mut answered = BTreeMap::<String, usize>::new();
+    for _ in 0..6 {
+        let r = get(&c, &server.url("/front?url=http://api/x")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        *answered.entry(who(&r)).or_default() += 1;
+    }
+    assert_eq!(
+        answered.keys().collect::<Vec<_>>(),
+        ["a", "b"],
+        "{answered:?}"
+    );
+    assert_eq!(answered.values().sum::<usize>(), 6);
+    // The dead origin was tried once, ejected, and its request retried.
+    let sent: BTreeMap<String, u64> = upstream.sent().into_iter().collect();
+    assert_eq!(sent[&format!("http://{dead}")], 1, "{sent:?}");
+    // The origin sees the guest's request with Via and the request id, and
+    // no forwarding headers (the guest is the client).
+    let seen = &a.requests()[0];
+    assert_eq!(seen.headers["via"], "1.1 ignis");
+    assert!(seen.headers.contains_key("x-request-id"));
+    assert!(!seen.headers.contains_key("x-forwarded-for"));
+
+    let before = a.requests().len() + b.requests().len();
+    let r = get(&c, &server.url("/other?url=http://api/x")).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("Denied"), "{}", r.text());
+    assert_eq!(a.requests().len() + b.requests().len(), before);
+    server.shutdown().await;
+}
