@@ -34,6 +34,7 @@
 
 mod body;
 mod conn;
+mod framing;
 pub mod proxy;
 mod routing;
 pub mod tls;
@@ -591,6 +592,7 @@ async fn serve_connection(
         Mode::Tls { .. } => (None, true),
         Mode::Redirect { https_port } => (Some(*https_port), false),
     };
+    let head_limit = edge.server.max_header_bytes.max(8192);
     let watched = watch.clone();
     let service = hyper::service::service_fn(move |req| {
         let in_flight = watched.request();
@@ -619,14 +621,22 @@ async fn serve_connection(
                     return;
                 }
             };
+            // HTTP/1 heads are checked before hyper reads them (framing.rs);
+            // an HTTP/2 connection has no such framing.
+            let io = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                framing::Framed::off(tls)
+            } else {
+                framing::Framed::new(tls, head_limit)
+            };
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
                 .into_owned();
             serve_watched(conn, watch, stop, slot).await;
         }
         Mode::Plain | Mode::Redirect { .. } => {
+            let io = framing::Framed::new(stream, head_limit);
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
                 .into_owned();
             serve_watched(conn, watch, stop, slot).await;
         }

@@ -201,7 +201,10 @@ pub async fn exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> (String, bool
 /// Transfer-Encoding list, duplicate Host and absolute-form checks are
 /// Ignis's own (`ambiguous_framing`); before them these four requests were
 /// served (200) with the connection kept open: `te-twice`,
-/// `te-identity-chunked`, `two-hosts`, `absolute-form-other-host`.
+/// `te-identity-chunked`, `two-hosts`, `absolute-form-other-host`. The
+/// repeated identical Content-Length and the bare LF ones are refused by
+/// the head scanner in front of hyper (framing.rs); before it hyper served
+/// them (200).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_smuggling_vectors_get_400_and_close_the_connection() {
     let server = TestServer::start_full(&manifest()).await;
@@ -336,6 +339,20 @@ pub fn smuggling_vectors(path: &str) -> Vec<(&'static str, String)> {
         (
             "absolute-form-other-host",
             format!("GET http://b.example{path} HTTP/1.1\r\nHost: a.example\r\n\r\n{smuggled}"),
+        ),
+        (
+            "repeated-identical-content-length",
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello{smuggled}"
+            ),
+        ),
+        (
+            "bare-lf",
+            format!("POST {path} HTTP/1.1\nHost: a\nContent-Length: 5\n\nhello{smuggled}"),
+        ),
+        (
+            "bare-lf-in-one-line",
+            format!("GET {path} HTTP/1.1\r\nHost: a\nX: y\r\n\r\n{smuggled}"),
         ),
         (
             "negative-content-length",
