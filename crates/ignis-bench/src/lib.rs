@@ -11,14 +11,22 @@
 //! time and only the timer woke late, latency counts from the actual send.
 //! Open-loop requests due inside the window are counted when they complete,
 //! even if that is after the window closes (up to 5 s).
+//!
+//! Over TLS ([`LoadSpec::tls`]) each connection does a full handshake (no
+//! resumption); with [`LoadSpec::h2`] the request loops share
+//! [`LoadSpec::h2_connections`] HTTP/2 connections (each loop is one
+//! stream at a time); with [`LoadSpec::reconnect`] every request opens,
+//! uses and closes its own connection (new connections per second, TLS
+//! handshakes included).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Empty};
-use hyper::client::conn::http1;
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -26,6 +34,7 @@ use tokio::time::Instant;
 
 pub mod hello;
 pub mod plot;
+pub mod proxy;
 pub mod scenario;
 
 /// What to send.
@@ -46,6 +55,94 @@ pub struct LoadSpec {
     pub warmup: Duration,
     /// `None`: closed loop. `Some(r)`: open loop at `r` requests per second in total.
     pub rate: Option<f64>,
+    /// Connect over TLS with these settings (ALPN included), naming
+    /// `tls_name` in SNI.
+    pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    /// The SNI name for TLS.
+    pub tls_name: String,
+    /// Speak HTTP/2 (over TLS: the config must offer `h2`; plain: h2c by
+    /// prior knowledge).
+    pub h2: bool,
+    /// HTTP/2 connections the request loops share (`connections` loops,
+    /// loop `i` on connection `i % h2_connections`).
+    pub h2_connections: usize,
+    /// A new connection for every request (closed after its response).
+    pub reconnect: bool,
+}
+
+impl LoadSpec {
+    /// Plain HTTP/1.1 keep-alive load of `path` at `addr`.
+    pub fn new(addr: &str, path: &str, connections: usize, duration: Duration) -> LoadSpec {
+        LoadSpec {
+            addr: addr.to_string(),
+            path: path.to_string(),
+            connections,
+            duration,
+            warmup: Duration::from_secs(1),
+            rate: None,
+            tls: None,
+            tls_name: "localhost".into(),
+            h2: false,
+            h2_connections: 1,
+            reconnect: false,
+        }
+    }
+}
+
+/// One connection's way of sending a request.
+#[derive(Clone)]
+enum Sender {
+    H1(Arc<tokio::sync::Mutex<http1::SendRequest<Empty<Bytes>>>>),
+    H2(http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Sender {
+    async fn send(&self, req: http::Request<Empty<Bytes>>) -> Result<u16, hyper::Error> {
+        let resp = match self {
+            Sender::H1(s) => {
+                let mut s = s.lock().await;
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+            Sender::H2(s) => {
+                let mut s = s.clone();
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+        };
+        let status = resp.status().as_u16();
+        resp.into_body().collect().await?;
+        Ok(status)
+    }
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// Opens one connection as `spec` says.
+async fn open(spec: &LoadSpec) -> anyhow::Result<Sender> {
+    let stream = TcpStream::connect(&spec.addr).await?;
+    stream.set_nodelay(true)?;
+    let io: Box<dyn Io> = match &spec.tls {
+        None => Box::new(stream),
+        Some(config) => {
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from(spec.tls_name.clone())?;
+            let tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, stream)
+                .await?;
+            Box::new(tls)
+        }
+    };
+    if spec.h2 {
+        let (sender, conn) =
+            http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(io)).await?;
+        tokio::spawn(conn);
+        Ok(Sender::H2(sender))
+    } else {
+        let (sender, conn) = http1::handshake(TokioIo::new(io)).await?;
+        tokio::spawn(conn);
+        Ok(Sender::H1(Arc::new(tokio::sync::Mutex::new(sender))))
+    }
 }
 
 /// A request path with an optional `{i:N}` placeholder.
@@ -130,20 +227,13 @@ struct ConnResult {
     unfinished: u64,
 }
 
-async fn connect(addr: &str) -> anyhow::Result<http1::SendRequest<Empty<Bytes>>> {
-    let stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    Ok(sender)
-}
-
 async fn one_connection(
     spec: LoadSpec,
     index: usize,
     start: Instant,
     measure_from: Instant,
     end: Instant,
+    shared: Option<Sender>,
 ) -> ConnResult {
     let mut r = ConnResult {
         hist: Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds"),
@@ -151,7 +241,7 @@ async fn one_connection(
         io_errors: 0,
         unfinished: 0,
     };
-    let mut sender = None;
+    let mut sender = shared;
     let interval = spec
         .rate
         .map(|rate| Duration::from_secs_f64(spec.connections as f64 / rate));
@@ -187,7 +277,7 @@ async fn one_connection(
             Instant::now()
         };
         if sender.is_none() {
-            match connect(&spec.addr).await {
+            match open(&spec).await {
                 Ok(s) => sender = Some(s),
                 Err(_) => {
                     r.io_errors += 1;
@@ -198,24 +288,24 @@ async fn one_connection(
                 }
             }
         }
-        let s = sender.as_mut().expect("connected");
+        let s = sender.clone().expect("connected");
         let n = index as u64 + sent * spec.connections as u64;
         sent += 1;
-        let uri: http::Uri = format!("http://{}{}", spec.addr, template.expand(n))
+        let scheme = if spec.tls.is_some() { "https" } else { "http" };
+        let uri: http::Uri = format!("{scheme}://{}{}", spec.addr, template.expand(n))
             .parse()
             .expect("valid uri");
-        let req = http::Request::get(uri)
-            .header(http::header::HOST, spec.addr.as_str())
-            .body(Empty::new())
-            .expect("valid request");
-        let outcome = tokio::time::timeout_at(end + Duration::from_secs(5), async {
-            s.ready().await?;
-            let resp = s.send_request(req).await?;
-            let status = resp.status().as_u16();
-            resp.into_body().collect().await?;
-            Ok::<_, hyper::Error>(status)
-        })
-        .await;
+        let mut req = http::Request::get(uri);
+        if !spec.h2 {
+            req = req.header(http::header::HOST, spec.addr.as_str());
+        }
+        let req = req.body(Empty::new()).expect("valid request");
+        let outcome =
+            tokio::time::timeout_at(end + Duration::from_secs(5), s.send(req)).await;
+        if spec.reconnect {
+            // Closed with the last handle (the connection task ends).
+            sender = None;
+        }
         let done = Instant::now();
         previous_done = done;
         let counted = due >= measure_from && (interval.is_some() || done <= end);
@@ -257,8 +347,19 @@ pub async fn run(spec: &LoadSpec) -> Report {
     let start = Instant::now() + Duration::from_millis(50);
     let measure_from = start + spec.warmup;
     let end = measure_from + spec.duration;
+    // HTTP/2 loops share connections opened up front (a failed one is
+    // reopened by its loop, privately).
+    let mut shared = Vec::new();
+    if spec.h2 && !spec.reconnect {
+        for _ in 0..spec.h2_connections.max(1) {
+            shared.push(open(spec).await.ok());
+        }
+    }
     let tasks: Vec<_> = (0..spec.connections)
-        .map(|i| tokio::spawn(one_connection(spec.clone(), i, start, measure_from, end)))
+        .map(|i| {
+            let conn = shared.get(i % shared.len().max(1)).cloned().flatten();
+            tokio::spawn(one_connection(spec.clone(), i, start, measure_from, end, conn))
+        })
         .collect();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid bounds");
     let mut statuses = BTreeMap::new();

@@ -51,6 +51,28 @@ enum Cmd {
         #[arg(long)]
         rate: Option<f64>,
     },
+    /// Ignis vs nginx as reverse proxies in front of the same origin
+    /// (HTTP/1.1, HTTP/1.1 over TLS, HTTP/2 over TLS, new TLS connections).
+    ProxyPeers {
+        /// The ignis binary.
+        #[arg(long)]
+        ignis: PathBuf,
+        /// The nginx binary.
+        #[arg(long, default_value = "/usr/sbin/nginx")]
+        nginx: PathBuf,
+        /// Request loops for the throughput runs.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// Measured seconds per run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Rounds (peers alternate A B, B A).
+        #[arg(long, default_value_t = 4)]
+        rounds: usize,
+        /// Write the JSON results here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Ignis vs `wasmtime serve` vs bare hyper on the same hello component.
     HelloPeers {
         /// The ignis binary.
@@ -288,6 +310,7 @@ async fn hello_peers(
                 duration,
                 warmup: Duration::from_secs(1),
                 rate: None,
+                ..LoadSpec::new("", "", 0, Duration::ZERO)
             };
             let r = run(&spec).await;
             eprintln!(
@@ -308,6 +331,7 @@ async fn hello_peers(
                 duration,
                 warmup: Duration::from_secs(1),
                 rate: Some(rate),
+                ..LoadSpec::new("", "", 0, Duration::ZERO)
             };
             let r = run(&spec).await;
             eprintln!(
@@ -393,6 +417,24 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         match cli.command {
+            Cmd::ProxyPeers {
+                ignis,
+                nginx,
+                connections,
+                seconds,
+                rounds,
+                json,
+            } => {
+                ignis_bench::proxy::proxy_peers(ignis_bench::proxy::Args {
+                    ignis,
+                    nginx,
+                    connections,
+                    seconds,
+                    rounds,
+                    json,
+                })
+                .await
+            }
             Cmd::HyperHello { listen } => {
                 let listener = tokio::net::TcpListener::bind(&listen).await?;
                 println!("listening on http://{}", listener.local_addr()?);
@@ -412,6 +454,7 @@ fn main() -> anyhow::Result<()> {
                     duration: Duration::from_secs_f64(seconds),
                     warmup: Duration::from_secs(1),
                     rate,
+                    ..LoadSpec::new("", "", 0, Duration::ZERO)
                 };
                 println!("{}", serde_json::to_string_pretty(&run(&spec).await)?);
                 Ok(())

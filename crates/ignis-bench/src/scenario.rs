@@ -220,6 +220,7 @@ pub async fn wait_ready(addr: &str, path: &str) -> anyhow::Result<()> {
         duration: Duration::from_millis(100),
         warmup: Duration::ZERO,
         rate: None,
+        ..LoadSpec::new("", "", 0, Duration::ZERO)
     };
     for _ in 0..600 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -268,6 +269,7 @@ pub async fn run(scenario: &Scenario, peers: Vec<Peer>) -> anyhow::Result<Outcom
                         duration: Duration::from_secs_f64(scenario.seconds),
                         warmup: Duration::from_secs_f64(scenario.warmup),
                         rate: load.rate,
+                        ..LoadSpec::new("", "", 0, Duration::ZERO)
                     };
                     let name = name.clone();
                     tokio::spawn(async move { (name, crate::run(&spec).await) })

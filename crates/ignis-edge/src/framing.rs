@@ -72,6 +72,9 @@ pub(crate) struct Framed<IO> {
     upgrade_asked: bool,
     /// Nothing more is read: a head was refused.
     refused: bool,
+    /// Where reads land before they are classified (allocated and zeroed
+    /// once, on the first read).
+    scratch: Vec<u8>,
 }
 
 impl<IO> Framed<IO> {
@@ -88,6 +91,7 @@ impl<IO> Framed<IO> {
             first: true,
             upgrade_asked: false,
             refused: false,
+            scratch: Vec::new(),
         }
     }
 
@@ -209,11 +213,19 @@ impl<IO> Framed<IO> {
                             self.state = head.body;
                         }
                     }
+                    // The buffer is kept for the next head.
+                    line.clear();
+                    self.line = line;
                     // What followed the head is classified next.
                     input = rest;
                     at = 0;
                 }
             }
+        }
+        // The buffer is kept for the next read.
+        input.clear();
+        if self.pending.capacity() < input.capacity() {
+            self.pending = input;
         }
     }
 }
@@ -321,8 +333,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Framed<IO> {
             if this.state == State::Off && this.line.is_empty() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            let mut chunk = [0u8; 8192];
-            let mut read = ReadBuf::new(&mut chunk);
+            if this.scratch.is_empty() {
+                this.scratch = vec![0; 8192];
+            }
+            let mut read = ReadBuf::new(&mut this.scratch);
             match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -337,7 +351,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Framed<IO> {
                     this.state = State::Off;
                 }
                 Poll::Ready(Ok(())) => {
-                    this.pending.extend_from_slice(read.filled());
+                    let n = read.filled().len();
+                    this.pending.extend_from_slice(&this.scratch[..n]);
                     this.classify();
                 }
             }

@@ -262,7 +262,8 @@ impl Upstream {
         let path = parts
             .uri
             .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         self.budget.deposit();
         let mut body = Some(body);
         let mut tried: Vec<usize> = Vec::new();
@@ -281,18 +282,26 @@ impl Upstream {
             };
             tried.push(i);
             let origin = &self.origins[i];
-            let uri: Uri = format!("{}://{}{}", origin.scheme, origin.authority, path)
-                .parse()
-                .map_err(|e| {
-                    Error::new(ErrorKind::BadRequest)
-                        .context("bad request target")
-                        .with_source(e)
-                })?;
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(origin.scheme.clone());
+            uri.authority = Some(origin.authority.clone());
+            uri.path_and_query = Some(path.clone());
+            let uri = Uri::from_parts(uri).map_err(|e| {
+                Error::new(ErrorKind::BadRequest)
+                    .context("bad request target")
+                    .with_source(e)
+            })?;
             let mut out = Request::new(body.take().unwrap_or_else(empty));
             *out.method_mut() = parts.method.clone();
             *out.uri_mut() = uri;
             *out.version_mut() = Version::HTTP_11;
-            *out.headers_mut() = parts.headers.clone();
+            // The last attempt takes the headers; earlier ones copy them.
+            let last = !retryable || tried.len() > self.config.retries as usize;
+            *out.headers_mut() = if last {
+                std::mem::take(&mut parts.headers)
+            } else {
+                parts.headers.clone()
+            };
             if self.config.host == HostRewrite::Origin {
                 out.headers_mut().insert(
                     header::HOST,
