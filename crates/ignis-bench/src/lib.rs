@@ -126,7 +126,8 @@ async fn open(spec: &LoadSpec) -> anyhow::Result<Sender> {
     let io: Box<dyn Io> = match &spec.tls {
         None => Box::new(stream),
         Some(config) => {
-            let name = tokio_rustls::rustls::pki_types::ServerName::try_from(spec.tls_name.clone())?;
+            let name =
+                tokio_rustls::rustls::pki_types::ServerName::try_from(spec.tls_name.clone())?;
             let tls = tokio_rustls::TlsConnector::from(config.clone())
                 .connect(name, stream)
                 .await?;
@@ -300,8 +301,7 @@ async fn one_connection(
             req = req.header(http::header::HOST, spec.addr.as_str());
         }
         let req = req.body(Empty::new()).expect("valid request");
-        let outcome =
-            tokio::time::timeout_at(end + Duration::from_secs(5), s.send(req)).await;
+        let outcome = tokio::time::timeout_at(end + Duration::from_secs(5), s.send(req)).await;
         if spec.reconnect {
             // Closed with the last handle (the connection task ends).
             sender = None;
@@ -358,7 +358,14 @@ pub async fn run(spec: &LoadSpec) -> Report {
     let tasks: Vec<_> = (0..spec.connections)
         .map(|i| {
             let conn = shared.get(i % shared.len().max(1)).cloned().flatten();
-            tokio::spawn(one_connection(spec.clone(), i, start, measure_from, end, conn))
+            tokio::spawn(one_connection(
+                spec.clone(),
+                i,
+                start,
+                measure_from,
+                end,
+                conn,
+            ))
         })
         .collect();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid bounds");

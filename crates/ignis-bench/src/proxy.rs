@@ -74,7 +74,11 @@ impl Server {
                 }
             }
         }
-        let ticks: u64 = pids.iter().filter_map(|&p| stat_fields(p)).map(|f| f.1).sum();
+        let ticks: u64 = pids
+            .iter()
+            .filter_map(|&p| stat_fields(p))
+            .map(|f| f.1)
+            .sum();
         ticks as f64 / 100.0
     }
 }
@@ -85,7 +89,10 @@ fn stat_fields(pid: u32) -> Option<(u32, u64)> {
     let rest = &text[text.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split(' ').collect();
     // After the command: state(0) ppid(1) ... utime(11) stime(12).
-    Some((f.get(1)?.parse().ok()?, f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?))
+    Some((
+        f.get(1)?.parse().ok()?,
+        f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+    ))
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -164,7 +171,11 @@ pub async fn proxy_peers(args: Args) -> anyhow::Result<()> {
     let _origin = Server {
         name: "origin",
         child: Command::new(me)
-            .args(["hyper-hello", "--listen", &format!("127.0.0.1:{origin_port}")])
+            .args([
+                "hyper-hello",
+                "--listen",
+                &format!("127.0.0.1:{origin_port}"),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -177,7 +188,9 @@ pub async fn proxy_peers(args: Args) -> anyhow::Result<()> {
     let ignis = start_ignis(&args.ignis, &dir, origin_port, &cert, &key)?;
     let nginx = start_nginx(&args.nginx, &dir, origin_port, &cert, &key, workers)?;
     for s in [&ignis, &nginx] {
-        wait_ready(&s.plain, "/hello").await.with_context(|| s.name)?;
+        wait_ready(&s.plain, "/hello")
+            .await
+            .with_context(|| s.name)?;
     }
     let nginx_version = Command::new(&args.nginx)
         .arg("-v")
@@ -298,8 +311,13 @@ pub async fn proxy_peers(args: Args) -> anyhow::Result<()> {
 }
 
 fn print_table(r: &Results) {
-    println!("\nIgnis vs {} as a reverse proxy (medians over rounds)\n", r.nginx_version);
-    println!("| transport | throughput Ignis / nginx (req/s) | ratio | p50 / p99 / p99.9 Ignis (us) | p50 / p99 / p99.9 nginx (us) | p99 ratio | CPU/request Ignis / nginx (us) |");
+    println!(
+        "\nIgnis vs {} as a reverse proxy (medians over rounds)\n",
+        r.nginx_version
+    );
+    println!(
+        "| transport | throughput Ignis / nginx (req/s) | ratio | p50 / p99 / p99.9 Ignis (us) | p50 / p99 / p99.9 nginx (us) | p99 ratio | CPU/request Ignis / nginx (us) |"
+    );
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for t in &r.transports {
         let thr = |p: &PeerRuns| median(p.throughput.iter().map(|x| x.throughput).collect());

@@ -603,6 +603,10 @@ pub struct UpstreamConfig {
     /// Retries allowed per request, on average ([`UpstreamConfig::retries`]
     /// is per request; this bounds them across all requests).
     pub retry_budget: f64,
+    /// WebSocket connections open through this upstream at once (503 past it).
+    pub max_websockets: u32,
+    /// A WebSocket connection with no bytes either way for this long is closed.
+    pub websocket_idle_timeout: Duration,
 }
 
 /// One origin of an upstream.
@@ -828,6 +832,8 @@ struct RawUpstream {
     eject_for: Option<HumanDuration>,
     retries: Option<Spanned<u32>>,
     retry_budget: Option<Spanned<f64>>,
+    max_websockets: Option<Spanned<u32>>,
+    websocket_idle_timeout: Option<HumanDuration>,
 }
 
 #[derive(Deserialize)]
@@ -2063,6 +2069,18 @@ impl Validator<'_> {
             )?,
             retries: self.count(raw.retries, &key("retries"), 0..=10, 1)?,
             retry_budget,
+            max_websockets: self.count(
+                raw.max_websockets,
+                &key("max_websockets"),
+                0..=1_000_000,
+                10_000,
+            )?,
+            websocket_idle_timeout: self.duration(
+                raw.websocket_idle_timeout,
+                &key("websocket_idle_timeout"),
+                Duration::from_secs(1)..=Duration::from_secs(24 * 3600),
+                Duration::from_secs(300),
+            )?,
         })
     }
 

@@ -1069,6 +1069,18 @@ fn bad_upstream_settings_name_line_and_key() {
             "unknown field",
         ),
         (
+            up("max_websockets = 1000001"),
+            3,
+            "upstreams.api.max_websockets",
+            "between",
+        ),
+        (
+            up("websocket_idle_timeout = \"0s\""),
+            3,
+            "upstreams.api.websocket_idle_timeout",
+            "between",
+        ),
+        (
             up("[upstreams.api.health]\npath = \"healthz\""),
             4,
             "upstreams.api.health.path",

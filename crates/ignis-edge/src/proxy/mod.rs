@@ -19,8 +19,9 @@
 //!   does not answer in time; the client sees the request id, the log the
 //!   cause.
 //! - WebSocket (HTTP/1.1 `Upgrade: websocket`) is passed through: after the
-//!   origin's 101 both connections are joined until either closes, at most
-//!   [`MAX_TUNNELS`] per upstream (503 past it).
+//!   origin's 101 both connections are joined until either closes or no
+//!   byte moves for `websocket_idle_timeout`, at most `max_websockets` at
+//!   once per upstream (503 past it; 0 refuses WebSocket).
 //! - Health checks belong to their upstream: dropping it (a new
 //!   configuration) stops them.
 
@@ -45,9 +46,6 @@ use tokio_rustls::rustls;
 use balance::{Candidates, Picker, hash64};
 pub(crate) use headers::is_websocket;
 use origin::{InFlight, Origin, ProxyBody};
-
-/// WebSocket tunnels one upstream keeps open at once.
-pub const MAX_TUNNELS: usize = 10_000;
 
 /// An upstream: its origins, how it picks one, its retry budget.
 pub struct Upstream {
@@ -128,7 +126,7 @@ impl Upstream {
             name,
             origins,
             trusted: trusted.into(),
-            tunnels: Arc::new(Semaphore::new(MAX_TUNNELS)),
+            tunnels: Arc::new(Semaphore::new(config.max_websockets as usize)),
             checks,
         }))
     }
@@ -363,12 +361,14 @@ impl Upstream {
             };
             let origin = hyper::upgrade::on(&mut resp);
             let name = self.name.clone();
+            let idle = self.config.websocket_idle_timeout;
             tokio::spawn(async move {
                 let _held = (in_flight, permit);
                 match tokio::try_join!(client, origin) {
                     Ok((client, origin)) => {
-                        let (mut client, mut origin) = (TokioIo::new(client), TokioIo::new(origin));
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut origin).await;
+                        let ended =
+                            join_tunnel(TokioIo::new(client), TokioIo::new(origin), idle).await;
+                        tracing::debug!(upstream = %name, request_id = id, ended, "WebSocket closed");
                     }
                     Err(e) => {
                         tracing::debug!(upstream = %name, request_id = id, error = %e, "WebSocket upgrade failed");
@@ -430,6 +430,43 @@ impl ignis_runtime::outbound::UpstreamClient for Upstream {
                 }
             }
         })
+    }
+}
+
+/// Copies bytes both ways between `a` and `b` until either side closes or
+/// fails, or nothing moves for `idle`; says which.
+async fn join_tunnel<A, B>(a: A, b: B, idle: std::time::Duration) -> &'static str
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let (mut abuf, mut bbuf) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    loop {
+        let moved = tokio::time::timeout(idle, async {
+            tokio::select! {
+                n = ar.read(&mut abuf) => match n {
+                    Ok(0) | Err(_) => Err("client closed"),
+                    Ok(n) => bw.write_all(&abuf[..n]).await.map_err(|_| "origin closed"),
+                },
+                n = br.read(&mut bbuf) => match n {
+                    Ok(0) | Err(_) => Err("origin closed"),
+                    Ok(n) => aw.write_all(&bbuf[..n]).await.map_err(|_| "client closed"),
+                },
+            }
+        })
+        .await;
+        match moved {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => {
+                let _ = aw.shutdown().await;
+                let _ = bw.shutdown().await;
+                return why;
+            }
+            Err(_) => return "idle",
+        }
     }
 }
 

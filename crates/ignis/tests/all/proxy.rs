@@ -636,11 +636,10 @@ fn tokio_stream_from<T>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_core
     S(rx)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_connections_pass_through() {
-    let a = Recorder::start("a").await;
-    let server = TestServer::start(&manifest("api", &[a.url()], "")).await;
-    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+/// Opens a WebSocket through `addr`: the stream and the response head
+/// (lower-cased).
+async fn ws_open(addr: SocketAddr) -> (tokio::net::TcpStream, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
         b"GET /ws HTTP/1.1\r\nHost: chat.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
           Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
@@ -653,7 +652,14 @@ async fn websocket_connections_pass_through() {
         s.read_exact(&mut byte).await.unwrap();
         head.push(byte[0]);
     }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    (s, String::from_utf8_lossy(&head).to_ascii_lowercase())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_connections_pass_through() {
+    let a = Recorder::start("a").await;
+    let server = TestServer::start(&manifest("api", &[a.url()], "")).await;
+    let (mut s, head) = ws_open(server.addr).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     let seen = &a.requests()[0];
@@ -671,6 +677,54 @@ async fn websocket_connections_pass_through() {
         .unwrap()
         .unwrap();
     assert_eq!(back, frame);
+    server.shutdown().await;
+}
+
+/// Tunnels are capped per upstream (503 past the cap, the slot back when a
+/// tunnel closes) and closed when idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_are_capped_and_idle_ones_closed() {
+    let a = Recorder::start("a").await;
+    let server = TestServer::start(&manifest(
+        "api",
+        &[a.url()],
+        "max_websockets = 1\nwebsocket_idle_timeout = \"1s\"",
+    ))
+    .await;
+    let (first, head) = ws_open(server.addr).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let (_, head) = ws_open(server.addr).await;
+    assert!(head.starts_with("http/1.1 503"), "{head}");
+    assert!(head.contains("retry-after"), "{head}");
+    assert_eq!(
+        a.requests().len(),
+        1,
+        "the refused handshake reached the origin"
+    );
+    // The first one, left idle, is closed by the proxy.
+    let mut first = first;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), first.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "an idle WebSocket stayed open");
+    // Its slot is free again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, head) = ws_open(server.addr).await;
+        if head.starts_with("http/1.1 101") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never came back: {head}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.shutdown().await;
+
+    // 0 refuses WebSocket altogether.
+    let server = TestServer::start(&manifest("api", &[a.url()], "max_websockets = 0")).await;
+    let (_, head) = ws_open(server.addr).await;
+    assert!(head.starts_with("http/1.1 503"), "{head}");
     server.shutdown().await;
 }
 
