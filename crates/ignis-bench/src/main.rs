@@ -53,26 +53,7 @@ enum Cmd {
     },
     /// Ignis vs nginx as reverse proxies in front of the same origin
     /// (HTTP/1.1, HTTP/1.1 over TLS, HTTP/2 over TLS, new TLS connections).
-    ProxyPeers {
-        /// The ignis binary.
-        #[arg(long)]
-        ignis: PathBuf,
-        /// The nginx binary.
-        #[arg(long, default_value = "/usr/sbin/nginx")]
-        nginx: PathBuf,
-        /// Request loops for the throughput runs.
-        #[arg(long, default_value_t = 32)]
-        connections: usize,
-        /// Measured seconds per run.
-        #[arg(long, default_value_t = 5.0)]
-        seconds: f64,
-        /// Rounds (peers alternate A B, B A).
-        #[arg(long, default_value_t = 4)]
-        rounds: usize,
-        /// Write the JSON results here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
+    ProxyPeers(ignis_bench::proxy::Args),
     /// Ignis vs `wasmtime serve` vs bare hyper on the same hello component.
     HelloPeers {
         /// The ignis binary.
@@ -417,24 +398,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         match cli.command {
-            Cmd::ProxyPeers {
-                ignis,
-                nginx,
-                connections,
-                seconds,
-                rounds,
-                json,
-            } => {
-                ignis_bench::proxy::proxy_peers(ignis_bench::proxy::Args {
-                    ignis,
-                    nginx,
-                    connections,
-                    seconds,
-                    rounds,
-                    json,
-                })
-                .await
-            }
+            Cmd::ProxyPeers(args) => ignis_bench::proxy::proxy_peers(args).await,
             Cmd::HyperHello { listen } => {
                 let listener = tokio::net::TcpListener::bind(&listen).await?;
                 println!("listening on http://{}", listener.local_addr()?);

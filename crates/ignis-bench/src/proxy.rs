@@ -29,18 +29,25 @@ use crate::scenario::wait_ready;
 use crate::{LoadSpec, Report, run};
 
 /// What to run.
+#[derive(clap::Args)]
 pub struct Args {
     /// The ignis binary.
+    #[arg(long)]
     pub ignis: PathBuf,
     /// The nginx binary.
+    #[arg(long, default_value = "/usr/sbin/nginx")]
     pub nginx: PathBuf,
-    /// Request loops for throughput runs.
+    /// Request loops for the throughput runs.
+    #[arg(long, default_value_t = 32)]
     pub connections: usize,
     /// Measured seconds per run.
+    #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
-    /// Rounds (A B then B A, alternately).
+    /// Rounds (peers alternate A B, B A).
+    #[arg(long, default_value_t = 4)]
     pub rounds: usize,
-    /// Write the raw results here.
+    /// Write the JSON results here.
+    #[arg(long)]
     pub json: Option<PathBuf>,
 }
 

@@ -2480,34 +2480,36 @@ impl Validator<'_> {
                 "'...' is only allowed as a final segment: `/prefix/...`",
             ));
         }
+        // An upstream the route names must exist.
+        let upstream = |u: &Spanned<String>| {
+            if targets.upstreams.contains_key(u.get_ref()) {
+                Ok(())
+            } else {
+                Err(self.err(
+                    u.span().start,
+                    key("upstream"),
+                    format!("no upstream named `{}` is declared", u.get_ref()),
+                ))
+            }
+        };
+        // Only actor routes have an `{id}` segment.
+        let no_id = || {
+            if path.contains('{') || path.contains('}') {
+                Err(self.err(path_at, key("path"), "`{id}` segments are for actor routes"))
+            } else {
+                Ok(())
+            }
+        };
         let mut bound = None;
         let target = match (raw.function, raw.actor, raw.upstream) {
             (None, None, Some(u)) => {
-                if !targets.upstreams.contains_key(u.get_ref()) {
-                    return Err(self.err(
-                        u.span().start,
-                        key("upstream"),
-                        format!("no upstream named `{}` is declared", u.get_ref()),
-                    ));
-                }
-                if path.contains('{') || path.contains('}') {
-                    return Err(self.err(
-                        path_at,
-                        key("path"),
-                        "`{id}` segments are for actor routes",
-                    ));
-                }
+                upstream(&u)?;
+                no_id()?;
                 RouteTarget::Upstream(u.into_inner())
             }
             (Some(f), None, u) => {
-                if let Some(u) = &u
-                    && !targets.upstreams.contains_key(u.get_ref())
-                {
-                    return Err(self.err(
-                        u.span().start,
-                        key("upstream"),
-                        format!("no upstream named `{}` is declared", u.get_ref()),
-                    ));
+                if let Some(u) = &u {
+                    upstream(u)?;
                 }
                 bound = u.map(Spanned::into_inner);
                 if !functions.contains_key(f.get_ref()) {
@@ -2517,13 +2519,7 @@ impl Validator<'_> {
                         format!("no function named `{}` is declared", f.get_ref()),
                     ));
                 }
-                if path.contains('{') || path.contains('}') {
-                    return Err(self.err(
-                        path_at,
-                        key("path"),
-                        "`{id}` segments are for actor routes",
-                    ));
-                }
+                no_id()?;
                 RouteTarget::Function(f.into_inner())
             }
             (None, Some(a), None) => {

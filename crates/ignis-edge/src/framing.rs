@@ -113,26 +113,17 @@ impl<IO> Framed<IO> {
                     self.ready.extend_from_slice(&input[at..]);
                     at = input.len();
                 }
-                State::Fixed(left) => {
+                State::Fixed(left) | State::ChunkData(left) => {
+                    // Body bytes (a whole body, or one chunk's data).
                     let n = (left as usize).min(input.len() - at);
                     self.ready.extend_from_slice(&input[at..at + n]);
                     at += n;
                     let left = left - n as u64;
-                    self.state = if left == 0 {
-                        State::Head
-                    } else {
-                        State::Fixed(left)
-                    };
-                }
-                State::ChunkData(left) => {
-                    let n = (left as usize).min(input.len() - at);
-                    self.ready.extend_from_slice(&input[at..at + n]);
-                    at += n;
-                    let left = left - n as u64;
-                    self.state = if left == 0 {
-                        State::ChunkEnd
-                    } else {
-                        State::ChunkData(left)
+                    self.state = match (&self.state, left) {
+                        (State::Fixed(_), 0) => State::Head,
+                        (State::Fixed(_), left) => State::Fixed(left),
+                        (_, 0) => State::ChunkEnd,
+                        (_, left) => State::ChunkData(left),
                     };
                 }
                 State::ChunkSize | State::ChunkEnd | State::Trailers => {
