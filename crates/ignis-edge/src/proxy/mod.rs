@@ -28,6 +28,7 @@
 mod balance;
 mod headers;
 mod origin;
+mod pool;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -36,7 +37,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use ignis_config::{Balance, HashKey, HostRewrite, IpRange, UpstreamConfig};
 use ignis_runtime::{Body, BoxError, Error, ErrorKind};
@@ -308,7 +308,9 @@ impl Upstream {
                 );
             }
             let in_flight = origin.start();
-            let sent = tokio::time::timeout(self.config.response_timeout, origin.send(out)).await;
+            let sent =
+                tokio::time::timeout(self.config.response_timeout, origin.send(out, websocket))
+                    .await;
             let e = match sent {
                 Ok(Ok(resp)) => {
                     origin.succeeded();
@@ -348,7 +350,7 @@ impl Upstream {
     /// body ends; a 101 joins the two connections.
     fn respond(
         &self,
-        mut resp: Response<Incoming>,
+        mut resp: Response<origin::OriginBody>,
         in_flight: InFlight,
         tunnel: Option<(hyper::upgrade::OnUpgrade, tokio::sync::OwnedSemaphorePermit)>,
         id: u64,
@@ -586,7 +588,7 @@ fn request_authority<B>(req: &Request<B>) -> Option<String> {
 }
 
 /// Whether the client's request body (not the origin) failed the request.
-fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
+fn client_body_failed(e: &origin::SendError) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(h) = s.downcast_ref::<hyper::Error>()

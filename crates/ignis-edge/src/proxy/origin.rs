@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Request, Uri, header};
+use http::{HeaderValue, Request, Response, Uri, header};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
@@ -36,13 +36,52 @@ use tokio_rustls::rustls::pki_types::ServerName;
 /// A request body on its way to an origin.
 pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
+/// A response body on its way from an origin.
+pub(crate) type OriginBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Why an origin gave no response head.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// Connecting (or the TLS handshake) failed or timed out.
+    Connect(io::Error),
+    /// The HTTP/1.1 exchange failed.
+    Http(hyper::Error),
+    /// hyper-util's pooled client failed (HTTP/2 origins).
+    Pooled(hyper_util::client::legacy::Error),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(_) => f.write_str("connecting to the origin failed"),
+            SendError::Http(_) => f.write_str("the HTTP exchange with the origin failed"),
+            SendError::Pooled(_) => f.write_str("the pooled client failed"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SendError::Connect(e) => Some(e),
+            SendError::Http(e) => Some(e),
+            SendError::Pooled(e) => Some(e),
+        }
+    }
+}
+
 /// An origin and its state.
 pub(crate) struct Origin {
     /// `scheme://host:port`: how it is named in logs and on the hash ring.
     pub(crate) url: String,
     pub(crate) scheme: Scheme,
     pub(crate) authority: Authority,
+    /// hyper-util's pooled client: HTTP/2 origins, and health checks.
     client: Client<Connector, ProxyBody>,
+    /// HTTP/1.1 origins: connections driven by the requests that hold them
+    /// (`None` when the upstream speaks HTTP/2).
+    h1: Option<Arc<super::pool::Pool>>,
+    connector: Connector,
     in_flight: AtomicU64,
     /// Active health: set by the checker.
     healthy: AtomicBool,
@@ -113,7 +152,10 @@ impl Origin {
             url,
             scheme: if https { Scheme::HTTPS } else { Scheme::HTTP },
             authority,
-            client: builder.build(connector),
+            client: builder.build(connector.clone()),
+            h1: (!upstream.http2)
+                .then(|| super::pool::Pool::new(upstream.pool_size, upstream.pool_idle_timeout)),
+            connector,
             in_flight: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             streak: std::sync::atomic::AtomicI32::new(0),
@@ -144,12 +186,41 @@ impl Origin {
         InFlight(self.clone())
     }
 
-    /// Sends `req` (its URI already names this origin).
-    pub(crate) fn send(
+    /// Sends `req` (its URI already names this origin) and waits for the
+    /// response head. An `upgrade` (WebSocket) goes through the pooled
+    /// client, whose connection task completes the upgrade on its own.
+    pub(crate) async fn send(
         &self,
         req: Request<ProxyBody>,
-    ) -> hyper_util::client::legacy::ResponseFuture {
-        self.client.request(req)
+        upgrade: bool,
+    ) -> Result<Response<OriginBody>, SendError> {
+        let Some(pool) = self.h1.as_ref().filter(|_| !upgrade) else {
+            return match self.client.request(req).await {
+                Ok(resp) => Ok(resp.map(|b| b.boxed_unsync())),
+                Err(e) => Err(SendError::Pooled(e)),
+            };
+        };
+        let mut conn = match pool.take() {
+            Some(conn) => conn,
+            None => {
+                let io = self
+                    .connector
+                    .clone()
+                    .connect_timed()
+                    .await
+                    .map_err(SendError::Connect)?;
+                super::pool::H1::handshake(io)
+                    .await
+                    .map_err(SendError::Http)?
+            }
+        };
+        match conn.send(req).await {
+            Ok(resp) => {
+                let pool = pool.clone();
+                Ok(resp.map(|body| super::pool::Driven::new(body, conn, pool).boxed_unsync()))
+            }
+            Err(e) => Err(SendError::Http(e)),
+        }
     }
 
     /// A real request got an answer: the failure run ends.
@@ -267,22 +338,24 @@ impl tower_service::Service<Uri> for Connector {
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move {
-            let timeout = this.connect_timeout;
-            tokio::time::timeout(timeout, this.connect())
-                .await
-                .unwrap_or_else(|_| {
-                    Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("connect timed out after {timeout:?}"),
-                    ))
-                })
-                .map(TokioIo::new)
-        })
+        Box::pin(async move { this.connect_timed().await.map(TokioIo::new) })
     }
 }
 
 impl Connector {
+    /// Connects within the connect timeout.
+    async fn connect_timed(self) -> io::Result<OriginStream> {
+        let timeout = self.connect_timeout;
+        tokio::time::timeout(timeout, self.connect())
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect timed out after {timeout:?}"),
+                ))
+            })
+    }
+
     async fn connect(self) -> io::Result<OriginStream> {
         let addrs: Vec<SocketAddr> = match self.host.parse::<std::net::IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, self.port)],

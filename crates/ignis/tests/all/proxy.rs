@@ -39,6 +39,8 @@ struct Recorder {
     name: String,
     seen: Arc<Mutex<Vec<Seen>>>,
     healthy: Arc<AtomicBool>,
+    /// Connections accepted.
+    connections: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -60,12 +62,15 @@ impl Recorder {
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let healthy = Arc::new(AtomicBool::new(true));
+        let connections = Arc::new(AtomicU64::new(0));
+        let accepted = connections.clone();
         let (s, h, n) = (seen.clone(), healthy.clone(), name.to_string());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let (s, h, n) = (s.clone(), h.clone(), n.clone());
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
@@ -98,6 +103,7 @@ impl Recorder {
             name: name.to_string(),
             seen,
             healthy,
+            connections,
             task,
         }
     }
@@ -186,11 +192,18 @@ async fn answer(
             if path == "/slow" {
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
+            if path == "/empty" {
+                return full(204, String::new());
+            }
             let mut r = full(200, format!("{name} {method} {path}"));
-            r.headers_mut().insert(
-                "connection",
-                http::HeaderValue::from_static("x-origin-private"),
-            );
+            // `/close` asks to close the connection after this response.
+            let connection = if path == "/close" {
+                "close"
+            } else {
+                "x-origin-private"
+            };
+            r.headers_mut()
+                .insert("connection", http::HeaderValue::from_static(connection));
             r.headers_mut()
                 .insert("x-origin-private", http::HeaderValue::from_static("1"));
             r
@@ -926,5 +939,61 @@ function = "other"
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(r.text().contains("Denied"), "{}", r.text());
     assert_eq!(a.requests().len() + b.requests().len(), before);
+    server.shutdown().await;
+}
+
+/// HTTP/1.1 origin connections are kept and reused: sequential requests
+/// (with bodies, without, HEAD, 204) share one connection; a response with
+/// `Connection: close` retires its connection and the next request opens a
+/// new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_connections_are_kept_alive_and_retired_when_the_origin_closes() {
+    let a = Recorder::start("a").await;
+    let server = TestServer::start(&manifest("api", &[a.url()], "")).await;
+    let c = client();
+    for i in 0..30 {
+        let r = match i % 4 {
+            0 => get(&c, &server.url("/x")).await,
+            1 => post(&c, &server.url("/y"), "body").await,
+            2 => {
+                let req = Request::head(server.url("/h"))
+                    .body(Full::default())
+                    .unwrap();
+                send(&c, req).await
+            }
+            _ => get(&c, &server.url("/empty")).await,
+        };
+        assert!(
+            r.status == 200 || r.status == 204,
+            "{i}: {} {}",
+            r.status,
+            r.text()
+        );
+    }
+    assert_eq!(
+        a.connections.load(Ordering::SeqCst),
+        1,
+        "sequential requests should share one connection"
+    );
+    let r = get(&c, &server.url("/close")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(get(&c, &server.url("/x")).await.status, 200);
+    assert_eq!(a.connections.load(Ordering::SeqCst), 2);
+    // Concurrent requests each hold a connection; afterwards they are idle
+    // and reused, never more than the pool keeps.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (c, url) = (c.clone(), server.url("/x"));
+        tasks.push(tokio::spawn(async move { get(&c, &url).await.status }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let after_burst = a.connections.load(Ordering::SeqCst);
+    assert!(after_burst <= 10, "{after_burst}");
+    for _ in 0..10 {
+        assert_eq!(get(&c, &server.url("/x")).await.status, 200);
+    }
+    assert_eq!(a.connections.load(Ordering::SeqCst), after_burst);
     server.shutdown().await;
 }
