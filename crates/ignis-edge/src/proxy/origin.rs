@@ -200,27 +200,37 @@ impl Origin {
                 Err(e) => Err(SendError::Pooled(e)),
             };
         };
-        let mut conn = match pool.take() {
-            Some(conn) => conn,
-            None => {
-                let io = self
-                    .connector
-                    .clone()
-                    .connect_timed()
-                    .await
-                    .map_err(SendError::Connect)?;
-                super::pool::H1::handshake(io)
-                    .await
-                    .map_err(SendError::Http)?
-            }
+        let (mut conn, reused) = match pool.take() {
+            Some(conn) => (conn, true),
+            None => (self.connect_h1().await?, false),
         };
-        match conn.send(req).await {
-            Ok(resp) => {
-                let pool = pool.clone();
-                Ok(resp.map(|body| super::pool::Driven::new(body, conn, pool).boxed_unsync()))
+        let resp = match conn.send(req).await {
+            Ok(resp) => resp,
+            // A kept connection the origin closed just before the request
+            // went out (its idle timeout): the request was not written, so
+            // it goes once more on a new connection, whatever its method.
+            Err((e, Some(req))) if reused => {
+                tracing::debug!(origin = %self.url, error = %e, "kept connection closed before use; reconnecting");
+                conn = self.connect_h1().await?;
+                conn.send(req).await.map_err(|(e, _)| SendError::Http(e))?
             }
-            Err(e) => Err(SendError::Http(e)),
-        }
+            Err((e, _)) => return Err(SendError::Http(e)),
+        };
+        let pool = pool.clone();
+        Ok(resp.map(|body| super::pool::Driven::new(body, conn, pool).boxed_unsync()))
+    }
+
+    /// A new HTTP/1.1 connection (within `connect_timeout`).
+    async fn connect_h1(&self) -> Result<super::pool::H1, SendError> {
+        let io = self
+            .connector
+            .clone()
+            .connect_timed()
+            .await
+            .map_err(SendError::Connect)?;
+        super::pool::H1::handshake(io)
+            .await
+            .map_err(SendError::Http)
     }
 
     /// A real request got an answer: the failure run ends.

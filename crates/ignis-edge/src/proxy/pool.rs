@@ -63,12 +63,14 @@ impl H1 {
         !self.done
     }
 
-    /// Sends `req` and drives the connection until the response head.
+    /// Sends `req` and drives the connection until the response head. If
+    /// the connection closed before the request was written, the request
+    /// comes back with the error (it may be sent on another connection).
     pub(crate) async fn send(
         &mut self,
         req: Request<ProxyBody>,
-    ) -> hyper::Result<Response<Incoming>> {
-        let mut sent = std::pin::pin!(self.sender.send_request(req));
+    ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<ProxyBody>>)> {
+        let mut sent = std::pin::pin!(self.sender.try_send_request(req));
         let conn = &mut self.conn;
         let done = &mut self.done;
         std::future::poll_fn(|cx| {
@@ -83,6 +85,10 @@ impl H1 {
             Poll::Pending
         })
         .await
+        .map_err(|mut e| {
+            let unsent = e.take_message();
+            (e.into_error(), unsent)
+        })
     }
 
     /// Whether it can take another request now.

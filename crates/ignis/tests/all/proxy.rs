@@ -41,6 +41,8 @@ struct Recorder {
     healthy: Arc<AtomicBool>,
     /// Connections accepted.
     connections: Arc<AtomicU64>,
+    /// Connections open now.
+    open: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -52,11 +54,16 @@ impl Drop for Recorder {
 
 impl Recorder {
     async fn start(name: &str) -> Recorder {
-        Self::start_with(name, None).await
+        Self::start_with(name, None, None).await
     }
 
-    /// The same over TLS with `config` (its ALPN decides h2 or HTTP/1.1).
-    async fn start_with(name: &str, tls: Option<Arc<rustls::ServerConfig>>) -> Recorder {
+    /// The same over TLS with `config` (its ALPN decides h2 or HTTP/1.1),
+    /// and closing HTTP/1.1 connections idle for `idle`.
+    async fn start_with(
+        name: &str,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        idle: Option<Duration>,
+    ) -> Recorder {
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -64,6 +71,8 @@ impl Recorder {
         let healthy = Arc::new(AtomicBool::new(true));
         let connections = Arc::new(AtomicU64::new(0));
         let accepted = connections.clone();
+        let open = Arc::new(AtomicU64::new(0));
+        let still_open = open.clone();
         let (s, h, n) = (seen.clone(), healthy.clone(), name.to_string());
         let task = tokio::spawn(async move {
             loop {
@@ -71,15 +80,30 @@ impl Recorder {
                     return;
                 };
                 accepted.fetch_add(1, Ordering::SeqCst);
+                still_open.fetch_add(1, Ordering::SeqCst);
                 let (s, h, n) = (s.clone(), h.clone(), n.clone());
                 let acceptor = acceptor.clone();
+                let still_open = still_open.clone();
                 tokio::spawn(async move {
+                    struct Closed(Arc<AtomicU64>);
+                    impl Drop for Closed {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                    let _closed = Closed(still_open);
                     let service = hyper::service::service_fn(move |req| {
                         let (s, h, n) = (s.clone(), h.clone(), n.clone());
                         async move { Ok::<_, Infallible>(answer(req, &s, &h, &n).await) }
                     });
-                    let builder =
+                    let mut builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    if let Some(idle) = idle {
+                        builder
+                            .http1()
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(idle);
+                    }
                     match acceptor {
                         None => {
                             let _ = builder
@@ -104,6 +128,7 @@ impl Recorder {
             seen,
             healthy,
             connections,
+            open,
             task,
         }
     }
@@ -809,7 +834,7 @@ async fn https_origins_are_verified_with_the_configured_ca_and_server_name() {
     .with_single_cert(chain, key)
     .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let origin = Recorder::start_with("secure", Some(Arc::new(config))).await;
+    let origin = Recorder::start_with("secure", Some(Arc::new(config)), None).await;
     let url = format!("https://{}", origin.addr);
     let c = client();
 
@@ -995,5 +1020,36 @@ async fn origin_connections_are_kept_alive_and_retired_when_the_origin_closes() 
         assert_eq!(get(&c, &server.url("/x")).await.status, 200);
     }
     assert_eq!(a.connections.load(Ordering::SeqCst), after_burst);
+    server.shutdown().await;
+}
+
+/// An origin that closes idle keep-alive connections sooner than the
+/// proxy's pool would: the next request gets a new connection, not a 502,
+/// and the origin is not counted as failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_the_origin_closed_is_not_a_failure() {
+    let a = Recorder::start_with("a", None, Some(Duration::from_millis(100))).await;
+    let server = TestServer::start(&manifest("api", &[a.url()], "eject_after = 1")).await;
+    let upstream = server.edge.upstream("api").unwrap().clone();
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(get(&c, &server.url("/x")).await.status, 200);
+        // Wait until the origin has closed the idle connection.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while a.open.load(Ordering::SeqCst) > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the origin kept its connection"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert_eq!(get(&c, &server.url("/x")).await.status, 200);
+    assert_eq!(a.connections.load(Ordering::SeqCst), 4);
+    assert_eq!(
+        upstream.usable(),
+        [(a.url(), true)],
+        "the origin was ejected"
+    );
     server.shutdown().await;
 }
