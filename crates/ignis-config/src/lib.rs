@@ -575,6 +575,10 @@ pub struct UpstreamConfig {
     /// Time allowed from sending the request to the response head: past
     /// it, 504.
     pub response_timeout: Duration,
+    /// Longest wait for the next piece of a body, either way: the client's
+    /// request body (past it, 408 or a cut upload) and the origin's
+    /// response body (past it, the response ends in an error).
+    pub body_timeout: Duration,
     /// Idle keep-alive connections kept per origin.
     pub pool_size: usize,
     /// An idle pooled connection is closed after this long.
@@ -820,6 +824,7 @@ struct RawUpstream {
     http2: Option<bool>,
     connect_timeout: Option<HumanDuration>,
     response_timeout: Option<HumanDuration>,
+    body_timeout: Option<HumanDuration>,
     pool_size: Option<Spanned<u32>>,
     pool_idle_timeout: Option<HumanDuration>,
     host: Option<Spanned<String>>,
@@ -2046,6 +2051,12 @@ impl Validator<'_> {
                 &key("response_timeout"),
                 Duration::from_millis(10)..=Duration::from_secs(3600),
                 Duration::from_secs(30),
+            )?,
+            body_timeout: self.duration(
+                raw.body_timeout,
+                &key("body_timeout"),
+                Duration::from_millis(10)..=Duration::from_secs(3600),
+                Duration::from_secs(60),
             )?,
             pool_size: self.count(raw.pool_size, &key("pool_size"), 0..=10_000, 64)? as usize,
             pool_idle_timeout: self.duration(

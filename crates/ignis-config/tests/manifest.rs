@@ -1075,6 +1075,12 @@ fn bad_upstream_settings_name_line_and_key() {
             "between",
         ),
         (
+            up("body_timeout = \"0s\""),
+            3,
+            "upstreams.api.body_timeout",
+            "between",
+        ),
+        (
             up("websocket_idle_timeout = \"0s\""),
             3,
             "upstreams.api.websocket_idle_timeout",

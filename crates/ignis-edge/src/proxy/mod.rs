@@ -3,7 +3,9 @@
 //!
 //! Invariants:
 //! - Bodies stream both ways with backpressure: nothing is buffered whole.
-//!   The request body is cut at `max_body` (413).
+//!   The request body is cut at `max_body` (413). A body that stops moving
+//!   for `body_timeout`, either way, is ended: 408 for a stalled upload, a
+//!   cut (never a clean end) for a stalled response.
 //! - A request is retried on another origin only when that cannot change
 //!   what the origin does: an idempotent method (RFC 9110 9.2.2) without a
 //!   body, whose origin failed before sending a response head (refused,
@@ -216,6 +218,8 @@ impl Upstream {
             }
         }
         let retryable = idempotent(&parts.method) && bodyless && !websocket;
+        // Set if the client's body stalled past body_timeout.
+        let mut stalled = None;
         let (body, exceeded): (ProxyBody, _) = if bodyless {
             (empty(), None)
         } else {
@@ -223,6 +227,8 @@ impl Upstream {
                 first,
                 rest: incoming,
             };
+            let incoming = Idle::new(incoming, self.config.body_timeout);
+            stalled = Some(incoming.fired.clone());
             let (limited, exceeded) = crate::body::Limited::new(incoming, max_body);
             let limited =
                 limited.map_err(|e: ignis_runtime::HttpError| -> BoxError { Box::new(e) });
@@ -329,6 +335,12 @@ impl Upstream {
                 return Err(body_too_large(max_body));
             }
             if client_body_failed(&e) {
+                if stalled.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+                    return Err(Error::new(ErrorKind::RequestTimeout).context(format!(
+                        "no request body data for {:?}",
+                        self.config.body_timeout
+                    )));
+                }
                 return Err(Error::new(ErrorKind::BadRequest)
                     .context("the request body could not be read")
                     .with_source(e));
@@ -389,7 +401,7 @@ impl Upstream {
         headers::add_via(&mut parts.headers, parts.version);
         parts.headers.insert("x-request-id", HeaderValue::from(id));
         parts.version = Version::HTTP_11;
-        let body = body
+        let body = Idle::new(body, self.config.body_timeout)
             .map_err(|e| -> BoxError { Box::new(e) })
             .map_frame(move |frame| {
                 // The origin has this request in flight until its body ends.
@@ -469,6 +481,70 @@ where
             }
             Err(_) => return "idle",
         }
+    }
+}
+
+/// A body whose next frame must come within `timeout` of the previous one
+/// (or of the first poll); past it the body ends in an error and `fired`
+/// is set. A stalled origin or a trickling client cannot hold a connection
+/// for longer than that per frame.
+struct Idle<B> {
+    inner: B,
+    timeout: std::time::Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    fired: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<B> Idle<B> {
+    fn new(inner: B, timeout: std::time::Duration) -> Self {
+        Idle {
+            inner,
+            timeout,
+            timer: Box::pin(tokio::time::sleep(timeout)),
+            fired: Arc::default(),
+        }
+    }
+}
+
+impl<B> http_body::Body for Idle<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<ignis_runtime::HttpError>,
+{
+    type Data = Bytes;
+    type Error = ignis_runtime::HttpError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            std::task::Poll::Ready(frame) => {
+                let deadline = tokio::time::Instant::now() + this.timeout;
+                this.timer.as_mut().reset(deadline);
+                std::task::Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            std::task::Poll::Pending => {
+                if this.timer.as_mut().poll(cx).is_ready() {
+                    this.fired.store(true, Ordering::Relaxed);
+                    let why = format!("no body data for {:?}", this.timeout);
+                    tracing::debug!(reason = %why, "body timed out");
+                    return std::task::Poll::Ready(Some(Err(
+                        ignis_runtime::HttpError::InternalError(Some(why)),
+                    )));
+                }
+                std::task::Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -197,6 +197,18 @@ async fn answer(
                 .insert("upgrade", http::HeaderValue::from_static("websocket"));
             r
         }
+        "/stall" => {
+            seen.lock().unwrap().push(record);
+            // One chunk, then nothing: the sender is held until the
+            // origin's task is dropped with the test.
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(1);
+            let _ = tx.try_send(Ok(Frame::data(Bytes::from_static(b"first"))));
+            tokio::spawn(async move {
+                let _held = tx;
+                std::future::pending::<()>().await;
+            });
+            Response::new(StreamBody::new(tokio_stream_from(rx)).boxed())
+        }
         "/healthz" => {
             seen.lock().unwrap().push(record);
             if healthy.load(Ordering::SeqCst) {
@@ -1051,5 +1063,48 @@ async fn a_kept_connection_the_origin_closed_is_not_a_failure() {
         [(a.url(), true)],
         "the origin was ejected"
     );
+    server.shutdown().await;
+}
+
+/// A body that stops moving, either way, is ended after `body_timeout`: an
+/// origin that stalls mid-response cuts the client's response (no longer
+/// held open forever), and a client that trickles its upload gets 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_bodies_are_cut_after_body_timeout() {
+    let a = Recorder::start("a").await;
+    let server = TestServer::start(&manifest("api", &[a.url()], "body_timeout = \"300ms\"")).await;
+    // The origin sends "first" and stalls: the client sees the chunk, then
+    // the body ends in an error, not a clean end.
+    let resp = client()
+        .request(
+            Request::get(server.url("/stall"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("the stalled body was ended");
+    assert!(body.is_err(), "a cut body must not look complete");
+
+    // The client sends 2 of 10 bytes and stalls: 408.
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&reply).contains("\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("an answer to a stalled upload")
+            .unwrap();
+        assert!(n > 0, "closed without an answer");
+        reply.extend_from_slice(&buf[..n]);
+    }
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     server.shutdown().await;
 }
