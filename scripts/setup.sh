@@ -11,3 +11,7 @@ fi
 # into target/guest-tools; the examples and tests build guests with them.
 "$(dirname "$0")/guest-tools.sh" js >/dev/null
 "$(dirname "$0")/guest-tools.sh" py >/dev/null
+# Every crate of Cargo.lock, for every target: the `ignis` build script
+# reads package metadata offline, which needs them all on disk (a build
+# alone fetches only this platform's).
+cargo fetch --locked --manifest-path "$(dirname "$0")/../Cargo.toml" --quiet

@@ -117,7 +117,69 @@ pub struct Manifest {
     pub tls: Option<TlsConfig>,
     /// Origins the edge proxies to (`[upstreams.NAME]`).
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// The admin listener (`[admin]`; defaults without the section).
+    pub admin: AdminConfig,
 }
+
+/// The admin listener (`[admin]`): health, readiness and metrics, behind a
+/// bearer token. Without a token it does not listen at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Where it listens (default 127.0.0.1:9901: loopback only).
+    pub listen: SocketAddr,
+    /// The bearer token every request must carry (`token`, `token_file`,
+    /// or the `IGNIS_ADMIN_TOKEN` environment variable applied by the CLI).
+    pub token: Option<AdminToken>,
+}
+
+/// The admin token: at least [`AdminToken::MIN_LEN`] visible ASCII
+/// characters. Its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Shortest token accepted: 16 characters.
+    pub const MIN_LEN: usize = 16;
+    /// Longest token accepted: 512 characters.
+    pub const MAX_LEN: usize = 512;
+
+    /// Checks `token` (surrounding whitespace, such as a token file's
+    /// final newline, is dropped).
+    pub fn new(token: &str) -> Result<AdminToken, String> {
+        let token = token.trim();
+        if token.len() < Self::MIN_LEN {
+            return Err(format!(
+                "an admin token needs at least {} characters (it has {})",
+                Self::MIN_LEN,
+                token.len()
+            ));
+        }
+        if token.len() > Self::MAX_LEN {
+            return Err(format!(
+                "an admin token has at most {} characters",
+                Self::MAX_LEN
+            ));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("an admin token is visible ASCII without spaces".into());
+        }
+        Ok(AdminToken(token.to_string()))
+    }
+
+    /// The token's bytes (compare them in constant time).
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+/// Where the admin listener is, unless `[admin] listen` says otherwise.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
 
 /// The HTTPS listener (`[tls]`): certificates chosen by SNI.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -310,6 +372,9 @@ pub struct ServerConfig {
     /// `X-Forwarded-Host` and `Forwarded` headers are believed (other
     /// peers' are replaced): the client address is the last untrusted hop.
     pub trusted_proxies: Vec<IpRange>,
+    /// Whether each request is logged, once it has ended, as one line
+    /// under the `ignis::access` target (default on).
+    pub access_log: bool,
 }
 
 /// HTTP/2 limits (`[server.http2]`). The header list is bounded by
@@ -812,6 +877,7 @@ struct RawManifest {
     tls: Option<Spanned<RawTls>>,
     #[serde(default)]
     upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+    admin: Option<Spanned<RawAdmin>>,
 }
 
 #[derive(Deserialize)]
@@ -965,6 +1031,15 @@ struct RawServer {
     http2: Option<RawHttp2>,
     #[serde(default)]
     trusted_proxies: Vec<Spanned<String>>,
+    access_log: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
+    token_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize)]
@@ -1287,8 +1362,10 @@ impl Validator<'_> {
         }
         let storage = self.storage(raw.storage)?;
         let tls = raw.tls.map(|t| self.tls(t, server.listen)).transpose()?;
+        let admin = self.admin(raw.admin, &server, tls.as_ref())?;
         Ok(Manifest {
             tls,
+            admin,
             upstreams,
             path: self.path.to_path_buf(),
             server,
@@ -1356,6 +1433,64 @@ impl Validator<'_> {
             watch: b.watch.iter().map(|w| within(w)).collect(),
             workdir,
         }))
+    }
+
+    fn admin(
+        &self,
+        raw: Option<Spanned<RawAdmin>>,
+        server: &ServerConfig,
+        tls: Option<&TlsConfig>,
+    ) -> Result<AdminConfig, ConfigError> {
+        let Some(raw) = raw else {
+            return Ok(AdminConfig {
+                listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+                token: None,
+            });
+        };
+        let at = raw.span().start;
+        let raw = raw.into_inner();
+        let listen_at = raw.listen.as_ref().map_or(at, |s| s.span().start);
+        let listen = self.address(raw.listen, "admin.listen", DEFAULT_ADMIN_LISTEN)?;
+        let taken = listen == server.listen || tls.is_some_and(|t| t.listen == listen);
+        if taken && listen.port() != 0 {
+            return Err(self.err(
+                listen_at,
+                "admin.listen",
+                "must differ from server.listen and tls.listen",
+            ));
+        }
+        let token = match (raw.token, raw.token_file) {
+            (Some(_), Some(file)) => {
+                return Err(self.err(
+                    file.span().start,
+                    "admin.token_file",
+                    "set `token` or `token_file`, not both",
+                ));
+            }
+            (None, None) => None,
+            (Some(token), None) => Some(
+                AdminToken::new(token.get_ref())
+                    .map_err(|why| self.err(token.span().start, "admin.token", why))?,
+            ),
+            (None, Some(file)) => {
+                let path = self.resolve(file.get_ref());
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    self.err(
+                        file.span().start,
+                        "admin.token_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                Some(AdminToken::new(&text).map_err(|why| {
+                    self.err(
+                        file.span().start,
+                        "admin.token_file",
+                        format!("{}: {why}", path.display()),
+                    )
+                })?)
+            }
+        };
+        Ok(AdminConfig { listen, token })
     }
 
     fn tls(&self, raw: Spanned<RawTls>, http: SocketAddr) -> Result<TlsConfig, ConfigError> {
@@ -2145,6 +2280,7 @@ impl Validator<'_> {
         }
         Ok(ServerConfig {
             trusted_proxies,
+            access_log: raw.access_log.unwrap_or(true),
             listen,
             cache_dir: raw.cache_dir.map_or_else(
                 || self.resolve(Path::new(".ignis/cache")),

@@ -1176,3 +1176,95 @@ fn a_function_route_with_an_upstream_binds_the_upstream_to_the_function() {
     ));
     assert_eq!(key, "routes[0].upstream");
 }
+
+#[test]
+fn the_admin_section_takes_a_token_or_a_token_file_and_never_shows_it() {
+    // No section: the default address, no token (the admin API is off).
+    let m = parse("").unwrap();
+    assert_eq!(m.admin.listen.to_string(), "127.0.0.1:9901");
+    assert!(m.admin.token.is_none());
+    assert!(m.server.access_log);
+    assert!(
+        !parse("[server]\naccess_log = false\n")
+            .unwrap()
+            .server
+            .access_log
+    );
+
+    let m =
+        parse("[admin]\nlisten = \"127.0.0.1:7000\"\ntoken = \"  0123456789abcdef  \"\n").unwrap();
+    assert_eq!(m.admin.listen.to_string(), "127.0.0.1:7000");
+    let token = m.admin.token.unwrap();
+    assert_eq!(token.expose(), b"0123456789abcdef");
+    assert!(!format!("{token:?}").contains("0123456789abcdef"));
+
+    // A token file, resolved against the manifest's directory; its final
+    // newline is not part of the token.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("admin.token"), "file-token-0123456789\n").unwrap();
+    let path = dir.path().join("ignis.toml");
+    let m = Manifest::from_str_at("[admin]\ntoken_file = \"admin.token\"\n", &path).unwrap();
+    assert_eq!(m.admin.token.unwrap().expose(), b"file-token-0123456789");
+    std::fs::write(dir.path().join("short.token"), "short\n").unwrap();
+    match Manifest::from_str_at("[admin]\ntoken_file = \"short.token\"\n", &path) {
+        Err(ConfigError::Invalid {
+            line, key, message, ..
+        }) => {
+            assert_eq!((line, key.as_str()), (2, "admin.token_file"));
+            assert!(message.contains("at least 16"), "{message}");
+            assert!(!message.contains("short\n"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let cases: Vec<(&str, usize, &str, &str)> = vec![
+        (
+            "[admin]\ntoken = \"too-short\"\n",
+            2,
+            "admin.token",
+            "at least 16",
+        ),
+        (
+            "[admin]\ntoken = \"has a space in it ok\"\n",
+            2,
+            "admin.token",
+            "without spaces",
+        ),
+        (
+            "[admin]\ntoken = \"0123456789abcdef\"\ntoken_file = \"t\"\n",
+            3,
+            "admin.token_file",
+            "not both",
+        ),
+        (
+            "[admin]\ntoken_file = \"/nonexistent/t\"\n",
+            2,
+            "admin.token_file",
+            "cannot read",
+        ),
+        (
+            "[admin]\nlisten = \"localhost\"\n",
+            2,
+            "admin.listen",
+            "not an address",
+        ),
+        (
+            "[server]\nlisten = \"127.0.0.1:9000\"\n[admin]\nlisten = \"127.0.0.1:9000\"\n",
+            4,
+            "admin.listen",
+            "must differ",
+        ),
+        ("[admin]\ntokn = \"x\"\n", 2, "admin.tokn", "unknown field"),
+    ];
+    for (text, want_line, want_key, want_message) in cases {
+        let (line, key, message) = invalid(text);
+        assert_eq!(
+            (line, key.as_str()),
+            (want_line, want_key),
+            "{text}: {message}"
+        );
+        assert!(message.contains(want_message), "{text}: {message}");
+    }
+    let long = format!("[admin]\ntoken = \"{}\"\n", "x".repeat(513));
+    assert!(invalid(&long).2.contains("at most 512"));
+}

@@ -33,6 +33,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use ignis_config::ServerConfig;
+
+use crate::observe::Exchange;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -211,7 +213,12 @@ impl Watch {
     }
 
     /// Wraps a response body so the watch sees whether the client takes it.
-    pub(crate) fn track<B>(&self, body: B, in_flight: InFlight) -> Tracked<B> {
+    pub(crate) fn track<B: Body>(
+        &self,
+        body: B,
+        in_flight: InFlight,
+        exchange: Exchange,
+    ) -> Tracked<B> {
         let progress = Arc::new(AtomicU64::new(self.now_ms()));
         let mut responses = self.responses.lock().unwrap_or_else(|p| p.into_inner());
         responses.retain(|w| w.strong_count() > 0);
@@ -220,6 +227,8 @@ impl Watch {
             inner: body,
             progress,
             in_flight,
+            exchange: Some(exchange),
+            ended: false,
         }
     }
 
@@ -281,10 +290,22 @@ impl Drop for InFlight {
 }
 
 /// A response body whose progress its connection's [`Watch`] can see.
-pub(crate) struct Tracked<B> {
+pub(crate) struct Tracked<B: Body> {
     inner: B,
     progress: Arc<Progress>,
     in_flight: InFlight,
+    /// The request's record, ended when this body is dropped.
+    exchange: Option<Exchange>,
+    /// Whether the body reported its end.
+    ended: bool,
+}
+
+impl<B: Body> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        if let Some(exchange) = self.exchange.take() {
+            exchange.end(self.ended || self.inner.is_end_stream());
+        }
+    }
 }
 
 impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
@@ -296,9 +317,20 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        let state = match polled {
+        let state = match &polled {
             Poll::Pending => WAITING_ON_GUEST,
-            Poll::Ready(_) => self.in_flight.watch.now_ms(),
+            Poll::Ready(ready) => {
+                match ready {
+                    Some(Ok(frame)) => {
+                        if let (Some(data), Some(x)) = (frame.data_ref(), &mut self.exchange) {
+                            x.sent(data.len());
+                        }
+                    }
+                    None => self.ended = true,
+                    Some(Err(_)) => {}
+                }
+                self.in_flight.watch.now_ms()
+            }
         };
         self.progress.store(state, Ordering::Relaxed);
         polled
@@ -381,7 +413,7 @@ mod tests {
         let start = watch.opened;
         let s = |secs| start + Duration::from_secs(secs);
         let body = http_body_util::Full::new(Bytes::from_static(b"x"));
-        let mut tracked = watch.track(body, watch.request());
+        let mut tracked = watch.track(body, watch.request(), Exchange::detached());
         // Handed to hyper when the response was made (about 0 ms) and not
         // polled since: the client has until about 5 s.
         let Verdict::Wait(by) = watch.verdict(start) else {
@@ -411,7 +443,11 @@ mod tests {
     async fn a_body_waiting_on_its_guest_is_not_stalled() {
         let watch = Watch::new(LIMITS);
         let start = watch.opened;
-        let mut tracked = watch.track(http_body_util::Empty::<Bytes>::new(), watch.request());
+        let mut tracked = watch.track(
+            http_body_util::Empty::<Bytes>::new(),
+            watch.request(),
+            Exchange::detached(),
+        );
         tracked.progress.store(WAITING_ON_GUEST, Ordering::Relaxed);
         // Waiting on the guest for a minute: only the idle recheck is due.
         let later = start + Duration::from_secs(60);

@@ -13,7 +13,8 @@
 //! ```no_run
 //! # async fn demo(manifest: ignis_config::Manifest, gates: std::collections::BTreeMap<String, std::sync::Arc<ignis_actors::FunctionGate>>) -> anyhow::Result<()> {
 //! let upstreams = ignis_edge::Edge::upstreams(&manifest)?;
-//! let edge = ignis_edge::Edge::new(&manifest, &gates, None, &upstreams)?;
+//! let traffic = ignis_edge::observe::Traffic::new(&manifest);
+//! let edge = ignis_edge::Edge::new(&manifest, &gates, None, &upstreams, &traffic)?;
 //! let server = ignis_edge::Server::bind(manifest.server.listen, edge).await?;
 //! println!("listening on {}", server.local_addr());
 //! server.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
@@ -35,6 +36,7 @@
 mod body;
 mod conn;
 mod framing;
+pub mod observe;
 pub mod proxy;
 mod routing;
 pub mod tls;
@@ -54,10 +56,11 @@ use hyper_util::server::conn::auto;
 use ignis_actors::{ActorDirectory, FunctionGate};
 use ignis_config::RouteTarget;
 use ignis_config::{Manifest, ServerConfig};
-use ignis_runtime::{Body, Error, ErrorKind, RequestMeta, next_request_id};
+use ignis_runtime::{Body, Error, ErrorKind, RequestId, RequestMeta};
+use observe::{Exchange, Kind, TargetTraffic, Traffic};
 use tokio::net::TcpListener;
 
-pub use proxy::{Peer, Upstream};
+pub use proxy::{OriginStats, Peer, Upstream};
 pub use routing::Router;
 
 /// Routing table plus the limits every request is held to.
@@ -66,6 +69,7 @@ pub struct Edge {
     directory: Option<Arc<ActorDirectory>>,
     server: ServerConfig,
     upstreams: BTreeMap<String, Arc<Upstream>>,
+    traffic: Arc<Traffic>,
 }
 
 /// Errors building or running the edge.
@@ -90,45 +94,75 @@ pub enum EdgeError {
     },
 }
 
-/// What a route leads to.
+/// What a route leads to, with its traffic counters.
 enum Target {
-    Function(Arc<FunctionGate>),
-    Actor(String),
-    Upstream(Arc<Upstream>),
+    Function(Arc<FunctionGate>, Arc<TargetTraffic>),
+    Actor(String, Arc<TargetTraffic>),
+    Upstream(Arc<Upstream>, Arc<TargetTraffic>),
 }
 
 impl Edge {
     /// Builds the routing table from the manifest, the functions' gates,
     /// (if the manifest has actor classes) the durable actor directory and
-    /// the upstreams ([`Edge::upstreams`] builds them).
+    /// the upstreams ([`Edge::upstreams`] builds them); requests are
+    /// counted into `traffic` (built from the same manifest).
     pub fn new(
         manifest: &Manifest,
         gates: &BTreeMap<String, Arc<FunctionGate>>,
         directory: Option<Arc<ActorDirectory>>,
         upstreams: &BTreeMap<String, Arc<Upstream>>,
+        traffic: &Arc<Traffic>,
     ) -> Result<Arc<Edge>, EdgeError> {
         let upstreams = upstreams.clone();
-        let router = Router::new(&manifest.routes, |target| match target {
-            RouteTarget::Upstream(name) => upstreams
-                .get(name)
-                .cloned()
-                .map(|u| Arc::new(Target::Upstream(u))),
-            RouteTarget::Function(name) => gates
-                .get(name)
-                .cloned()
-                .map(|a| Arc::new(Target::Function(a))),
-            RouteTarget::Actor(class) => directory
-                .as_ref()
-                .and_then(|d| d.class(class))
-                .map(|_| Arc::new(Target::Actor(class.clone()))),
+        let counters = |kind, name: &str| {
+            traffic.target(kind, name).cloned().ok_or_else(|| {
+                EdgeError::Routing(format!(
+                    "no traffic counters for {} `{name}`",
+                    kind.as_str()
+                ))
+            })
+        };
+        let mut missing = None;
+        let router = Router::new(&manifest.routes, |target| {
+            let built = match target {
+                RouteTarget::Upstream(name) => upstreams.get(name).cloned().map(|u| {
+                    counters(Kind::Upstream, name).map(|t| Arc::new(Target::Upstream(u, t)))
+                }),
+                RouteTarget::Function(name) => gates.get(name).cloned().map(|g| {
+                    counters(Kind::Function, name).map(|t| Arc::new(Target::Function(g, t)))
+                }),
+                RouteTarget::Actor(class) => {
+                    directory.as_ref().and_then(|d| d.class(class)).map(|_| {
+                        counters(Kind::Actor, class)
+                            .map(|t| Arc::new(Target::Actor(class.clone(), t)))
+                    })
+                }
+            };
+            match built {
+                Some(Ok(t)) => Some(t),
+                Some(Err(e)) => {
+                    missing = Some(e);
+                    None
+                }
+                None => None,
+            }
         })
-        .map_err(EdgeError::Routing)?;
+        .map_err(EdgeError::Routing);
+        if let Some(e) = missing {
+            return Err(e);
+        }
         Ok(Arc::new(Edge {
-            router,
+            router: router?,
             directory,
             server: manifest.server.clone(),
             upstreams,
+            traffic: traffic.clone(),
         }))
+    }
+
+    /// The traffic counters requests are recorded into.
+    pub fn traffic(&self) -> &Arc<Traffic> {
+        &self.traffic
     }
 
     /// The manifest's upstreams, with their health checks started (on the
@@ -151,11 +185,16 @@ impl Edge {
         self.upstreams.get(name)
     }
 
-    /// Handles one request from `peer`; never fails (every error is a
-    /// response).
-    pub async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+    /// Handles one request from `peer`, noting in `exchange` who served
+    /// it; never fails (every error is a response).
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: Peer,
+        exchange: &mut Exchange,
+    ) -> Response<Body> {
         let https = peer.https;
-        let id = next_request_id();
+        let id = exchange.id();
         let host = request_host(&req).unwrap_or("");
         if req.uri().authority().is_none() && !req.headers().contains_key(header::HOST) {
             // HTTP/1.0 without Host: nothing to route by, and `wasi:http`
@@ -179,14 +218,19 @@ impl Edge {
                 return error_response("edge", &e, id);
             }
             Some((target, actor_id)) => match &**target {
-                Target::Function(gate) => gate.clone(),
-                Target::Upstream(upstream) => {
+                Target::Function(gate, traffic) => {
+                    exchange.served_by(traffic);
+                    gate.clone()
+                }
+                Target::Upstream(upstream, traffic) => {
+                    exchange.served_by(traffic);
                     return match upstream.forward(req, Some(peer), id).await {
                         Ok(resp) => resp,
                         Err(e) => error_response(upstream.name(), &e, id),
                     };
                 }
-                Target::Actor(class) => {
+                Target::Actor(class, traffic) => {
+                    exchange.served_by(traffic);
                     let actor_id = actor_id.unwrap_or_default().to_string();
                     return match self.to_actor(class, &actor_id, req, id).await {
                         Ok(resp) => resp,
@@ -208,7 +252,8 @@ impl Edge {
         if declared.is_some_and(|len| len > max_body) {
             return error_response(function, &body_too_large(max_body), id);
         }
-        let (parts, incoming) = req.into_parts();
+        let (mut parts, incoming) = req.into_parts();
+        tag(&mut parts.headers, id);
         let (limited, exceeded) = body::Limited::new(incoming, max_body);
         let req = Request::from_parts(parts, limited);
         let meta = RequestMeta {
@@ -217,8 +262,7 @@ impl Edge {
         };
         match gate.call(req, meta).await {
             Ok(mut resp) => {
-                resp.headers_mut()
-                    .insert("x-request-id", HeaderValue::from(id));
+                resp.headers_mut().insert("x-request-id", id.header());
                 resp
             }
             // The guest failed because its body stream was cut at the limit.
@@ -234,7 +278,7 @@ impl Edge {
         class: &str,
         actor_id: &str,
         req: Request<Incoming>,
-        id: u64,
+        id: RequestId,
     ) -> Result<Response<Body>, Error> {
         let Some(directory) = &self.directory else {
             return Err(Error::new(ErrorKind::NotFound).context("no actors are deployed"));
@@ -242,7 +286,8 @@ impl Edge {
         let max_body = directory
             .class(class)
             .map_or(0, |c| c.config().limits.max_body_bytes);
-        let (parts, incoming) = req.into_parts();
+        let (mut parts, incoming) = req.into_parts();
+        tag(&mut parts.headers, id);
         let read = http_body_util::Limited::new(incoming, max_body as usize).collect();
         let Ok(read) = tokio::time::timeout(self.server.body_read_timeout, read).await else {
             return Err(Error::new(ErrorKind::RequestTimeout).context(format!(
@@ -268,8 +313,7 @@ impl Edge {
             .send(class, actor_id, Request::from_parts(parts, body), id, None)
             .await?;
         let mut resp = resp.map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync());
-        resp.headers_mut()
-            .insert("x-request-id", HeaderValue::from(id));
+        resp.headers_mut().insert("x-request-id", id.header());
         Ok(resp)
     }
 }
@@ -312,6 +356,13 @@ fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
     None
 }
 
+/// Gives a guest the request's id and trace context as headers
+/// (`x-request-id`, `traceparent`), replacing what the client sent.
+fn tag(headers: &mut http::HeaderMap, id: RequestId) {
+    headers.insert("x-request-id", id.header());
+    headers.insert("traceparent", id.traceparent());
+}
+
 fn body_too_large(max_body: u64) -> Error {
     Error::new(ErrorKind::BodyTooLarge).context(format!("the limit is {max_body} bytes"))
 }
@@ -334,7 +385,7 @@ fn strip_port(host: &str) -> &str {
     host.rsplit_once(':').map_or(host, |(h, _)| h)
 }
 
-fn plain(status: StatusCode, id: u64, text: String) -> Response<Body> {
+fn plain(status: StatusCode, id: RequestId, text: String) -> Response<Body> {
     let mut resp = Response::new(
         Full::new(Bytes::from(text))
             .map_err(|never| match never {})
@@ -346,7 +397,7 @@ fn plain(status: StatusCode, id: u64, text: String) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    headers.insert("x-request-id", HeaderValue::from(id));
+    headers.insert("x-request-id", id.header());
     resp
 }
 
@@ -354,7 +405,7 @@ fn plain(status: StatusCode, id: u64, text: String) -> Response<Body> {
 /// class, or the edge itself) while serving request `id`: its status, the
 /// client-safe message with the request id, `Retry-After` if it was shed.
 /// Logs the error, with its full cause: the one place errors are logged.
-pub fn error_response(owner: &str, e: &Error, id: u64) -> Response<Body> {
+pub fn error_response(owner: &str, e: &Error, id: RequestId) -> Response<Body> {
     e.log(owner, id);
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = plain(
@@ -395,8 +446,7 @@ enum Mode {
 /// The redirect to `https://HOST[:PORT]/path?query` for a request that
 /// came over plain HTTP (308: the method and body are kept); 400 without a
 /// usable host.
-fn redirect_response(req: &Request<Incoming>, https_port: u16) -> Response<Body> {
-    let id = next_request_id();
+fn redirect_response(req: &Request<Incoming>, https_port: u16, id: RequestId) -> Response<Body> {
     let host = request_host(req).filter(|h| {
         !h.is_empty()
             && h.len() <= 253
@@ -598,11 +648,16 @@ async fn serve_connection(
         let in_flight = watched.request();
         let (edge, watched) = (edge.clone(), watched.clone());
         async move {
+            let mut exchange = edge.traffic.begin(&req, peer);
             let resp = match redirect {
-                Some(port) => redirect_response(&req, port),
-                None => edge.handle(req, Peer { addr: peer, https }).await,
+                Some(port) => redirect_response(&req, port, exchange.id()),
+                None => {
+                    edge.handle(req, Peer { addr: peer, https }, &mut exchange)
+                        .await
+                }
             };
-            Ok::<_, Infallible>(resp.map(|body| watched.track(body, in_flight)))
+            exchange.responded(resp.status());
+            Ok::<_, Infallible>(resp.map(|body| watched.track(body, in_flight, exchange)))
         }
     });
     match mode {

@@ -70,7 +70,10 @@ fn bench(c: &mut Criterion) {
                             .map_err(|never| -> ignis_runtime::HttpError { match never {} }),
                     )
                     .unwrap();
-                let resp = f.handle(req, RequestMeta::new(1), None).await.unwrap();
+                let resp = f
+                    .handle(req, RequestMeta::new(ignis_runtime::RequestId::new()), None)
+                    .await
+                    .unwrap();
                 let body = resp.into_body().collect().await.unwrap().to_bytes();
                 assert_eq!(&body[..], b"Hello from Ignis!\n");
             })

@@ -136,7 +136,11 @@ async fn one(function: &Function, instantiate_only: bool) {
         .body(Empty::<Bytes>::new().map_err(|never| -> HttpError { match never {} }))
         .expect("request");
     let response = function
-        .handle(request, RequestMeta::new(1), None)
+        .handle(
+            request,
+            RequestMeta::new(ignis_runtime::RequestId::new()),
+            None,
+        )
         .await
         .expect("response");
     let body = response

@@ -11,6 +11,7 @@
 //! The status table is [`ErrorKind::status`]; nothing else maps errors to
 //! statuses.
 
+use crate::RequestId;
 use std::borrow::Cow;
 use std::fmt;
 use std::path::PathBuf;
@@ -237,12 +238,12 @@ impl Error {
     /// it happened in. The edge calls this for every error response; a
     /// binding calls it for an error it hands to a guest as an interface
     /// error instead.
-    pub fn log(&self, owner: &str, request_id: u64) {
+    pub fn log(&self, owner: &str, request_id: RequestId) {
         match self.log_level() {
-            LogLevel::Debug => tracing::debug!(owner, request_id, "{}", self.public()),
-            LogLevel::Info => tracing::info!(owner, request_id, "{}", self.public()),
+            LogLevel::Debug => tracing::debug!(owner, %request_id, "{}", self.public()),
+            LogLevel::Info => tracing::info!(owner, %request_id, "{}", self.public()),
             LogLevel::Warn => {
-                tracing::warn!(owner, request_id, detail = %self.detail(), "{}", self.public())
+                tracing::warn!(owner, %request_id, detail = %self.detail(), "{}", self.public())
             }
         }
     }

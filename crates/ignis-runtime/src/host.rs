@@ -19,26 +19,21 @@
 //! fails at load with the import named.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use crate::RequestId;
 use crate::bindings::actor::{ActorState, ActorView, ClientState, ClientView};
 use crate::bindings::config::ConfigState;
 use crate::bindings::http::OutboundHooks;
 use crate::bindings::keyvalue::{KvState, KvView};
+use crate::guest::GuestStats;
 use crate::limits::MemoryLimiter;
 use crate::stdio::GuestLog;
 use crate::ticker::StoreLease;
-
-/// A fresh request id: unique in the process, never 0.
-pub fn next_request_id() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
-}
 
 /// Store data for one guest instance (see the module docs).
 pub struct Host {
@@ -61,10 +56,12 @@ pub struct Host {
 pub(crate) struct Base<'a> {
     /// Function or actor class name (tags logs).
     pub(crate) owner: Arc<str>,
-    pub(crate) request_id: u64,
+    pub(crate) request_id: RequestId,
     pub(crate) env: &'a [(String, String)],
     pub(crate) memory_bytes: u64,
     pub(crate) ticker: StoreLease,
+    /// Where the instance's largest memory size is recorded.
+    pub(crate) stats: Arc<GuestStats>,
 }
 
 /// Live resources (header maps, streams, pollables, buckets, ...) one
@@ -99,7 +96,7 @@ impl Host {
             config: None,
             actor: None,
             client,
-            limiter: MemoryLimiter::new(base.memory_bytes),
+            limiter: MemoryLimiter::new(base.memory_bytes).recording_into(base.stats),
             log,
             ticker: Some(base.ticker),
         }
@@ -138,7 +135,7 @@ impl Host {
     /// reused function instance): logs, outbound accounting, key-value and
     /// the actor client carry its id, the log budget and the outbound count
     /// start again, and the memory limiter forgets earlier refusals.
-    pub(crate) fn begin_request(&mut self, request_id: u64) {
+    pub(crate) fn begin_request(&mut self, request_id: RequestId) {
         self.log.begin(request_id);
         self.outbound.begin(request_id);
         self.client.begin(request_id);

@@ -14,7 +14,7 @@
 //!         http_body_util::Empty::<bytes::Bytes>::new(),
 //!         |never| -> ignis_runtime::HttpError { match never {} },
 //!     ))?;
-//! let response = hello.handle(request, ignis_runtime::RequestMeta::new(1), None).await?;
+//! let response = hello.handle(request, ignis_runtime::RequestMeta::new(ignis_runtime::RequestId::new()), None).await?;
 //! # Ok(()) }
 //! ```
 //!
@@ -46,9 +46,11 @@ mod engine;
 mod error;
 mod function;
 mod guest;
+pub mod histogram;
 pub mod host;
 mod limits;
 pub mod outbound;
+mod request_id;
 pub mod sched;
 mod shared;
 mod stdio;
@@ -58,7 +60,7 @@ pub use engine::{AllocatorKind, MAX_POOL_SLOTS, Runtime, RuntimeSettings};
 pub use error::{BoxError, Error, ErrorKind, LoadError, LogLevel};
 pub use function::{Body, Function, RequestMeta};
 pub use guest::{GuestStats, ROUTE_BUCKETS, route_bucket, wait_on};
-pub use host::next_request_id;
+pub use request_id::RequestId;
 pub use shared::Platform;
 pub use ticker::IDLE_BEFORE_PARK;
 /// The `wasi:http` host error type (request and response body errors).

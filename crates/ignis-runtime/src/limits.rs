@@ -2,9 +2,12 @@
 //! while the guest future is polled).
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::guest::GuestStats;
 use crate::sched::CpuInstant;
 
 use wasmtime::ResourceLimiter;
@@ -35,6 +38,8 @@ pub(crate) struct MemoryLimiter {
     memory_total: usize,
     table_total: usize,
     pub(crate) denied: bool,
+    /// Where the largest memory total is kept (`memory_high_water`).
+    stats: Option<Arc<GuestStats>>,
 }
 
 impl MemoryLimiter {
@@ -45,7 +50,15 @@ impl MemoryLimiter {
             memory_total: 0,
             table_total: 0,
             denied: false,
+            stats: None,
         }
+    }
+
+    /// Records the instance's memory total, each time it grows, into
+    /// `stats.memory_high_water` (a growth is rare: no cost per request).
+    pub(crate) fn recording_into(mut self, stats: Arc<GuestStats>) -> Self {
+        self.stats = Some(stats);
+        self
     }
 
     /// Bytes of linear memory the instance holds, all memories together.
@@ -84,12 +97,18 @@ impl ResourceLimiter for MemoryLimiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let max = self.max_memory;
-        Ok(grow_within(
+        let grown = grow_within(
             &mut self.memory_total,
             &mut self.denied,
             (current, desired),
             max,
-        ))
+        );
+        if let (true, Some(stats)) = (grown, &self.stats) {
+            stats
+                .memory_high_water
+                .fetch_max(self.memory_total as u64, Ordering::Relaxed);
+        }
+        Ok(grown)
     }
 
     fn table_growing(

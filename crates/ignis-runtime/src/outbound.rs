@@ -35,6 +35,7 @@
 //!    flight (more wait, inside the connect deadline). One tenant cannot
 //!    take the node's sockets or its resolver.
 
+use crate::RequestId;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -424,7 +425,7 @@ pub type UpstreamFuture =
 /// calls too. The runtime only names the contract.
 pub trait UpstreamClient: Send + Sync {
     /// Sends the guest's `request` (made while serving `request_id`).
-    fn send(&self, request: http::Request<WasiBody>, request_id: u64) -> UpstreamFuture;
+    fn send(&self, request: http::Request<WasiBody>, request_id: RequestId) -> UpstreamFuture;
 }
 
 /// The TLS client settings: web PKI roots, or (for a backend with
@@ -653,11 +654,15 @@ impl Outbound {
 
     /// Sends a guest's request (made while serving `request_id`) to an
     /// upstream or a backend named by its host, or to an allowed host.
+    /// A request to a backend (the operator's own service) gets
+    /// `x-request-id` and `traceparent` unless the guest set them (an
+    /// upstream sets its own); one to any other host goes as the guest
+    /// wrote it.
     pub async fn send(
         &self,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
-        request_id: u64,
+        request_id: RequestId,
     ) -> Result<http::Response<WasiBody>, HttpError> {
         let uri = request.uri();
         let host = uri
@@ -677,6 +682,7 @@ impl Outbound {
             .iter()
             .find(|b| b.matches(&host, uri.port_u16(), https))
         {
+            tag(&mut request, request_id);
             return backend.send(request).await;
         }
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
@@ -696,6 +702,18 @@ impl Outbound {
             Ok(Err(e)) => return Err(map_client_error(&e)),
         };
         Ok(response.map(|b| b.map_err(HttpError::from).boxed_unsync()))
+    }
+}
+
+/// Adds the request's id and trace context to a guest's request, where
+/// the guest did not set them.
+fn tag(request: &mut http::Request<WasiBody>, request_id: RequestId) {
+    let headers = request.headers_mut();
+    if !headers.contains_key("x-request-id") {
+        headers.insert("x-request-id", request_id.header());
+    }
+    if !headers.contains_key("traceparent") {
+        headers.insert("traceparent", request_id.traceparent());
     }
 }
 

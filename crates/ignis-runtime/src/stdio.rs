@@ -8,6 +8,7 @@
 //! messages: [`GuestLog::begin`] starts each message's capture with its own
 //! request id and its own budget.
 
+use crate::RequestId;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -23,7 +24,7 @@ const MAX_LINE: usize = 4096;
 
 struct State {
     function: Arc<str>,
-    request_id: u64,
+    request_id: RequestId,
     stream: &'static str,
     line: Vec<u8>,
     logged: usize,
@@ -33,7 +34,7 @@ struct State {
 impl State {
     fn emit(&mut self) {
         let text = String::from_utf8_lossy(&self.line);
-        tracing::info!(target: "ignis::guest", function = %self.function, request_id = self.request_id, stream = self.stream, "{}", text.trim_end_matches('\r'));
+        tracing::info!(target: "ignis::guest", function = %self.function, request_id = %self.request_id, stream = self.stream, "{}", text.trim_end_matches('\r'));
         self.line.clear();
     }
 
@@ -73,7 +74,7 @@ impl State {
             self.emit();
         }
         if self.dropped > 0 {
-            tracing::warn!(target: "ignis::guest", function = %self.function, request_id = self.request_id, stream = self.stream, dropped_bytes = self.dropped, "guest output over the per-request log limit was dropped");
+            tracing::warn!(target: "ignis::guest", function = %self.function, request_id = %self.request_id, stream = self.stream, dropped_bytes = self.dropped, "guest output over the per-request log limit was dropped");
         }
         self.logged = 0;
         self.dropped = 0;
@@ -91,7 +92,7 @@ impl Drop for State {
 pub(crate) struct LogCapture(Arc<Mutex<State>>);
 
 impl LogCapture {
-    pub(crate) fn new(function: Arc<str>, request_id: u64, stream: &'static str) -> Self {
+    pub(crate) fn new(function: Arc<str>, request_id: RequestId, stream: &'static str) -> Self {
         LogCapture(Arc::new(Mutex::new(State {
             function,
             request_id,
@@ -114,7 +115,7 @@ pub(crate) struct GuestLog {
 }
 
 impl GuestLog {
-    pub(crate) fn new(owner: Arc<str>, request_id: u64) -> GuestLog {
+    pub(crate) fn new(owner: Arc<str>, request_id: RequestId) -> GuestLog {
         GuestLog {
             stdout: LogCapture::new(owner.clone(), request_id, "stdout"),
             stderr: LogCapture::new(owner, request_id, "stderr"),
@@ -123,7 +124,7 @@ impl GuestLog {
 
     /// Starts the capture of a new request (an actor's next message) with
     /// its own id and its own budget.
-    pub(crate) fn begin(&self, request_id: u64) {
+    pub(crate) fn begin(&self, request_id: RequestId) {
         for capture in [&self.stdout, &self.stderr] {
             let mut state = capture.state();
             state.finish();

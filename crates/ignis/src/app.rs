@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use ignis_actors::{ActorDirectory, FunctionGate};
+use ignis_admin::{AdminServer, Node};
 use ignis_config::{ComponentSource, Manifest};
+use ignis_edge::observe::Traffic;
 use ignis_edge::tls::CertStore;
 use ignis_edge::{Edge, Server};
 use ignis_runtime::bindings::keyvalue::KvLimits;
@@ -43,6 +45,8 @@ pub struct App {
     pub store: Option<SqliteStore>,
     /// The durable actor directory, when the manifest has actor classes.
     pub directory: Option<Arc<ActorDirectory>>,
+    /// What the admin listener reports on.
+    pub node: Arc<Node>,
 }
 
 /// Component paths of the manifest's functions and actor classes.
@@ -188,8 +192,24 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         }
         _ => None,
     };
-    let edge = Edge::new(manifest, &gates, directory.clone(), &upstreams)?;
+    let traffic = Traffic::new(manifest);
+    let edge = Edge::new(manifest, &gates, directory.clone(), &upstreams, &traffic)?;
+    let node = Node::new(
+        functions
+            .iter()
+            .map(|(name, f)| (name.clone(), (f.clone(), gates[name].clone())))
+            .collect(),
+        directory.clone(),
+        upstreams,
+        traffic,
+        manifest
+            .tenants
+            .iter()
+            .map(|(name, t)| (name.clone(), t.weight))
+            .collect(),
+    );
     Ok(App {
+        node,
         runtime,
         functions,
         gates,
@@ -223,18 +243,33 @@ pub async fn shutdown_signal() {
 }
 
 /// A manifest's listeners, bound: plain HTTP (answering with redirects to
-/// HTTPS when `tls.redirect_http` is set) and, with `[tls]`, HTTPS.
+/// HTTPS when `tls.redirect_http` is set), with `[tls]` HTTPS, and with an
+/// admin token the admin listener.
 pub struct Listeners {
     /// `server.listen`.
     pub http: Server,
+    /// `admin.listen`, if a token is configured.
+    pub admin: Option<AdminServer>,
     /// `tls.listen`, with the certificate store it serves from (the file
     /// watcher only refers to the store: it lives as long as the server).
     pub https: Option<(Server, Arc<CertStore>)>,
 }
 
-/// Binds the listeners of `manifest` for `edge`, loading (and watching)
+/// Binds the listeners of `manifest` for `app`, loading (and watching)
 /// the certificates of `[tls]`.
-pub async fn bind(manifest: &Manifest, edge: &Arc<Edge>) -> anyhow::Result<Listeners> {
+pub async fn bind(manifest: &Manifest, app: &App) -> anyhow::Result<Listeners> {
+    let edge = &app.edge;
+    let admin = AdminServer::bind(
+        &manifest.admin,
+        manifest.server.header_read_timeout,
+        app.node.clone(),
+    )
+    .await?;
+    if admin.is_none() {
+        tracing::info!(
+            "admin API off: no token configured ([admin] token or token_file, or IGNIS_ADMIN_TOKEN)"
+        );
+    }
     let mut http = Server::bind(manifest.server.listen, edge.clone()).await?;
     let https = match &manifest.tls {
         None => None,
@@ -248,17 +283,20 @@ pub async fn bind(manifest: &Manifest, edge: &Arc<Edge>) -> anyhow::Result<Liste
             Some((server, certs))
         }
     };
-    Ok(Listeners { http, https })
+    Ok(Listeners { http, admin, https })
 }
 
 /// Binds and serves until SIGINT/SIGTERM. Prints `listening on http://ADDR`
 /// on stdout once the sockets are bound, then `listening on https://ADDR` if
 /// the manifest has `[tls]`.
 pub async fn serve(manifest: &Manifest, app: App) -> anyhow::Result<()> {
-    let Listeners { http, https } = bind(manifest, &app.edge).await?;
+    let Listeners { http, admin, https } = bind(manifest, &app).await?;
     println!("listening on http://{}", http.local_addr());
     if let Some((server, _)) = &https {
         println!("listening on https://{}", server.local_addr());
+    }
+    if let Some(admin) = &admin {
+        println!("admin on http://{}", admin.local_addr());
     }
     for (name, f) in &app.functions {
         tracing::info!(function = %name, tenant = f.tenant(), "ready");
@@ -270,19 +308,36 @@ pub async fn serve(manifest: &Manifest, app: App) -> anyhow::Result<()> {
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
+    app.node.set_ready(true);
+    let node = app.node.clone();
     let signal = async move {
         shutdown_signal().await;
+        node.set_ready(false);
         let _ = stop_tx.send(true);
     };
-    match https {
-        None => {
-            tokio::join!(signal, http.run(stopped())).1?;
+    // The admin listener outlives the drain (`/readyz` says 503 meanwhile)
+    // and stops with the last public listener.
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = async move {
+        if let Some(admin) = admin {
+            admin
+                .run(async {
+                    let _ = admin_stopped.await;
+                })
+                .await;
         }
-        Some((https, _certs)) => {
-            let (_, a, b) = tokio::join!(signal, http.run(stopped()), https.run(stopped()));
-            a?;
-            b?;
-        }
-    }
+    };
+    let public = async move {
+        let ended = match https {
+            None => http.run(stopped()).await,
+            Some((https, _certs)) => {
+                let (a, b) = tokio::join!(http.run(stopped()), https.run(stopped()));
+                a.and(b)
+            }
+        };
+        drop(admin_stop);
+        ended
+    };
+    tokio::join!(signal, admin, public).2?;
     Ok(())
 }

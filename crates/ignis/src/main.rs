@@ -15,8 +15,40 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
+    /// Log lines as text (for people) or JSON objects (for collectors).
+    #[arg(
+        long,
+        global = true,
+        env = "IGNIS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Listener overrides shared by `up` and `serve`.
+#[derive(clap::Args)]
+struct ListenArgs {
+    /// Listen on this address instead of the manifest's `server.listen`
+    /// (use 127.0.0.1:0 for any free port).
+    #[arg(long, env = "IGNIS_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Serve HTTPS on this address instead of the manifest's `tls.listen`.
+    #[arg(long, env = "IGNIS_TLS_LISTEN")]
+    tls_listen: Option<SocketAddr>,
+    /// Serve the admin API on this address instead of the manifest's
+    /// `admin.listen`. Its bearer token comes from `[admin]` or from the
+    /// IGNIS_ADMIN_TOKEN environment variable (which wins).
+    #[arg(long, env = "IGNIS_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -27,24 +59,15 @@ enum Command {
         /// Directory holding ignis.toml.
         #[arg(default_value = ".")]
         dir: PathBuf,
-        /// Listen on this address instead of the manifest's `server.listen`
-        /// (use 127.0.0.1:0 for any free port).
-        #[arg(long, env = "IGNIS_LISTEN")]
-        listen: Option<SocketAddr>,
-        /// Serve HTTPS on this address instead of the manifest's `tls.listen`.
-        #[arg(long, env = "IGNIS_TLS_LISTEN")]
-        tls_listen: Option<SocketAddr>,
+        #[command(flatten)]
+        listen: ListenArgs,
     },
     /// Serve the prebuilt components named in a manifest.
     Serve {
         /// Path to ignis.toml.
         manifest: PathBuf,
-        /// Listen on this address instead of the manifest's `server.listen`.
-        #[arg(long, env = "IGNIS_LISTEN")]
-        listen: Option<SocketAddr>,
-        /// Serve HTTPS on this address instead of the manifest's `tls.listen`.
-        #[arg(long, env = "IGNIS_TLS_LISTEN")]
-        tls_listen: Option<SocketAddr>,
+        #[command(flatten)]
+        listen: ListenArgs,
     },
     /// Validate a manifest and its components (imports, exports) without serving.
     Check {
@@ -100,16 +123,27 @@ enum Command {
     },
 }
 
-fn load_manifest(
-    path: &Path,
-    listen: Option<SocketAddr>,
-    tls_listen: Option<SocketAddr>,
-) -> anyhow::Result<Manifest> {
+fn load_manifest(path: &Path, args: Option<&ListenArgs>) -> anyhow::Result<Manifest> {
     let mut manifest = Manifest::load(path)?;
-    if let Some(addr) = listen {
+    let Some(args) = args else {
+        return Ok(manifest);
+    };
+    if let Some(addr) = args.listen {
         manifest.server.listen = addr;
     }
-    match (&mut manifest.tls, tls_listen) {
+    if let Some(addr) = args.admin_listen {
+        manifest.admin.listen = addr;
+    }
+    if let Some(token) = std::env::var_os("IGNIS_ADMIN_TOKEN") {
+        let token = token
+            .to_str()
+            .ok_or_else(|| anyhow::anyhow!("IGNIS_ADMIN_TOKEN is not UTF-8"))?;
+        manifest.admin.token = Some(
+            ignis_config::AdminToken::new(token)
+                .map_err(|why| anyhow::anyhow!("IGNIS_ADMIN_TOKEN: {why}"))?,
+        );
+    }
+    match (&mut manifest.tls, args.tls_listen) {
         (Some(tls), Some(addr)) => tls.listen = addr,
         (None, Some(_)) => anyhow::bail!(
             "--tls-listen needs a [tls] section in {} (certificates to serve)",
@@ -131,39 +165,33 @@ fn main() -> ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("IGNIS_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("IGNIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     // Loading starts the guest scheduler, whose threads run in this runtime.
     let _context = runtime.enter();
     match cli.command {
-        Command::Up {
-            dir,
-            listen,
-            tls_listen,
-        } => {
-            let manifest = load_manifest(&dir.join("ignis.toml"), listen, tls_listen)?;
+        Command::Up { dir, listen } => {
+            let manifest = load_manifest(&dir.join("ignis.toml"), Some(&listen))?;
             let app = app::load(&manifest, Sources::Build)?;
             runtime.block_on(app::serve(&manifest, app))
         }
-        Command::Serve {
-            manifest,
-            listen,
-            tls_listen,
-        } => {
-            let manifest = load_manifest(&manifest, listen, tls_listen)?;
+        Command::Serve { manifest, listen } => {
+            let manifest = load_manifest(&manifest, Some(&listen))?;
             let app = runtime.block_on(async { app::load(&manifest, Sources::PrebuiltOnly) })?;
             runtime.block_on(app::serve(&manifest, app))
         }
         Command::Check { manifest, build } => {
-            let manifest = load_manifest(&manifest, None, None)?;
+            let manifest = load_manifest(&manifest, None)?;
             let sources = if build {
                 Sources::Build
             } else {

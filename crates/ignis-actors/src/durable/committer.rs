@@ -172,7 +172,7 @@ mod tests {
                 alarm,
             },
             seq,
-            request_id: seq,
+            request_id: ignis_runtime::RequestId::new(),
             waiter: Waiter::Alarm { at: 0, retry: 0 },
         }
     }

@@ -26,7 +26,7 @@ use bytes::Bytes;
 use ignis_runtime::actor::{
     Activation, ActorCallFuture, ActorCaller, ActorClass, CallerId, Overlay,
 };
-use ignis_runtime::{Error, ErrorKind, next_request_id, wait_on};
+use ignis_runtime::{Error, ErrorKind, RequestId, wait_on};
 use ignis_store::{ActorBatch, ActorKey, ActorStorage, AlarmChange};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
@@ -88,7 +88,7 @@ type Reply = Result<http::Response<Bytes>, Error>;
 enum Envelope {
     Http {
         request: Box<http::Request<Bytes>>,
-        request_id: u64,
+        request_id: RequestId,
         reply: oneshot::Sender<Reply>,
         state: Arc<AtomicU8>,
     },
@@ -161,7 +161,7 @@ struct Pending {
     epoch: u64,
     batch: ActorBatch,
     seq: u64,
-    request_id: u64,
+    request_id: RequestId,
     waiter: Waiter,
 }
 
@@ -240,6 +240,11 @@ impl ActorDirectory {
         lock(&self.activations)
             .by_key
             .contains_key(&ActorKey::new(class, id))
+    }
+
+    /// Every class, in no particular order.
+    pub fn classes(&self) -> impl Iterator<Item = &Arc<ActorClass>> {
+        self.classes.values()
     }
 
     /// The class named `name`.
@@ -370,7 +375,7 @@ impl ActorDirectory {
         class: &str,
         id: &str,
         mut request: http::Request<Bytes>,
-        request_id: u64,
+        request_id: RequestId,
         caller: Option<&CallerId>,
     ) -> Result<http::Response<Bytes>, Error> {
         let class = self
@@ -482,7 +487,7 @@ impl ActorCaller for ActorDirectory {
         class: &str,
         id: &str,
         request: http::Request<Bytes>,
-        request_id: u64,
+        request_id: RequestId,
         caller: &CallerId,
     ) -> ActorCallFuture {
         let me = self
@@ -601,7 +606,7 @@ async fn run_activation(
             reset(dir, &mut activation, &state.overlay);
             epoch += 1;
         }
-        let (run, request_id, waiter_for): (_, u64, WaiterFor) = match envelope {
+        let (run, request_id, waiter_for): (_, RequestId, WaiterFor) = match envelope {
             Envelope::Http {
                 request,
                 request_id,
@@ -622,7 +627,7 @@ async fn run_activation(
             }
             Envelope::Alarm { at, retry } => (
                 Message::Alarm { at, retry },
-                next_request_id(),
+                RequestId::new(),
                 Box::new(move |_| Waiter::Alarm { at, retry }),
             ),
         };
@@ -685,7 +690,7 @@ async fn run_activation(
                 // The writes are discarded; the instance may be poisoned:
                 // drop it. Pending batches of earlier messages are
                 // unaffected. The error goes to the caller, which logs it.
-                tracing::debug!(actor = ?key, request_id, "actor message failed; activation reset");
+                tracing::debug!(actor = ?key, %request_id, "actor message failed; activation reset");
                 if activation.take().is_some() {
                     dir.stats.active.fetch_sub(1, Ordering::SeqCst);
                 }
@@ -752,7 +757,7 @@ fn reset(dir: &ActorDirectory, activation: &mut Option<Activation>, overlay: &Mu
 fn complete(
     dir: &ActorDirectory,
     key: &ActorKey,
-    request_id: u64,
+    request_id: RequestId,
     outcome: Result<(), Error>,
     waiter: Waiter,
 ) {
@@ -765,7 +770,7 @@ fn complete(
         }
         (Waiter::Alarm { .. }, Ok(())) => dir.stats.bump(&dir.stats.alarms_fired),
         (Waiter::Alarm { at, retry }, Err(e)) => {
-            tracing::warn!(actor = ?key, request_id, retry, detail = %e.detail(), "alarm delivery failed");
+            tracing::warn!(actor = ?key, %request_id, retry, detail = %e.detail(), "alarm delivery failed");
             dir.stats.bump(&dir.stats.alarm_retries);
             let _ = dir
                 .alarms

@@ -28,7 +28,7 @@
 //!   configuration) stops them.
 
 mod balance;
-mod headers;
+pub(crate) mod headers;
 mod origin;
 mod pool;
 
@@ -41,13 +41,28 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, hea
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use ignis_config::{Balance, HashKey, HostRewrite, IpRange, UpstreamConfig};
-use ignis_runtime::{Body, BoxError, Error, ErrorKind};
+use ignis_runtime::{Body, BoxError, Error, ErrorKind, RequestId};
 use tokio::sync::Semaphore;
 use tokio_rustls::rustls;
 
 use balance::{Candidates, Picker, hash64};
 pub(crate) use headers::is_websocket;
 use origin::{InFlight, Origin, ProxyBody};
+
+/// One origin's state and counters at one moment ([`Upstream::origin_stats`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginStats {
+    /// Its URL.
+    pub url: String,
+    /// Whether it takes requests now (healthy and not ejected).
+    pub usable: bool,
+    /// Requests it is serving now.
+    pub in_flight: u64,
+    /// Requests sent to it so far.
+    pub sent: u64,
+    /// Of those, how many failed (unreachable, reset, bad response, timeout).
+    pub failed: u64,
+}
 
 /// An upstream: its origins, how it picks one, its retry budget.
 pub struct Upstream {
@@ -146,6 +161,20 @@ impl Upstream {
             .collect()
     }
 
+    /// Each origin's state and counters, in configuration order.
+    pub fn origin_stats(&self) -> Vec<OriginStats> {
+        self.origins
+            .iter()
+            .map(|o| OriginStats {
+                url: o.url.clone(),
+                usable: o.usable(),
+                in_flight: o.in_flight.load(Ordering::Relaxed),
+                sent: o.sent.load(Ordering::Relaxed),
+                failed: o.failed.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
     /// Whether each origin takes requests now, by URL.
     pub fn usable(&self) -> Vec<(String, bool)> {
         self.origins
@@ -160,7 +189,7 @@ impl Upstream {
         &self,
         mut req: Request<B>,
         peer: Option<Peer>,
-        id: u64,
+        id: RequestId,
     ) -> Result<Response<Body>, Error>
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
@@ -248,7 +277,10 @@ impl Upstream {
             // A guest's request says what it says; only Via is added.
             None => headers::add_via(&mut parts.headers, parts.version),
         }
-        parts.headers.insert("x-request-id", HeaderValue::from(id));
+        parts.headers.insert("x-request-id", id.header());
+        if peer.is_some() || !parts.headers.contains_key("traceparent") {
+            parts.headers.insert("traceparent", id.traceparent());
+        }
         match &self.config.host {
             HostRewrite::Preserve => {
                 if let Ok(v) = HeaderValue::from_str(&host) {
@@ -353,7 +385,7 @@ impl Upstream {
                     .context("the origin could not be reached or did not answer")
                     .with_source(format!("{}: {}", origin.url, error_chain(&e))));
             }
-            tracing::debug!(upstream = %self.name, origin = %origin.url, error = %error_chain(&e), request_id = id, "retrying on another origin");
+            tracing::debug!(upstream = %self.name, origin = %origin.url, error = %error_chain(&e), request_id = %id, "retrying on another origin");
         }
     }
 
@@ -365,7 +397,7 @@ impl Upstream {
         mut resp: Response<origin::OriginBody>,
         in_flight: InFlight,
         tunnel: Option<(hyper::upgrade::OnUpgrade, tokio::sync::OwnedSemaphorePermit)>,
-        id: u64,
+        id: RequestId,
     ) -> Result<Response<Body>, Error> {
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
@@ -382,24 +414,24 @@ impl Upstream {
                     Ok((client, origin)) => {
                         let ended =
                             join_tunnel(TokioIo::new(client), TokioIo::new(origin), idle).await;
-                        tracing::debug!(upstream = %name, request_id = id, ended, "WebSocket closed");
+                        tracing::debug!(upstream = %name, request_id = %id, ended, "WebSocket closed");
                     }
                     Err(e) => {
-                        tracing::debug!(upstream = %name, request_id = id, error = %e, "WebSocket upgrade failed");
+                        tracing::debug!(upstream = %name, request_id = %id, error = %e, "WebSocket upgrade failed");
                     }
                 }
             });
             let (mut parts, _) = resp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, true);
             headers::add_via(&mut parts.headers, parts.version);
-            parts.headers.insert("x-request-id", HeaderValue::from(id));
+            parts.headers.insert("x-request-id", id.header());
             parts.version = Version::HTTP_11;
             return Ok(Response::from_parts(parts, empty_body()));
         }
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
         headers::add_via(&mut parts.headers, parts.version);
-        parts.headers.insert("x-request-id", HeaderValue::from(id));
+        parts.headers.insert("x-request-id", id.header());
         parts.version = Version::HTTP_11;
         let body = Idle::new(body, self.config.body_timeout)
             .map_err(|e| -> BoxError { Box::new(e) })
@@ -417,7 +449,7 @@ impl ignis_runtime::outbound::UpstreamClient for Upstream {
     fn send(
         &self,
         request: Request<ignis_runtime::GuestBody>,
-        request_id: u64,
+        request_id: RequestId,
     ) -> ignis_runtime::outbound::UpstreamFuture {
         use ignis_runtime::HttpError;
         // The upstream outlives the guest's call only through this future,

@@ -82,7 +82,7 @@ pub(crate) struct Origin {
     /// (`None` when the upstream speaks HTTP/2).
     h1: Option<Arc<super::pool::Pool>>,
     connector: Connector,
-    in_flight: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
     /// Active health: set by the checker.
     healthy: AtomicBool,
     /// The checker's run of equal results (positive: successes).

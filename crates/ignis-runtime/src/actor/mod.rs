@@ -24,6 +24,7 @@ use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 
+use crate::RequestId;
 use crate::bindings::actor::{ActorState, ClientState};
 use crate::bindings::http::OutboundHooks;
 use crate::error::{Error, ErrorKind};
@@ -123,7 +124,7 @@ impl ActorClass {
         &self,
         id: &str,
         overlay: Arc<Mutex<Overlay>>,
-        request_id: u64,
+        request_id: RequestId,
     ) -> Result<Activation, Error> {
         let key = ActorKey::new(self.name.clone(), id);
         let limits = &self.config;
@@ -145,6 +146,7 @@ impl ActorClass {
             env: &self.env,
             memory_bytes: self.config.limits.memory_bytes,
             ticker: self.shared.store_lease(),
+            stats: self.stats.clone(),
         };
         let host = Host::for_actor(
             base,
@@ -200,7 +202,7 @@ pub struct Activation {
 impl Activation {
     /// Starts a run: the store takes the message's request id, and the
     /// limits of one message apply from now.
-    fn begin(&mut self, request_id: u64) -> RunLimits {
+    fn begin(&mut self, request_id: RequestId) -> RunLimits {
         self.store.data_mut().begin_request(request_id);
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let limits = &self.config.limits;
@@ -219,7 +221,7 @@ impl Activation {
     pub async fn handle(
         &mut self,
         request: http::Request<Bytes>,
-        request_id: u64,
+        request_id: RequestId,
     ) -> Result<(http::Response<Bytes>, ActorBatch), Error> {
         let limits = self.begin(request_id);
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -288,7 +290,7 @@ impl Activation {
 
     /// Runs the alarm handler (`retry`: earlier failed attempts) and
     /// returns its writes.
-    pub async fn alarm(&mut self, retry: u32, request_id: u64) -> Result<ActorBatch, Error> {
+    pub async fn alarm(&mut self, retry: u32, request_id: RequestId) -> Result<ActorBatch, Error> {
         let Some(func) = self.alarm else {
             return Err(Error::new(ErrorKind::NotFound)
                 .context("the class does not export ignis:actor/alarm-handler"));

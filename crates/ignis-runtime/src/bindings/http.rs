@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
 
+use crate::RequestId;
 use crate::outbound::Outbound;
 
 /// Outbound HTTP a function was granted.
@@ -31,14 +32,14 @@ impl OutboundGrant {
 pub struct OutboundHooks {
     grant: Option<Arc<OutboundGrant>>,
     owner: Arc<str>,
-    request_id: u64,
+    request_id: RequestId,
     /// Outbound requests the current guest request sent.
     sent: u32,
 }
 
 impl OutboundHooks {
     /// Hooks for a guest of `owner` with `grant` (`None`: deny everything).
-    pub fn new(grant: Option<Arc<OutboundGrant>>, owner: Arc<str>, request_id: u64) -> Self {
+    pub fn new(grant: Option<Arc<OutboundGrant>>, owner: Arc<str>, request_id: RequestId) -> Self {
         OutboundHooks {
             grant,
             owner,
@@ -48,7 +49,7 @@ impl OutboundHooks {
     }
 
     /// A new request on a kept instance: its id, and a fresh count.
-    pub(crate) fn begin(&mut self, request_id: u64) {
+    pub(crate) fn begin(&mut self, request_id: RequestId) {
         self.request_id = request_id;
         self.sent = 0;
     }
@@ -68,11 +69,11 @@ impl WasiHttpHooks for OutboundHooks {
     > {
         let denied = || Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         let Some(grant) = &self.grant else {
-            tracing::warn!(owner = %self.owner, request_id = self.request_id, "outbound request denied: this guest has no outbound HTTP grant");
+            tracing::warn!(owner = %self.owner, request_id = %self.request_id, "outbound request denied: this guest has no outbound HTTP grant");
             return denied();
         };
         if self.sent >= grant.max_sent {
-            tracing::warn!(function = %self.owner, request_id = self.request_id, limit = grant.max_sent, "outbound request denied: max_outbound_requests reached for this request");
+            tracing::warn!(function = %self.owner, request_id = %self.request_id, limit = grant.max_sent, "outbound request denied: max_outbound_requests reached for this request");
             return denied();
         }
         self.sent += 1;

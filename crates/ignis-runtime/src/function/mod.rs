@@ -30,6 +30,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
 
+use crate::RequestId;
 use crate::bindings::actor::{CallerId, CallerSlot, ClientState};
 use crate::bindings::config::ConfigState;
 use crate::bindings::http::{OutboundGrant, OutboundHooks};
@@ -51,14 +52,14 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 #[derive(Debug, Clone, Copy)]
 pub struct RequestMeta {
     /// Unique id of the request (logged, and shown in error bodies).
-    pub request_id: u64,
+    pub request_id: RequestId,
     /// Whether the request arrived over TLS.
     pub https: bool,
 }
 
 impl RequestMeta {
     /// A plain-HTTP request with this id.
-    pub fn new(request_id: u64) -> Self {
+    pub fn new(request_id: RequestId) -> Self {
         RequestMeta {
             request_id,
             https: false,
@@ -105,7 +106,7 @@ struct DrivingBody {
     deadline: Instant,
     /// Who logs a failure that happens after the response head went out.
     owner: Arc<str>,
-    request_id: u64,
+    request_id: RequestId,
     /// Dropped when the body is complete (or dropped): tells a WASI 0.3
     /// guest's event loop that nobody reads the body any more.
     done: Option<oneshot::Sender<()>>,
@@ -514,13 +515,14 @@ impl Function {
         self.outbound.connections_opened()
     }
 
-    fn new_store(&self, request_id: u64) -> Store<Host> {
+    fn new_store(&self, request_id: RequestId) -> Store<Host> {
         let base = Base {
             owner: self.name.clone(),
             request_id,
             env: &self.env,
             memory_bytes: self.limits.memory_bytes,
             ticker: self.shared.store_lease(),
+            stats: self.stats.clone(),
         };
         let host = Host::for_function(
             base,
@@ -541,7 +543,7 @@ impl Function {
     /// fixed per-request cost without the guest's own work (for benchmarks).
     #[doc(hidden)]
     pub async fn instantiate_only(&self) -> Result<(), Error> {
-        let mut store = self.new_store(0);
+        let mut store = self.new_store(RequestId::new());
         let instantiated = match &self.pre {
             Pre::P2(pre) => pre.instantiate_async(&mut store).await.map(drop),
             Pre::P3(pre) => pre.instantiate_async(&mut store).await.map(drop),
@@ -605,8 +607,16 @@ impl Function {
         let cut = Arc::new(AtomicBool::new(false));
         let ending = Ending::new(self.stats.clone());
         let run: GuestRun = match &self.pre {
-            Pre::P2(pre) => p2::start(pre, kept, request, meta.https, tx)?,
-            Pre::P3(pre) => p3::start(pre, kept, request, tx, done_rx, cut.clone()),
+            Pre::P2(pre) => p2::start(pre, kept, request, meta.https, tx, self.stats.clone())?,
+            Pre::P3(pre) => p3::start(
+                pre,
+                kept,
+                request,
+                tx,
+                done_rx,
+                cut.clone(),
+                self.stats.clone(),
+            ),
         };
         let guest: GuestFuture = Box::pin(run_task(
             run,

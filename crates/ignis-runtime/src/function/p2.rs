@@ -1,5 +1,8 @@
 //! A request on a `wasi:http/proxy` 0.2.x component (`incoming-handler`).
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use bytes::Bytes;
 use tokio::sync::oneshot;
 use wasmtime_wasi_http::WasiHttpView;
@@ -9,6 +12,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use super::reuse::{Instance, Kept};
 use super::{GuestRun, Sent};
 use crate::error::Error;
+use crate::guest::GuestStats;
 use crate::host::Host;
 
 /// Puts `request` and a response outparam into the store's table and
@@ -21,6 +25,7 @@ pub(super) fn start<B>(
     request: http::Request<B>,
     https: bool,
     tx: oneshot::Sender<Sent>,
+    stats: Arc<GuestStats>,
 ) -> Result<GuestRun, Error>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -40,7 +45,9 @@ where
     Ok(Box::pin(async move {
         let result = async {
             if kept.instance.is_none() {
+                let started = Instant::now();
                 let proxy = pre.instantiate_async(&mut kept.store).await?;
+                stats.instantiation.record(started.elapsed());
                 kept.instance = Some(Instance::P2(proxy));
             }
             let Some(Instance::P2(proxy)) = &kept.instance else {

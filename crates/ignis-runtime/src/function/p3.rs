@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -14,6 +15,7 @@ use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use super::reuse::{Instance, Kept};
 use super::{GuestRun, Sent};
+use crate::guest::GuestStats;
 use crate::host::Host;
 
 /// The guest run: instantiate (unless `kept` holds an instance), call
@@ -26,6 +28,7 @@ pub(super) fn start<B>(
     tx: oneshot::Sender<Sent>,
     done: oneshot::Receiver<()>,
     cut: Arc<AtomicBool>,
+    stats: Arc<GuestStats>,
 ) -> GuestRun
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -37,7 +40,9 @@ where
     Box::pin(async move {
         let result = async {
             if kept.instance.is_none() {
+                let started = Instant::now();
                 let service = pre.instantiate_async(&mut kept.store).await?;
+                stats.instantiation.record(started.elapsed());
                 kept.instance = Some(Instance::P3(service));
             }
             let Some(Instance::P3(service)) = &kept.instance else {

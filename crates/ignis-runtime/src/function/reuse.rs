@@ -35,6 +35,7 @@ use wasmtime::Store;
 use wasmtime_wasi_http::p2::bindings::Proxy;
 use wasmtime_wasi_http::p3::bindings::Service;
 
+use crate::RequestId;
 use crate::guest::GuestStats;
 use crate::host::Host;
 use crate::ticker::StoreLease;
@@ -104,7 +105,7 @@ impl InstancePool {
     /// ticker with `ticker`), if one is young enough.
     pub(super) fn take(
         &self,
-        request_id: u64,
+        request_id: RequestId,
         ticker: impl FnOnce() -> StoreLease,
     ) -> Option<Kept> {
         let mut aged = Vec::new();

@@ -61,6 +61,7 @@ use wasmtime_wasi_http::WasiBody;
 use wasmtime_wasi_http::p3::bindings::{Service, ServicePre};
 
 use super::{Body, GuestFuture, Sent};
+use crate::RequestId;
 use crate::bindings::http::OutboundHooks;
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::guest::{GuestStats, Outcome};
@@ -77,7 +78,7 @@ type RequestIo = Pin<Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Erro
 
 /// A request given to a worker.
 struct Job {
-    request_id: u64,
+    request_id: RequestId,
     request: wasmtime_wasi_http::p3::Request,
     request_io: RequestIo,
 }
@@ -165,8 +166,8 @@ impl WorkerState {
     /// Ends `request_id`'s slot (`well`: its guest finished with it
     /// normally), answering `answer` if it had no answer yet.
     /// Only the first call for a request does anything.
-    fn end(&self, request_id: u64, well: bool, answer: impl FnOnce() -> Answer) {
-        let Some(slot) = self.slots().remove(&request_id) else {
+    fn end(&self, key: u64, well: bool, answer: impl FnOnce() -> Answer) {
+        let Some(slot) = self.slots().remove(&key) else {
             return;
         };
         if let Some(finished) = slot.finished {
@@ -265,7 +266,7 @@ impl SharedPool {
         self: &Arc<Self>,
         make_store: impl FnOnce() -> Store<Host>,
         request: http::Request<B>,
-        request_id: u64,
+        request_id: RequestId,
         deadline: Instant,
         permit: Option<OwnedSemaphorePermit>,
         active: super::ActiveGuard,
@@ -298,7 +299,7 @@ impl SharedPool {
         } else {
             self.stats.reused.fetch_add(1, Ordering::Relaxed);
         }
-        state.slots().insert(request_id, slot);
+        state.slots().insert(request_id.seq(), slot);
         // A worker that ended after it was chosen ends its slots after
         // marking itself gone: one of the two sees the other.
         if state.gone.load(Ordering::SeqCst)
@@ -311,7 +312,7 @@ impl SharedPool {
                 })
                 .is_err()
         {
-            state.end(request_id, false, || {
+            state.end(request_id.seq(), false, || {
                 Err(Error::new(ErrorKind::NoResponse).context("the shared instance ended"))
             });
         }
@@ -333,7 +334,9 @@ impl SharedPool {
                 // comes first, the request ends here, and the instance, with
                 // a guest still running for nobody, takes no more.
                 state.retire();
-                state.end(request_id, false, || Err(Error::new(ErrorKind::WallLimit)));
+                state.end(request_id.seq(), false, || {
+                    Err(Error::new(ErrorKind::WallLimit))
+                });
                 Err(Error::new(ErrorKind::WallLimit))
             }
         };
@@ -468,7 +471,7 @@ struct WorkerRef {
 struct Cancel {
     stats: Arc<GuestStats>,
     state: Arc<WorkerState>,
-    request_id: u64,
+    request_id: RequestId,
     armed: bool,
 }
 
@@ -477,7 +480,7 @@ impl Drop for Cancel {
         if self.armed {
             self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
             self.state.retire();
-            self.state.end(self.request_id, false, || {
+            self.state.end(self.request_id.seq(), false, || {
                 Err(Error::new(ErrorKind::NoResponse).context("cancelled"))
             });
         }
@@ -494,14 +497,14 @@ struct SharedBody {
     done: Option<oneshot::Sender<()>>,
     deadline: Pin<Box<tokio::time::Sleep>>,
     state: Arc<WorkerState>,
-    request_id: u64,
+    request_id: RequestId,
 }
 
 impl Drop for SharedBody {
     fn drop(&mut self) {
         self.done = None;
         self.state
-            .end(self.request_id, false, || Ok(Err(String::new())));
+            .end(self.request_id.seq(), false, || Ok(Err(String::new())));
     }
 }
 
@@ -569,10 +572,13 @@ async fn run_worker(
         max_requests,
     } = setup;
     let inner_state = state.clone();
+    let instantiation = stats.clone();
     let mut guest: Pin<Box<dyn Future<Output = (wasmtime::Result<()>, bool)> + Send + '_>> =
         Box::pin(async move {
             let result = async {
+                let started = std::time::Instant::now();
                 let service = pre.instantiate_async(&mut store).await?;
+                instantiation.instantiation.record(started.elapsed());
                 store
                     .run_concurrent(async |accessor| {
                         serve(accessor, &service, rx, &inner_state, &ticker).await
@@ -699,7 +705,7 @@ async fn serve(
             job = rx.recv(), if accepting => match job {
                 None => accepting = false,
                 Some(job) => {
-                    let done = state.slots().get_mut(&job.request_id).and_then(|s| s.done.take());
+                    let done = state.slots().get_mut(&job.request_id.seq()).and_then(|s| s.done.take());
                     let Some(done) = done else {
                         // It ended before it started (deadline, cancelled).
                         continue;
@@ -731,7 +737,7 @@ async fn run_job(
     done: oneshot::Receiver<()>,
     state: Arc<WorkerState>,
 ) -> (u64, wasmtime::Result<()>) {
-    let id = job.request_id;
+    let id = job.request_id.seq();
     let result = async {
         match service.handle(accessor, job.request).await? {
             Ok(response) => {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::histogram::Histogram;
+
 use super::Outcome;
 
 /// Counters for one function or actor class. `active` is the number of
@@ -39,6 +41,10 @@ pub struct GuestStats {
     pub started_pooled: AtomicU64,
     /// CPU time used by all runs, in nanoseconds.
     pub cpu_nanos: AtomicU64,
+    /// Time to instantiate the component, per fresh instance.
+    pub instantiation: Histogram,
+    /// The most linear memory one instance held, in bytes.
+    pub memory_high_water: AtomicU64,
     /// Per route (request paths hashed into [`ROUTE_BUCKETS`] buckets), a
     /// moving average of "this run used more than half a slice of CPU", in
     /// 1/1024ths: where requests of a route start.

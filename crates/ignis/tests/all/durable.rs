@@ -600,7 +600,7 @@ async fn send_to(
         .body(bytes::Bytes::new())
         .unwrap();
     directory
-        .send("counter", id, req, 1, None)
+        .send("counter", id, req, ignis_runtime::RequestId::new(), None)
         .await
         .map(|r| String::from_utf8(r.into_body().to_vec()).unwrap())
 }

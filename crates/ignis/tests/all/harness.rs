@@ -300,6 +300,23 @@ pub struct Proc {
     pub child: Child,
     pub addr: std::net::SocketAddr,
     pub stderr: std::thread::JoinHandle<String>,
+    /// The rest of its stdout, after the first "listening on" line.
+    pub stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Proc {
+    /// Reads stdout lines until one starts with `prefix`; returns the rest
+    /// of that line.
+    pub fn stdout_line(&mut self, prefix: &str) -> String {
+        loop {
+            let mut line = String::new();
+            let n = self.stdout.read_line(&mut line).unwrap();
+            assert!(n > 0, "stdout ended before a line starting with {prefix:?}");
+            if let Some(rest) = line.trim().strip_prefix(prefix) {
+                return rest.to_string();
+            }
+        }
+    }
 }
 
 pub fn spawn(args: &[&str]) -> Proc {
@@ -342,9 +359,8 @@ fn spawn_command(mut cmd: Command) -> Proc {
         s
     });
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    stdout.read_line(&mut line).unwrap();
     let addr = line
         .trim()
         .strip_prefix("listening on http://")
@@ -355,6 +371,7 @@ fn spawn_command(mut cmd: Command) -> Proc {
         child,
         addr,
         stderr,
+        stdout,
     }
 }
 

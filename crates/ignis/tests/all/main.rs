@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod admin;
 mod admission;
 mod bindings;
 mod cli;

@@ -1115,3 +1115,71 @@ async fn stalled_bodies_are_cut_after_body_timeout() {
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     server.shutdown().await;
 }
+
+/// The `traceparent` fields: `(trace id, parent id, flags)`.
+fn trace_fields(v: &http::HeaderValue) -> (String, String, String) {
+    let parts: Vec<&str> = v.to_str().unwrap().split('-').collect();
+    assert_eq!((parts.len(), parts[0]), (4, "00"), "{v:?}");
+    (parts[1].into(), parts[2].into(), parts[3].into())
+}
+
+/// Request ids are UUIDv7s the node makes (a client's own `x-request-id`
+/// is not believed, a trusted proxy's is); the trace of a valid
+/// `traceparent` continues to the origin with this hop's own span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_the_nodes_and_traces_continue_to_the_origin() {
+    let origin = Recorder::start("a").await;
+    let c = client();
+    let client_trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let claimed = "0190f3a2-7c4e-7d1a-9b2c-3d4e5f607182";
+    let request = |server: &TestServer| {
+        Request::get(server.url("/x"))
+            .header("x-request-id", claimed)
+            .header("traceparent", client_trace)
+            .body(Full::default())
+            .unwrap()
+    };
+
+    // Untrusted client: its id is replaced, its trace continued.
+    let server = TestServer::start(&manifest("api", &[origin.url()], "")).await;
+    let r = send(&c, request(&server)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_ne!(id, claimed);
+    let uuid = uuid::Uuid::parse_str(&id).unwrap();
+    assert_eq!(uuid.get_version_num(), 7, "{id}");
+    let seen = origin.requests().pop().unwrap();
+    assert_eq!(seen.headers["x-request-id"], id.as_str());
+    let (trace, parent, flags) = trace_fields(&seen.headers["traceparent"]);
+    assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(parent, "00f067aa0ba902b7", "this hop has its own span");
+    assert_eq!(flags, "01");
+    // Without a traceparent, a new trace starts (its id is the request id).
+    let r = get(&c, &server.url("/x")).await;
+    let id = r.headers["x-request-id"].to_str().unwrap().replace('-', "");
+    let seen = origin.requests().pop().unwrap();
+    assert_eq!(trace_fields(&seen.headers["traceparent"]).0, id);
+    server.shutdown().await;
+
+    // A trusted proxy's UUID is kept; anything else it sends is replaced.
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ncache_dir = \"{}\"\ntrusted_proxies = [\"127.0.0.1\"]\n{}",
+        shared_cache(),
+        manifest("api", &[origin.url()], "")
+    );
+    let server = TestServer::start_full(&text).await;
+    let r = send(&c, request(&server)).await;
+    assert_eq!(r.headers["x-request-id"], claimed);
+    assert_eq!(
+        origin.requests().pop().unwrap().headers["x-request-id"],
+        claimed
+    );
+    let req = Request::get(server.url("/x"))
+        .header("x-request-id", "abc\"; drop")
+        .body(Full::default())
+        .unwrap();
+    let r = send(&c, req).await;
+    let id = r.headers["x-request-id"].to_str().unwrap();
+    assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 7);
+    server.shutdown().await;
+}

@@ -81,7 +81,7 @@ impl TlsServer {
         let manifest = Manifest::from_str_at(&text, &dir.join("ignis.toml")).unwrap();
         let app = app::load(&manifest, Sources::PrebuiltOnly).unwrap();
         // The listeners as `ignis serve` binds them.
-        let app::Listeners { http, https } = app::bind(&manifest, &app.edge).await.unwrap();
+        let app::Listeners { http, https, .. } = app::bind(&manifest, &app).await.unwrap();
         let (https, certs) = https.expect("[tls] is set");
         let addrs = (https.local_addr(), http.local_addr());
         let mut stops = Vec::new();

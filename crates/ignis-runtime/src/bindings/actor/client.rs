@@ -12,6 +12,7 @@ use ignis_store::ActorKey;
 
 use super::R;
 use super::generated::ignis::actor::{client, types};
+use crate::RequestId;
 use crate::error::{Error, ErrorKind};
 
 /// A boxed future of an actor call.
@@ -38,7 +39,7 @@ pub trait ActorCaller: Send + Sync {
         class: &str,
         id: &str,
         request: http::Request<Bytes>,
-        request_id: u64,
+        request_id: RequestId,
         caller: &CallerId,
     ) -> ActorCallFuture;
 }
@@ -53,7 +54,7 @@ pub struct ClientState {
     caller: CallerSlot,
     me: CallerId,
     this_actor: Option<ActorKey>,
-    request_id: u64,
+    request_id: RequestId,
 }
 
 impl ClientState {
@@ -62,7 +63,7 @@ impl ClientState {
         caller: CallerSlot,
         me: CallerId,
         this_actor: Option<ActorKey>,
-        request_id: u64,
+        request_id: RequestId,
     ) -> ClientState {
         ClientState {
             caller,
@@ -72,7 +73,7 @@ impl ClientState {
         }
     }
 
-    pub(crate) fn begin(&mut self, request_id: u64) {
+    pub(crate) fn begin(&mut self, request_id: RequestId) {
         self.request_id = request_id;
     }
 }

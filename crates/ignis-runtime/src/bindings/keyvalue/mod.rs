@@ -13,6 +13,7 @@
 //! - Writes return once durable; `increment` and the draft2 `cas`/`swap`
 //!   are atomic (see `ignis-store`).
 
+use crate::RequestId;
 use std::sync::Arc;
 
 use ignis_store::{KvBackend, ListFrom, Namespace, StoreError, Versioned};
@@ -112,17 +113,17 @@ impl From<StoreError> for Fail {
 /// request id its errors are logged with.
 pub struct KvState {
     access: Arc<KvAccess>,
-    request_id: u64,
+    request_id: RequestId,
 }
 
 impl KvState {
     /// `access` for request `request_id`.
-    pub fn new(access: Arc<KvAccess>, request_id: u64) -> KvState {
+    pub fn new(access: Arc<KvAccess>, request_id: RequestId) -> KvState {
         KvState { access, request_id }
     }
 
     /// A new request on a kept instance.
-    pub(crate) fn begin(&mut self, request_id: u64) {
+    pub(crate) fn begin(&mut self, request_id: RequestId) {
         self.request_id = request_id;
     }
 }
@@ -132,7 +133,7 @@ impl KvState {
 pub struct KvView<'a> {
     access: &'a KvAccess,
     table: &'a mut ResourceTable,
-    request_id: u64,
+    request_id: RequestId,
 }
 
 impl<'a> KvView<'a> {
@@ -202,25 +203,25 @@ impl KvAccess {
     }
 
     /// Logs a failed call (the guest gets the error variant).
-    fn logged<T>(&self, request_id: u64, op: &str, r: Result<T, Fail>) -> Result<T, Fail> {
+    fn logged<T>(&self, request_id: RequestId, op: &str, r: Result<T, Fail>) -> Result<T, Fail> {
         if let Err(e) = &r {
             match e {
                 Fail::NoSuchStore => tracing::warn!(
                     function = %self.function,
-                    request_id = request_id,
+                    request_id = %request_id,
                     op,
                     "key-value: store not declared in this function's key_value_stores"
                 ),
                 Fail::Storage(e) => tracing::warn!(
                     function = %self.function,
-                    request_id = request_id,
+                    request_id = %request_id,
                     op,
                     error = %e,
                     "key-value storage failed"
                 ),
                 Fail::Other(reason) => tracing::warn!(
                     function = %self.function,
-                    request_id = request_id,
+                    request_id = %request_id,
                     op,
                     reason = %reason,
                     "key-value call failed"

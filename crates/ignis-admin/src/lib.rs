@@ -1,0 +1,308 @@
+//! The admin listener: `/healthz`, `/readyz` and Prometheus `/metrics`
+//! ([`metrics`]), on its own address (loopback by default), behind a
+//! bearer token.
+//!
+//! Invariants:
+//! - No token configured, no listener: [`AdminServer::bind`] returns `None`
+//!   and the caller logs that the admin API is off. There is no
+//!   unauthenticated mode.
+//! - Every request, whatever its path, must carry `Authorization: Bearer
+//!   TOKEN`; otherwise 401 with `WWW-Authenticate: Bearer` and nothing
+//!   else happens. The check hashes both sides (SHA-256) and compares the
+//!   digests in constant time, so neither the token's bytes nor its length
+//!   leak through timing. Refusals are counted and logged at most once a
+//!   second (a flood of bad tokens cannot flood the log).
+//! - The listener is bounded like the public one, with smaller numbers: at
+//!   most [`MAX_CONNECTIONS`] connections (past it a new one is closed at
+//!   once), heads of at most [`MAX_HEAD_BYTES`] (431 past it), a head must
+//!   arrive within `server.header_read_timeout`, and a connection lives at
+//!   most [`CONNECTION_LIFETIME`] (a client that stops reading a large
+//!   `/metrics` answer cannot hold its slot). Request bodies are never read.
+//! - Error bodies are short fixed texts; nothing internal is echoed.
+
+pub mod metrics;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use ignis_actors::{ActorDirectory, FunctionGate};
+use ignis_config::AdminConfig;
+use ignis_edge::Upstream;
+use ignis_edge::observe::Traffic;
+use ignis_runtime::Function;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Most connections the admin listener holds at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Largest request head accepted, in bytes.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Longest an admin connection stays open.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// What the admin listener reports on: the node's functions, actors,
+/// upstreams and traffic counters, and whether it is ready.
+pub struct Node {
+    /// Functions and their admission gates, by name.
+    pub functions: BTreeMap<String, (Arc<Function>, Arc<FunctionGate>)>,
+    /// The durable actor directory, if the manifest has actor classes.
+    pub directory: Option<Arc<ActorDirectory>>,
+    /// Upstreams by name.
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    /// The edge's per-target counters.
+    pub traffic: Arc<Traffic>,
+    /// Tenants' scheduling weights (tenants not listed weigh 1).
+    pub weights: BTreeMap<String, u32>,
+    started: SystemTime,
+    ready: AtomicBool,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("functions", &self.functions.keys().collect::<Vec<_>>())
+            .field("upstreams", &self.upstreams.keys().collect::<Vec<_>>())
+            .field("ready", &self.is_ready())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// A node view, not ready until [`Node::set_ready`].
+    pub fn new(
+        functions: BTreeMap<String, (Arc<Function>, Arc<FunctionGate>)>,
+        directory: Option<Arc<ActorDirectory>>,
+        upstreams: BTreeMap<String, Arc<Upstream>>,
+        traffic: Arc<Traffic>,
+        weights: BTreeMap<String, u32>,
+    ) -> Arc<Node> {
+        Arc::new(Node {
+            functions,
+            directory,
+            upstreams,
+            traffic,
+            weights,
+            started: SystemTime::now(),
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    /// Marks the node ready (its listeners are bound) or not (it drains).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    fn started_unix_seconds(&self) -> f64 {
+        self.started
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+    }
+}
+
+/// Errors binding the admin listener.
+#[derive(Debug, thiserror::Error)]
+#[error("admin listener on {addr}: {source}")]
+pub struct BindError {
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
+/// The bound admin listener.
+pub struct AdminServer {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    node: Arc<Node>,
+    token_digest: [u8; 32],
+    header_read_timeout: Duration,
+    refused: AtomicU64,
+    /// Seconds since the Unix epoch of the last refusal logged.
+    last_refusal_logged: AtomicU64,
+}
+
+impl AdminServer {
+    /// Binds `config.listen` if a token is configured; `Ok(None)` without
+    /// one (the admin API is off).
+    pub async fn bind(
+        config: &AdminConfig,
+        header_read_timeout: Duration,
+        node: Arc<Node>,
+    ) -> Result<Option<AdminServer>, BindError> {
+        let Some(token) = &config.token else {
+            return Ok(None);
+        };
+        let addr = config.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| BindError { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| BindError { addr, source })?;
+        Ok(Some(AdminServer {
+            listener,
+            local_addr,
+            shared: Arc::new(Shared {
+                node,
+                token_digest: digest(token.expose()),
+                header_read_timeout,
+                refused: AtomicU64::new(0),
+                last_refusal_logged: AtomicU64::new(0),
+            }),
+        }))
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` resolves; open connections are dropped then.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin: accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            // Reap finished connection tasks so the set stays small.
+            while tasks.try_join_next().is_some() {}
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "admin: connection refused, {MAX_CONNECTIONS} open");
+                continue;
+            };
+            let shared = self.shared.clone();
+            let head_timeout = shared.header_read_timeout;
+            tasks.spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(shared.answer(&req, peer)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(head_timeout)
+                    .max_buf_size(MAX_HEAD_BYTES)
+                    .serve_connection(TokioIo::new(stream), service);
+                let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+                drop(slot);
+            });
+        }
+        tasks.shutdown().await;
+    }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+impl Shared {
+    /// The answer to one admin request.
+    fn answer(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        if !self.authorized(req) {
+            self.refused(peer);
+            let mut resp = text(
+                StatusCode::UNAUTHORIZED,
+                "a valid bearer token is required\n",
+            );
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"ignis-admin\""),
+            );
+            return resp;
+        }
+        let known = ["/healthz", "/readyz", "/metrics"];
+        let path = req.uri().path();
+        if !known.contains(&path) {
+            return text(StatusCode::NOT_FOUND, "no such admin endpoint\n");
+        }
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return resp;
+        }
+        match path {
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" if self.node.is_ready() => text(StatusCode::OK, "ready\n"),
+            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            _ => {
+                let mut resp = Response::new(Full::new(Bytes::from(metrics::render(&self.node))));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                resp
+            }
+        }
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return false;
+        };
+        let Some(given) = value
+            .as_bytes()
+            .strip_prefix(b"Bearer ")
+            .or_else(|| value.as_bytes().strip_prefix(b"bearer "))
+        else {
+            return false;
+        };
+        digest(given).ct_eq(&self.token_digest).into()
+    }
+
+    fn refused(&self, peer: SocketAddr) {
+        let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last_refusal_logged.load(Ordering::Relaxed);
+        if now > last
+            && self
+                .last_refusal_logged
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(%peer, refused_so_far = total, "admin: request without a valid token refused (401)");
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

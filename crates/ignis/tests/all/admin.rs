@@ -1,0 +1,538 @@
+//! The admin listener (token, health, readiness, Prometheus metrics) and the
+//! logs (access lines, JSON format), on the real `ignis` binary.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::*;
+
+const TOKEN: &str = "test-admin-token-0123456789";
+
+/// A manifest serving the `hello` and `limits` examples.
+fn manifest(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    write(
+        dir,
+        "ignis.toml",
+        &format!(
+            "[server]\ncache_dir = \"{}\"\nshutdown_grace = \"30s\"\nheader_read_timeout = \"1s\"\n{extra}\n\
+             [functions.hello]\ncomponent = \"{}\"\ntenant = \"acme\"\n\
+             [functions.limits]\ncomponent = \"{}\"\n\
+             [[routes]]\npath = \"/hello\"\nfunction = \"hello\"\n\
+             [[routes]]\npath = \"/limits/...\"\nfunction = \"limits\"\n",
+            shared_cache(),
+            wasm("hello"),
+            wasm("limits"),
+        ),
+    )
+}
+
+/// `ignis serve` with the admin token in the environment and the admin
+/// listener on a free port; returns the process and the admin address.
+fn serve_with_admin(manifest: &std::path::Path, extra_args: &[&str]) -> (Proc, SocketAddr) {
+    let mut args = vec!["serve", manifest.to_str().unwrap()];
+    args.extend_from_slice(extra_args);
+    args.extend_from_slice(&["--admin-listen", "127.0.0.1:0"]);
+    let mut proc = spawn_with(&args, &[("IGNIS_ADMIN_TOKEN", TOKEN)]);
+    let admin = proc.stdout_line("admin on http://").parse().unwrap();
+    (proc, admin)
+}
+
+async fn admin_get(addr: SocketAddr, path: &str, auth: Option<&str>) -> Reply {
+    let mut req = http::Request::get(format!("http://{addr}{path}"));
+    if let Some(auth) = auth {
+        req = req.header("authorization", auth);
+    }
+    send(&client(), req.body(Full::default()).unwrap()).await
+}
+
+fn bearer() -> String {
+    format!("Bearer {TOKEN}")
+}
+
+/// Parses an OpenMetrics text exposition strictly enough to catch a
+/// malformed one: every line is a comment (`# HELP`, `# TYPE`, `# UNIT`) or
+/// `name{labels} value` with a number, and the last line is `# EOF`.
+/// Returns the samples by `name{labels}` as printed.
+fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
+    let mut samples = BTreeMap::new();
+    let mut lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.pop(), Some("# EOF"), "exposition must end with # EOF");
+    for line in lines {
+        if let Some(comment) = line.strip_prefix("# ") {
+            let kind = comment.split(' ').next().unwrap();
+            assert!(["HELP", "TYPE", "UNIT"].contains(&kind), "{line}");
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "{line}");
+        }
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
+        assert!(
+            samples.insert(series.to_string(), value).is_none(),
+            "series twice: {series}"
+        );
+    }
+    samples
+}
+
+/// The one sample whose series starts with `name{` and contains every one
+/// of `labels` (`key="value"`).
+fn sample(samples: &BTreeMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
+    let found: Vec<_> = samples
+        .iter()
+        .filter(|(s, _)| {
+            s.starts_with(&format!("{name}{{")) && labels.iter().all(|l| s.contains(l))
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "{name} {labels:?}: {found:?}");
+    *found[0].1
+}
+
+/// `n` GETs of `path` on one HTTP/1.1 connection to `addr`, then one more
+/// request (`/nothing-here`, a 404): its answer means the edge has finished
+/// recording the `n` before it (a connection's next response is only sent
+/// once the previous response body was dropped).
+async fn requests_on_one_connection(addr: SocketAddr, path: &str, n: usize) -> Vec<u16> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut statuses = Vec::new();
+    for p in std::iter::repeat_n(path, n).chain(["/nothing-here"]) {
+        let req = http::Request::get(p)
+            .header("host", "localhost")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        sender.ready().await.unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        statuses.push(resp.status().as_u16());
+        resp.into_body().collect().await.unwrap();
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_admin_endpoint_needs_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (proc, admin) = serve_with_admin(&manifest(dir.path(), ""), &[]);
+    let wrong_same_length = format!("Bearer {}", "x".repeat(TOKEN.len()));
+    let refused = [
+        None,
+        Some("Bearer"),
+        Some("Bearer "),
+        Some(wrong_same_length.as_str()),
+        Some("Bearer test-admin-token-012345678"), // a prefix of the token
+        Some("Basic dGVzdDp0ZXN0"),
+        Some("test-admin-token-0123456789"), // no scheme
+    ];
+    for path in ["/healthz", "/readyz", "/metrics", "/no-such-thing"] {
+        for auth in refused {
+            let r = admin_get(admin, path, auth).await;
+            assert_eq!(r.status, 401, "{path} with {auth:?}: {}", r.text());
+            assert_eq!(
+                r.headers["www-authenticate"],
+                "Bearer realm=\"ignis-admin\""
+            );
+            assert!(!r.text().contains(TOKEN));
+        }
+    }
+    // Two Authorization headers, one of them right: refused.
+    let req = http::Request::get(format!("http://{admin}/healthz"))
+        .header("authorization", "Bearer nope-nope-nope-nope")
+        .header("authorization", bearer())
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&client(), req).await.status, 401);
+
+    let ok = bearer();
+    assert_eq!(admin_get(admin, "/healthz", Some(&ok)).await.text(), "ok\n");
+    let r = admin_get(admin, "/readyz", Some(&ok)).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ready\n"));
+    assert_eq!(admin_get(admin, "/nope", Some(&ok)).await.status, 404);
+    let post = http::Request::post(format!("http://{admin}/metrics"))
+        .header("authorization", &ok)
+        .body(Full::new(Bytes::from_static(b"x")))
+        .unwrap();
+    assert_eq!(send(&client(), post).await.status, 405);
+
+    let logs = sigkill(proc);
+    assert!(
+        logs.contains("admin: request without a valid token refused (401)"),
+        "{logs}"
+    );
+    assert!(!logs.contains(TOKEN), "the token must never be logged");
+    // Refusals are logged at most once a second, not once per request.
+    let logged = logs.matches("without a valid token refused").count();
+    assert!(logged < 10, "{logged} refusal lines for 29 refusals");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_by_target_and_status_as_they_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let (proc, admin) = serve_with_admin(&manifest(dir.path(), ""), &[]);
+    let auth = bearer();
+
+    let before = admin_get(admin, "/metrics", Some(&auth)).await;
+    assert_eq!(before.status, 200);
+    assert_eq!(
+        before.headers["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let before = parse_exposition(&before.text());
+    assert_eq!(sample(&before, "ignis_ready", &[]), 1.0);
+    assert_eq!(
+        sample(
+            &before,
+            "ignis_function_instantiations_total",
+            &["function=\"hello\""]
+        ),
+        0.0
+    );
+    // No request yet: no status series at all.
+    assert!(
+        !before
+            .keys()
+            .any(|k| k.starts_with("ignis_requests_total{"))
+    );
+
+    let statuses = requests_on_one_connection(proc.addr, "/hello", 7).await;
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 200, 200, 404]);
+    let r = get(&client(), &format!("http://{}/limits/trap", proc.addr)).await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    // A second connection's barrier: the trap's response was dropped
+    // before this answer.
+    assert_eq!(
+        requests_on_one_connection(proc.addr, "/hello", 0).await,
+        [404]
+    );
+
+    let after = parse_exposition(&admin_get(admin, "/metrics", Some(&auth)).await.text());
+    let hello = ["kind=\"function\"", "name=\"hello\"", "tenant=\"acme\""];
+    let with_code = |code: &'static str| {
+        let mut l = hello.to_vec();
+        l.push(code);
+        l
+    };
+    assert_eq!(
+        sample(&after, "ignis_requests_total", &with_code("code=\"200\"")),
+        7.0
+    );
+    assert_eq!(
+        sample(&after, "ignis_request_duration_seconds_count", &hello),
+        7.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "ignis_request_duration_seconds_bucket",
+            &[hello.as_slice(), &["le=\"+Inf\""]].concat()
+        ),
+        7.0
+    );
+    assert!(sample(&after, "ignis_request_duration_seconds_sum", &hello) > 0.0);
+    assert!(sample(&after, "ignis_response_body_bytes_total", &hello) > 0.0);
+    // The 404s were the edge's own answers; at least the first one is in.
+    assert!(
+        sample(
+            &after,
+            "ignis_requests_total",
+            &["kind=\"edge\"", "code=\"404\""]
+        ) >= 1.0
+    );
+    // The trap: a 500 for `limits`, counted as a trap.
+    assert_eq!(
+        sample(
+            &after,
+            "ignis_requests_total",
+            &["name=\"limits\"", "code=\"500\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "ignis_function_traps_total",
+            &["function=\"limits\""]
+        ),
+        1.0
+    );
+    // Runtime counters read at scrape time.
+    let hello_fn = ["function=\"hello\"", "tenant=\"acme\""];
+    assert_eq!(
+        sample(&after, "ignis_function_instantiations_total", &hello_fn)
+            + sample(&after, "ignis_function_instance_reuses_total", &hello_fn),
+        7.0
+    );
+    assert!(
+        sample(
+            &after,
+            "ignis_function_instantiation_duration_seconds_count",
+            &hello_fn
+        ) >= 1.0
+    );
+    assert!(sample(&after, "ignis_function_memory_high_water_bytes", &hello_fn) > 0.0);
+    assert!(sample(&after, "ignis_function_cpu_seconds_total", &hello_fn) > 0.0);
+    assert!(
+        sample(
+            &after,
+            "ignis_tenant_cpu_seconds_total",
+            &["tenant=\"acme\""]
+        ) > 0.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "ignis_function_shed_total",
+            &[&hello_fn[..], &["reason=\"mailbox_full\""]].concat()
+        ),
+        0.0
+    );
+    sigkill(proc);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_the_admin_api_is_off_and_the_log_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = manifest(dir.path(), "");
+    let mut proc = spawn(&["serve", manifest.to_str().unwrap()]);
+    assert_eq!(
+        get(&client(), &format!("http://{}/hello", proc.addr))
+            .await
+            .status,
+        200
+    );
+    let logs = sigkill_keeping_stdout(&mut proc);
+    assert!(
+        logs.contains("admin API off: no token configured"),
+        "{logs}"
+    );
+}
+
+/// Kills `proc` and returns its stderr; asserts it printed no admin line.
+fn sigkill_keeping_stdout(proc: &mut Proc) -> String {
+    let _ = proc.child.kill();
+    let _ = proc.child.wait();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut proc.stdout, &mut rest);
+    assert!(!rest.contains("admin on"), "{rest}");
+    let stderr = std::mem::replace(&mut proc.stderr, std::thread::spawn(String::new));
+    stderr.join().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_bounds_connections_heads_and_slow_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let (proc, admin) = serve_with_admin(&manifest(dir.path(), ""), &[]);
+    let auth = bearer();
+
+    // An oversized head: 431, whatever the token.
+    let huge = format!(
+        "GET /healthz HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\nx-pad: {}\r\n\r\n",
+        "p".repeat(ignis_admin::MAX_HEAD_BYTES + 1)
+    );
+    let answer = raw(admin, huge.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    // A client that sends half a head and stops is closed at
+    // header_read_timeout (1 s here), without an answer.
+    let mut slow = tokio::net::TcpStream::connect(admin).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "a stalled head must be closed by the server");
+
+    // A flood of idle connections: past MAX_CONNECTIONS a new one is closed
+    // at once, and the held ones do not outlive header_read_timeout.
+    let mut held = Vec::new();
+    for _ in 0..ignis_admin::MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    // Wait until the listener has taken all of them: a request on one of
+    // them would be answered, so send one and read its answer.
+    let mut probe = held.pop().unwrap();
+    probe
+        .write_all(
+            format!("GET /healthz HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    probe.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+    held.push(probe);
+    let extra = raw(
+        admin,
+        format!("GET /healthz HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        extra, "",
+        "a connection past the cap must be closed unanswered"
+    );
+    // Every held connection is closed by the server (header_read_timeout).
+    for mut c in held {
+        let mut sink = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut sink)).await;
+        assert!(closed.is_ok(), "an idle admin connection was kept open");
+    }
+    // Slots are free again.
+    let r = admin_get(admin, "/healthz", Some(&auth)).await;
+    assert_eq!(r.status, 200);
+    sigkill(proc);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_503_while_the_node_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut proc, admin) = serve_with_admin(&manifest(dir.path(), ""), &[]);
+    let auth = bearer();
+    assert_eq!(admin_get(admin, "/readyz", Some(&auth)).await.status, 200);
+    // A streaming request in flight keeps the node draining after SIGTERM.
+    let mut conn = tokio::net::TcpStream::connect(proc.addr).await.unwrap();
+    conn.write_all(b"GET /limits/drip?n=100 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    conn.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &proc.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The drain has begun once the public listener refuses connections;
+    // until then /readyz may still say 200.
+    let mut refused = false;
+    for _ in 0..1000 {
+        if tokio::net::TcpStream::connect(proc.addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(refused, "the public listener kept accepting after SIGTERM");
+    let r = admin_get(admin, "/readyz", Some(&auth)).await;
+    assert_eq!((r.status, r.text().as_str()), (503, "not ready\n"));
+    assert_eq!(admin_get(admin, "/healthz", Some(&auth)).await.status, 200);
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest).await.unwrap();
+    assert!(String::from_utf8_lossy(&rest).contains("drip 99"));
+    let status = proc.child.wait().unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_gets_one_access_line_without_its_query() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = manifest(dir.path(), "");
+    let proc = spawn(&["serve", manifest.to_str().unwrap()]);
+    let r = get(
+        &client(),
+        &format!("http://{}/hello?token=s3cr3t-in-query", proc.addr),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let id = r.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(
+        requests_on_one_connection(proc.addr, "/hello", 0).await,
+        [404]
+    );
+    let logs = strip_ansi(&sigkill(proc));
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("ignis::access"))
+        .collect();
+    let hello = lines
+        .iter()
+        .find(|l| l.contains(&format!("request_id={id} ")))
+        .unwrap_or_else(|| panic!("no access line for request {id}: {logs}"));
+    for field in [
+        "method=GET",
+        "path=\"/hello\"",
+        "kind=\"function\"",
+        "name=\"hello\"",
+        "tenant=\"acme\"",
+        "status=200",
+        "complete=true",
+        "duration_ms=",
+        "bytes=",
+        "peer=127.0.0.1:",
+    ] {
+        assert!(hello.contains(field), "{field} missing from {hello}");
+    }
+    assert!(
+        !logs.contains("s3cr3t-in-query"),
+        "the query string was logged"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("status=404") && l.contains("kind=\"edge\""))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_and_access_logs_can_be_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = manifest(dir.path(), "");
+    let proc = spawn(&["serve", manifest.to_str().unwrap(), "--log-format", "json"]);
+    let r = get(&client(), &format!("http://{}/hello", proc.addr)).await;
+    assert_eq!(r.status, 200);
+    let id = r.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(
+        requests_on_one_connection(proc.addr, "/hello", 0).await,
+        [404]
+    );
+    let logs = sigkill(proc);
+    let mut access = None;
+    for line in logs.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if v["target"] == "ignis::access" && v["request_id"] == id.as_str() {
+            access = Some(v);
+        }
+    }
+    let access = access.unwrap_or_else(|| panic!("no JSON access line: {logs}"));
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["name"], "hello");
+    assert_eq!(access["path"], "/hello");
+    assert_eq!(access["level"], "INFO");
+
+    // server.access_log = false: no access lines at all.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = self::manifest(dir.path(), "access_log = false");
+    let proc = spawn(&["serve", manifest.to_str().unwrap()]);
+    assert_eq!(
+        get(&client(), &format!("http://{}/hello", proc.addr))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        requests_on_one_connection(proc.addr, "/hello", 0).await,
+        [404]
+    );
+    let logs = sigkill(proc);
+    assert!(!logs.contains("ignis::access"), "{logs}");
+}
