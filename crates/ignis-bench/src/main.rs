@@ -88,6 +88,12 @@ enum Cmd {
         /// between requests even for a WASI 0.2 component).
         #[arg(long)]
         reuse: bool,
+        /// Also run two more Ignis peers: "quiet" (`access_log = false`,
+        /// warnings only) and "observed" (access log written to a file,
+        /// admin listener on and `/metrics` scraped every second): the
+        /// cost of operations' observability.
+        #[arg(long)]
+        observed: bool,
         /// A workerd binary: also run workerd serving `--worker` (the same
         /// logic as a Cloudflare Worker) as a peer.
         #[arg(long, requires = "worker")]
@@ -175,6 +181,8 @@ struct Variants {
     reuse: bool,
     /// workerd and the Worker module it serves, as one more peer.
     workerd: Option<(PathBuf, PathBuf)>,
+    /// The "quiet" and "observed" peers.
+    observed: bool,
 }
 
 /// A workerd config serving the ES module `worker` on `port`.
@@ -259,6 +267,50 @@ async fn hello_peers(
     ];
     if variants.fresh {
         peers.push(ignis_peer("ignis (fresh)", "fresh.toml", "reuse = false")?);
+    }
+    let mut scraper = None;
+    if variants.observed {
+        let quiet = ignis_manifest(&dir, "quiet.toml", component, "")?;
+        let text = std::fs::read_to_string(&quiet)?.replacen(
+            "[server]\n",
+            "[server]\naccess_log = false\n",
+            1,
+        );
+        std::fs::write(&quiet, text)?;
+        let port = free_port()?;
+        peers.push(start_peer(
+            "ignis (quiet)",
+            Command::new(ignis)
+                .arg("serve")
+                .arg(&quiet)
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .env("IGNIS_LOG", "warn"),
+            format!("127.0.0.1:{port}"),
+            "/hello",
+        )?);
+        let observed = ignis_manifest(&dir, "observed.toml", component, "")?;
+        let (port, admin) = (free_port()?, free_port()?);
+        let log = std::fs::File::create(dir.join("observed.log"))?;
+        let child = Command::new(ignis)
+            .arg("serve")
+            .arg(&observed)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .env("IGNIS_LOG", "info")
+            .env("IGNIS_ADMIN_TOKEN", OBSERVED_TOKEN)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting ignis (observed)")?;
+        peers.push(Peer {
+            name: "ignis (observed)",
+            child,
+            addr: format!("127.0.0.1:{port}"),
+            path: "/hello",
+        });
+        scraper = Some(tokio::spawn(scrape_every_second(format!(
+            "127.0.0.1:{admin}"
+        ))));
     }
     if let Some((workerd, worker)) = &variants.workerd {
         let port = free_port()?;
@@ -382,6 +434,19 @@ async fn hello_peers(
             fresh.0 / medians[1].0
         );
     }
+    if let (Some(quiet), Some(observed)) = (
+        results.iter().position(|r| r.name == "ignis (quiet)"),
+        results.iter().position(|r| r.name == "ignis (observed)"),
+    ) {
+        println!(
+            "- throughput Ignis (observed) / Ignis (quiet): {:.3}; p99 observed / quiet: {:.2}",
+            medians[observed].0 / medians[quiet].0,
+            medians[observed].1 / medians[quiet].1
+        );
+    }
+    if let Some(scraper) = scraper {
+        scraper.abort();
+    }
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_vec_pretty(&results)?)
             .with_context(|| format!("writing the JSON report to {}", path.display()))?;
@@ -389,6 +454,37 @@ async fn hello_peers(
     drop(peers);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The admin token of the "observed" peer.
+const OBSERVED_TOKEN: &str = "bench-observed-token-0123456789";
+
+/// Scrapes `/metrics` on `admin` every second, as Prometheus would, until
+/// aborted; a failed scrape is reported once.
+async fn scrape_every_second(admin: String) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut reported = false;
+    loop {
+        tick.tick().await;
+        let req = http::Request::get(format!("http://{admin}/metrics"))
+            .header("authorization", format!("Bearer {OBSERVED_TOKEN}"))
+            .body(http_body_util::Empty::new())
+            .expect("a valid request");
+        let ok = match client.request(req).await {
+            Ok(resp) => {
+                let ok = resp.status() == 200;
+                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                ok
+            }
+            Err(_) => false,
+        };
+        if !ok && !reported {
+            eprintln!("scraping http://{admin}/metrics failed");
+            reported = true;
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -434,6 +530,7 @@ fn main() -> anyhow::Result<()> {
                 json,
                 fresh,
                 reuse,
+                observed,
                 workerd,
                 worker,
             } => {
@@ -450,6 +547,7 @@ fn main() -> anyhow::Result<()> {
                         fresh,
                         reuse,
                         workerd: workerd.zip(worker),
+                        observed,
                     },
                 )
                 .await
