@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+scripts/chromium.sh >/dev/null   # the dashboard test drives a headless browser
 scripts/check-tree.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

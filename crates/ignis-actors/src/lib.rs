@@ -19,10 +19,13 @@
 //! after their writes are durable (output gate), persisted alarms and idle
 //! eviction.
 //!
+//! [`cron::CronTriggers`] call functions and actors on a schedule.
+//!
 //! docs/scheduling.md states the admission semantics, docs/actors.md the
-//! durable actors'.
+//! durable actors', docs/operations.md the cron triggers'.
 
 mod admission;
+pub mod cron;
 mod durable;
 
 pub use admission::{Admission, AdmissionStats, FunctionGate, Slot, retry_after};

@@ -1,14 +1,20 @@
-//! The admin listener: `/healthz`, `/readyz` and Prometheus `/metrics`
-//! ([`metrics`]), on its own address (loopback by default), behind a
+//! The admin listener: `/healthz`, `/readyz`, Prometheus `/metrics`
+//! ([`metrics`]), `/v1/stats` ([`stats`]) and the live dashboard
+//! (`/dashboard`), on its own address (loopback by default), behind a
 //! bearer token.
 //!
 //! Invariants:
 //! - No token configured, no listener: [`AdminServer::bind`] returns `None`
 //!   and the caller logs that the admin API is off. There is no
 //!   unauthenticated mode.
-//! - Every request, whatever its path, must carry `Authorization: Bearer
-//!   TOKEN`; otherwise 401 with `WWW-Authenticate: Bearer` and nothing
-//!   else happens. The check hashes both sides (SHA-256) and compares the
+//! - Every request must carry `Authorization: Bearer TOKEN`; otherwise
+//!   401 with `WWW-Authenticate: Bearer` and nothing else happens. The one
+//!   exception is the dashboard's three static files (a page, its script
+//!   and its style sheet), which hold no data: a browser cannot send a
+//!   header when it opens a page, so the page asks for the token (or reads
+//!   it from the URL fragment, which is never sent) and sends it with each
+//!   `/v1/stats` request. They are served with a strict
+//!   Content-Security-Policy (same origin only, no inline script). The check hashes both sides (SHA-256) and compares the
 //!   digests in constant time, so neither the token's bytes nor its length
 //!   leak through timing. Refusals are counted and logged at most once a
 //!   second (a flood of bad tokens cannot flood the log).
@@ -21,7 +27,27 @@
 //! - Error bodies are short fixed texts; nothing internal is echoed.
 
 pub mod metrics;
+pub mod stats;
 
+/// The dashboard's files: static, without data (what they show comes from
+/// `/v1/stats`, which needs the token).
+const DASHBOARD: [(&str, &str, &str); 3] = [
+    (
+        "/dashboard",
+        "text/html; charset=utf-8",
+        include_str!("dashboard/index.html"),
+    ),
+    (
+        "/dashboard.js",
+        "text/javascript; charset=utf-8",
+        include_str!("dashboard/dashboard.js"),
+    ),
+    (
+        "/dashboard.css",
+        "text/css; charset=utf-8",
+        include_str!("dashboard/dashboard.css"),
+    ),
+];
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -34,6 +60,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use ignis_actors::cron::CronTriggers;
 use ignis_actors::{ActorDirectory, FunctionGate};
 use ignis_config::AdminConfig;
 use ignis_edge::Upstream;
@@ -64,6 +91,8 @@ pub struct Node {
     pub traffic: Arc<Traffic>,
     /// Tenants' scheduling weights (tenants not listed weigh 1).
     pub weights: BTreeMap<String, u32>,
+    /// The cron triggers.
+    pub cron: Arc<CronTriggers>,
     started: SystemTime,
     ready: AtomicBool,
 }
@@ -86,6 +115,7 @@ impl Node {
         upstreams: BTreeMap<String, Arc<Upstream>>,
         traffic: Arc<Traffic>,
         weights: BTreeMap<String, u32>,
+        cron: Arc<CronTriggers>,
     ) -> Arc<Node> {
         Arc::new(Node {
             functions,
@@ -93,6 +123,7 @@ impl Node {
             upstreams,
             traffic,
             weights,
+            cron,
             started: SystemTime::now(),
             ready: AtomicBool::new(false),
         })
@@ -225,6 +256,30 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
 impl Shared {
     /// The answer to one admin request.
     fn answer(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        if let Some((_, content_type, body)) = DASHBOARD
+            .iter()
+            .find(|(path, _, _)| *path == req.uri().path())
+            && (req.method() == Method::GET || req.method() == Method::HEAD)
+        {
+            let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+            let headers = resp.headers_mut();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            headers.insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+                ),
+            );
+            headers.insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            );
+            headers.insert(
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("no-referrer"),
+            );
+            return resp;
+        }
         if !self.authorized(req) {
             self.refused(peer);
             let mut resp = text(
@@ -237,7 +292,7 @@ impl Shared {
             );
             return resp;
         }
-        let known = ["/healthz", "/readyz", "/metrics"];
+        let known = ["/healthz", "/readyz", "/metrics", "/v1/stats"];
         let path = req.uri().path();
         if !known.contains(&path) {
             return text(StatusCode::NOT_FOUND, "no such admin endpoint\n");
@@ -252,6 +307,18 @@ impl Shared {
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" if self.node.is_ready() => text(StatusCode::OK, "ready\n"),
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            "/v1/stats" => {
+                let body =
+                    serde_json::to_vec(&stats::read(&self.node)).unwrap_or_else(|_| b"{}".to_vec());
+                let mut resp = Response::new(Full::new(Bytes::from(body)));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                resp.headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                resp
+            }
             _ => {
                 let mut resp = Response::new(Full::new(Bytes::from(metrics::render(&self.node))));
                 resp.headers_mut().insert(

@@ -127,7 +127,8 @@ impl Collector for NodeCollector {
         self.functions(&mut e)?;
         self.tenants(&mut e)?;
         self.actors(&mut e)?;
-        self.upstreams(&mut e)
+        self.upstreams(&mut e)?;
+        self.cron(&mut e)
     }
 }
 
@@ -496,6 +497,37 @@ impl NodeCollector {
             "Live activations now.",
             None,
             [(Vec::new(), ConstGauge::new(load(&s.active) as i64))],
+        )
+    }
+
+    fn cron(&self, e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let triggers = self.0.cron.triggers();
+        family(
+            e,
+            "ignis_cron_runs",
+            "Cron runs, by outcome: ok (a 2xx or 3xx answer) or failed.",
+            None,
+            triggers.iter().flat_map(|t| {
+                let s = t.stats();
+                [("ok", load(&s.succeeded)), ("failed", load(&s.failed))].map(|(outcome, v)| {
+                    (
+                        vec![("trigger", t.config().name.as_str()), ("outcome", outcome)],
+                        counter(v),
+                    )
+                })
+            }),
+        )?;
+        family(
+            e,
+            "ignis_cron_skipped",
+            "Cron occurrences skipped because the trigger's previous run was still going.",
+            None,
+            triggers.iter().map(|t| {
+                (
+                    vec![("trigger", t.config().name.as_str())],
+                    counter(load(&t.stats().skipped)),
+                )
+            }),
         )
     }
 

@@ -119,7 +119,44 @@ pub struct Manifest {
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// The admin listener (`[admin]`; defaults without the section).
     pub admin: AdminConfig,
+    /// Cron triggers (`[[triggers.cron]]`), in file order.
+    pub cron: Vec<CronTrigger>,
 }
+
+/// A cron trigger (`[[triggers.cron]]`): a request to a function, or a
+/// message to one actor, on a schedule (UTC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CronTrigger {
+    /// Its name (`name`, default `cron-N` with N its index): in logs and
+    /// metrics.
+    pub name: String,
+    /// The cron pattern as written: 5 fields (minute hour day month
+    /// weekday), or 6 with seconds first; checked with `croner`.
+    pub schedule: String,
+    /// Who gets the request.
+    pub target: CronTarget,
+    /// The request's method (default `POST`).
+    pub method: http::Method,
+    /// The request's path and query (default `/`).
+    pub path: String,
+}
+
+/// What a cron trigger calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CronTarget {
+    /// A function, through its admission gate.
+    Function(String),
+    /// The actor `(class, id)`.
+    Actor {
+        /// The class.
+        class: String,
+        /// The actor id.
+        id: String,
+    },
+}
+
+/// Most cron triggers in one manifest.
+pub const MAX_CRON_TRIGGERS: usize = 1000;
 
 /// The admin listener (`[admin]`): health, readiness and metrics, behind a
 /// bearer token. Without a token it does not listen at all.
@@ -878,6 +915,27 @@ struct RawManifest {
     #[serde(default)]
     upstreams: BTreeMap<String, Spanned<RawUpstream>>,
     admin: Option<Spanned<RawAdmin>>,
+    #[serde(default)]
+    triggers: RawTriggers,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTriggers {
+    #[serde(default)]
+    cron: Vec<Spanned<RawCron>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCron {
+    name: Option<Spanned<String>>,
+    schedule: Spanned<String>,
+    function: Option<String>,
+    actor: Option<String>,
+    id: Option<Spanned<String>>,
+    method: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1363,9 +1421,11 @@ impl Validator<'_> {
         let storage = self.storage(raw.storage)?;
         let tls = raw.tls.map(|t| self.tls(t, server.listen)).transpose()?;
         let admin = self.admin(raw.admin, &server, tls.as_ref())?;
+        let cron = self.cron(raw.triggers.cron, &functions, &actors)?;
         Ok(Manifest {
             tls,
             admin,
+            cron,
             upstreams,
             path: self.path.to_path_buf(),
             server,
@@ -1433,6 +1493,141 @@ impl Validator<'_> {
             watch: b.watch.iter().map(|w| within(w)).collect(),
             workdir,
         }))
+    }
+
+    fn cron(
+        &self,
+        raw: Vec<Spanned<RawCron>>,
+        functions: &BTreeMap<String, FunctionConfig>,
+        actors: &BTreeMap<String, ActorClassConfig>,
+    ) -> Result<Vec<CronTrigger>, ConfigError> {
+        if raw.len() > MAX_CRON_TRIGGERS {
+            return Err(self.err(
+                raw[MAX_CRON_TRIGGERS].span().start,
+                "triggers.cron",
+                format!("at most {MAX_CRON_TRIGGERS} cron triggers"),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        let mut out = Vec::new();
+        for (i, t) in raw.into_iter().enumerate() {
+            let at = t.span().start;
+            let t = t.into_inner();
+            let key = |k: &str| format!("triggers.cron[{i}].{k}");
+            let name = match &t.name {
+                None => format!("cron-{i}"),
+                Some(n) if valid_name(n.get_ref()) => n.get_ref().clone(),
+                Some(n) => {
+                    return Err(self.err(
+                        n.span().start,
+                        key("name"),
+                        format!(
+                            "`{}` is not a name (letters, digits, '-' and '_')",
+                            n.get_ref()
+                        ),
+                    ));
+                }
+            };
+            if !names.insert(name.clone()) {
+                let at = t.name.as_ref().map_or(at, |n| n.span().start);
+                return Err(self.err(at, key("name"), format!("`{name}` names two triggers")));
+            }
+            let schedule = t.schedule.get_ref().trim().to_string();
+            if let Err(e) = <croner::Cron as std::str::FromStr>::from_str(&schedule) {
+                return Err(self.err(
+                    t.schedule.span().start,
+                    key("schedule"),
+                    format!(
+                        "`{schedule}` is not a cron schedule ({e}); use 5 fields (minute hour day month weekday) or 6 with seconds first"
+                    ),
+                ));
+            }
+            let target = match (t.function, t.actor, t.id) {
+                (Some(f), None, None) => {
+                    if !functions.contains_key(&f) {
+                        return Err(self.err(
+                            at,
+                            key("function"),
+                            format!("no function named `{f}`"),
+                        ));
+                    }
+                    CronTarget::Function(f)
+                }
+                (None, Some(class), Some(id)) => {
+                    if !actors.contains_key(&class) {
+                        return Err(self.err(
+                            at,
+                            key("actor"),
+                            format!("no actor class named `{class}`"),
+                        ));
+                    }
+                    let ok = !id.get_ref().is_empty()
+                        && id.get_ref().len() <= 256
+                        && id
+                            .get_ref()
+                            .bytes()
+                            .all(|b| b.is_ascii_graphic() && b != b'/');
+                    if !ok {
+                        return Err(self.err(
+                            id.span().start,
+                            key("id"),
+                            "an actor id is 1..256 visible ASCII characters without '/'",
+                        ));
+                    }
+                    CronTarget::Actor {
+                        class,
+                        id: id.into_inner(),
+                    }
+                }
+                (None, Some(_), None) => {
+                    return Err(self.err(at, key("id"), "an actor trigger needs the actor's `id`"));
+                }
+                _ => {
+                    return Err(self.err(
+                        at,
+                        format!("triggers.cron[{i}]"),
+                        "set `function`, or `actor` and `id`",
+                    ));
+                }
+            };
+            let method = match &t.method {
+                None => http::Method::POST,
+                Some(m) => http::Method::from_bytes(m.get_ref().as_bytes())
+                    .ok()
+                    .filter(|m| m.as_str().bytes().all(|b| b.is_ascii_uppercase()))
+                    .ok_or_else(|| {
+                        self.err(
+                            m.span().start,
+                            key("method"),
+                            format!("`{}` is not an HTTP method (GET, POST, ...)", m.get_ref()),
+                        )
+                    })?,
+            };
+            let path = match &t.path {
+                None => "/".to_string(),
+                Some(p) => {
+                    let ok = p.get_ref().starts_with('/')
+                        && p.get_ref().len() <= 2048
+                        && p.get_ref().parse::<http::uri::PathAndQuery>().is_ok();
+                    if !ok {
+                        return Err(self.err(
+                            p.span().start,
+                            key("path"),
+                            format!("`{}` is not a path starting with '/'", p.get_ref()),
+                        ));
+                    }
+                    p.get_ref().clone()
+                }
+            };
+            out.push(CronTrigger {
+                name,
+                schedule,
+                target,
+                method,
+                path,
+            });
+        }
+        Ok(out)
     }
 
     fn admin(

@@ -1268,3 +1268,138 @@ fn the_admin_section_takes_a_token_or_a_token_file_and_never_shows_it() {
     let long = format!("[admin]\ntoken = \"{}\"\n", "x".repeat(513));
     assert!(invalid(&long).2.contains("at most 512"));
 }
+
+#[test]
+fn cron_triggers_name_a_schedule_and_a_function_or_an_actor() {
+    let base = "[functions.job]\ncomponent = \"j.wasm\"\n[actors.room]\ncomponent = \"r.wasm\"\n";
+    let m = parse(&format!(
+        "{base}[[triggers.cron]]\nschedule = \"*/5 * * * *\"\nfunction = \"job\"\n\
+         [[triggers.cron]]\nname = \"sweep\"\nschedule = \"30 * * * * *\"\nactor = \"room\"\nid = \"lobby\"\nmethod = \"PUT\"\npath = \"/sweep?all=1\"\n"
+    ))
+    .unwrap();
+    assert_eq!(m.cron.len(), 2);
+    let first = &m.cron[0];
+    assert_eq!(first.name, "cron-0");
+    assert_eq!(first.schedule, "*/5 * * * *");
+    assert_eq!(
+        first.target,
+        ignis_config::CronTarget::Function("job".into())
+    );
+    assert_eq!((first.method.as_str(), first.path.as_str()), ("POST", "/"));
+    let second = &m.cron[1];
+    assert_eq!(second.name, "sweep");
+    assert_eq!(
+        second.target,
+        ignis_config::CronTarget::Actor {
+            class: "room".into(),
+            id: "lobby".into()
+        }
+    );
+    assert_eq!(
+        (second.method.as_str(), second.path.as_str()),
+        ("PUT", "/sweep?all=1")
+    );
+
+    let t = |body: &str| format!("{base}[[triggers.cron]]\n{body}");
+    let cases = vec![
+        (
+            t("schedule = \"61 * * * *\"\nfunction = \"job\""),
+            6,
+            "triggers.cron[0].schedule",
+            "not a cron schedule",
+        ),
+        (
+            t("schedule = \"\"\nfunction = \"job\""),
+            6,
+            "triggers.cron[0].schedule",
+            "not a cron schedule",
+        ),
+        (
+            t("schedule = \"* * *\"\nfunction = \"job\""),
+            6,
+            "triggers.cron[0].schedule",
+            "5 fields",
+        ),
+        (
+            t("schedule = \"* * * * *\"\nfunction = \"nope\""),
+            5,
+            "triggers.cron[0].function",
+            "no function named",
+        ),
+        (
+            t("schedule = \"* * * * *\"\nactor = \"nope\"\nid = \"a\""),
+            5,
+            "triggers.cron[0].actor",
+            "no actor class",
+        ),
+        (
+            t("schedule = \"* * * * *\"\nactor = \"room\""),
+            5,
+            "triggers.cron[0].id",
+            "needs the actor's `id`",
+        ),
+        (
+            t("schedule = \"* * * * *\"\nactor = \"room\"\nid = \"a/b\""),
+            8,
+            "triggers.cron[0].id",
+            "without '/'",
+        ),
+        (
+            t("schedule = \"* * * * *\""),
+            5,
+            "triggers.cron[0]",
+            "set `function`",
+        ),
+        (
+            t("schedule = \"* * * * *\"\nfunction = \"job\"\nactor = \"room\"\nid = \"a\""),
+            5,
+            "triggers.cron[0]",
+            "set `function`",
+        ),
+        (
+            t("schedule = \"* * * * *\"\nfunction = \"job\"\npath = \"nope\""),
+            8,
+            "triggers.cron[0].path",
+            "starting with '/'",
+        ),
+        (
+            t("schedule = \"* * * * *\"\nfunction = \"job\"\nmethod = \"get it\""),
+            8,
+            "triggers.cron[0].method",
+            "not an HTTP method",
+        ),
+        (
+            t("schedule = \"* * * * *\"\nfunction = \"job\"\nname = \"a b\""),
+            8,
+            "triggers.cron[0].name",
+            "not a name",
+        ),
+        (
+            t(
+                "name = \"x\"\nschedule = \"* * * * *\"\nfunction = \"job\"\n[[triggers.cron]]\nname = \"x\"\nschedule = \"* * * * *\"\nfunction = \"job\"",
+            ),
+            10,
+            "triggers.cron[1].name",
+            "names two triggers",
+        ),
+        (
+            t("schedule = \"* * * * *\"\nfunction = \"job\"\nevery = 5"),
+            8,
+            "triggers.cron[0].every",
+            "unknown field",
+        ),
+    ];
+    for (text, want_line, want_key, want_message) in cases {
+        let (line, key, message) = invalid(&text);
+        assert_eq!(
+            (line, key.as_str()),
+            (want_line, want_key),
+            "{text}: {message}"
+        );
+        assert!(message.contains(want_message), "{text}: {message}");
+    }
+    let many: String = (0..1001)
+        .map(|_| "[[triggers.cron]]\nschedule = \"* * * * *\"\nfunction = \"job\"\n")
+        .collect();
+    assert!(invalid(&format!("{base}{many}")).2.contains("at most 1000"));
+}

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use ignis_actors::cron::CronTriggers;
 use ignis_actors::{ActorDirectory, FunctionGate};
 use ignis_admin::{AdminServer, Node};
 use ignis_config::{ComponentSource, Manifest};
@@ -47,6 +48,8 @@ pub struct App {
     pub directory: Option<Arc<ActorDirectory>>,
     /// What the admin listener reports on.
     pub node: Arc<Node>,
+    /// The cron triggers (started by [`serve`]).
+    pub cron: Arc<CronTriggers>,
 }
 
 /// Component paths of the manifest's functions and actor classes.
@@ -192,6 +195,7 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         }
         _ => None,
     };
+    let cron = Arc::new(CronTriggers::new(manifest, &gates, directory.as_ref())?);
     let traffic = Traffic::new(manifest);
     let edge = Edge::new(manifest, &gates, directory.clone(), &upstreams, &traffic)?;
     let node = Node::new(
@@ -207,9 +211,11 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
             .iter()
             .map(|(name, t)| (name.clone(), t.weight))
             .collect(),
+        cron.clone(),
     );
     Ok(App {
         node,
+        cron,
         runtime,
         functions,
         gates,
@@ -310,9 +316,13 @@ pub async fn serve(manifest: &Manifest, app: App) -> anyhow::Result<()> {
     };
     app.node.set_ready(true);
     let node = app.node.clone();
+    // Cron triggers fire while the node serves; at the shutdown signal they
+    // stop (a run in flight is cancelled with its guest).
+    let cron = app.cron.start();
     let signal = async move {
         shutdown_signal().await;
         node.set_ready(false);
+        drop(cron);
         let _ = stop_tx.send(true);
     };
     // The admin listener outlives the drain (`/readyz` says 503 meanwhile)

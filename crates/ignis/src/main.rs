@@ -167,9 +167,23 @@ fn main() -> ExitCode {
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_env("IGNIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Lines are formatted where they happen and written by one thread,
+    // which drains every queued line into a buffer and writes it at once:
+    // with an access line per request, a write(2) per line cost about 20%
+    // of hello throughput (docs/BENCHMARKS.md). Never lossy: when 128k
+    // lines wait, loggers wait. The guard flushes what is queued when `run`
+    // returns (a kill -9 loses what was still queued).
+    let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("ignis-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(writer);
     match cli.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),

@@ -144,7 +144,13 @@ async fn every_admin_endpoint_needs_the_token() {
         Some("Basic dGVzdDp0ZXN0"),
         Some("test-admin-token-0123456789"), // no scheme
     ];
-    for path in ["/healthz", "/readyz", "/metrics", "/no-such-thing"] {
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/stats",
+        "/no-such-thing",
+    ] {
         for auth in refused {
             let r = admin_get(admin, path, auth).await;
             assert_eq!(r.status, 401, "{path} with {auth:?}: {}", r.text());
@@ -174,7 +180,7 @@ async fn every_admin_endpoint_needs_the_token() {
         .unwrap();
     assert_eq!(send(&client(), post).await.status, 405);
 
-    let logs = sigkill(proc);
+    let logs = stop(proc);
     assert!(
         logs.contains("admin: request without a valid token refused (401)"),
         "{logs}"
@@ -182,7 +188,7 @@ async fn every_admin_endpoint_needs_the_token() {
     assert!(!logs.contains(TOKEN), "the token must never be logged");
     // Refusals are logged at most once a second, not once per request.
     let logged = logs.matches("without a valid token refused").count();
-    assert!(logged < 10, "{logged} refusal lines for 29 refusals");
+    assert!(logged < 10, "{logged} refusal lines for 36 refusals");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,17 +326,22 @@ async fn without_a_token_the_admin_api_is_off_and_the_log_says_so() {
             .status,
         200
     );
-    let logs = sigkill_keeping_stdout(&mut proc);
+    let logs = stop_keeping_stdout(&mut proc);
     assert!(
         logs.contains("admin API off: no token configured"),
         "{logs}"
     );
 }
 
-/// Kills `proc` and returns its stderr; asserts it printed no admin line.
-fn sigkill_keeping_stdout(proc: &mut Proc) -> String {
-    let _ = proc.child.kill();
-    let _ = proc.child.wait();
+/// Stops `proc` (SIGTERM) and returns its stderr; asserts it printed no
+/// admin line.
+fn stop_keeping_stdout(proc: &mut Proc) -> String {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &proc.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(proc.child.wait().unwrap().success());
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut proc.stdout, &mut rest);
     assert!(!rest.contains("admin on"), "{rest}");
@@ -458,7 +469,7 @@ async fn each_request_gets_one_access_line_without_its_query() {
         requests_on_one_connection(proc.addr, "/hello", 0).await,
         [404]
     );
-    let logs = strip_ansi(&sigkill(proc));
+    let logs = strip_ansi(&stop(proc));
     let lines: Vec<&str> = logs
         .lines()
         .filter(|l| l.contains("ignis::access"))
@@ -504,7 +515,7 @@ async fn json_logs_are_one_object_per_line_and_access_logs_can_be_off() {
         requests_on_one_connection(proc.addr, "/hello", 0).await,
         [404]
     );
-    let logs = sigkill(proc);
+    let logs = stop(proc);
     let mut access = None;
     for line in logs.lines() {
         let v: serde_json::Value =
@@ -533,6 +544,143 @@ async fn json_logs_are_one_object_per_line_and_access_logs_can_be_off() {
         requests_on_one_connection(proc.addr, "/hello", 0).await,
         [404]
     );
-    let logs = sigkill(proc);
+    let logs = stop(proc);
     assert!(!logs.contains("ignis::access"), "{logs}");
+}
+
+/// Runs headless Chromium (Debian's, installed by scripts/chromium.sh) with
+/// `args`, returning its stdout.
+fn chromium(args: &[&str]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .output()
+        .expect("running chromium (scripts/chromium.sh installs it)");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value of attribute `attr` in the first tag of `dom` that contains
+/// `marker`.
+fn attribute(dom: &str, marker: &str, attr: &str) -> Option<String> {
+    let at = dom.find(marker)?;
+    let start = dom[..at].rfind('<')?;
+    let end = at + dom[at..].find('>')?;
+    let tag = &dom[start..end];
+    let from = tag.find(&format!("{attr}=\""))? + attr.len() + 2;
+    Some(tag[from..from + tag[from..].find('"')?].to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_live_charts_in_a_headless_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let (proc, admin) = serve_with_admin(&manifest(dir.path(), ""), &[]);
+    let auth = bearer();
+    // The page's files need no token and carry no data; the data does.
+    let page = admin_get(admin, "/dashboard", None).await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'")
+    );
+    assert!(
+        !page.text().contains("acme"),
+        "the page itself carries no data"
+    );
+    assert_eq!(admin_get(admin, "/v1/stats", None).await.status, 401);
+
+    // Traffic to `hello` while the browser watches.
+    let addr = proc.addr;
+    let load = tokio::spawn(async move {
+        let c = client();
+        loop {
+            let _ = get(&c, &format!("http://{addr}/hello")).await;
+        }
+    });
+    let stats = admin_get(admin, "/v1/stats", Some(&auth)).await;
+    assert_eq!(stats.status, 200);
+    let stats: serde_json::Value = serde_json::from_slice(&stats.body).unwrap();
+    let hello = stats["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "hello")
+        .expect("hello in /v1/stats");
+    assert_eq!(hello["tenant"], "acme");
+    assert_eq!(stats["ready"], true);
+
+    let url = format!("http://{admin}/dashboard#token={TOKEN}");
+    // Virtual time runs the page's one-second polling several times.
+    let dom = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || chromium(&["--virtual-time-budget=6000", "--dump-dom", &url])
+    })
+    .await
+    .unwrap();
+    let artifacts = repo().join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    tokio::task::spawn_blocking({
+        let shot = shot.clone();
+        move || {
+            chromium(&[
+                "--virtual-time-budget=6000",
+                "--window-size=1280,900",
+                &format!("--screenshot={}", shot.display()),
+                &url,
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    load.abort();
+    sigkill(proc);
+
+    std::fs::write(artifacts.join("dashboard.html"), &dom).unwrap();
+    assert_eq!(
+        attribute(&dom, "id=\"state\"", "data-state").as_deref(),
+        Some("live"),
+        "{dom}"
+    );
+    let samples: usize = attribute(&dom, "data-target=\"function/hello\"", "data-samples")
+        .unwrap_or_else(|| panic!("no card for hello: {dom}"))
+        .parse()
+        .unwrap();
+    assert!(samples >= 2, "{samples} samples: {dom}");
+    let requests: u64 = attribute(&dom, "data-target=\"function/hello\"", "data-requests")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(requests > 0);
+    let points: usize = attribute(&dom, "class=\"rate\"", "data-points")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(points >= 2, "the chart has {points} points");
+    assert!(
+        dom.contains("data-tenant=\"acme\""),
+        "tenants' CPU shares: {dom}"
+    );
+    assert!(!dom.contains(TOKEN), "the token must not stay in the page");
+    let png = std::fs::read(&shot).expect("a screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
 }

@@ -341,7 +341,7 @@ async fn acknowledged_writes_survive_kill_9() {
     }
     let r = get(&c, &format!("{base}/kv/get?store=nope&key=x")).await;
     assert_eq!(r.status, 500);
-    let logs = sigkill(proc);
+    let logs = stop(proc);
     // The log says why the guest got an error.
     assert!(
         logs.contains("store not declared in this function's key_value_stores"),
@@ -408,7 +408,7 @@ async fn config_and_secrets_reach_the_guest_and_never_the_logs() {
     let r = get(&c, &format!("{base}/kv/get?key=a")).await;
     assert_eq!(r.status, 500);
     assert!(r.text().contains("NoSuchStore"), "{}", r.text());
-    let logs = sigkill(proc);
+    let logs = stop(proc);
     let check_out = format!(
         "{}{}",
         String::from_utf8_lossy(&check.stdout),

@@ -271,7 +271,7 @@ async fn actor_output_is_logged_per_message_under_its_request_id() {
         ids.push(r.headers["x-request-id"].to_str().unwrap().to_string());
     }
     assert_ne!(ids[0], ids[1]);
-    let logs = strip_ansi(&sigkill(proc));
+    let logs = strip_ansi(&stop(proc));
     for (text, id) in ["first-message-line", "second-message-line"]
         .iter()
         .zip(&ids)

@@ -394,6 +394,21 @@ pub fn strip_ansi(text: &str) -> String {
     out
 }
 
+/// Sends SIGTERM, waits for the process to exit (it finishes in-flight
+/// requests and flushes its log) and returns what it wrote to stderr.
+/// Tests that read the log use this: lines are written by a background
+/// thread, so a `kill -9` may lose the last ones.
+pub fn stop(mut proc: Proc) -> String {
+    let status = Command::new("kill")
+        .args(["-TERM", &proc.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = proc.child.wait().unwrap();
+    assert!(exit.success(), "exit status {exit}");
+    proc.stderr.join().unwrap()
+}
+
 /// Sends `kill -9`, reaps the process and returns what it wrote to stderr.
 pub fn sigkill(mut proc: Proc) -> String {
     let status = Command::new("kill")

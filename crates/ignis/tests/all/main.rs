@@ -7,6 +7,7 @@ mod admin;
 mod admission;
 mod bindings;
 mod cli;
+mod cron;
 mod durable;
 mod http2;
 mod http_limits;

@@ -310,7 +310,7 @@ async fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
     // Each outage is one warning when it starts and one when it ends (with
     // the number of failed attempts), however many retries it took; the
     // refill after the release may make a second, short one.
-    let logs = strip_ansi(&sigkill(proc));
+    let logs = strip_ansi(&stop(proc));
     let outages = logs.matches("accept failed").count();
     assert!(outages >= 1, "{logs}");
     assert_eq!(
