@@ -29,4 +29,6 @@ pub mod cron;
 mod durable;
 
 pub use admission::{Admission, AdmissionStats, FunctionGate, Slot, retry_after};
-pub use durable::{ALARM_FIRST_BACKOFF, ALARM_MAX_ATTEMPTS, ActorDirectory, DirectoryStats};
+pub use durable::{
+    ALARM_FIRST_BACKOFF, ALARM_MAX_ATTEMPTS, ActorDirectory, ClassStats, DirectoryStats,
+};

@@ -66,6 +66,7 @@ use ignis_config::AdminConfig;
 use ignis_edge::Upstream;
 use ignis_edge::observe::Traffic;
 use ignis_runtime::Function;
+use ignis_store::StoreStats;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
@@ -93,6 +94,8 @@ pub struct Node {
     pub weights: BTreeMap<String, u32>,
     /// The cron triggers.
     pub cron: Arc<CronTriggers>,
+    /// The embedded store's counters, if it is open.
+    pub storage: Option<Arc<StoreStats>>,
     started: SystemTime,
     ready: AtomicBool,
 }
@@ -116,8 +119,10 @@ impl Node {
         traffic: Arc<Traffic>,
         weights: BTreeMap<String, u32>,
         cron: Arc<CronTriggers>,
+        storage: Option<Arc<StoreStats>>,
     ) -> Arc<Node> {
         Arc::new(Node {
+            storage,
             functions,
             directory,
             upstreams,

@@ -62,6 +62,26 @@ fn family<'a, M: EncodeMetric>(
     Ok(())
 }
 
+/// One counter family per entry of `table`, with a sample per subject.
+fn stat_counters(
+    e: &mut DescriptorEncoder<'_>,
+    table: &[StatCounter],
+    subjects: &[(Labels<'_>, &GuestStats)],
+) -> Result<(), std::fmt::Error> {
+    for (name, help, get) in table {
+        family(
+            e,
+            name,
+            help,
+            None,
+            subjects
+                .iter()
+                .map(|(labels, s)| (labels.clone(), counter(get(s)))),
+        )?;
+    }
+    Ok(())
+}
+
 fn counter(v: u64) -> ConstCounter<u64> {
     ConstCounter::new(v)
 }
@@ -128,7 +148,8 @@ impl Collector for NodeCollector {
         self.tenants(&mut e)?;
         self.actors(&mut e)?;
         self.upstreams(&mut e)?;
-        self.cron(&mut e)
+        self.cron(&mut e)?;
+        self.storage(&mut e)
     }
 }
 
@@ -238,16 +259,11 @@ impl NodeCollector {
                 |s| load(&s.requests),
             ),
         ];
-        for (name, help, get) in counters {
-            family(
-                e,
-                name,
-                help,
-                None,
-                fns.iter()
-                    .map(|(n, t, s, _)| (labels(*n, *t), counter(get(s)))),
-            )?;
-        }
+        let subjects: Vec<_> = fns
+            .iter()
+            .map(|(n, t, s, _)| (labels(*n, *t), *s))
+            .collect();
+        stat_counters(e, &counters, &subjects)?;
         family(
             e,
             "ignis_function_kills",
@@ -402,7 +418,7 @@ impl NodeCollector {
         };
         let mut classes: Vec<_> = directory.classes().collect();
         classes.sort_by(|a, b| a.name().cmp(b.name()));
-        let per_class: [StatCounter; 3] = [
+        let per_class: [StatCounter; 2] = [
             (
                 "ignis_actor_class_messages",
                 "Messages and alarms delivered to the class's activations.",
@@ -413,26 +429,15 @@ impl NodeCollector {
                 "Guest traps in the class's activations.",
                 |s| load(&s.traps),
             ),
-            (
-                "ignis_actor_class_instantiations",
-                "Activations instantiated.",
-                |s| load(&s.fresh_instances),
-            ),
         ];
-        for (name, help, get) in per_class {
-            family(
-                e,
-                name,
-                help,
-                None,
-                classes.iter().map(|c| {
-                    (
-                        vec![("class", c.name()), ("tenant", c.config().tenant.as_str())],
-                        counter(get(c.stats())),
-                    )
-                }),
-            )?;
-        }
+        let subjects: Vec<_> = classes
+            .iter()
+            .map(|c| {
+                let labels = vec![("class", c.name()), ("tenant", c.config().tenant.as_str())];
+                (labels, &**c.stats())
+            })
+            .collect();
+        stat_counters(e, &per_class, &subjects)?;
         family(
             e,
             "ignis_actor_class_cpu",
@@ -444,6 +449,43 @@ impl NodeCollector {
                     ConstCounter::new(load(&c.stats().cpu_nanos) as f64 / 1e9),
                 )
             }),
+        )?;
+        let counts = directory.class_counts();
+        fn labels<'a>(
+            directory: &'a ignis_actors::ActorDirectory,
+            c: &'a ignis_actors::ClassStats,
+        ) -> Labels<'a> {
+            let tenant = directory
+                .class(&c.class)
+                .map_or("-", |class| class.config().tenant.as_str());
+            vec![("class", c.class.as_str()), ("tenant", tenant)]
+        }
+        family(
+            e,
+            "ignis_actor_class_activations",
+            "Activations of the class started.",
+            None,
+            counts
+                .iter()
+                .map(|c| (labels(directory, c), counter(c.activations))),
+        )?;
+        family(
+            e,
+            "ignis_actor_class_evictions",
+            "Activations of the class evicted (idle, or to make room).",
+            None,
+            counts
+                .iter()
+                .map(|c| (labels(directory, c), counter(c.evictions))),
+        )?;
+        family(
+            e,
+            "ignis_actor_class_active",
+            "Live activations of the class now.",
+            None,
+            counts
+                .iter()
+                .map(|c| (labels(directory, c), ConstGauge::new(c.live as i64))),
         )?;
         let s = directory.stats();
         let node_counters = [
@@ -497,6 +539,72 @@ impl NodeCollector {
             "Live activations now.",
             None,
             [(Vec::new(), ConstGauge::new(load(&s.active) as i64))],
+        )
+    }
+
+    /// The embedded store (key-value and actor storage share its writer)
+    /// and the functions' key-value calls.
+    fn storage(&self, e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let ops: Vec<(&str, &str, Vec<ignis_runtime::bindings::keyvalue::OpCount>)> = self
+            .0
+            .functions
+            .iter()
+            .map(|(name, (f, _))| (name.as_str(), f.tenant(), f.kv_op_counts()))
+            .filter(|(_, _, ops)| !ops.is_empty())
+            .collect();
+        let samples = |get: fn(&ignis_runtime::bindings::keyvalue::OpCount) -> u64| {
+            ops.iter().flat_map(move |(f, t, ops)| {
+                ops.iter().map(move |o| {
+                    (
+                        vec![("function", *f), ("tenant", *t), ("op", o.op)],
+                        counter(get(o)),
+                    )
+                })
+            })
+        };
+        family(
+            e,
+            "ignis_kv_operations",
+            "Key-value calls by function and operation.",
+            None,
+            samples(|o| o.calls),
+        )?;
+        family(
+            e,
+            "ignis_kv_failures",
+            "Key-value calls that returned an error to the guest.",
+            None,
+            samples(|o| o.failures),
+        )?;
+        let Some(s) = &self.0.storage else {
+            return Ok(());
+        };
+        let counters = [
+            (
+                "ignis_storage_commits",
+                "Transactions committed by the store's writer (one fsync each; a group of writes).",
+                &s.commits,
+            ),
+            (
+                "ignis_storage_writes",
+                "Write jobs answered; writes / commits is the mean group size.",
+                &s.writes,
+            ),
+            (
+                "ignis_storage_failed_commits",
+                "Commits that failed (every write of the group got the error).",
+                &s.failed_commits,
+            ),
+        ];
+        for (name, help, v) in counters {
+            family(e, name, help, None, [(Vec::new(), counter(load(v)))])?;
+        }
+        family(
+            e,
+            "ignis_storage_commit_duration",
+            "Time to run and commit one group of writes, fsync included.",
+            Some(&Unit::Seconds),
+            [(Vec::new(), Hist(s.commit_duration.snapshot()))],
         )
     }
 

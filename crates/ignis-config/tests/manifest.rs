@@ -9,6 +9,21 @@ fn parse(text: &str) -> Result<Manifest, ConfigError> {
     Manifest::from_str_at(text, Path::new("/app/ignis.toml"))
 }
 
+/// Each `(manifest, line, key, part of the message)` is refused with
+/// that line, key and message.
+fn assert_all_invalid<S: AsRef<str>>(cases: &[(S, usize, &str, &str)]) {
+    for (text, want_line, want_key, want_message) in cases {
+        let text = text.as_ref();
+        let (line, key, message) = invalid(text);
+        assert_eq!(
+            (line, key.as_str()),
+            (*want_line, *want_key),
+            "{text}: {message}"
+        );
+        assert!(message.contains(want_message), "{text}: {message}");
+    }
+}
+
 fn invalid(text: &str) -> (usize, String, String) {
     match parse(text) {
         Err(ConfigError::Invalid {
@@ -1141,15 +1156,7 @@ fn bad_upstream_settings_name_line_and_key() {
             "not an IP",
         ),
     ];
-    for (text, want_line, want_key, want_message) in cases {
-        let (line, key, message) = invalid(&text);
-        assert_eq!(
-            (line, key.as_str()),
-            (want_line, want_key),
-            "{text}: {message}"
-        );
-        assert!(message.contains(want_message), "{text}: {message}");
-    }
+    assert_all_invalid(&cases);
 }
 
 #[test]
@@ -1256,15 +1263,7 @@ fn the_admin_section_takes_a_token_or_a_token_file_and_never_shows_it() {
         ),
         ("[admin]\ntokn = \"x\"\n", 2, "admin.tokn", "unknown field"),
     ];
-    for (text, want_line, want_key, want_message) in cases {
-        let (line, key, message) = invalid(text);
-        assert_eq!(
-            (line, key.as_str()),
-            (want_line, want_key),
-            "{text}: {message}"
-        );
-        assert!(message.contains(want_message), "{text}: {message}");
-    }
+    assert_all_invalid(&cases);
     let long = format!("[admin]\ntoken = \"{}\"\n", "x".repeat(513));
     assert!(invalid(&long).2.contains("at most 512"));
 }
@@ -1389,15 +1388,7 @@ fn cron_triggers_name_a_schedule_and_a_function_or_an_actor() {
             "unknown field",
         ),
     ];
-    for (text, want_line, want_key, want_message) in cases {
-        let (line, key, message) = invalid(&text);
-        assert_eq!(
-            (line, key.as_str()),
-            (want_line, want_key),
-            "{text}: {message}"
-        );
-        assert!(message.contains(want_message), "{text}: {message}");
-    }
+    assert_all_invalid(&cases);
     let many: String = (0..1001)
         .map(|_| "[[triggers.cron]]\nschedule = \"* * * * *\"\nfunction = \"job\"\n")
         .collect();

@@ -159,7 +159,10 @@ impl Traffic {
             status: 0,
             id: RequestId::for_request(req.headers(), trusted),
             bytes: 0,
-            access: self.access_log.then(|| {
+            // Nothing is kept for a line the log filter would drop.
+            access: (self.access_log
+                && tracing::enabled!(target: "ignis::access", tracing::Level::INFO))
+            .then(|| {
                 Box::new(Access {
                     peer,
                     method: req.method().clone(),

@@ -46,7 +46,9 @@ mod engine;
 mod error;
 mod function;
 mod guest;
-pub mod histogram;
+/// Lock-free duration histograms (kept in `ignis-store`, the lowest crate
+/// that records one).
+pub use ignis_store::histogram;
 pub mod host;
 mod limits;
 pub mod outbound;

@@ -30,6 +30,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod histogram;
 mod sqlite;
 
 use std::fmt;

@@ -66,6 +66,9 @@ pub struct StoreStats {
     pub commits: AtomicU64,
     /// Commits that failed (their jobs all got the error).
     pub failed_commits: AtomicU64,
+    /// Time from a group's first job taken to its commit known (the jobs'
+    /// work, the COMMIT and its fsync), per group.
+    pub commit_duration: crate::histogram::Histogram,
 }
 
 /// State a write job sees besides the connection.
@@ -284,7 +287,9 @@ fn writer_loop(
             }
         }
         let version_before = cx.next_version;
+        let started = std::time::Instant::now();
         let commit = run_group(&conn, &mut group, &mut cx);
+        stats.commit_duration.record(started.elapsed());
         if commit.is_err() {
             stats.failed_commits.fetch_add(1, Ordering::Relaxed);
             cx.next_version = version_before.max(cx.next_version);

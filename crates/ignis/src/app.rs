@@ -212,6 +212,7 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
             .map(|(name, t)| (name.clone(), t.weight))
             .collect(),
         cron.clone(),
+        store.as_ref().map(|s| s.stats().clone()),
     );
     Ok(App {
         node,

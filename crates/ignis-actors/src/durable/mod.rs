@@ -39,6 +39,26 @@ pub const ALARM_MAX_ATTEMPTS: u32 = 7;
 /// Delay before the first retry of a failed alarm; doubled each time.
 pub const ALARM_FIRST_BACKOFF: Duration = Duration::from_millis(250);
 
+/// One class's counters, kept by the directory.
+#[derive(Debug, Default)]
+struct ClassCounts {
+    activations: AtomicU64,
+    evictions: AtomicU64,
+}
+
+/// One class's figures at one moment ([`ActorDirectory::class_counts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassStats {
+    /// The class.
+    pub class: String,
+    /// Live activations now.
+    pub live: u64,
+    /// Activations started so far.
+    pub activations: u64,
+    /// Activations evicted so far (idle, or to make room).
+    pub evictions: u64,
+}
+
 /// Counters of the directory.
 #[derive(Debug, Default)]
 pub struct DirectoryStats {
@@ -168,6 +188,8 @@ struct Pending {
 /// The node's durable actors.
 pub struct ActorDirectory {
     classes: HashMap<String, Arc<ActorClass>>,
+    /// Activations and evictions per class; the keys are the classes.
+    per_class: HashMap<String, ClassCounts>,
     storage: Arc<dyn ActorStorage>,
     activations: Mutex<Activations>,
     /// Live activations allowed on the node, all classes together.
@@ -207,6 +229,10 @@ impl ActorDirectory {
     ) -> Arc<ActorDirectory> {
         let (alarms, commands) = mpsc::unbounded_channel();
         let (commits, commit_rx) = mpsc::unbounded_channel();
+        let per_class = classes
+            .iter()
+            .map(|c| (c.name().to_string(), ClassCounts::default()))
+            .collect();
         let dir = Arc::new_cyclic(|me| ActorDirectory {
             classes: classes
                 .into_iter()
@@ -218,6 +244,7 @@ impl ActorDirectory {
             alarms,
             commits,
             stats: Arc::new(DirectoryStats::default()),
+            per_class,
             me: me.clone(),
         });
         tokio::spawn(run_committer(Arc::downgrade(&dir), commit_rx));
@@ -245,6 +272,36 @@ impl ActorDirectory {
     /// Every class, in no particular order.
     pub fn classes(&self) -> impl Iterator<Item = &Arc<ActorClass>> {
         self.classes.values()
+    }
+
+    /// Per class, by name: live activations now, activations started and
+    /// evictions so far.
+    pub fn class_counts(&self) -> Vec<ClassStats> {
+        let live = lock(&self.activations).live.clone();
+        let mut out: Vec<_> = self
+            .per_class
+            .iter()
+            .map(|(class, c)| ClassStats {
+                class: class.clone(),
+                live: u64::from(live.get(class).copied().unwrap_or(0)),
+                activations: c.activations.load(Ordering::Relaxed),
+                evictions: c.evictions.load(Ordering::Relaxed),
+            })
+            .collect();
+        out.sort_by(|a, b| a.class.cmp(&b.class));
+        out
+    }
+
+    fn count_eviction(&self, class: &str) {
+        if let Some(c) = self.per_class.get(class) {
+            c.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn count_activation(&self, class: &str) {
+        if let Some(c) = self.per_class.get(class) {
+            c.activations.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The class named `name`.
@@ -319,6 +376,7 @@ impl ActorDirectory {
             };
             let handle = acts.by_key.remove(&victim).expect("found above");
             tracing::debug!(actor = ?victim, "activation evicted to make room (least recently used)");
+            self.count_eviction(victim.class());
             self.stats.bump(&self.stats.evictions);
             wait_for.push(handle.ended.clone());
             acts.retiring
@@ -583,6 +641,7 @@ async fn run_activation(
                 if activation.take().is_some() {
                     dir.stats.active.fetch_sub(1, Ordering::SeqCst);
                 }
+                dir.count_eviction(key.class());
                 dir.stats.bump(&dir.stats.evictions);
                 tracing::debug!(actor = ?key, "activation evicted after {idle:?} idle");
                 break;
@@ -638,6 +697,7 @@ async fn run_activation(
             {
                 Ok(a) => {
                     activation = Some(a);
+                    dir.count_activation(key.class());
                     dir.stats.bump(&dir.stats.activations);
                     dir.stats.active.fetch_add(1, Ordering::SeqCst);
                 }

@@ -368,6 +368,8 @@ pub struct Function {
     stats: Arc<GuestStats>,
     cache_outcome: CacheOutcome,
     kv: Arc<KvAccess>,
+    /// Whether the function declares any key-value store.
+    kv_declared: bool,
     config: ConfigState,
     caller: CallerSlot,
     /// Who this function is when it calls an actor.
@@ -450,6 +452,7 @@ impl Function {
             shared_pool,
             queue,
             demote_after,
+            kv_declared: !config.key_value_stores.is_empty(),
             kv: Arc::new(KvAccess::new(
                 platform.kv.clone(),
                 name.clone(),
@@ -508,6 +511,16 @@ impl Function {
     /// Whether the component came from the compile cache.
     pub fn cache_outcome(&self) -> CacheOutcome {
         self.cache_outcome
+    }
+
+    /// Key-value calls so far, by operation (empty if the function
+    /// declares no store).
+    pub fn kv_op_counts(&self) -> Vec<crate::bindings::keyvalue::OpCount> {
+        if self.kv_declared {
+            self.kv.op_counts()
+        } else {
+            Vec::new()
+        }
     }
 
     /// Outbound TCP connections opened by this function's pool so far.

@@ -336,11 +336,7 @@ async fn without_a_token_the_admin_api_is_off_and_the_log_says_so() {
 /// Stops `proc` (SIGTERM) and returns its stderr; asserts it printed no
 /// admin line.
 fn stop_keeping_stdout(proc: &mut Proc) -> String {
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &proc.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(&proc.child, "TERM");
     assert!(proc.child.wait().unwrap().success());
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut proc.stdout, &mut rest);
@@ -427,11 +423,7 @@ async fn readyz_says_503_while_the_node_drains() {
     let mut first = [0u8; 12];
     conn.read_exact(&mut first).await.unwrap();
     assert_eq!(&first, b"HTTP/1.1 200");
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &proc.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(&proc.child, "TERM");
     // The drain has begun once the public listener refuses connections;
     // until then /readyz may still say 200.
     let mut refused = false;

@@ -2,7 +2,7 @@
 //! graceful shutdown, guest log capture.
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -225,11 +225,7 @@ fn restart_reuses_the_compile_cache() {
 }
 
 fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(child, "TERM");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

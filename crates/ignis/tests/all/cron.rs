@@ -16,6 +16,7 @@ fn load(triggers: &str) -> app::App {
          [functions.hello]\ncomponent = \"{}\"\n\
          [functions.limits]\ncomponent = \"{}\"\nwall_time = \"10s\"\n\
          [actors.counter]\ncomponent = \"{}\"\n\
+         [functions.kv]\ncomponent = \"{}\"\nkey_value_stores = [\"default\"]\n\
          {triggers}",
         shared_cache(),
         tempfile::tempdir()
@@ -26,6 +27,7 @@ fn load(triggers: &str) -> app::App {
         wasm("hello"),
         wasm("limits"),
         wasm("counter"),
+        wasm("kv"),
     );
     let manifest = Manifest::from_str_at(&text, &repo().join("cron.toml")).expect("manifest");
     app::load(&manifest, Sources::PrebuiltOnly).expect("load")
@@ -46,7 +48,8 @@ async fn cron_triggers_call_functions_and_actors_on_schedule_and_count_each_run(
     let app = load(
         "[[triggers.cron]]\nname = \"tick\"\nschedule = \"* * * * * *\"\nfunction = \"hello\"\npath = \"/hello\"\n\
          [[triggers.cron]]\nname = \"boom\"\nschedule = \"* * * * * *\"\nfunction = \"limits\"\npath = \"/trap\"\n\
-         [[triggers.cron]]\nname = \"count\"\nschedule = \"* * * * * *\"\nactor = \"counter\"\nid = \"nightly\"\npath = \"/incr\"\n",
+         [[triggers.cron]]\nname = \"count\"\nschedule = \"* * * * * *\"\nactor = \"counter\"\nid = \"nightly\"\npath = \"/incr\"\n\
+         [[triggers.cron]]\nname = \"store\"\nschedule = \"* * * * * *\"\nfunction = \"kv\"\npath = \"/kv/set?key=cron&value=1\"\n",
     );
     let tasks = app.cron.start();
     let tick = app.cron.trigger("tick").unwrap().stats();
@@ -55,6 +58,8 @@ async fn cron_triggers_call_functions_and_actors_on_schedule_and_count_each_run(
     wait(tick, "two runs of `tick`", |s| n(&s.succeeded) >= 2).await;
     wait(boom, "a failed run of `boom`", |s| n(&s.failed) >= 1).await;
     wait(count, "a run of `count`", |s| n(&s.succeeded) >= 1).await;
+    let store = app.cron.trigger("store").unwrap().stats();
+    wait(store, "a run of `store`", |s| n(&s.succeeded) >= 1).await;
     // Each run was a real request of the function (its own instance).
     let hello = &app.functions["hello"];
     assert!(n(&hello.stats().requests) >= 2);
@@ -77,6 +82,30 @@ async fn cron_triggers_call_functions_and_actors_on_schedule_and_count_each_run(
     let ok: f64 = ok_line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(ok >= 2.0, "{ok_line}");
     assert!(text.contains("ignis_cron_runs_total{trigger=\"boom\",outcome=\"failed\"}"));
+    // What those runs did shows in the storage, key-value and actor metrics.
+    let value = |prefix: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(value("ignis_kv_operations_total{function=\"kv\",tenant=\"kv\",op=\"set\"}") >= 1.0);
+    assert_eq!(
+        value("ignis_kv_failures_total{function=\"kv\",tenant=\"kv\",op=\"set\"}"),
+        0.0
+    );
+    assert!(value("ignis_storage_commits_total") >= 1.0);
+    assert!(value("ignis_storage_writes_total") >= value("ignis_storage_commits_total"));
+    assert!(value("ignis_storage_commit_duration_seconds_count") >= 1.0);
+    assert!(value("ignis_actor_class_activations_total{class=\"counter\"") >= 1.0);
+    assert_eq!(value("ignis_actor_class_active{class=\"counter\""), 1.0);
+    assert_eq!(
+        value("ignis_actor_class_evictions_total{class=\"counter\""),
+        0.0
+    );
+    // hello declares no store: no key-value series for it.
+    assert!(!text.contains("ignis_kv_operations_total{function=\"hello\""));
 
     // Shutting the set down stops every trigger and its runs.
     let mut tasks = tasks;

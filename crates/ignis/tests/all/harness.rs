@@ -399,11 +399,7 @@ pub fn strip_ansi(text: &str) -> String {
 /// Tests that read the log use this: lines are written by a background
 /// thread, so a `kill -9` may lose the last ones.
 pub fn stop(mut proc: Proc) -> String {
-    let status = Command::new("kill")
-        .args(["-TERM", &proc.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(&proc.child, "TERM");
     let exit = proc.child.wait().unwrap();
     assert!(exit.success(), "exit status {exit}");
     proc.stderr.join().unwrap()
@@ -411,11 +407,16 @@ pub fn stop(mut proc: Proc) -> String {
 
 /// Sends `kill -9`, reaps the process and returns what it wrote to stderr.
 pub fn sigkill(mut proc: Proc) -> String {
-    let status = Command::new("kill")
-        .args(["-KILL", &proc.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(&proc.child, "KILL");
     let _ = proc.child.wait();
     proc.stderr.join().unwrap()
+}
+
+/// Sends signal `name` (`TERM`, `KILL`, `STOP`, ...) to `child`.
+pub fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} failed");
 }

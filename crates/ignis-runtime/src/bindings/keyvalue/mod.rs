@@ -15,6 +15,7 @@
 
 use crate::RequestId;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ignis_store::{KvBackend, ListFrom, Namespace, StoreError, Versioned};
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
@@ -52,6 +53,35 @@ pub struct KvAccess {
     function: Arc<str>,
     stores: Vec<Namespace>,
     limits: KvLimits,
+    /// Calls by operation ([`KV_OPS`]), and of those how many failed.
+    calls: [AtomicU64; KV_OPS.len()],
+    failures: [AtomicU64; KV_OPS.len()],
+}
+
+/// The key-value operations counted, as both draft packages name them.
+pub const KV_OPS: [&str; 11] = [
+    "open",
+    "get",
+    "set",
+    "delete",
+    "exists",
+    "list-keys",
+    "get-many",
+    "set-many",
+    "delete-many",
+    "increment",
+    "swap",
+];
+
+/// One operation's counts ([`KvAccess::op_counts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpCount {
+    /// The operation, one of [`KV_OPS`].
+    pub op: &'static str,
+    /// Calls.
+    pub calls: u64,
+    /// Of those, how many failed (any error the guest saw).
+    pub failures: u64,
 }
 
 impl KvAccess {
@@ -72,7 +102,22 @@ impl KvAccess {
                 .map(|s| Namespace::new(tenant.clone(), s.as_str()))
                 .collect(),
             limits,
+            calls: Default::default(),
+            failures: Default::default(),
         }
+    }
+
+    /// Calls so far, by operation.
+    pub fn op_counts(&self) -> Vec<OpCount> {
+        KV_OPS
+            .iter()
+            .enumerate()
+            .map(|(i, op)| OpCount {
+                op,
+                calls: self.calls[i].load(Ordering::Relaxed),
+                failures: self.failures[i].load(Ordering::Relaxed),
+            })
+            .collect()
     }
 }
 
@@ -204,6 +249,12 @@ impl KvAccess {
 
     /// Logs a failed call (the guest gets the error variant).
     fn logged<T>(&self, request_id: RequestId, op: &str, r: Result<T, Fail>) -> Result<T, Fail> {
+        if let Some(i) = KV_OPS.iter().position(|o| *o == op) {
+            self.calls[i].fetch_add(1, Ordering::Relaxed);
+            if r.is_err() {
+                self.failures[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if let Err(e) = &r {
             match e {
                 Fail::NoSuchStore => tracing::warn!(

@@ -1,8 +1,10 @@
 //! A fixed-bucket histogram of durations, lock-free: recording is one
-//! bucket search over 16 bounds and three relaxed atomic adds, so every
+//! bucket search over 16 bounds and two relaxed atomic adds, so every
 //! request can be recorded (request latency at the edge, instantiation
-//! time, actor commit latency) without a lock shared by all connections.
-//! Read at scrape time by the admin listener's Prometheus exposition.
+//! time, storage commit latency) without a lock shared by all connections.
+//! Read at scrape time by the admin listener's Prometheus exposition. It
+//! lives here, in the lowest crate that records one; `ignis-runtime`
+//! re-exports it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
