@@ -26,12 +26,27 @@
 //!   `/metrics` answer cannot hold its slot). Request bodies are never read.
 //! - Error bodies are short fixed texts; nothing internal is echoed.
 
+pub mod listing;
 pub mod metrics;
 pub mod stats;
 
-/// The dashboard's files: static, without data (what they show comes from
+/// The endpoints that need the token, each answering `GET` (and `HEAD`).
+/// The OpenAPI document describes exactly these and the dashboard's files
+/// (a test holds the two together).
+pub const ENDPOINTS: [&str; 6] = [
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/v1/stats",
+    "/v1/functions",
+    "/v1/openapi.json",
+];
+
+/// The OpenAPI 3.1 document of this API (`GET /v1/openapi.json`).
+pub const OPENAPI: &str = include_str!("openapi.json");
+/// The dashboard's files (path, content type, content): static, without data (what they show comes from
 /// `/v1/stats`, which needs the token).
-const DASHBOARD: [(&str, &str, &str); 3] = [
+pub const DASHBOARD: [(&str, &str, &str); 3] = [
     (
         "/dashboard",
         "text/html; charset=utf-8",
@@ -96,6 +111,8 @@ pub struct Node {
     pub cron: Arc<CronTriggers>,
     /// The embedded store's counters, if it is open.
     pub storage: Option<Arc<StoreStats>>,
+    /// The routes, in manifest order.
+    pub routes: Vec<ignis_config::RouteConfig>,
     started: SystemTime,
     ready: AtomicBool,
 }
@@ -112,17 +129,20 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     /// A node view, not ready until [`Node::set_ready`].
-    pub fn new(
-        functions: BTreeMap<String, (Arc<Function>, Arc<FunctionGate>)>,
-        directory: Option<Arc<ActorDirectory>>,
-        upstreams: BTreeMap<String, Arc<Upstream>>,
-        traffic: Arc<Traffic>,
-        weights: BTreeMap<String, u32>,
-        cron: Arc<CronTriggers>,
-        storage: Option<Arc<StoreStats>>,
-    ) -> Arc<Node> {
+    pub fn new(parts: NodeParts) -> Arc<Node> {
+        let NodeParts {
+            functions,
+            directory,
+            upstreams,
+            traffic,
+            weights,
+            cron,
+            storage,
+            routes,
+        } = parts;
         Arc::new(Node {
             storage,
+            routes,
             functions,
             directory,
             upstreams,
@@ -144,11 +164,24 @@ impl Node {
         self.ready.load(Ordering::SeqCst)
     }
 
-    fn started_unix_seconds(&self) -> f64 {
+    pub(crate) fn started_unix_seconds(&self) -> f64 {
         self.started
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64())
     }
+}
+
+/// What a [`Node`] is made of (see its fields).
+#[allow(missing_docs)]
+pub struct NodeParts {
+    pub functions: BTreeMap<String, (Arc<Function>, Arc<FunctionGate>)>,
+    pub directory: Option<Arc<ActorDirectory>>,
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    pub traffic: Arc<Traffic>,
+    pub weights: BTreeMap<String, u32>,
+    pub cron: Arc<CronTriggers>,
+    pub storage: Option<Arc<StoreStats>>,
+    pub routes: Vec<ignis_config::RouteConfig>,
 }
 
 /// Errors binding the admin listener.
@@ -297,9 +330,8 @@ impl Shared {
             );
             return resp;
         }
-        let known = ["/healthz", "/readyz", "/metrics", "/v1/stats"];
         let path = req.uri().path();
-        if !known.contains(&path) {
+        if !ENDPOINTS.contains(&path) {
             return text(StatusCode::NOT_FOUND, "no such admin endpoint\n");
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -312,18 +344,9 @@ impl Shared {
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" if self.node.is_ready() => text(StatusCode::OK, "ready\n"),
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-            "/v1/stats" => {
-                let body =
-                    serde_json::to_vec(&stats::read(&self.node)).unwrap_or_else(|_| b"{}".to_vec());
-                let mut resp = Response::new(Full::new(Bytes::from(body)));
-                resp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                resp.headers_mut()
-                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                resp
-            }
+            "/v1/stats" => json(serde_json::to_vec(&stats::read(&self.node))),
+            "/v1/functions" => json(serde_json::to_vec(&listing::read(&self.node))),
+            "/v1/openapi.json" => json(Ok(OPENAPI.as_bytes().to_vec())),
             _ => {
                 let mut resp = Response::new(Full::new(Bytes::from(metrics::render(&self.node))));
                 resp.headers_mut().insert(
@@ -367,6 +390,21 @@ impl Shared {
             tracing::warn!(%peer, refused_so_far = total, "admin: request without a valid token refused (401)");
         }
     }
+}
+
+/// A JSON answer, not to be cached (a document that failed to serialise,
+/// which our types cannot, is an empty object).
+fn json(body: Result<Vec<u8>, serde_json::Error>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(
+        body.unwrap_or_else(|_| b"{}".to_vec()),
+    )));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use ignis_actors::cron::CronTriggers;
 use ignis_actors::{ActorDirectory, FunctionGate};
-use ignis_admin::{AdminServer, Node};
+use ignis_admin::{AdminServer, Node, NodeParts};
 use ignis_config::{ComponentSource, Manifest};
 use ignis_edge::observe::Traffic;
 use ignis_edge::tls::CertStore;
@@ -198,22 +198,23 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
     let cron = Arc::new(CronTriggers::new(manifest, &gates, directory.as_ref())?);
     let traffic = Traffic::new(manifest);
     let edge = Edge::new(manifest, &gates, directory.clone(), &upstreams, &traffic)?;
-    let node = Node::new(
-        functions
+    let node = Node::new(NodeParts {
+        functions: functions
             .iter()
             .map(|(name, f)| (name.clone(), (f.clone(), gates[name].clone())))
             .collect(),
-        directory.clone(),
+        directory: directory.clone(),
         upstreams,
         traffic,
-        manifest
+        weights: manifest
             .tenants
             .iter()
             .map(|(name, t)| (name.clone(), t.weight))
             .collect(),
-        cron.clone(),
-        store.as_ref().map(|s| s.stats().clone()),
-    );
+        cron: cron.clone(),
+        storage: store.as_ref().map(|s| s.stats().clone()),
+        routes: manifest.routes.clone(),
+    });
     Ok(App {
         node,
         cron,

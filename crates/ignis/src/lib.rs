@@ -3,6 +3,7 @@
 //!
 //! The binary (`src/main.rs`) is only argument parsing around these.
 
+pub mod admin_client;
 pub mod app;
 pub mod bench;
 pub mod guest_build;

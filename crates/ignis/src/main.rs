@@ -98,6 +98,17 @@ enum Command {
         #[arg(long, default_value = ".ignis/tls")]
         out: PathBuf,
     },
+    /// List what a running node serves (functions, routes, actor classes,
+    /// upstreams) through its admin API; the token comes from
+    /// IGNIS_ADMIN_TOKEN.
+    Ls {
+        /// The node's admin API.
+        #[arg(long, env = "IGNIS_ADMIN_URL", default_value = "http://127.0.0.1:9901")]
+        admin: String,
+        /// Print the API's JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the WIT packages guests in other languages are built against
     /// (WASI 0.2 as this binary links it, and Ignis's key-value, config and
     /// actor packages) into DIR/deps, replacing what was there.
@@ -244,6 +255,13 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Wit { dir } => ignis::new::write_wit(&dir),
+        Command::Ls { admin, json } => {
+            print!(
+                "{}",
+                runtime.block_on(ignis::admin_client::ls(&admin, json))?
+            );
+            Ok(())
+        }
         Command::Cert { hosts, out } => {
             let (cert, key) = ignis::new::self_signed(&hosts, &out)?;
             println!(

@@ -676,3 +676,107 @@ async fn the_dashboard_shows_live_charts_in_a_headless_browser() {
         png.len()
     );
 }
+
+/// Runs `ignis ls` with `args` and `token` (none: IGNIS_ADMIN_TOKEN unset);
+/// returns (success, stdout, stderr).
+fn ls(args: &[&str], token: Option<&str>) -> (bool, String, String) {
+    let mut cmd = ignis();
+    cmd.arg("ls").args(args).env_remove("IGNIS_ADMIN_TOKEN");
+    if let Some(t) = token {
+        cmd.env("IGNIS_ADMIN_TOKEN", t);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_matches_the_endpoints_and_ls_lists_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let (proc, admin) = serve_with_admin(&manifest(dir.path(), ""), &[]);
+    let auth = bearer();
+    let doc = admin_get(admin, "/v1/openapi.json", Some(&auth)).await;
+    assert_eq!(doc.status, 200);
+    let doc: serde_json::Value = serde_json::from_slice(&doc.body).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
+    documented.sort();
+    let mut served: Vec<&str> = ignis_admin::ENDPOINTS
+        .iter()
+        .copied()
+        .chain(ignis_admin::DASHBOARD.iter().map(|(p, _, _)| *p))
+        .collect();
+    served.sort();
+    assert_eq!(documented, served, "the document and the server disagree");
+    // Every endpoint answers as documented, with the token and without.
+    for path in ignis_admin::ENDPOINTS {
+        let responses = &paths[path]["get"]["responses"];
+        let with = admin_get(admin, path, Some(&auth)).await;
+        assert!(
+            responses.get(with.status.to_string()).is_some(),
+            "{path} answered {} with the token",
+            with.status
+        );
+        assert_eq!(admin_get(admin, path, None).await.status, 401, "{path}");
+        assert!(responses.get("401").is_some(), "{path} documents 401");
+    }
+    for (path, _, _) in ignis_admin::DASHBOARD {
+        assert_eq!(paths[path]["get"]["security"], serde_json::json!([]));
+        assert_eq!(admin_get(admin, path, None).await.status, 200, "{path}");
+    }
+
+    // The listing, through the API and through `ignis ls`.
+    let listing = admin_get(admin, "/v1/functions", Some(&auth)).await;
+    let listing: serde_json::Value = serde_json::from_slice(&listing.body).unwrap();
+    let names: Vec<&str> = listing["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["hello", "limits"]);
+    assert_eq!(listing["functions"][0]["tenant"], "acme");
+    assert_eq!(listing["routes"][0]["path"], "/hello");
+    assert_eq!(listing["routes"][0]["kind"], "function");
+    assert_eq!(listing["routes"][0]["target"], "hello");
+
+    // `ignis ls` is a separate process: calling it here blocks this
+    // thread only, the node serves on.
+    let url = format!("http://{admin}");
+    let url = url.as_str();
+    let (ok, out, err) = ls(&["--admin", url, "--json"], Some(TOKEN));
+    assert!(ok, "{err}");
+    let from_cli: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(from_cli["functions"][1]["name"], "limits");
+    let (ok, out, err) = ls(&["--admin", url], Some(TOKEN));
+    assert!(ok, "{err}");
+    assert!(out.contains("hello\tacme\t"), "{out}");
+    assert!(out.contains("/hello"), "{out}");
+    // Bad input: no token, a wrong one, nothing listening, not a URL.
+    let (ok, _, err) = ls(&["--admin", url], None);
+    assert!(!ok && err.contains("set IGNIS_ADMIN_TOKEN"), "{err}");
+    let (ok, _, err) = ls(&["--admin", url], Some("wrong-token-0123456789"));
+    assert!(!ok && err.contains("refused the token (401)"), "{err}");
+    assert!(
+        !err.contains("wrong-token-0123456789"),
+        "the token is not echoed"
+    );
+    let dead = format!("http://{}", dead_addr());
+    let (ok, _, err) = ls(&["--admin", &dead], Some(TOKEN));
+    assert!(!ok && err.contains("cannot reach the admin API"), "{err}");
+    let (ok, _, err) = ls(&["--admin", "ftp://x"], Some(TOKEN));
+    assert!(!ok && err.contains("must be an http:// URL"), "{err}");
+    sigkill(proc);
+}
+
+/// An address nothing listens on.
+fn dead_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
