@@ -27,20 +27,25 @@
 //! - Error bodies are short fixed texts; nothing internal is echoed.
 
 pub mod listing;
+pub mod logs;
 pub mod metrics;
 pub mod stats;
 
 /// The endpoints that need the token, each answering `GET` (and `HEAD`).
 /// The OpenAPI document describes exactly these and the dashboard's files
 /// (a test holds the two together).
-pub const ENDPOINTS: [&str; 6] = [
+pub const ENDPOINTS: [&str; 7] = [
     "/healthz",
     "/readyz",
     "/metrics",
     "/v1/stats",
     "/v1/functions",
+    "/v1/logs",
     "/v1/openapi.json",
 ];
+
+/// A response body: whole, or the log stream.
+type AdminBody = http_body_util::Either<Full<Bytes>, logs::LogStream>;
 
 /// The OpenAPI 3.1 document of this API (`GET /v1/openapi.json`).
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -82,6 +87,7 @@ use ignis_edge::Upstream;
 use ignis_edge::observe::Traffic;
 use ignis_runtime::Function;
 use ignis_store::StoreStats;
+use logs::LogTap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
@@ -270,16 +276,34 @@ impl AdminServer {
             let shared = self.shared.clone();
             let head_timeout = shared.header_read_timeout;
             tasks.spawn(async move {
+                // A connection that streams the log lives as long as its
+                // follower; any other is cut at CONNECTION_LIFETIME.
+                let streaming = Arc::new(AtomicBool::new(false));
+                let flag = streaming.clone();
                 let service = hyper::service::service_fn(move |req| {
-                    let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(shared.answer(&req, peer)) }
+                    let (shared, flag) = (shared.clone(), flag.clone());
+                    async move {
+                        let resp = shared.answer(&req, peer);
+                        if matches!(resp.body(), http_body_util::Either::Right(_)) {
+                            flag.store(true, Ordering::SeqCst);
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(head_timeout)
                     .max_buf_size(MAX_HEAD_BYTES)
                     .serve_connection(TokioIo::new(stream), service);
-                let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    _ = &mut conn => {}
+                    () = tokio::time::sleep(CONNECTION_LIFETIME) => {
+                        if streaming.load(Ordering::SeqCst) {
+                            let _ = conn.await;
+                        }
+                    }
+                }
                 drop(slot);
             });
         }
@@ -293,7 +317,31 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
 
 impl Shared {
     /// The answer to one admin request.
-    fn answer(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    fn answer(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<AdminBody> {
+        let get = req.method() == Method::GET || req.method() == Method::HEAD;
+        if req.uri().path() == "/v1/logs" && get && self.authorized(req) {
+            let Some(stream) = LogTap::global().follow() else {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many log followers; try again later\n",
+                )
+                .map(http_body_util::Either::Left);
+            };
+            let mut resp = Response::new(http_body_util::Either::Right(stream));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            resp.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            return resp;
+        }
+        self.answer_whole(req, peer)
+            .map(http_body_util::Either::Left)
+    }
+
+    /// Every answer but the log stream.
+    fn answer_whole(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         if let Some((_, content_type, body)) = DASHBOARD
             .iter()
             .find(|(path, _, _)| *path == req.uri().path())
@@ -347,7 +395,7 @@ impl Shared {
             "/v1/stats" => json(serde_json::to_vec(&stats::read(&self.node))),
             "/v1/functions" => json(serde_json::to_vec(&listing::read(&self.node))),
             "/v1/openapi.json" => json(Ok(OPENAPI.as_bytes().to_vec())),
-            _ => {
+            "/metrics" => {
                 let mut resp = Response::new(Full::new(Bytes::from(metrics::render(&self.node))));
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -357,6 +405,9 @@ impl Shared {
                 );
                 resp
             }
+            // Only an authorized GET of the log reaches here, and `answer`
+            // streamed it.
+            _ => text(StatusCode::INTERNAL_SERVER_ERROR, "unexpected admin path\n"),
         }
     }
 

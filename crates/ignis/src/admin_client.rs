@@ -35,8 +35,8 @@ impl AdminClient {
         Ok(AdminClient { base, token })
     }
 
-    /// GETs `path` and returns the JSON body.
-    pub async fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+    /// GETs `path`: the response head must come within 10 s and be 200.
+    async fn get(&self, path: &str) -> anyhow::Result<http::Response<hyper::body::Incoming>> {
         let url = format!("{}{path}", self.base);
         let req = http::Request::get(&url)
             .header(
@@ -51,13 +51,19 @@ impl AdminClient {
             .map_err(|_| anyhow::anyhow!("{url}: no answer within 10 s"))?
             .with_context(|| format!("cannot reach the admin API at {}", self.base))?;
         match resp.status().as_u16() {
-            200 => {}
+            200 => Ok(resp),
             401 => bail!(
                 "the admin API at {} refused the token (401): check IGNIS_ADMIN_TOKEN",
                 self.base
             ),
             status => bail!("{url} answered {status}"),
         }
+    }
+
+    /// GETs `path` and returns the JSON body.
+    pub async fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}{path}", self.base);
+        let resp = self.get(path).await?;
         let body = Limited::new(resp.into_body(), MAX_ANSWER)
             .collect()
             .await
@@ -65,6 +71,21 @@ impl AdminClient {
             .to_bytes();
         serde_json::from_slice(&body).with_context(|| format!("{url} did not answer JSON"))
     }
+}
+
+/// `ignis logs`: writes the node's log lines to `out` as they come, until
+/// the node closes the stream (it stopped) or `out` fails.
+pub async fn logs(admin: &str, out: &mut (dyn std::io::Write + Send)) -> anyhow::Result<()> {
+    let client = AdminClient::from_env(admin)?;
+    let mut body = client.get("/v1/logs").await?.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.with_context(|| format!("the log stream of {admin} broke"))?;
+        if let Some(data) = frame.data_ref() {
+            out.write_all(data)?;
+            out.flush()?;
+        }
+    }
+    Ok(())
 }
 
 /// `ignis ls`: what the node runs, as a table (or the JSON itself).

@@ -7,4 +7,5 @@ pub mod admin_client;
 pub mod app;
 pub mod bench;
 pub mod guest_build;
+pub mod logging;
 pub mod new;

@@ -8,7 +8,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ignis::app::{self, Sources};
 use ignis_config::Manifest;
-use tracing_subscriber::EnvFilter;
 
 /// Ignis runs untrusted WebAssembly HTTP components (wasi:http 0.2 and 0.3), each
 /// request in its own fresh, resource-limited instance.
@@ -109,6 +108,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Follow a running node's log through its admin API (lines as they
+    /// are logged, as `IGNIS_LOG` filters them there); the token comes from
+    /// IGNIS_ADMIN_TOKEN.
+    Logs {
+        /// The node's admin API.
+        #[arg(long, env = "IGNIS_ADMIN_URL", default_value = "http://127.0.0.1:9901")]
+        admin: String,
+    },
     /// Write the WIT packages guests in other languages are built against
     /// (WASI 0.2 as this binary links it, and Ignis's key-value, config and
     /// actor packages) into DIR/deps, replacing what was there.
@@ -177,28 +184,7 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_env("IGNIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // Lines are formatted where they happen and written by one thread,
-    // which drains every queued line into a buffer and writes it at once:
-    // with an access line per request, a write(2) per line cost about 20%
-    // of hello throughput (docs/BENCHMARKS.md). Never lossy: when 128k
-    // lines wait, loggers wait. The guard flushes what is queued when `run`
-    // returns (a kill -9 loses what was still queued).
-    let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("ignis-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(writer);
-    match cli.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().flatten_event(true).init(),
-    }
+    let _flush_on_exit = ignis::logging::init(matches!(cli.log_format, LogFormat::Json));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -255,6 +241,9 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Wit { dir } => ignis::new::write_wit(&dir),
+        Command::Logs { admin } => {
+            runtime.block_on(ignis::admin_client::logs(&admin, &mut std::io::stdout()))
+        }
         Command::Ls { admin, json } => {
             print!(
                 "{}",

@@ -715,11 +715,21 @@ async fn the_openapi_document_matches_the_endpoints_and_ls_lists_the_node() {
     // Every endpoint answers as documented, with the token and without.
     for path in ignis_admin::ENDPOINTS {
         let responses = &paths[path]["get"]["responses"];
-        let with = admin_get(admin, path, Some(&auth)).await;
+        let status = if path == "/v1/logs" {
+            // A stream that never ends: its head is the answer.
+            let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+            let request =
+                format!("GET {path} HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\n\r\n");
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head).await.unwrap();
+            String::from_utf8_lossy(&head[9..12]).parse().unwrap()
+        } else {
+            admin_get(admin, path, Some(&auth)).await.status
+        };
         assert!(
-            responses.get(with.status.to_string()).is_some(),
-            "{path} answered {} with the token",
-            with.status
+            responses.get(status.to_string()).is_some(),
+            "{path} answered {status} with the token"
         );
         assert_eq!(admin_get(admin, path, None).await.status, 401, "{path}");
         assert!(responses.get("401").is_some(), "{path} documents 401");
@@ -779,4 +789,84 @@ fn dead_addr() -> SocketAddr {
         .unwrap()
         .local_addr()
         .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignis_logs_follows_the_node_and_followers_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (proc, admin) = serve_with_admin(&manifest(dir.path(), ""), &[]);
+    // `ignis logs` in its own process, its output read line by line.
+    let mut follower = ignis()
+        .args(["logs", "--admin", &format!("http://{admin}")])
+        .env("IGNIS_ADMIN_TOKEN", TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { return };
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Requests until the follower shows one's access line (it may connect
+    // after the first few).
+    let c = client();
+    let seen = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(200)) {
+                if line.contains("ignis::access") && line.contains("path=\"/hello\"") {
+                    return Some(line);
+                }
+            }
+        }
+        None
+    });
+    let load = tokio::spawn({
+        let url = format!("http://{}/hello", proc.addr);
+        async move {
+            loop {
+                let _ = get(&c, &url).await;
+            }
+        }
+    });
+    let line = seen
+        .await
+        .unwrap()
+        .expect("an access line reached `ignis logs` within 30 s");
+    load.abort();
+    assert!(line.contains("status=200"), "{line}");
+    assert!(
+        !line.contains('\u{1b}'),
+        "no colours for followers: {line:?}"
+    );
+
+    // Seven more followers fit (the first is `ignis logs`); the ninth gets 503.
+    let mut held = Vec::new();
+    let request =
+        format!("GET /v1/logs HTTP/1.1\r\nhost: a\r\nauthorization: Bearer {TOKEN}\r\n\r\n");
+    for _ in 0..ignis_admin::logs::MAX_FOLLOWERS - 1 {
+        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        held.push(s);
+    }
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 503");
+    // Without the token: 401, and no follower slot is taken.
+    let r = admin_get(admin, "/v1/logs", None).await;
+    assert_eq!(r.status, 401);
+    let _ = follower.kill();
+    let _ = follower.wait();
+    sigkill(proc);
 }
