@@ -819,10 +819,11 @@ async fn ignis_logs_follows_the_node_and_followers_are_capped() {
     let seen = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while std::time::Instant::now() < deadline {
-            if let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(200)) {
-                if line.contains("ignis::access") && line.contains("path=\"/hello\"") {
-                    return Some(line);
-                }
+            if let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(200))
+                && line.contains("ignis::access")
+                && line.contains("path=\"/hello\"")
+            {
+                return Some(line);
             }
         }
         None
