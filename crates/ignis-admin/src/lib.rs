@@ -100,9 +100,16 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Longest an admin connection stays open.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
-/// What the admin listener reports on: the node's functions, actors,
-/// upstreams and traffic counters, and whether it is ready.
+/// What the admin listener reports on ([`NodeParts`], reached through
+/// `Deref`) and whether the node is ready.
 pub struct Node {
+    parts: NodeParts,
+    started: SystemTime,
+    ready: AtomicBool,
+}
+
+/// The node's functions, actors, upstreams, routes and counters.
+pub struct NodeParts {
     /// Functions and their admission gates, by name.
     pub functions: BTreeMap<String, (Arc<Function>, Arc<FunctionGate>)>,
     /// The durable actor directory, if the manifest has actor classes.
@@ -119,8 +126,14 @@ pub struct Node {
     pub storage: Option<Arc<StoreStats>>,
     /// The routes, in manifest order.
     pub routes: Vec<ignis_config::RouteConfig>,
-    started: SystemTime,
-    ready: AtomicBool,
+}
+
+impl std::ops::Deref for Node {
+    type Target = NodeParts;
+
+    fn deref(&self) -> &NodeParts {
+        &self.parts
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -136,25 +149,8 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// A node view, not ready until [`Node::set_ready`].
     pub fn new(parts: NodeParts) -> Arc<Node> {
-        let NodeParts {
-            functions,
-            directory,
-            upstreams,
-            traffic,
-            weights,
-            cron,
-            storage,
-            routes,
-        } = parts;
         Arc::new(Node {
-            storage,
-            routes,
-            functions,
-            directory,
-            upstreams,
-            traffic,
-            weights,
-            cron,
+            parts,
             started: SystemTime::now(),
             ready: AtomicBool::new(false),
         })
@@ -175,19 +171,6 @@ impl Node {
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64())
     }
-}
-
-/// What a [`Node`] is made of (see its fields).
-#[allow(missing_docs)]
-pub struct NodeParts {
-    pub functions: BTreeMap<String, (Arc<Function>, Arc<FunctionGate>)>,
-    pub directory: Option<Arc<ActorDirectory>>,
-    pub upstreams: BTreeMap<String, Arc<Upstream>>,
-    pub traffic: Arc<Traffic>,
-    pub weights: BTreeMap<String, u32>,
-    pub cron: Arc<CronTriggers>,
-    pub storage: Option<Arc<StoreStats>>,
-    pub routes: Vec<ignis_config::RouteConfig>,
 }
 
 /// Errors binding the admin listener.
