@@ -98,6 +98,8 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 pub struct Manifest {
     /// Path of the manifest file; relative paths inside it resolve against its directory.
     pub path: PathBuf,
+    /// The text it was parsed from (a deploy edits a copy of it).
+    pub text: std::sync::Arc<str>,
     /// Server settings.
     pub server: ServerConfig,
     /// Functions by name, in name order.
@@ -386,6 +388,12 @@ pub struct ServerConfig {
     /// (each holds an instance); past it the least recently used idle one
     /// is evicted, or the message is shed with 503.
     pub max_activations: u32,
+    /// Instance slots reserved for functions, for the manifest's and for
+    /// what deploys add later (`None`: the larger of the functions'
+    /// `max_concurrency` sum and [`DEFAULT_FUNCTION_SLOTS`]). The pool
+    /// holds twice this: a draining version and its successor run side by
+    /// side.
+    pub function_slots: Option<u32>,
     /// Open connections the node holds; at the cap, new clients wait in the
     /// listen backlog until one closes.
     pub max_connections: u32,
@@ -1081,6 +1089,7 @@ struct RawServer {
     guest_threads: Option<Spanned<u32>>,
     secrets_file: Option<PathBuf>,
     max_activations: Option<Spanned<u32>>,
+    function_slots: Option<Spanned<u32>>,
     max_connections: Option<Spanned<u32>>,
     max_connections_per_ip: Option<Spanned<u32>>,
     idle_timeout: Option<HumanDuration>,
@@ -1224,6 +1233,12 @@ struct RawRoute {
     upstream: Option<Spanned<String>>,
 }
 
+/// Default floor of `server.function_slots`: room for deploys to add
+/// functions to a node started with few.
+pub const DEFAULT_FUNCTION_SLOTS: u32 = 256;
+/// Largest `server.function_slots` (the pool holds twice this).
+pub const MAX_FUNCTION_SLOTS: u32 = 1500;
+
 /// Default of `server.max_activations`: live actor activations on a node.
 pub const DEFAULT_NODE_ACTIVATIONS: u32 = 2000;
 /// Default of `actors.NAME.max_activations`: live activations of one class.
@@ -1306,6 +1321,7 @@ impl Validator<'_> {
     }
 
     fn manifest(&self, raw: RawManifest) -> Result<Manifest, ConfigError> {
+        let slots_at = raw.server.function_slots.as_ref().map(|n| n.span().start);
         let server = self.server(raw.server)?;
         let secrets = match &server.secrets_file {
             Some(file) => load_secrets(file)?,
@@ -1384,6 +1400,19 @@ impl Validator<'_> {
                 function.upstreams.push(u.clone());
             }
         }
+        if let (Some(slots), Some(at)) = (server.function_slots, slots_at) {
+            let wanted: u64 = functions
+                .values()
+                .map(|f| u64::from(f.limits.max_concurrency))
+                .sum();
+            if u64::from(slots) < wanted {
+                return Err(self.err(
+                    at,
+                    "server.function_slots",
+                    format!("{slots} is less than the functions' max_concurrency total ({wanted})"),
+                ));
+            }
+        }
         let mut tenants = BTreeMap::new();
         for (name, t) in raw.tenants {
             let span = t.span();
@@ -1423,6 +1452,7 @@ impl Validator<'_> {
         let admin = self.admin(raw.admin, &server, tls.as_ref())?;
         let cron = self.cron(raw.triggers.cron, &functions, &actors)?;
         Ok(Manifest {
+            text: self.text.into(),
             tls,
             admin,
             cron,
@@ -2494,6 +2524,10 @@ impl Validator<'_> {
                 Duration::from_secs(10),
             )?,
             pooling: raw.pooling.unwrap_or(true),
+            function_slots: raw
+                .function_slots
+                .map(|n| self.count(Some(n), "server.function_slots", 1..=MAX_FUNCTION_SLOTS, 1))
+                .transpose()?,
             guest_threads,
             secrets_file: raw.secrets_file.map(|p| self.resolve(&p)),
             max_activations: self.count(
@@ -2969,7 +3003,9 @@ fn valid_header_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn valid_name(name: &str) -> bool {
+/// Whether `name` may name a function, actor class, upstream or tenant:
+/// letters, digits, '-' and '_'.
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .chars()

@@ -1394,3 +1394,39 @@ fn cron_triggers_name_a_schedule_and_a_function_or_an_actor() {
         .collect();
     assert!(invalid(&format!("{base}{many}")).2.contains("at most 1000"));
 }
+
+#[test]
+fn function_slots_bound_what_deploys_may_add() {
+    let f = "[functions.a]\ncomponent = \"a.wasm\"\nmax_concurrency = 300\n";
+    let m = parse(&format!("[server]\nfunction_slots = 400\n{f}")).unwrap();
+    assert_eq!(m.server.function_slots, Some(400));
+    assert_eq!(parse(f).unwrap().server.function_slots, None);
+    // The manifest's text is kept (deploys edit a copy).
+    assert_eq!(&*parse(f).unwrap().text, f);
+    assert_all_invalid(&[
+        (
+            format!("[server]\nfunction_slots = 299\n{f}"),
+            2,
+            "server.function_slots",
+            "less than the functions' max_concurrency total (300)",
+        ),
+        (
+            "[server]\nfunction_slots = 0\n".to_string(),
+            2,
+            "server.function_slots",
+            "",
+        ),
+        (
+            "[server]\nfunction_slots = 100000\n".to_string(),
+            2,
+            "server.function_slots",
+            "",
+        ),
+        (
+            "[server]\nfunction_slots = \"many\"\n".to_string(),
+            2,
+            "server.function_slots",
+            "",
+        ),
+    ]);
+}

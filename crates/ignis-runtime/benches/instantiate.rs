@@ -42,6 +42,7 @@ fn function(pooling: bool, cache: &Path) -> Arc<Function> {
         epoch_tick: std::time::Duration::from_millis(1),
         cache_dir: cache.to_path_buf(),
         instance_slots: 1000,
+        function_slots: 500,
         activation_slots: 0,
         max_memory_bytes: config.limits.memory_bytes,
     })

@@ -60,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         // slots): the runtime falls back to on-demand and the line printed
         // at the end says so.
         instance_slots: 1000,
+        function_slots: 500,
         activation_slots: 0,
         max_memory_bytes: config.limits.memory_bytes,
     })?;

@@ -34,6 +34,11 @@ pub struct RuntimeSettings {
     pub cache_dir: PathBuf,
     /// Instance slots to reserve in the pool (all functions together).
     pub instance_slots: u32,
+    /// Slots the functions may use together, across deploys: a deploy that
+    /// would take the functions' `max_concurrency` total past it is
+    /// refused. The pool holds twice this (plus the activation slots): a
+    /// draining version and its successor run side by side.
+    pub function_slots: u32,
     /// The largest per-function memory limit (sizes a pool slot).
     pub max_memory_bytes: u64,
     /// Pool slots reserved for durable-actor activations (each live
@@ -44,23 +49,29 @@ pub struct RuntimeSettings {
 }
 
 impl RuntimeSettings {
-    /// Settings sized from a manifest: one pool slot per allowed concurrent
-    /// instance of each function, plus the activation slots (the node's
-    /// `server.max_activations`, or the classes' `max_activations` summed
-    /// if that is smaller), capped at [`MAX_POOL_SLOTS`].
+    /// Settings sized from a manifest: two pool slots per function slot
+    /// (`server.function_slots`, by default the larger of the functions'
+    /// `max_concurrency` sum and 256: room for deploys, and for a draining
+    /// version beside its successor), plus the activation slots (the
+    /// node's `server.max_activations`, or the classes' `max_activations`
+    /// summed if that is smaller), capped at [`MAX_POOL_SLOTS`].
     pub fn from_manifest(m: &Manifest) -> Self {
-        let function_slots: u64 = m
+        let manifest_slots: u64 = m
             .functions
             .values()
             .map(|f| u64::from(f.limits.max_concurrency))
             .sum();
+        let function_slots = m.server.function_slots.map_or_else(
+            || manifest_slots.max(u64::from(ignis_config::DEFAULT_FUNCTION_SLOTS)),
+            u64::from,
+        );
         let class_slots: u64 = m
             .actors
             .values()
             .map(|a| u64::from(a.max_activations))
             .sum();
         let activation_slots = class_slots.min(u64::from(m.server.max_activations));
-        let wanted = function_slots + activation_slots;
+        let wanted = 2 * function_slots + activation_slots;
         if wanted > u64::from(MAX_POOL_SLOTS) {
             tracing::warn!(
                 function_slots,
@@ -74,6 +85,7 @@ impl RuntimeSettings {
             epoch_tick: m.server.epoch_tick,
             cache_dir: m.server.cache_dir.clone(),
             instance_slots: wanted.clamp(16, u64::from(MAX_POOL_SLOTS)) as u32,
+            function_slots: function_slots as u32,
             max_memory_bytes: m
                 .functions
                 .values()
@@ -475,6 +487,7 @@ mod tests {
             epoch_tick: Duration::from_millis(1),
             cache_dir: PathBuf::from("unused"),
             instance_slots: 4,
+            function_slots: 2,
             max_memory_bytes: 4 << 20,
             activation_slots: 0,
         }
