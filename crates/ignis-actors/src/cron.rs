@@ -16,6 +16,11 @@
 //! - Every run is logged once under `ignis::cron` with its outcome, and
 //!   counted ([`CronStats`]). The response body is read and dropped as it
 //!   arrives (nothing is buffered).
+//! - A deploy builds the next triggers with [`CronTriggers::next`]: a
+//!   trigger of the same name keeps its counters and its in-flight flag
+//!   (an old run still going makes the new trigger skip, as before), and
+//!   the old tasks are retired with [`CronTasks::retire`]: they schedule
+//!   nothing more, and a run in flight finishes on the old version.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,7 +73,7 @@ pub struct Trigger {
     config: CronTrigger,
     schedule: croner::Cron,
     target: Target,
-    stats: CronStats,
+    stats: Arc<CronStats>,
 }
 
 impl Trigger {
@@ -113,6 +118,26 @@ impl CronTriggers {
         gates: &std::collections::BTreeMap<String, Arc<FunctionGate>>,
         directory: Option<&Arc<ActorDirectory>>,
     ) -> Result<CronTriggers, CronError> {
+        Self::build(manifest, gates, directory, None)
+    }
+
+    /// The triggers of `manifest` after a deploy: those named as before
+    /// keep their counters and in-flight flag.
+    pub fn next(
+        &self,
+        manifest: &Manifest,
+        gates: &std::collections::BTreeMap<String, Arc<FunctionGate>>,
+        directory: Option<&Arc<ActorDirectory>>,
+    ) -> Result<CronTriggers, CronError> {
+        Self::build(manifest, gates, directory, Some(self))
+    }
+
+    fn build(
+        manifest: &Manifest,
+        gates: &std::collections::BTreeMap<String, Arc<FunctionGate>>,
+        directory: Option<&Arc<ActorDirectory>>,
+        previous: Option<&CronTriggers>,
+    ) -> Result<CronTriggers, CronError> {
         let mut triggers = Vec::new();
         for config in &manifest.cron {
             let fail = |why: String| CronError {
@@ -143,7 +168,9 @@ impl CronTriggers {
                 config: config.clone(),
                 schedule,
                 target,
-                stats: CronStats::default(),
+                stats: previous
+                    .and_then(|p| p.trigger(&config.name))
+                    .map_or_else(Default::default, |t| t.stats.clone()),
             }));
         }
         Ok(CronTriggers { triggers })
@@ -160,22 +187,54 @@ impl CronTriggers {
     }
 
     /// Starts one task per trigger on the current tokio runtime; they stop
-    /// when the returned set is dropped (runs in flight are dropped too,
-    /// which cancels their guests).
-    pub fn start(&self) -> tokio::task::JoinSet<()> {
+    /// when the returned tasks are dropped (runs in flight are dropped too,
+    /// which cancels their guests) or retired.
+    pub fn start(&self) -> CronTasks {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         for t in &self.triggers {
-            tasks.spawn(schedule(t.clone()));
+            tasks.spawn(schedule(t.clone(), stopped.clone()));
         }
-        tasks
+        CronTasks { tasks, stop }
     }
 }
 
-/// Fires `trigger` at each occurrence, forever.
-async fn schedule(trigger: Arc<Trigger>) {
+/// The running triggers of one [`CronTriggers`].
+#[derive(Debug)]
+pub struct CronTasks {
+    tasks: tokio::task::JoinSet<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl CronTasks {
+    /// Stops every trigger and cancels its runs in flight; returns when all
+    /// have ended.
+    pub async fn shutdown(&mut self) {
+        self.tasks.shutdown().await;
+    }
+
+    /// Whether no trigger task is left.
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Stops scheduling; runs in flight finish (in a task of their own).
+    pub fn retire(mut self) {
+        let _ = self.stop.send(true);
+        let mut tasks = std::mem::take(&mut self.tasks);
+        tokio::spawn(async move { while tasks.join_next().await.is_some() {} });
+    }
+}
+
+/// Fires `trigger` at each occurrence until told to stop.
+async fn schedule(trigger: Arc<Trigger>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut runs = tokio::task::JoinSet::new();
     let mut last: Option<DateTime<Utc>> = None;
     loop {
+        if *stop.borrow() {
+            while runs.join_next().await.is_some() {}
+            return;
+        }
         let now = Utc::now();
         let from = last.map_or(now, |l| l.max(now));
         let next = match trigger.schedule.find_next_occurrence(&from, false) {
@@ -190,6 +249,7 @@ async fn schedule(trigger: Arc<Trigger>) {
             () = tokio::time::sleep(wait) => {}
             // Reap finished runs while waiting.
             Some(_) = runs.join_next(), if !runs.is_empty() => continue,
+            _ = stop.changed() => continue,
         }
         last = Some(next);
         if trigger.stats.running.swap(true, Ordering::SeqCst) {

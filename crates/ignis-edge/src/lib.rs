@@ -47,6 +47,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
@@ -64,11 +65,23 @@ pub use proxy::{OriginStats, Peer, Upstream};
 pub use routing::Router;
 
 /// Routing table plus the limits every request is held to.
+///
+/// The routing table and the counters it records into are one [`Table`]
+/// behind an `ArcSwap`: a deploy builds the next table beside the live one
+/// and swaps it in one store ([`Edge::swap`]). Each request loads the table
+/// once, when it arrives, and keeps that `Arc` to its end, so a request
+/// that began on the old table finishes on the old version's gate, and the
+/// old version is freed when its last request lets go.
 pub struct Edge {
-    router: Router<Target>,
+    table: ArcSwap<Table>,
     directory: Option<Arc<ActorDirectory>>,
     server: ServerConfig,
     upstreams: BTreeMap<String, Arc<Upstream>>,
+}
+
+/// What a deploy replaces: the routes and the counters they record into.
+struct Table {
+    router: Router<Target>,
     traffic: Arc<Traffic>,
 }
 
@@ -113,56 +126,38 @@ impl Edge {
         upstreams: &BTreeMap<String, Arc<Upstream>>,
         traffic: &Arc<Traffic>,
     ) -> Result<Arc<Edge>, EdgeError> {
-        let upstreams = upstreams.clone();
-        let counters = |kind, name: &str| {
-            traffic.target(kind, name).cloned().ok_or_else(|| {
-                EdgeError::Routing(format!(
-                    "no traffic counters for {} `{name}`",
-                    kind.as_str()
-                ))
-            })
-        };
-        let mut missing = None;
-        let router = Router::new(&manifest.routes, |target| {
-            let built = match target {
-                RouteTarget::Upstream(name) => upstreams.get(name).cloned().map(|u| {
-                    counters(Kind::Upstream, name).map(|t| Arc::new(Target::Upstream(u, t)))
-                }),
-                RouteTarget::Function(name) => gates.get(name).cloned().map(|g| {
-                    counters(Kind::Function, name).map(|t| Arc::new(Target::Function(g, t)))
-                }),
-                RouteTarget::Actor(class) => {
-                    directory.as_ref().and_then(|d| d.class(class)).map(|_| {
-                        counters(Kind::Actor, class)
-                            .map(|t| Arc::new(Target::Actor(class.clone(), t)))
-                    })
-                }
-            };
-            match built {
-                Some(Ok(t)) => Some(t),
-                Some(Err(e)) => {
-                    missing = Some(e);
-                    None
-                }
-                None => None,
-            }
-        })
-        .map_err(EdgeError::Routing);
-        if let Some(e) = missing {
-            return Err(e);
-        }
+        let table = Table::new(manifest, gates, directory.as_ref(), upstreams, traffic)?;
         Ok(Arc::new(Edge {
-            router: router?,
+            table: ArcSwap::from_pointee(table),
             directory,
             server: manifest.server.clone(),
-            upstreams,
-            traffic: traffic.clone(),
+            upstreams: upstreams.clone(),
         }))
     }
 
-    /// The traffic counters requests are recorded into.
-    pub fn traffic(&self) -> &Arc<Traffic> {
-        &self.traffic
+    /// Builds the routing table of `manifest` (the next version of the one
+    /// serving: same server settings, upstreams and actor directory) and
+    /// swaps it in. Requests that arrived before keep the old table.
+    pub fn swap(
+        &self,
+        manifest: &Manifest,
+        gates: &BTreeMap<String, Arc<FunctionGate>>,
+        traffic: &Arc<Traffic>,
+    ) -> Result<(), EdgeError> {
+        let table = Table::new(
+            manifest,
+            gates,
+            self.directory.as_ref(),
+            &self.upstreams,
+            traffic,
+        )?;
+        self.table.store(Arc::new(table));
+        Ok(())
+    }
+
+    /// The traffic counters requests are recorded into now.
+    pub fn traffic(&self) -> Arc<Traffic> {
+        self.table.load().traffic.clone()
     }
 
     /// The manifest's upstreams, with their health checks started (on the
@@ -189,6 +184,7 @@ impl Edge {
     /// it; never fails (every error is a response).
     async fn handle(
         &self,
+        table: &Table,
         req: Request<Incoming>,
         peer: Peer,
         exchange: &mut Exchange,
@@ -212,7 +208,7 @@ impl Edge {
             return resp;
         }
         let path = req.uri().path().to_string();
-        let gate = match self.router.route(host, &path) {
+        let gate = match table.router.route(host, &path) {
             None => {
                 let e = Error::new(ErrorKind::NotFound).context("no route for this host and path");
                 return error_response("edge", &e, id);
@@ -315,6 +311,55 @@ impl Edge {
         let mut resp = resp.map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync());
         resp.headers_mut().insert("x-request-id", id.header());
         Ok(resp)
+    }
+}
+
+impl Table {
+    fn new(
+        manifest: &Manifest,
+        gates: &BTreeMap<String, Arc<FunctionGate>>,
+        directory: Option<&Arc<ActorDirectory>>,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+        traffic: &Arc<Traffic>,
+    ) -> Result<Table, EdgeError> {
+        let counters = |kind, name: &str| {
+            traffic.target(kind, name).cloned().ok_or_else(|| {
+                EdgeError::Routing(format!(
+                    "no traffic counters for {} `{name}`",
+                    kind.as_str()
+                ))
+            })
+        };
+        let mut missing = None;
+        let router = Router::new(&manifest.routes, |target| {
+            let built = match target {
+                RouteTarget::Upstream(name) => upstreams.get(name).cloned().map(|u| {
+                    counters(Kind::Upstream, name).map(|t| Arc::new(Target::Upstream(u, t)))
+                }),
+                RouteTarget::Function(name) => gates.get(name).cloned().map(|g| {
+                    counters(Kind::Function, name).map(|t| Arc::new(Target::Function(g, t)))
+                }),
+                RouteTarget::Actor(class) => directory.and_then(|d| d.class(class)).map(|_| {
+                    counters(Kind::Actor, class).map(|t| Arc::new(Target::Actor(class.clone(), t)))
+                }),
+            };
+            match built {
+                Some(Ok(t)) => Some(t),
+                Some(Err(e)) => {
+                    missing = Some(e);
+                    None
+                }
+                None => None,
+            }
+        })
+        .map_err(EdgeError::Routing);
+        if let Some(e) = missing {
+            return Err(e);
+        }
+        Ok(Table {
+            router: router?,
+            traffic: traffic.clone(),
+        })
     }
 }
 
@@ -648,11 +693,13 @@ async fn serve_connection(
         let in_flight = watched.request();
         let (edge, watched) = (edge.clone(), watched.clone());
         async move {
-            let mut exchange = edge.traffic.begin(&req, peer);
+            // One table for the whole request (a deploy swaps the next).
+            let table = edge.table.load_full();
+            let mut exchange = table.traffic.begin(&req, peer);
             let resp = match redirect {
                 Some(port) => redirect_response(&req, port, exchange.id()),
                 None => {
-                    edge.handle(req, Peer { addr: peer, https }, &mut exchange)
+                    edge.handle(&table, req, Peer { addr: peer, https }, &mut exchange)
                         .await
                 }
             };

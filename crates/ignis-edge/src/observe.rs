@@ -112,22 +112,42 @@ pub struct Traffic {
 impl Traffic {
     /// Counters for every function, actor class and upstream of `manifest`.
     pub fn new(manifest: &Manifest) -> Arc<Traffic> {
+        Traffic::build(manifest, None)
+    }
+
+    /// The counters of `manifest`, the next version of this one's: a target
+    /// kept (same kind, name and tenant) keeps its counters, so a deploy
+    /// never resets what Prometheus has scraped; a new target starts at
+    /// zero; a removed one is dropped (its series end).
+    pub fn next(&self, manifest: &Manifest) -> Arc<Traffic> {
+        Traffic::build(manifest, Some(self))
+    }
+
+    fn build(manifest: &Manifest, previous: Option<&Traffic>) -> Arc<Traffic> {
         let mut targets = BTreeMap::new();
+        let mut add = |kind: Kind, name: &str, tenant: &str| {
+            let kept = previous
+                .and_then(|p| p.targets.get(&(kind, name.to_string())))
+                .filter(|t| &*t.tenant == tenant)
+                .cloned();
+            let t = kept.unwrap_or_else(|| TargetTraffic::new(kind, name, tenant));
+            targets.insert((kind, name.to_string()), t);
+        };
         for (name, f) in &manifest.functions {
-            let t = TargetTraffic::new(Kind::Function, name, &f.tenant);
-            targets.insert((Kind::Function, name.clone()), t);
+            add(Kind::Function, name, &f.tenant);
         }
         for (name, a) in &manifest.actors {
-            let t = TargetTraffic::new(Kind::Actor, name, &a.tenant);
-            targets.insert((Kind::Actor, name.clone()), t);
+            add(Kind::Actor, name, &a.tenant);
         }
         for name in manifest.upstreams.keys() {
-            let t = TargetTraffic::new(Kind::Upstream, name, "-");
-            targets.insert((Kind::Upstream, name.clone()), t);
+            add(Kind::Upstream, name, "-");
         }
         Arc::new(Traffic {
             targets,
-            edge: TargetTraffic::new(Kind::Edge, "-", "-"),
+            edge: previous.map_or_else(
+                || TargetTraffic::new(Kind::Edge, "-", "-"),
+                |p| p.edge.clone(),
+            ),
             access_log: manifest.server.access_log,
             trusted_proxies: manifest.server.trusted_proxies.clone().into(),
         })
