@@ -23,9 +23,13 @@
 //!   once), heads of at most [`MAX_HEAD_BYTES`] (431 past it), a head must
 //!   arrive within `server.header_read_timeout`, and a connection lives at
 //!   most [`CONNECTION_LIFETIME`] (a client that stops reading a large
-//!   `/metrics` answer cannot hold its slot). Request bodies are never read.
+//!   `/metrics` answer cannot hold its slot). Only the change endpoints
+//!   ([`deploy`]) read a request body, bounded in size and time; a change
+//!   request is exempt from the connection lifetime (a compile may outlast
+//!   it).
 //! - Error bodies are short fixed texts; nothing internal is echoed.
 
+pub mod deploy;
 pub mod listing;
 pub mod logs;
 pub mod metrics;
@@ -42,6 +46,13 @@ pub const ENDPOINTS: [&str; 7] = [
     "/v1/functions",
     "/v1/logs",
     "/v1/openapi.json",
+];
+
+/// The endpoints that change what the node runs ([`deploy`]), with their
+/// methods; they need the token too. The OpenAPI document describes them.
+pub const CHANGE_ENDPOINTS: [(&str, &[&str]); 2] = [
+    ("/v1/functions/{name}", &["put", "delete"]),
+    ("/v1/functions/{name}/rollback", &["post"]),
 ];
 
 /// A response body: whole, or the log stream.
@@ -75,6 +86,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -100,12 +112,13 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Longest an admin connection stays open.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
-/// What the admin listener reports on ([`NodeParts`], reached through
-/// `Deref`) and whether the node is ready.
+/// What the admin listener reports on ([`NodeParts`], swapped whole by a
+/// deploy), whether the node is ready, and who deploys.
 pub struct Node {
-    parts: NodeParts,
+    parts: ArcSwap<NodeParts>,
     started: SystemTime,
     ready: AtomicBool,
+    deployer: Option<Arc<dyn deploy::Deployer>>,
 }
 
 /// The node's functions, actors, upstreams, routes and counters.
@@ -126,34 +139,47 @@ pub struct NodeParts {
     pub storage: Option<Arc<StoreStats>>,
     /// The routes, in manifest order.
     pub routes: Vec<ignis_config::RouteConfig>,
+    /// Each function's version, by name.
+    pub versions: BTreeMap<String, deploy::VersionInfo>,
+    /// Recent changes, newest first (at most [`MAX_DEPLOY_RECORDS`]).
+    pub deploys: Vec<deploy::DeployRecord>,
 }
 
-impl std::ops::Deref for Node {
-    type Target = NodeParts;
-
-    fn deref(&self) -> &NodeParts {
-        &self.parts
-    }
-}
+/// Most changes [`NodeParts::deploys`] remembers.
+pub const MAX_DEPLOY_RECORDS: usize = 50;
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts = self.parts();
         f.debug_struct("Node")
-            .field("functions", &self.functions.keys().collect::<Vec<_>>())
-            .field("upstreams", &self.upstreams.keys().collect::<Vec<_>>())
+            .field("functions", &parts.functions.keys().collect::<Vec<_>>())
+            .field("upstreams", &parts.upstreams.keys().collect::<Vec<_>>())
             .field("ready", &self.is_ready())
             .finish_non_exhaustive()
     }
 }
 
 impl Node {
-    /// A node view, not ready until [`Node::set_ready`].
-    pub fn new(parts: NodeParts) -> Arc<Node> {
+    /// A node view, not ready until [`Node::set_ready`]; with a
+    /// `deployer`, the API's deploy, rollback and delete endpoints work
+    /// (without one they answer 501).
+    pub fn new(parts: NodeParts, deployer: Option<Arc<dyn deploy::Deployer>>) -> Arc<Node> {
         Arc::new(Node {
-            parts,
+            parts: ArcSwap::from_pointee(parts),
             started: SystemTime::now(),
             ready: AtomicBool::new(false),
+            deployer,
         })
+    }
+
+    /// What the node runs now (one deploy's worth: read it once per answer).
+    pub fn parts(&self) -> Arc<NodeParts> {
+        self.parts.load_full()
+    }
+
+    /// Replaces what the node runs (a deploy swapped it in).
+    pub fn replace(&self, parts: NodeParts) {
+        self.parts.store(Arc::new(parts));
     }
 
     /// Marks the node ready (its listeners are bound) or not (it drains).
@@ -266,6 +292,18 @@ impl AdminServer {
                 let service = hyper::service::service_fn(move |req| {
                     let (shared, flag) = (shared.clone(), flag.clone());
                     async move {
+                        if is_change(&req) {
+                            // A deploy may compile for longer than the
+                            // connection lifetime; its body has its own
+                            // deadline.
+                            flag.store(true, Ordering::SeqCst);
+                            return Ok::<_, Infallible>(
+                                shared
+                                    .change(req, peer)
+                                    .await
+                                    .map(http_body_util::Either::Left),
+                            );
+                        }
                         let resp = shared.answer(&req, peer);
                         if matches!(resp.body(), http_body_util::Either::Right(_)) {
                             flag.store(true, Ordering::SeqCst);
@@ -298,7 +336,124 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// Whether `req` asks to change a function (deploy, rollback, delete).
+fn is_change<B>(req: &Request<B>) -> bool {
+    req.uri().path().starts_with("/v1/functions/")
+        && req.method() != Method::GET
+        && req.method() != Method::HEAD
+}
+
 impl Shared {
+    /// The answer to a deploy, rollback or delete ([`deploy`]).
+    async fn change(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        use deploy::{DeployBody, DeployError, DeployRequest, RollbackBody};
+        if !self.authorized(&req) {
+            return self.unauthorized(peer);
+        }
+        let rest = &req.uri().path()["/v1/functions/".len()..];
+        let (name, rollback) = match rest.split_once('/') {
+            None => (rest.to_string(), false),
+            Some((name, "rollback")) => (name.to_string(), true),
+            Some(_) => return text(StatusCode::NOT_FOUND, "no such admin endpoint\n"),
+        };
+        if !ignis_config::valid_name(&name) {
+            return text(StatusCode::NOT_FOUND, "no such function\n");
+        }
+        let allowed = if rollback { "POST" } else { "PUT, DELETE" };
+        let method = req.method().clone();
+        let fits = match (rollback, &method) {
+            (true, &Method::POST) => true,
+            (false, m) => m == Method::PUT || m == Method::DELETE,
+            _ => false,
+        };
+        if !fits {
+            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here\n");
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allowed));
+            return resp;
+        }
+        let Some(deployer) = self.node.deployer.clone() else {
+            return text(
+                StatusCode::NOT_IMPLEMENTED,
+                "this node cannot deploy (no deployer)\n",
+            );
+        };
+        let by = match deploy::user_name(req.headers()) {
+            Some(user) => format!("api {peer} ({user})"),
+            None => format!("api {peer}"),
+        };
+        let body = match read_body(req).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        let work: deploy::Change<'static> = if method == Method::DELETE {
+            Box::pin(async move { deployer.delete(name, by).await })
+        } else if rollback {
+            let parsed: Result<RollbackBody, _> = if body.is_empty() {
+                Ok(RollbackBody::default())
+            } else {
+                serde_json::from_slice(&body)
+            };
+            let Ok(parsed) = parsed else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "the body is not a rollback request (JSON: {\"expect_version\": N})\n",
+                );
+            };
+            Box::pin(async move { deployer.rollback(name, parsed.expect_version, by).await })
+        } else {
+            let parsed: DeployBody = match serde_json::from_slice(&body) {
+                Ok(p) => p,
+                Err(e) => {
+                    return error_json(
+                        StatusCode::BAD_REQUEST,
+                        &format!("the body is not a deploy request: {e}"),
+                    );
+                }
+            };
+            use base64::Engine as _;
+            let Ok(component) =
+                base64::engine::general_purpose::STANDARD.decode(parsed.component.as_bytes())
+            else {
+                return error_json(
+                    StatusCode::BAD_REQUEST,
+                    "`component` is not base64 (standard alphabet, padded)",
+                );
+            };
+            let request = DeployRequest {
+                function: name,
+                config: parsed.config,
+                component,
+                expect_version: parsed.expect_version,
+                by,
+            };
+            Box::pin(async move { deployer.deploy(request).await })
+        };
+        // The change runs to its end even if this connection goes away.
+        match tokio::spawn(work).await {
+            Ok(Ok(done)) => json(serde_json::to_vec(&done)),
+            Ok(Err(e)) => error_json(e.status(), &e.to_string()),
+            Err(e) => {
+                tracing::error!(error = %e, "admin: a change task failed");
+                let e = DeployError::Internal("the change failed; see the node's log".into());
+                error_json(e.status(), &e.to_string())
+            }
+        }
+    }
+
+    fn unauthorized(&self, peer: SocketAddr) -> Response<Full<Bytes>> {
+        self.refused(peer);
+        let mut resp = text(
+            StatusCode::UNAUTHORIZED,
+            "a valid bearer token is required\n",
+        );
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"ignis-admin\""),
+        );
+        resp
+    }
+
     /// The answer to one admin request.
     fn answer(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<AdminBody> {
         let get = req.method() == Method::GET || req.method() == Method::HEAD;
@@ -350,16 +505,7 @@ impl Shared {
             return resp;
         }
         if !self.authorized(req) {
-            self.refused(peer);
-            let mut resp = text(
-                StatusCode::UNAUTHORIZED,
-                "a valid bearer token is required\n",
-            );
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"ignis-admin\""),
-            );
-            return resp;
+            return self.unauthorized(peer);
         }
         let path = req.uri().path();
         if !ENDPOINTS.contains(&path) {
@@ -394,7 +540,7 @@ impl Shared {
         }
     }
 
-    fn authorized(&self, req: &Request<Incoming>) -> bool {
+    fn authorized<B>(&self, req: &Request<B>) -> bool {
         let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
         let (Some(value), None) = (values.next(), values.next()) else {
             return false;
@@ -438,6 +584,51 @@ fn json(body: Result<Vec<u8>, serde_json::Error>) -> Response<Full<Bytes>> {
     );
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// A change request's body: at most [`deploy::MAX_DEPLOY_BYTES`], within
+/// [`deploy::BODY_TIMEOUT`].
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
+    use http_body_util::BodyExt as _;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > deploy::MAX_DEPLOY_BYTES as u64) {
+        return Err(text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body is too large\n",
+        ));
+    }
+    let limited = http_body_util::Limited::new(req.into_body(), deploy::MAX_DEPLOY_BYTES);
+    match tokio::time::timeout(deploy::BODY_TIMEOUT, limited.collect()).await {
+        Err(_) => Err(text(
+            StatusCode::REQUEST_TIMEOUT,
+            "the request body did not arrive in time\n",
+        )),
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the request body is too large\n",
+            ))
+        }
+        Ok(Err(_)) => Err(text(
+            StatusCode::BAD_REQUEST,
+            "the request body could not be read\n",
+        )),
+    }
+}
+
+/// `{"error": message}` with `status`.
+fn error_json(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let mut resp = json(serde_json::to_vec(&serde_json::json!({ "error": message })));
+    *resp.status_mut() = status;
     resp
 }
 

@@ -12,8 +12,7 @@ use crate::Node;
 /// The whole listing.
 #[derive(Debug, Serialize)]
 pub struct Listing {
-    /// When the running version was loaded (the process start: deploying
-    /// without a restart is not built yet), seconds since the Unix epoch.
+    /// When the process started, seconds since the Unix epoch.
     pub loaded_at_unix: f64,
     /// Functions, by name.
     pub functions: Vec<FunctionInfo>,
@@ -23,6 +22,8 @@ pub struct Listing {
     pub actors: Vec<ActorInfo>,
     /// Upstreams, by name.
     pub upstreams: Vec<UpstreamInfo>,
+    /// Recent changes, newest first.
+    pub deploys: Vec<crate::deploy::DeployRecord>,
 }
 
 /// One function.
@@ -40,6 +41,8 @@ pub struct FunctionInfo {
     pub max_concurrency: u32,
     /// Its memory limit per instance, in bytes.
     pub memory_bytes: u64,
+    /// The version serving (absent only for a node without a deployer).
+    pub version: Option<crate::deploy::VersionInfo>,
 }
 
 /// One route.
@@ -81,7 +84,8 @@ pub struct UpstreamInfo {
 
 /// Lists what `node` runs now.
 pub fn read(node: &Node) -> Listing {
-    let functions = node
+    let parts = node.parts();
+    let functions = parts
         .functions
         .iter()
         .map(|(name, (f, _))| FunctionInfo {
@@ -91,9 +95,10 @@ pub fn read(node: &Node) -> Listing {
             active: f.stats().active.load(Ordering::Relaxed),
             max_concurrency: f.limits().max_concurrency,
             memory_bytes: f.limits().memory_bytes,
+            version: parts.versions.get(name).cloned(),
         })
         .collect();
-    let routes = node
+    let routes = parts
         .routes
         .iter()
         .map(|r| {
@@ -111,7 +116,7 @@ pub fn read(node: &Node) -> Listing {
             }
         })
         .collect();
-    let actors = node.directory.as_ref().map_or_else(Vec::new, |d| {
+    let actors = parts.directory.as_ref().map_or_else(Vec::new, |d| {
         d.class_counts()
             .into_iter()
             .map(|c| ActorInfo {
@@ -124,7 +129,7 @@ pub fn read(node: &Node) -> Listing {
             })
             .collect()
     });
-    let upstreams = node
+    let upstreams = parts
         .upstreams
         .iter()
         .map(|(name, u)| UpstreamInfo {
@@ -142,5 +147,6 @@ pub fn read(node: &Node) -> Listing {
         routes,
         actors,
         upstreams,
+        deploys: parts.deploys.clone(),
     }
 }

@@ -24,15 +24,22 @@ use crate::Node;
 /// Renders every metric of `node` in the OpenMetrics text format.
 pub fn render(node: &std::sync::Arc<Node>) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(NodeCollector(node.clone())));
+    registry.register_collector(Box::new(NodeCollector(node.clone(), node.parts())));
     let mut out = String::with_capacity(16 * 1024);
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
     out
 }
 
-#[derive(Debug)]
-struct NodeCollector(std::sync::Arc<Node>);
+/// The node, and its parts as they were when the scrape began (one
+/// deploy's worth of functions for the whole exposition).
+struct NodeCollector(std::sync::Arc<Node>, std::sync::Arc<crate::NodeParts>);
+
+impl std::fmt::Debug for NodeCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
 
@@ -157,7 +164,7 @@ impl NodeCollector {
     /// What the edge recorded: requests by target and status code,
     /// durations, bytes.
     fn traffic(&self, e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let traffic = self.0.traffic.clone();
+        let traffic = self.1.traffic.clone();
         let codes: Vec<_> = traffic
             .all()
             .map(|t| (t.clone(), t.by_code()))
@@ -221,7 +228,7 @@ impl NodeCollector {
 
     fn functions(&self, e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let fns: Vec<(&str, &str, &GuestStats, &ignis_actors::AdmissionStats)> = self
-            .0
+            .1
             .functions
             .iter()
             .map(|(name, (f, gate))| (name.as_str(), f.tenant(), &**f.stats(), gate.stats()))
@@ -377,10 +384,10 @@ impl NodeCollector {
     /// tenant's share is its rate over the sum of all tenants' rates).
     fn tenants(&self, e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let mut cpu: BTreeMap<&str, u64> = BTreeMap::new();
-        for (f, _) in self.0.functions.values() {
+        for (f, _) in self.1.functions.values() {
             *cpu.entry(f.tenant()).or_default() += load(&f.stats().cpu_nanos);
         }
-        if let Some(d) = &self.0.directory {
+        if let Some(d) = &self.1.directory {
             for class in d.classes() {
                 *cpu.entry(&class.config().tenant).or_default() += load(&class.stats().cpu_nanos);
             }
@@ -403,7 +410,7 @@ impl NodeCollector {
             "The tenant's scheduling weight.",
             None,
             cpu.keys().map(|tenant| {
-                let weight = self.0.weights.get(*tenant).copied().unwrap_or(1);
+                let weight = self.1.weights.get(*tenant).copied().unwrap_or(1);
                 (
                     vec![("tenant", *tenant)],
                     ConstGauge::new(i64::from(weight)),
@@ -413,7 +420,7 @@ impl NodeCollector {
     }
 
     fn actors(&self, e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let Some(directory) = &self.0.directory else {
+        let Some(directory) = &self.1.directory else {
             return Ok(());
         };
         let mut classes: Vec<_> = directory.classes().collect();
@@ -546,7 +553,7 @@ impl NodeCollector {
     /// and the functions' key-value calls.
     fn storage(&self, e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let ops: Vec<(&str, &str, Vec<ignis_runtime::bindings::keyvalue::OpCount>)> = self
-            .0
+            .1
             .functions
             .iter()
             .map(|(name, (f, _))| (name.as_str(), f.tenant(), f.kv_op_counts()))
@@ -576,7 +583,7 @@ impl NodeCollector {
             None,
             samples(|o| o.failures),
         )?;
-        let Some(s) = &self.0.storage else {
+        let Some(s) = &self.1.storage else {
             return Ok(());
         };
         let counters = [
@@ -609,7 +616,7 @@ impl NodeCollector {
     }
 
     fn cron(&self, e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let triggers = self.0.cron.triggers();
+        let triggers = self.1.cron.triggers();
         family(
             e,
             "ignis_cron_runs",
@@ -641,7 +648,7 @@ impl NodeCollector {
 
     fn upstreams(&self, e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let stats: Vec<(&str, Vec<ignis_edge::OriginStats>)> = self
-            .0
+            .1
             .upstreams
             .iter()
             .map(|(name, u)| (name.as_str(), u.origin_stats()))

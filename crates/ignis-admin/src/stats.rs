@@ -31,9 +31,8 @@ pub struct Stats {
     pub actors: Actors,
     /// Cron triggers.
     pub cron: Vec<Cron>,
-    /// Recent deploys, newest first (empty: deploying without a restart is
-    /// not built yet, so the only version is the one started).
-    pub deploys: Vec<String>,
+    /// Recent changes (deploys, rollbacks, deletes, reloads), newest first.
+    pub deploys: Vec<crate::deploy::DeployRecord>,
 }
 
 /// One target's counters.
@@ -101,14 +100,15 @@ pub struct Cron {
 
 /// Reads the node's counters now.
 pub fn read(node: &Node) -> Stats {
+    let parts = node.parts();
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let targets = node
+    let targets = parts
         .traffic
         .all()
         .map(|t| {
             let codes = t.by_code();
             let function = (t.kind == ignis_edge::observe::Kind::Function)
-                .then(|| node.functions.get(&*t.name))
+                .then(|| parts.functions.get(&*t.name))
                 .flatten();
             Target {
                 kind: t.kind.as_str(),
@@ -129,7 +129,7 @@ pub fn read(node: &Node) -> Stats {
         })
         .collect();
     let mut cpu: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
-    for (f, _) in node.functions.values() {
+    for (f, _) in parts.functions.values() {
         *cpu.entry(f.tenant().to_string()).or_default() += load(&f.stats().cpu_nanos);
     }
     let mut actors = Actors {
@@ -138,7 +138,7 @@ pub fn read(node: &Node) -> Stats {
         evictions: 0,
         classes: Vec::new(),
     };
-    if let Some(d) = &node.directory {
+    if let Some(d) = &parts.directory {
         let s = d.stats();
         actors.active = load(&s.active);
         actors.activations = load(&s.activations);
@@ -163,13 +163,13 @@ pub fn read(node: &Node) -> Stats {
         tenants: cpu
             .into_iter()
             .map(|(name, nanos)| Tenant {
-                weight: node.weights.get(&name).copied().unwrap_or(1),
+                weight: parts.weights.get(&name).copied().unwrap_or(1),
                 name,
                 cpu_seconds: nanos as f64 / 1e9,
             })
             .collect(),
         actors,
-        cron: node
+        cron: parts
             .cron
             .triggers()
             .iter()
@@ -181,6 +181,6 @@ pub fn read(node: &Node) -> Stats {
                 skipped: load(&t.stats().skipped),
             })
             .collect(),
-        deploys: Vec::new(),
+        deploys: parts.deploys.clone(),
     }
 }

@@ -137,8 +137,12 @@ function render(now) {
       ...now.cron.map((c) => el("tr", { "data-cron": c.name }, el("td", {}, c.name), el("td", {}, c.schedule),
         el("td", {}, String(c.ok)), el("td", {}, String(c.failed)), el("td", {}, String(c.skipped))))));
 
-  document.getElementById("deploys").replaceChildren(el("p", {},
-    now.deploys.length === 0 ? "none since start (deploys without restart are not built yet)" : now.deploys.join(", ")));
+  document.getElementById("deploys").replaceChildren(
+    el("table", {}, el("tr", {}, el("th", {}, "when"), el("th", {}, "function"), el("th", {}, "action"),
+                      el("th", {}, "version"), el("th", {}, "by")),
+      ...now.deploys.slice(0, 10).map((d) => el("tr", { "data-deploy": d.function },
+        el("td", {}, new Date(d.time_ms).toLocaleTimeString()), el("td", {}, d.function),
+        el("td", {}, d.action), el("td", {}, String(d.version)), el("td", {}, d.by)))));
   kept.push(now);
   while (kept.length > 10) kept.shift();
 }
