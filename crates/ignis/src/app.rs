@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use ignis_actors::cron::CronTriggers;
 use ignis_actors::{ActorDirectory, FunctionGate};
-use ignis_admin::{AdminServer, Node, NodeParts};
+use ignis_admin::{AdminServer, Node};
 use ignis_config::{ComponentSource, Manifest};
 use ignis_edge::observe::Traffic;
 use ignis_edge::tls::CertStore;
@@ -18,6 +18,7 @@ use ignis_runtime::sched::FairScheduler;
 use ignis_runtime::{Function, Platform, Runtime, RuntimeSettings};
 use ignis_store::{ActorStorage, KvBackend, SqliteStore};
 
+use crate::deploy::{Deployments, Initial};
 use crate::guest_build;
 
 /// What to do with functions declared as Rust crates (`build = "dir"`).
@@ -48,8 +49,11 @@ pub struct App {
     pub directory: Option<Arc<ActorDirectory>>,
     /// What the admin listener reports on.
     pub node: Arc<Node>,
-    /// The cron triggers (started by [`serve`]).
+    /// The cron triggers as loaded (started by [`serve`] through
+    /// `deployments`, which holds the current ones).
     pub cron: Arc<CronTriggers>,
+    /// What deploys, rollbacks and reloads change.
+    pub deployments: Arc<Deployments>,
 }
 
 /// Component paths of the manifest's functions and actor classes.
@@ -198,24 +202,29 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
     let cron = Arc::new(CronTriggers::new(manifest, &gates, directory.as_ref())?);
     let traffic = Traffic::new(manifest);
     let edge = Edge::new(manifest, &gates, directory.clone(), &upstreams, &traffic)?;
-    let node = Node::new(NodeParts {
+    let deployments = Deployments::new(Initial {
+        manifest,
+        runtime: runtime.clone(),
+        edge: edge.clone(),
+        directory: directory.clone(),
+        upstreams,
+        storage: store.as_ref().map(|s| s.stats().clone()),
+        paths: &paths.functions,
         functions: functions
             .iter()
             .map(|(name, f)| (name.clone(), (f.clone(), gates[name].clone())))
             .collect(),
-        directory: directory.clone(),
-        upstreams,
         traffic,
-        weights: manifest
-            .tenants
-            .iter()
-            .map(|(name, t)| (name.clone(), t.weight))
-            .collect(),
         cron: cron.clone(),
-        storage: store.as_ref().map(|s| s.stats().clone()),
-        routes: manifest.routes.clone(),
-    });
+        sources,
+    })?;
+    let node = Node::new(
+        deployments.parts(),
+        Some(deployments.clone() as Arc<dyn ignis_admin::deploy::Deployer>),
+    );
+    deployments.attach(&node);
     Ok(App {
+        deployments,
         node,
         cron,
         runtime,
@@ -226,6 +235,144 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         store,
         directory,
     })
+}
+
+/// SIGHUP, caught from now on (before the listeners are announced, so a
+/// SIGHUP sent after them never falls to the default action, which ends
+/// the process).
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = Option<()>;
+
+fn catch_hangups() -> Hangups {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let hup = signal(SignalKind::hangup()).ok();
+        if hup.is_none() {
+            tracing::warn!("SIGHUP cannot be caught here; reload by restarting");
+        }
+        hup
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// Reloads the manifest at each SIGHUP: a manifest with an error changes
+/// nothing and the error (file, line, key) is logged.
+async fn reload_on_sighup(hangups: Hangups, deployments: Arc<Deployments>) {
+    #[cfg(unix)]
+    if let Some(mut hup) = hangups {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading the manifest");
+            reload(&deployments, "SIGHUP").await;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (hangups, deployments);
+}
+
+/// How often `ignis up --watch` looks for changed files.
+pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// Most files `--watch` looks at (a guest with more is watched partly,
+/// with a warning).
+pub const MAX_WATCHED_FILES: usize = 20_000;
+
+/// Reloads when the manifest or a guest's sources change (their
+/// fingerprint: file count, sizes and latest modification time). The
+/// watched set comes from the manifest as it was last read.
+async fn watch_sources(manifest: PathBuf, deployments: Arc<Deployments>) {
+    let mut last = fingerprint(&watched(&manifest));
+    let mut ticks = tokio::time::interval(WATCH_INTERVAL);
+    loop {
+        ticks.tick().await;
+        let roots = watched(&manifest);
+        let now = tokio::task::spawn_blocking(move || fingerprint(&roots))
+            .await
+            .unwrap_or(last);
+        if now != last {
+            tracing::info!(manifest = %manifest.display(), "a watched file changed: rebuilding and reloading");
+            reload(&deployments, "watch").await;
+            // What the build wrote is not a change to act on again.
+            let roots = watched(&manifest);
+            last = tokio::task::spawn_blocking(move || fingerprint(&roots))
+                .await
+                .unwrap_or(now);
+        }
+    }
+}
+
+/// The manifest and its guests' sources: a Rust crate's directory (without
+/// `target`), a build command's `watch` paths.
+fn watched(manifest: &std::path::Path) -> Vec<PathBuf> {
+    let mut roots = vec![manifest.to_path_buf()];
+    if let Ok(m) = Manifest::load(manifest) {
+        let sources = m
+            .functions
+            .values()
+            .map(|f| &f.source)
+            .chain(m.actors.values().map(|a| &a.source));
+        for source in sources {
+            match source {
+                ComponentSource::RustCrate(dir) => roots.push(dir.clone()),
+                ComponentSource::Command(b) => roots.extend(b.watch.iter().cloned()),
+                ComponentSource::Wasm(p) => roots.push(p.clone()),
+            }
+        }
+    }
+    roots
+}
+
+/// (files, total bytes, latest modification) under `roots`, skipping
+/// `target` and hidden directories.
+fn fingerprint(roots: &[PathBuf]) -> (usize, u64, Option<std::time::SystemTime>) {
+    let mut acc = (0usize, 0u64, None);
+    let mut stack: Vec<PathBuf> = roots.to_vec();
+    while let Some(path) = stack.pop() {
+        if acc.0 >= MAX_WATCHED_FILES {
+            tracing::warn!(
+                max = MAX_WATCHED_FILES,
+                "--watch: too many files; the rest are not watched"
+            );
+            break;
+        }
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            let skip = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n == "target" || n == "node_modules" || n.starts_with('.'));
+            if skip && !roots.contains(&path) {
+                continue;
+            }
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+            continue;
+        }
+        acc.0 += 1;
+        acc.1 += meta.len();
+        acc.2 = acc.2.max(meta.modified().ok());
+    }
+    acc
+}
+
+/// Reloads the manifest and logs the outcome.
+pub async fn reload(deployments: &Deployments, by: &str) {
+    match deployments.reload(by).await {
+        Ok(changed) if changed.is_empty() => {
+            tracing::info!(target: "ignis::deploy", by, "manifest reloaded: nothing changed");
+        }
+        Ok(changed) => {
+            tracing::info!(target: "ignis::deploy", by, changed = ?changed, "manifest reloaded");
+        }
+        Err(e) => {
+            tracing::error!(target: "ignis::deploy", by, error = %e, "manifest reload refused; the running version is untouched");
+        }
+    }
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.
@@ -297,8 +444,12 @@ pub async fn bind(manifest: &Manifest, app: &App) -> anyhow::Result<Listeners> {
 /// Binds and serves until SIGINT/SIGTERM. Prints `listening on http://ADDR`
 /// on stdout once the sockets are bound, then `listening on https://ADDR` if
 /// the manifest has `[tls]`.
-pub async fn serve(manifest: &Manifest, app: App) -> anyhow::Result<()> {
+///
+/// SIGHUP reloads the manifest; with `watch`, so does a change to it or to
+/// a guest's sources (rebuilt first), polled every [`WATCH_INTERVAL`].
+pub async fn serve(manifest: &Manifest, app: App, watch: bool) -> anyhow::Result<()> {
     let Listeners { http, admin, https } = bind(manifest, &app).await?;
+    let hangups = catch_hangups();
     println!("listening on http://{}", http.local_addr());
     if let Some((server, _)) = &https {
         println!("listening on https://{}", server.local_addr());
@@ -320,11 +471,23 @@ pub async fn serve(manifest: &Manifest, app: App) -> anyhow::Result<()> {
     let node = app.node.clone();
     // Cron triggers fire while the node serves; at the shutdown signal they
     // stop (a run in flight is cancelled with its guest).
-    let cron = app.cron.start();
+    app.deployments.start_cron();
+    let deployments = app.deployments.clone();
+    let reloads = tokio::spawn(reload_on_sighup(hangups, app.deployments.clone()));
+    let watcher = watch.then(|| {
+        tokio::spawn(watch_sources(
+            manifest.path.clone(),
+            app.deployments.clone(),
+        ))
+    });
     let signal = async move {
         shutdown_signal().await;
         node.set_ready(false);
-        drop(cron);
+        reloads.abort();
+        if let Some(w) = watcher {
+            w.abort();
+        }
+        deployments.stop_cron();
         let _ = stop_tx.send(true);
     };
     // The admin listener outlives the drain (`/readyz` says 503 meanwhile)

@@ -58,6 +58,10 @@ enum Command {
         /// Directory holding ignis.toml.
         #[arg(default_value = ".")]
         dir: PathBuf,
+        /// Rebuild and reload when the manifest or a guest's sources change
+        /// (a bad change is logged; the running version keeps serving).
+        #[arg(long)]
+        watch: bool,
         #[command(flatten)]
         listen: ListenArgs,
     },
@@ -105,6 +109,52 @@ enum Command {
         #[arg(long, env = "IGNIS_ADMIN_URL", default_value = "http://127.0.0.1:9901")]
         admin: String,
         /// Print the API's JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deploy a new version of a function to a running node without a
+    /// restart: its table from the manifest and its component (built first
+    /// if the manifest builds it); the token comes from IGNIS_ADMIN_TOKEN.
+    Deploy {
+        /// The function.
+        name: String,
+        /// The manifest holding `[functions.NAME]`.
+        #[arg(long, default_value = "ignis.toml")]
+        manifest: PathBuf,
+        /// Send this component instead of the manifest's.
+        #[arg(long)]
+        component: Option<PathBuf>,
+        /// Refuse unless the node serves this version now (0: the function
+        /// must be new).
+        #[arg(long)]
+        expect_version: Option<u64>,
+        /// The node's admin API.
+        #[arg(long, env = "IGNIS_ADMIN_URL", default_value = "http://127.0.0.1:9901")]
+        admin: String,
+        /// Print the API's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore the version of a function before the current one.
+    Rollback {
+        /// The function.
+        name: String,
+        /// The node's admin API.
+        #[arg(long, env = "IGNIS_ADMIN_URL", default_value = "http://127.0.0.1:9901")]
+        admin: String,
+        /// Print the API's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a function from a running node (refused while a route or a
+    /// cron trigger names it; a rollback brings it back).
+    Delete {
+        /// The function.
+        name: String,
+        /// The node's admin API.
+        #[arg(long, env = "IGNIS_ADMIN_URL", default_value = "http://127.0.0.1:9901")]
+        admin: String,
+        /// Print the API's JSON answer.
         #[arg(long)]
         json: bool,
     },
@@ -191,15 +241,15 @@ fn run() -> anyhow::Result<()> {
     // Loading starts the guest scheduler, whose threads run in this runtime.
     let _context = runtime.enter();
     match cli.command {
-        Command::Up { dir, listen } => {
+        Command::Up { dir, watch, listen } => {
             let manifest = load_manifest(&dir.join("ignis.toml"), Some(&listen))?;
             let app = app::load(&manifest, Sources::Build)?;
-            runtime.block_on(app::serve(&manifest, app))
+            runtime.block_on(app::serve(&manifest, app, watch))
         }
         Command::Serve { manifest, listen } => {
             let manifest = load_manifest(&manifest, Some(&listen))?;
             let app = runtime.block_on(async { app::load(&manifest, Sources::PrebuiltOnly) })?;
-            runtime.block_on(app::serve(&manifest, app))
+            runtime.block_on(app::serve(&manifest, app, false))
         }
         Command::Check { manifest, build } => {
             let manifest = load_manifest(&manifest, None)?;
@@ -243,6 +293,53 @@ fn run() -> anyhow::Result<()> {
         Command::Wit { dir } => ignis::new::write_wit(&dir),
         Command::Logs { admin } => {
             runtime.block_on(ignis::admin_client::logs(&admin, &mut std::io::stdout()))
+        }
+        Command::Deploy {
+            name,
+            manifest,
+            component,
+            expect_version,
+            admin,
+            json,
+        } => {
+            let component = match component {
+                Some(c) => c,
+                None => {
+                    let mut m = Manifest::load(&manifest)?;
+                    m.functions.retain(|n, _| *n == name);
+                    m.actors.clear();
+                    let mut paths = app::component_paths(&m, Sources::Build)?;
+                    paths.functions.remove(&name).ok_or_else(|| {
+                        anyhow::anyhow!("{} has no function `{name}`", manifest.display())
+                    })?
+                }
+            };
+            print!(
+                "{}",
+                runtime.block_on(ignis::admin_client::deploy(
+                    &admin,
+                    &manifest,
+                    &name,
+                    &component,
+                    expect_version,
+                    json
+                ))?
+            );
+            Ok(())
+        }
+        Command::Rollback { name, admin, json } => {
+            print!(
+                "{}",
+                runtime.block_on(ignis::admin_client::rollback(&admin, &name, json))?
+            );
+            Ok(())
+        }
+        Command::Delete { name, admin, json } => {
+            print!(
+                "{}",
+                runtime.block_on(ignis::admin_client::delete(&admin, &name, json))?
+            );
+            Ok(())
         }
         Command::Ls { admin, json } => {
             print!(

@@ -11,10 +11,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::*;
 
-const TOKEN: &str = "test-admin-token-0123456789";
+pub(crate) const TOKEN: &str = "test-admin-token-0123456789";
 
 /// A manifest serving the `hello` and `limits` examples.
-fn manifest(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+pub(crate) fn manifest(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
     write(
         dir,
         "ignis.toml",
@@ -33,7 +33,10 @@ fn manifest(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
 
 /// `ignis serve` with the admin token in the environment and the admin
 /// listener on a free port; returns the process and the admin address.
-fn serve_with_admin(manifest: &std::path::Path, extra_args: &[&str]) -> (Proc, SocketAddr) {
+pub(crate) fn serve_with_admin(
+    manifest: &std::path::Path,
+    extra_args: &[&str],
+) -> (Proc, SocketAddr) {
     let mut args = vec!["serve", manifest.to_str().unwrap()];
     args.extend_from_slice(extra_args);
     args.extend_from_slice(&["--admin-listen", "127.0.0.1:0"]);
@@ -42,7 +45,7 @@ fn serve_with_admin(manifest: &std::path::Path, extra_args: &[&str]) -> (Proc, S
     (proc, admin)
 }
 
-async fn admin_get(addr: SocketAddr, path: &str, auth: Option<&str>) -> Reply {
+pub(crate) async fn admin_get(addr: SocketAddr, path: &str, auth: Option<&str>) -> Reply {
     let mut req = http::Request::get(format!("http://{addr}{path}"));
     if let Some(auth) = auth {
         req = req.header("authorization", auth);
@@ -50,7 +53,7 @@ async fn admin_get(addr: SocketAddr, path: &str, auth: Option<&str>) -> Reply {
     send(&client(), req.body(Full::default()).unwrap()).await
 }
 
-fn bearer() -> String {
+pub(crate) fn bearer() -> String {
     format!("Bearer {TOKEN}")
 }
 
@@ -668,6 +671,10 @@ async fn the_dashboard_shows_live_charts_in_a_headless_browser() {
         dom.contains("data-tenant=\"acme\""),
         "tenants' CPU shares: {dom}"
     );
+    assert!(
+        dom.contains("data-deploy=\"*\"") && dom.contains("<td>start</td>"),
+        "recent changes (the start): {dom}"
+    );
     assert!(!dom.contains(TOKEN), "the token must not stay in the page");
     let png = std::fs::read(&shot).expect("a screenshot");
     assert!(
@@ -709,9 +716,31 @@ async fn the_openapi_document_matches_the_endpoints_and_ls_lists_the_node() {
         .iter()
         .copied()
         .chain(ignis_admin::DASHBOARD.iter().map(|(p, _, _)| *p))
+        .chain(ignis_admin::CHANGE_ENDPOINTS.iter().map(|(p, _)| *p))
         .collect();
     served.sort();
     assert_eq!(documented, served, "the document and the server disagree");
+    for (path, methods) in ignis_admin::CHANGE_ENDPOINTS {
+        let item = paths[path].as_object().unwrap();
+        let mut documented: Vec<&str> = item
+            .keys()
+            .map(String::as_str)
+            .filter(|k| *k != "parameters")
+            .collect();
+        documented.sort();
+        let mut methods = methods.to_vec();
+        methods.sort();
+        assert_eq!(documented, methods, "{path}");
+        for method in methods {
+            let responses = &item[method]["responses"];
+            for status in ["200", "401", "409"] {
+                assert!(
+                    responses.get(status).is_some(),
+                    "{method} {path} documents {status}"
+                );
+            }
+        }
+    }
     // Every endpoint answers as documented, with the token and without.
     for path in ignis_admin::ENDPOINTS {
         let responses = &paths[path]["get"]["responses"];
@@ -764,7 +793,7 @@ async fn the_openapi_document_matches_the_endpoints_and_ls_lists_the_node() {
     assert_eq!(from_cli["functions"][1]["name"], "limits");
     let (ok, out, err) = ls(&["--admin", url], Some(TOKEN));
     assert!(ok, "{err}");
-    assert!(out.contains("hello\tacme\t"), "{out}");
+    assert!(out.contains("hello\t1\tacme\t"), "{out}");
     assert!(out.contains("/hello"), "{out}");
     // Bad input: no token, a wrong one, nothing listening, not a URL.
     let (ok, _, err) = ls(&["--admin", url], None);

@@ -8,6 +8,7 @@ mod admission;
 mod bindings;
 mod cli;
 mod cron;
+mod deploy;
 mod durable;
 mod http2;
 mod http_limits;
