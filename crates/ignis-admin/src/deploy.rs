@@ -1,7 +1,9 @@
 //! Changing what the node runs through the API: `PUT /v1/functions/{name}`
 //! deploys a version (a component and the function's manifest table),
 //! `POST /v1/functions/{name}/rollback` restores the version before it,
-//! `DELETE /v1/functions/{name}` removes the function.
+//! `DELETE /v1/functions/{name}` removes the function; `PUT
+//! /v1/actors/{class}` and `POST /v1/actors/{class}/rollback` do the same
+//! for an actor class (which swaps between messages, never inside one).
 //!
 //! The admin crate knows the HTTP side only; building and swapping a
 //! version is the [`Deployer`]'s job (the `ignis` crate's, which knows how
@@ -38,21 +40,58 @@ pub const MAX_USER_BYTES: usize = 64;
 /// A boxed future of a change's outcome.
 pub type Change<'a> = Pin<Box<dyn Future<Output = Result<Deployed, DeployError>> + Send + 'a>>;
 
-/// Builds and swaps versions of functions; implemented by the application.
+/// What a change is to: a function or an actor class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnitKind {
+    /// `[functions.NAME]`, `/v1/functions/NAME`.
+    Function,
+    /// `[actors.NAME]`, `/v1/actors/NAME`.
+    Actor,
+}
+
+impl UnitKind {
+    /// The manifest table holding it.
+    pub fn table(self) -> &'static str {
+        match self {
+            UnitKind::Function => "functions",
+            UnitKind::Actor => "actors",
+        }
+    }
+
+    /// How messages name it.
+    pub fn noun(self) -> &'static str {
+        match self {
+            UnitKind::Function => "function",
+            UnitKind::Actor => "actor class",
+        }
+    }
+}
+
+/// Builds and swaps versions of functions and actor classes; implemented
+/// by the application.
 pub trait Deployer: Send + Sync {
-    /// Deploys `request.component` as the next version of `request.function`.
+    /// Deploys `request.component` as the next version of `request.name`.
     fn deploy(&self, request: DeployRequest) -> Change<'_>;
-    /// Restores the version before the current one of `function`.
-    fn rollback(&self, function: String, expect_version: Option<u64>, by: String) -> Change<'_>;
-    /// Removes `function`.
+    /// Restores the version before the current one of `(kind, name)`.
+    fn rollback(
+        &self,
+        kind: UnitKind,
+        name: String,
+        expect_version: Option<u64>,
+        by: String,
+    ) -> Change<'_>;
+    /// Removes function `function`.
     fn delete(&self, function: String, by: String) -> Change<'_>;
 }
 
 /// One deploy, as the API received it.
 #[derive(Debug)]
 pub struct DeployRequest {
-    /// The function's name.
-    pub function: String,
+    /// A function or an actor class.
+    pub kind: UnitKind,
+    /// Its name.
+    pub name: String,
     /// Its manifest table, in TOML, without the `[functions.NAME]` header
     /// (`component` and `build` are ignored: the component is uploaded).
     pub config: String,
@@ -91,8 +130,10 @@ pub struct RollbackBody {
 /// What a change did.
 #[derive(Debug, Clone, Serialize)]
 pub struct Deployed {
-    /// The function.
-    pub function: String,
+    /// `function` or `actor`.
+    pub kind: UnitKind,
+    /// The function or actor class.
+    pub name: String,
     /// `deploy`, `rollback` or `delete`.
     pub action: &'static str,
     /// The version serving now (0 after a delete).
@@ -143,8 +184,10 @@ impl DeployError {
 pub struct DeployRecord {
     /// When it was swapped in, milliseconds since the Unix epoch.
     pub time_ms: u64,
-    /// The function (`*` for a manifest reload).
-    pub function: String,
+    /// `function` or `actor` (`null` for the start).
+    pub kind: Option<UnitKind>,
+    /// The function or actor class (`*` for the start).
+    pub name: String,
     /// `start`, `deploy`, `rollback`, `delete` or `reload`.
     pub action: &'static str,
     /// The version serving after it (0 after a delete).

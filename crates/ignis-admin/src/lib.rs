@@ -50,9 +50,11 @@ pub const ENDPOINTS: [&str; 7] = [
 
 /// The endpoints that change what the node runs ([`deploy`]), with their
 /// methods; they need the token too. The OpenAPI document describes them.
-pub const CHANGE_ENDPOINTS: [(&str, &[&str]); 2] = [
+pub const CHANGE_ENDPOINTS: [(&str, &[&str]); 4] = [
     ("/v1/functions/{name}", &["put", "delete"]),
     ("/v1/functions/{name}/rollback", &["post"]),
+    ("/v1/actors/{name}", &["put"]),
+    ("/v1/actors/{name}/rollback", &["post"]),
 ];
 
 /// A response body: whole, or the log stream.
@@ -141,6 +143,8 @@ pub struct NodeParts {
     pub routes: Vec<ignis_config::RouteConfig>,
     /// Each function's version, by name.
     pub versions: BTreeMap<String, deploy::VersionInfo>,
+    /// Each actor class's version, by name.
+    pub actor_versions: BTreeMap<String, deploy::VersionInfo>,
     /// Recent changes, newest first (at most [`MAX_DEPLOY_RECORDS`]).
     pub deploys: Vec<deploy::DeployRecord>,
 }
@@ -336,9 +340,11 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
-/// Whether `req` asks to change a function (deploy, rollback, delete).
+/// Whether `req` asks to change a function or an actor class (deploy,
+/// rollback, delete).
 fn is_change<B>(req: &Request<B>) -> bool {
-    req.uri().path().starts_with("/v1/functions/")
+    let path = req.uri().path();
+    (path.starts_with("/v1/functions/") || path.starts_with("/v1/actors/"))
         && req.method() != Method::GET
         && req.method() != Method::HEAD
 }
@@ -350,20 +356,33 @@ impl Shared {
         if !self.authorized(&req) {
             return self.unauthorized(peer);
         }
-        let rest = &req.uri().path()["/v1/functions/".len()..];
+        let path = req.uri().path();
+        let (kind, rest) = if let Some(rest) = path.strip_prefix("/v1/functions/") {
+            (deploy::UnitKind::Function, rest)
+        } else if let Some(rest) = path.strip_prefix("/v1/actors/") {
+            (deploy::UnitKind::Actor, rest)
+        } else {
+            return text(StatusCode::NOT_FOUND, "no such admin endpoint\n");
+        };
         let (name, rollback) = match rest.split_once('/') {
             None => (rest.to_string(), false),
             Some((name, "rollback")) => (name.to_string(), true),
             Some(_) => return text(StatusCode::NOT_FOUND, "no such admin endpoint\n"),
         };
         if !ignis_config::valid_name(&name) {
-            return text(StatusCode::NOT_FOUND, "no such function\n");
+            return text(StatusCode::NOT_FOUND, "no such function or actor class\n");
         }
-        let allowed = if rollback { "POST" } else { "PUT, DELETE" };
+        let allowed = match (rollback, kind) {
+            (true, _) => "POST",
+            (false, deploy::UnitKind::Function) => "PUT, DELETE",
+            (false, deploy::UnitKind::Actor) => "PUT",
+        };
         let method = req.method().clone();
         let fits = match (rollback, &method) {
             (true, &Method::POST) => true,
-            (false, m) => m == Method::PUT || m == Method::DELETE,
+            (false, m) => {
+                m == Method::PUT || (m == Method::DELETE && kind == deploy::UnitKind::Function)
+            }
             _ => false,
         };
         if !fits {
@@ -400,7 +419,11 @@ impl Shared {
                     "the body is not a rollback request (JSON: {\"expect_version\": N})\n",
                 );
             };
-            Box::pin(async move { deployer.rollback(name, parsed.expect_version, by).await })
+            Box::pin(async move {
+                deployer
+                    .rollback(kind, name, parsed.expect_version, by)
+                    .await
+            })
         } else {
             let parsed: DeployBody = match serde_json::from_slice(&body) {
                 Ok(p) => p,
@@ -421,7 +444,8 @@ impl Shared {
                 );
             };
             let request = DeployRequest {
-                function: name,
+                kind,
+                name,
                 config: parsed.config,
                 component,
                 expect_version: parsed.expect_version,

@@ -71,6 +71,8 @@ pub struct ActorInfo {
     pub live: u64,
     /// Activations started so far.
     pub activations: u64,
+    /// The version serving (absent only for a node without a deployer).
+    pub version: Option<crate::deploy::VersionInfo>,
 }
 
 /// One upstream.
@@ -123,6 +125,7 @@ pub fn read(node: &Node) -> Listing {
                 tenant: d
                     .class(&c.class)
                     .map_or_else(String::new, |k| k.config().tenant.clone()),
+                version: parts.actor_versions.get(&c.class).cloned(),
                 class: c.class,
                 live: c.live,
                 activations: c.activations,

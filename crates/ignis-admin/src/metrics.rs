@@ -387,10 +387,14 @@ impl NodeCollector {
         for (f, _) in self.1.functions.values() {
             *cpu.entry(f.tenant()).or_default() += load(&f.stats().cpu_nanos);
         }
-        if let Some(d) = &self.1.directory {
-            for class in d.classes() {
-                *cpu.entry(&class.config().tenant).or_default() += load(&class.stats().cpu_nanos);
-            }
+        let classes = self
+            .1
+            .directory
+            .as_ref()
+            .map(|d| d.classes())
+            .unwrap_or_default();
+        for class in &classes {
+            *cpu.entry(&class.config().tenant).or_default() += load(&class.stats().cpu_nanos);
         }
         family(
             e,
@@ -423,7 +427,7 @@ impl NodeCollector {
         let Some(directory) = &self.1.directory else {
             return Ok(());
         };
-        let mut classes: Vec<_> = directory.classes().collect();
+        let mut classes = directory.classes();
         classes.sort_by(|a, b| a.name().cmp(b.name()));
         let per_class: [StatCounter; 2] = [
             (
@@ -458,13 +462,15 @@ impl NodeCollector {
             }),
         )?;
         let counts = directory.class_counts();
+        let tenants: BTreeMap<&str, &str> = classes
+            .iter()
+            .map(|c| (c.name(), c.config().tenant.as_str()))
+            .collect();
         fn labels<'a>(
-            directory: &'a ignis_actors::ActorDirectory,
+            tenants: &BTreeMap<&'a str, &'a str>,
             c: &'a ignis_actors::ClassStats,
         ) -> Labels<'a> {
-            let tenant = directory
-                .class(&c.class)
-                .map_or("-", |class| class.config().tenant.as_str());
+            let tenant = tenants.get(c.class.as_str()).copied().unwrap_or("-");
             vec![("class", c.class.as_str()), ("tenant", tenant)]
         }
         family(
@@ -474,7 +480,7 @@ impl NodeCollector {
             None,
             counts
                 .iter()
-                .map(|c| (labels(directory, c), counter(c.activations))),
+                .map(|c| (labels(&tenants, c), counter(c.activations))),
         )?;
         family(
             e,
@@ -483,7 +489,7 @@ impl NodeCollector {
             None,
             counts
                 .iter()
-                .map(|c| (labels(directory, c), counter(c.evictions))),
+                .map(|c| (labels(&tenants, c), counter(c.evictions))),
         )?;
         family(
             e,
@@ -492,7 +498,7 @@ impl NodeCollector {
             None,
             counts
                 .iter()
-                .map(|c| (labels(directory, c), ConstGauge::new(c.live as i64))),
+                .map(|c| (labels(&tenants, c), ConstGauge::new(c.live as i64))),
         )?;
         let s = directory.stats();
         let node_counters = [

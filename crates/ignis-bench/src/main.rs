@@ -54,6 +54,9 @@ enum Cmd {
     /// Ignis vs nginx as reverse proxies in front of the same origin
     /// (HTTP/1.1, HTTP/1.1 over TLS, HTTP/2 over TLS, new TLS connections).
     ProxyPeers(ignis_bench::proxy::Args),
+    /// Deploy-to-first-request of a new version (same component, new
+    /// component) against a restart, and memory after old versions drain.
+    Deploy(ignis_bench::deploy::Args),
     /// Ignis vs `wasmtime serve` vs bare hyper on the same hello component.
     HelloPeers {
         /// The ignis binary.
@@ -495,6 +498,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Cmd::ProxyPeers(args) => ignis_bench::proxy::proxy_peers(args).await,
+            Cmd::Deploy(args) => ignis_bench::deploy::run(&args).await,
             Cmd::HyperHello { listen } => {
                 let listener = tokio::net::TcpListener::bind(&listen).await?;
                 println!("listening on http://{}", listener.local_addr()?);

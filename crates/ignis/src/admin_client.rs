@@ -143,8 +143,9 @@ fn user() -> String {
     name.trim_end_matches('@').to_string()
 }
 
-/// `ignis deploy`: sends function `name`'s table from `manifest` and its
-/// component (at `component`) as the function's next version.
+/// `ignis deploy`: sends the table of function (or else actor class)
+/// `name` from `manifest` and its component (at `component`) as its next
+/// version.
 pub async fn deploy(
     admin: &str,
     manifest: &std::path::Path,
@@ -158,8 +159,17 @@ pub async fn deploy(
     let doc: toml::Table = text
         .parse()
         .with_context(|| format!("{} is not TOML", manifest.display()))?;
-    let Some(toml::Value::Table(table)) = doc.get("functions").and_then(|f| f.get(name)) else {
-        bail!("{} has no [functions.{name}]", manifest.display());
+    let found = ["functions", "actors"].into_iter().find_map(|kind| {
+        match doc.get(kind).and_then(|t| t.get(name)) {
+            Some(toml::Value::Table(t)) => Some((kind, t)),
+            _ => None,
+        }
+    });
+    let Some((kind, table)) = found else {
+        bail!(
+            "{} has no [functions.{name}] or [actors.{name}]",
+            manifest.display()
+        );
     };
     let mut table = table.clone();
     table.remove("component");
@@ -177,19 +187,21 @@ pub async fn deploy(
     let answer = AdminClient::from_env(admin)?
         .change(
             http::Method::PUT,
-            &format!("/v1/functions/{name}"),
+            &format!("/v1/{kind}/{name}"),
             Some(&body),
         )
         .await?;
     Ok(describe(&answer, json))
 }
 
-/// `ignis rollback`: restores the version before the current one.
-pub async fn rollback(admin: &str, name: &str, json: bool) -> anyhow::Result<String> {
+/// `ignis rollback`: restores the version before the current one of a
+/// function (or, with `actor`, an actor class).
+pub async fn rollback(admin: &str, name: &str, actor: bool, json: bool) -> anyhow::Result<String> {
+    let kind = if actor { "actors" } else { "functions" };
     let answer = AdminClient::from_env(admin)?
         .change(
             http::Method::POST,
-            &format!("/v1/functions/{name}/rollback"),
+            &format!("/v1/{kind}/{name}/rollback"),
             None,
         )
         .await?;
@@ -210,7 +222,11 @@ fn describe(answer: &serde_json::Value, json: bool) -> String {
     if json {
         return format!("{answer}\n");
     }
-    let function = answer["function"].as_str().unwrap_or("?");
+    let function = format!(
+        "{} {}",
+        answer["kind"].as_str().unwrap_or("?"),
+        answer["name"].as_str().unwrap_or("?")
+    );
     let version = &answer["version"];
     let sha = answer["sha256"].as_str().unwrap_or("");
     let took = &answer["took_ms"];

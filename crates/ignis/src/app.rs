@@ -209,7 +209,7 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         directory: directory.clone(),
         upstreams,
         storage: store.as_ref().map(|s| s.stats().clone()),
-        paths: &paths.functions,
+        paths: &paths,
         functions: functions
             .iter()
             .map(|(name, f)| (name.clone(), (f.clone(), gates[name].clone())))

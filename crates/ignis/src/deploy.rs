@@ -2,7 +2,11 @@
 //! instantiated once beside the one serving, then the routing table, the
 //! admin view and the cron triggers swap to it together; requests that
 //! arrived before the swap finish on the old version, whose instances,
-//! pool slots and compiled code are freed when its last request ends.
+//! pool slots and compiled code are freed when its last request ends. A
+//! new version of an actor class is compiled and linked, then replaces the
+//! class in the directory: each live activation finishes the message it
+//! runs on the old version and takes its next on a fresh instance of the
+//! new one (storage stays; what the old instance held in memory goes).
 //!
 //! Changes come from the admin API (deploy, rollback, delete: the
 //! [`Deployer`] trait), from SIGHUP and from `ignis up --watch` (a manifest
@@ -16,14 +20,15 @@
 //! - One change at a time: the whole change holds `live`. A second change
 //!   to a function already being changed is refused at once (409) instead
 //!   of queueing behind it (`busy`).
-//! - What a reload may change: functions, routes and cron triggers. Any
-//!   other section (server, storage, backends, tenants, TLS, upstreams,
-//!   admin, actors) needs a restart, and a reload that changes one is
-//!   refused whole, naming it.
+//! - What a reload may change: functions, actor classes (not which classes
+//!   exist), routes and cron triggers. Any other section (server, storage,
+//!   backends, tenants, TLS, upstreams, admin) needs a restart, and a
+//!   reload that changes one is refused whole, naming it.
 //! - The pool was sized at start (`server.function_slots`, doubled: a
 //!   draining version beside its successor); a change that would take the
 //!   functions' `max_concurrency` total past it, or a memory limit past the
-//!   pool's slot size, is refused with the number to raise.
+//!   pool's slot size, is refused with the number to raise. (Actor
+//!   activations have slots of their own, capped by the directory.)
 //! - Every version's component is copied into `cache_dir/deploys/PID/`
 //!   under its SHA-256, so a rollback restores the exact bytes even if the
 //!   file it came from was rebuilt since. At most [`MAX_PREVIOUS`] earlier
@@ -41,12 +46,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use ignis_actors::cron::{CronTasks, CronTriggers};
 use ignis_actors::{ActorDirectory, FunctionGate};
 use ignis_admin::deploy::{
-    Change, DeployError, DeployRecord, DeployRequest, Deployed, Deployer, VersionInfo,
+    Change, DeployError, DeployRecord, DeployRequest, Deployed, Deployer, UnitKind, VersionInfo,
 };
 use ignis_admin::{MAX_DEPLOY_RECORDS, Node, NodeParts};
 use ignis_config::Manifest;
 use ignis_edge::observe::Traffic;
 use ignis_edge::{Edge, Upstream};
+use ignis_runtime::actor::ActorClass;
 use ignis_runtime::{Function, Runtime};
 use ignis_store::StoreStats;
 use sha2::{Digest, Sha256};
@@ -57,7 +63,10 @@ use crate::app::Sources;
 pub const MAX_PREVIOUS: usize = 5;
 
 /// Manifest sections a reload may change; any other needs a restart.
-const RELOADABLE: [&str; 3] = ["functions", "routes", "triggers"];
+const RELOADABLE: [&str; 4] = ["functions", "actors", "routes", "triggers"];
+
+/// A function or an actor class, by name.
+type Unit = (UnitKind, String);
 
 /// The node's deployable state and the means to change it.
 pub struct Deployments {
@@ -69,7 +78,7 @@ pub struct Deployments {
     sources: Sources,
     dir: PathBuf,
     node: OnceLock<Weak<Node>>,
-    busy: Mutex<BTreeSet<String>>,
+    busy: Mutex<BTreeSet<Unit>>,
     live: tokio::sync::Mutex<Live>,
     /// The running cron tasks, while the node serves.
     cron_tasks: Mutex<Option<CronTasks>>,
@@ -79,17 +88,17 @@ pub struct Deployments {
 struct Live {
     doc: toml::Table,
     manifest: Manifest,
-    functions: BTreeMap<String, Version>,
+    units: BTreeMap<Unit, Version>,
     /// Rollback stacks, newest last.
-    previous: BTreeMap<String, Vec<Version>>,
-    /// Highest version number given per function.
-    numbers: BTreeMap<String, u64>,
+    previous: BTreeMap<Unit, Vec<Version>>,
+    /// Highest version number given per unit.
+    numbers: BTreeMap<Unit, u64>,
     traffic: Arc<Traffic>,
     cron: Arc<CronTriggers>,
     records: VecDeque<DeployRecord>,
 }
 
-/// One version of a function.
+/// One version of a function or an actor class.
 #[derive(Clone)]
 struct Version {
     number: u64,
@@ -99,9 +108,16 @@ struct Version {
     /// The copy of its component under `cache_dir/deploys/`.
     stored: PathBuf,
     deployed_ms: u64,
-    /// The loaded function and its gate (current versions only: an earlier
-    /// version is kept as bytes, never as a loaded function).
-    loaded: Option<(Arc<Function>, Arc<FunctionGate>)>,
+    /// What is loaded (current versions only: an earlier version is kept
+    /// as bytes, never loaded).
+    loaded: Option<Loaded>,
+}
+
+/// A loaded version.
+#[derive(Clone)]
+enum Loaded {
+    Function(Arc<Function>, Arc<FunctionGate>),
+    Actor(Arc<ActorClass>),
 }
 
 /// What the initial load hands over.
@@ -118,9 +134,10 @@ pub struct Initial<'a> {
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     /// The store's counters, if open.
     pub storage: Option<Arc<StoreStats>>,
-    /// Component paths by function name.
-    pub paths: &'a BTreeMap<String, PathBuf>,
-    /// Loaded functions and their gates.
+    /// Component paths.
+    pub paths: &'a crate::app::ComponentPaths,
+    /// Loaded functions and their gates (actor classes come from the
+    /// directory).
     pub functions: BTreeMap<String, (Arc<Function>, Arc<FunctionGate>)>,
     /// The traffic counters the edge records into.
     pub traffic: Arc<Traffic>,
@@ -150,17 +167,17 @@ fn internal(what: &str, e: impl std::fmt::Display) -> DeployError {
     DeployError::Internal(format!("{what}; see the node's log"))
 }
 
-/// Marks a function as being changed until dropped.
+/// Marks units as being changed until dropped.
 struct Busy<'a> {
-    set: &'a Mutex<BTreeSet<String>>,
-    names: Vec<String>,
+    set: &'a Mutex<BTreeSet<Unit>>,
+    units: Vec<Unit>,
 }
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
-        for n in &self.names {
-            set.remove(n);
+        for u in &self.units {
+            set.remove(u);
         }
     }
 }
@@ -169,19 +186,20 @@ impl Drop for Busy<'_> {
 struct Plan {
     doc: toml::Table,
     manifest: Manifest,
-    /// Versions of the new manifest's functions (loaded).
-    functions: BTreeMap<String, Version>,
-    /// Functions whose version changed or that are gone.
-    changed: Vec<String>,
+    /// Versions of the new manifest's units (loaded).
+    units: BTreeMap<Unit, Version>,
+    /// Units whose version changed or that are gone.
+    changed: Vec<Unit>,
 }
 
-/// Where a function's component comes from in a change.
+/// Where a unit's component comes from in a change.
 enum Component {
-    /// Keep the version serving if its table and bytes are the same.
+    /// Keep the version serving (its table must be the same).
     Resolve,
     /// This stored version (a rollback).
     Version(Version),
-    /// These bytes (an upload).
+    /// These bytes (an upload, or a file a reload read): kept if the table
+    /// and the bytes are those serving.
     Bytes(Vec<u8>),
 }
 
@@ -201,30 +219,45 @@ impl Deployments {
             .parse()
             .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {e}", manifest.path.display()))?;
         let started = now_ms();
-        let mut functions = BTreeMap::new();
-        let mut numbers = BTreeMap::new();
+        let mut loaded: Vec<(Unit, &PathBuf, Loaded)> = Vec::new();
         for (name, (function, gate)) in initial.functions {
-            let bytes = std::fs::read(&initial.paths[&name])
-                .map_err(|e| anyhow::anyhow!("reading {}: {e}", initial.paths[&name].display()))?;
+            let path = &initial.paths.functions[&name];
+            loaded.push((
+                (UnitKind::Function, name),
+                path,
+                Loaded::Function(function, gate),
+            ));
+        }
+        for class in initial.directory.iter().flat_map(|d| d.classes()) {
+            let name = class.name().to_string();
+            let path = &initial.paths.actors[&name];
+            loaded.push(((UnitKind::Actor, name), path, Loaded::Actor(class)));
+        }
+        let mut units = BTreeMap::new();
+        let mut numbers = BTreeMap::new();
+        for (unit, path, l) in loaded {
+            let bytes = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
             let sha256 = hex_sha256(&bytes);
             let stored = store(&dir, &sha256, &bytes)?;
-            numbers.insert(name.clone(), 1);
-            functions.insert(
-                name.clone(),
+            numbers.insert(unit.clone(), 1);
+            let section = section(&doc, &unit).unwrap_or(toml::Value::Table(Default::default()));
+            units.insert(
+                unit,
                 Version {
                     number: 1,
                     sha256,
-                    section: section(&doc, &name).unwrap_or(toml::Value::Table(Default::default())),
+                    section,
                     stored,
                     deployed_ms: started,
-                    loaded: Some((function, gate)),
+                    loaded: Some(l),
                 },
             );
         }
         let mut live = Live {
             doc,
             manifest: manifest.clone(),
-            functions,
+            units,
             previous: BTreeMap::new(),
             numbers,
             traffic: initial.traffic,
@@ -233,7 +266,8 @@ impl Deployments {
         };
         live.records.push_front(DeployRecord {
             time_ms: started,
-            function: "*".into(),
+            kind: None,
+            name: "*".into(),
             action: "start",
             version: 1,
             by: "start".into(),
@@ -285,31 +319,36 @@ impl Deployments {
     }
 
     fn parts_of(&self, live: &Live) -> NodeParts {
-        let versions = live
-            .functions
-            .iter()
-            .map(|(name, v)| {
-                let previous = live
-                    .previous
-                    .get(name)
-                    .map(|p| p.iter().rev().map(|v| v.number).collect())
-                    .unwrap_or_default();
-                (
-                    name.clone(),
-                    VersionInfo {
-                        version: v.number,
-                        sha256: v.sha256.clone(),
-                        deployed_ms: v.deployed_ms,
-                        previous,
-                    },
-                )
-            })
-            .collect();
+        let versions = |kind: UnitKind| {
+            live.units
+                .iter()
+                .filter(|((k, _), _)| *k == kind)
+                .map(|(unit, v)| {
+                    let previous = live
+                        .previous
+                        .get(unit)
+                        .map(|p| p.iter().rev().map(|v| v.number).collect())
+                        .unwrap_or_default();
+                    (
+                        unit.1.clone(),
+                        VersionInfo {
+                            version: v.number,
+                            sha256: v.sha256.clone(),
+                            deployed_ms: v.deployed_ms,
+                            previous,
+                        },
+                    )
+                })
+                .collect()
+        };
         NodeParts {
             functions: live
-                .functions
+                .units
                 .iter()
-                .filter_map(|(name, v)| v.loaded.clone().map(|l| (name.clone(), l)))
+                .filter_map(|((_, name), v)| match &v.loaded {
+                    Some(Loaded::Function(f, g)) => Some((name.clone(), (f.clone(), g.clone()))),
+                    _ => None,
+                })
                 .collect(),
             directory: self.directory.clone(),
             upstreams: self.upstreams.clone(),
@@ -323,22 +362,24 @@ impl Deployments {
             cron: live.cron.clone(),
             storage: self.storage.clone(),
             routes: live.manifest.routes.clone(),
-            versions,
+            versions: versions(UnitKind::Function),
+            actor_versions: versions(UnitKind::Actor),
             deploys: live.records.iter().cloned().collect(),
         }
     }
 
-    fn claim(&self, names: &[String]) -> Result<Busy<'_>, DeployError> {
+    fn claim(&self, units: &[Unit]) -> Result<Busy<'_>, DeployError> {
         let mut set = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(taken) = names.iter().find(|n| set.contains(*n)) {
+        if let Some((kind, name)) = units.iter().find(|u| set.contains(*u)) {
             return Err(DeployError::Conflict(format!(
-                "another change to `{taken}` is under way; try again when it ends"
+                "another change to {} `{name}` is under way; try again when it ends",
+                kind.noun()
             )));
         }
-        set.extend(names.iter().cloned());
+        set.extend(units.iter().cloned());
         Ok(Busy {
             set: &self.busy,
-            names: names.to_vec(),
+            units: units.to_vec(),
         })
     }
 
@@ -346,7 +387,7 @@ impl Deployments {
     /// this node builds them, swaps in what changed. On error nothing
     /// changes; the error names the file, line and key.
     pub async fn reload(&self, by: &str) -> Result<Vec<String>, DeployError> {
-        let _busy = self.claim(&["*".to_string()])?;
+        let _busy = self.claim(&[(UnitKind::Function, "*".to_string())])?;
         let mut live = self.live.lock().await;
         let path = live.manifest.path.clone();
         let text = std::fs::read_to_string(&path)
@@ -382,16 +423,29 @@ impl Deployments {
                 .map_err(|e| DeployError::Invalid(format!("{e:#}")))?
         };
         let mut components = BTreeMap::new();
-        for name in manifest.functions.keys() {
-            let bytes = std::fs::read(&paths.functions[name]).map_err(|e| {
-                DeployError::Invalid(format!("{}: {e}", paths.functions[name].display()))
-            })?;
-            components.insert(name.clone(), Component::Bytes(bytes));
+        let all = paths
+            .functions
+            .iter()
+            .map(|(n, p)| ((UnitKind::Function, n.clone()), p))
+            .chain(
+                paths
+                    .actors
+                    .iter()
+                    .map(|(n, p)| ((UnitKind::Actor, n.clone()), p)),
+            );
+        for (unit, path) in all {
+            let bytes = std::fs::read(path)
+                .map_err(|e| DeployError::Invalid(format!("{}: {e}", path.display())))?;
+            components.insert(unit, Component::Bytes(bytes));
         }
         let plan = self
             .plan(&live, doc, keep_fixed(manifest, &live.manifest), components)
             .await?;
-        let changed = plan.changed.clone();
+        let changed = plan
+            .changed
+            .iter()
+            .map(|(k, n)| format!("{} {n}", k.noun()))
+            .collect();
         self.commit(&mut live, plan, "reload", by);
         Ok(changed)
     }
@@ -403,7 +457,7 @@ impl Deployments {
         live: &Live,
         doc: toml::Table,
         manifest: Manifest,
-        mut components: BTreeMap<String, Component>,
+        mut components: BTreeMap<Unit, Component>,
     ) -> Result<Plan, DeployError> {
         let settings = self.runtime.settings();
         let slots: u64 = manifest
@@ -417,29 +471,54 @@ impl Deployments {
                 settings.function_slots
             )));
         }
-        if let Some(f) = manifest
+        let memories = manifest
             .functions
             .values()
-            .find(|f| f.limits.memory_bytes > settings.max_memory_bytes)
-        {
-            return Err(DeployError::Invalid(format!(
-                "function `{}`: memory {} bytes is more than this node's pool slots hold ({} bytes, sized at start from the largest memory limit; a larger one needs a restart)",
-                f.name, f.limits.memory_bytes, settings.max_memory_bytes
-            )));
+            .map(|f| (UnitKind::Function, &f.name, f.limits.memory_bytes))
+            .chain(
+                manifest
+                    .actors
+                    .values()
+                    .map(|a| (UnitKind::Actor, &a.name, a.limits.memory_bytes)),
+            );
+        for (kind, name, memory) in memories {
+            if memory > settings.max_memory_bytes {
+                return Err(DeployError::Invalid(format!(
+                    "{} `{name}`: memory {memory} bytes is more than this node's pool slots hold ({} bytes, sized at start from the largest memory limit; a larger one needs a restart)",
+                    kind.noun(),
+                    settings.max_memory_bytes
+                )));
+            }
         }
-        let mut functions = BTreeMap::new();
+        let classes_now: BTreeSet<&String> = live
+            .units
+            .keys()
+            .filter(|(k, _)| *k == UnitKind::Actor)
+            .map(|(_, n)| n)
+            .collect();
+        if manifest.actors.keys().collect::<BTreeSet<_>>() != classes_now {
+            return Err(DeployError::Invalid(
+                "adding or removing actor classes needs a restart (a change may replace a class, not add or remove one)".into(),
+            ));
+        }
+        let wanted = manifest
+            .functions
+            .keys()
+            .map(|n| (UnitKind::Function, n.clone()))
+            .chain(manifest.actors.keys().map(|n| (UnitKind::Actor, n.clone())));
+        let mut units = BTreeMap::new();
         let mut changed = Vec::new();
-        for (name, config) in &manifest.functions {
-            let current = live.functions.get(name);
-            let new_section = section(&doc, name);
-            let component = components.remove(name).unwrap_or(Component::Resolve);
+        for unit in wanted {
+            let current = live.units.get(&unit);
+            let new_section = section(&doc, &unit);
+            let component = components.remove(&unit).unwrap_or(Component::Resolve);
             let version = match component {
                 Component::Resolve => match current {
                     Some(v) if new_section.as_ref() == Some(&v.section) => v.clone(),
                     _ => {
                         return Err(internal(
-                            "a change lost track of a function's component",
-                            name,
+                            "a change lost track of a component",
+                            format!("{} {}", unit.0.noun(), unit.1),
                         ));
                     }
                 },
@@ -451,20 +530,17 @@ impl Deployments {
                         {
                             v.clone()
                         }
-                        _ => {
-                            let stored = store(&self.dir, &sha256, &bytes)
-                                .map_err(|e| internal("storing the component failed", e))?;
-                            Version {
-                                number: live.numbers.get(name).copied().unwrap_or(0) + 1,
-                                sha256,
-                                section: new_section
-                                    .clone()
-                                    .unwrap_or_else(|| toml::Value::Table(Default::default())),
-                                stored,
-                                deployed_ms: 0,
-                                loaded: None,
-                            }
-                        }
+                        _ => Version {
+                            number: live.numbers.get(&unit).copied().unwrap_or(0) + 1,
+                            stored: store(&self.dir, &sha256, &bytes)
+                                .map_err(|e| internal("storing the component failed", e))?,
+                            sha256,
+                            section: new_section
+                                .clone()
+                                .unwrap_or_else(|| toml::Value::Table(Default::default())),
+                            deployed_ms: 0,
+                            loaded: None,
+                        },
                     }
                 }
                 Component::Version(v) => v,
@@ -472,64 +548,84 @@ impl Deployments {
             let version = if version.loaded.is_some() {
                 version
             } else {
-                let loaded = self.load(config, &version.stored).await?;
-                changed.push(name.clone());
+                let loaded = self.load(&manifest, &unit, &version.stored).await?;
+                changed.push(unit.clone());
                 Version {
                     loaded: Some(loaded),
                     section: new_section.unwrap_or(version.section),
                     ..version
                 }
             };
-            functions.insert(name.clone(), version);
+            units.insert(unit, version);
         }
         changed.extend(
-            live.functions
+            live.units
                 .keys()
-                .filter(|n| !manifest.functions.contains_key(*n))
+                .filter(|u| !units.contains_key(*u))
                 .cloned(),
         );
         Ok(Plan {
             doc,
             manifest,
-            functions,
+            units,
             changed,
         })
     }
 
-    /// Compiles (or finds in the compile cache), links and instantiates
-    /// once the component at `stored`, off the async threads.
+    /// Compiles (or finds in the compile cache) and links the component at
+    /// `stored` off the async threads; a function is also instantiated
+    /// once (an actor class is instantiated per activation, by id).
     async fn load(
         &self,
-        config: &ignis_config::FunctionConfig,
+        manifest: &Manifest,
+        (kind, name): &Unit,
         stored: &Path,
-    ) -> Result<(Arc<Function>, Arc<FunctionGate>), DeployError> {
+    ) -> Result<Loaded, DeployError> {
         let runtime = self.runtime.clone();
-        let (config, stored) = (config.clone(), stored.to_path_buf());
-        let function = tokio::task::spawn_blocking(move || runtime.load_function(&config, &stored))
-            .await
-            .map_err(|e| internal("loading the component failed", e))?
-            .map_err(|e| DeployError::Invalid(e.to_string()))?;
-        // Instantiated once before it takes traffic: a component that
-        // cannot start (its memory does not fit, a start function traps)
-        // is refused here.
-        function.instantiate_only().await.map_err(|e| {
-            tracing::warn!(target: "ignis::deploy", function = %function.name(), error = ?e, "the new version failed to instantiate");
-            DeployError::Invalid(format!(
-                "function `{}`: the component failed to instantiate: {e:?}",
-                function.name(),
-            ))
-        })?;
-        let gate = FunctionGate::new(function.clone());
-        Ok((function, gate))
+        let stored = stored.to_path_buf();
+        match kind {
+            UnitKind::Function => {
+                let config = manifest.functions[name].clone();
+                let function =
+                    tokio::task::spawn_blocking(move || runtime.load_function(&config, &stored))
+                        .await
+                        .map_err(|e| internal("loading the component failed", e))?
+                        .map_err(|e| DeployError::Invalid(e.to_string()))?;
+                // Instantiated once before it takes traffic: a component
+                // that cannot start (its memory does not fit, a start
+                // function traps) is refused here.
+                function.instantiate_only().await.map_err(|e| {
+                    tracing::warn!(target: "ignis::deploy", function = %name, error = ?e, "the new version failed to instantiate");
+                    DeployError::Invalid(format!(
+                        "function `{name}`: the component failed to instantiate: {e:?}"
+                    ))
+                })?;
+                let gate = FunctionGate::new(function.clone());
+                Ok(Loaded::Function(function, gate))
+            }
+            UnitKind::Actor => {
+                let config = manifest.actors[name].clone();
+                let class =
+                    tokio::task::spawn_blocking(move || runtime.load_actor_class(&config, &stored))
+                        .await
+                        .map_err(|e| internal("loading the component failed", e))?
+                        .map_err(|e| DeployError::Invalid(e.to_string()))?;
+                Ok(Loaded::Actor(class))
+            }
+        }
     }
 
-    /// Swaps `plan` in: routes, cron, admin view, then the records.
+    /// Swaps `plan` in: routes, cron, actor classes, admin view, then the
+    /// records.
     fn commit(&self, live: &mut Live, plan: Plan, action: &'static str, by: &str) {
         let started = now_ms();
         let gates: BTreeMap<String, Arc<FunctionGate>> = plan
-            .functions
+            .units
             .iter()
-            .filter_map(|(n, v)| v.loaded.as_ref().map(|(_, g)| (n.clone(), g.clone())))
+            .filter_map(|((_, n), v)| match &v.loaded {
+                Some(Loaded::Function(_, g)) => Some((n.clone(), g.clone())),
+                _ => None,
+            })
             .collect();
         let traffic = live.traffic.next(&plan.manifest);
         // The manifest was validated and every target is loaded: these
@@ -548,6 +644,16 @@ impl Deployments {
             tracing::error!(target: "ignis::deploy", error = %e, "routing table could not be rebuilt; change dropped");
             return;
         }
+        for unit in &plan.changed {
+            if let (Some(directory), Some(Loaded::Actor(class))) = (
+                &self.directory,
+                plan.units.get(unit).and_then(|v| v.loaded.as_ref()),
+            ) && let Err(e) = directory.replace_class(class.clone())
+            {
+                // The plan checked the class exists.
+                tracing::error!(target: "ignis::deploy", error = %e, "actor class not replaced");
+            }
+        }
         {
             let mut tasks = self.cron_tasks.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(old) = tasks.take() {
@@ -555,9 +661,9 @@ impl Deployments {
                 *tasks = Some(cron.start());
             }
         }
-        for name in &plan.changed {
-            if let Some(old) = live.functions.get(name) {
-                let stack = live.previous.entry(name.clone()).or_default();
+        for unit in &plan.changed {
+            if let Some(old) = live.units.get(unit) {
+                let stack = live.previous.entry(unit.clone()).or_default();
                 // A rollback pops what it restores; anything else pushes
                 // the version it replaces.
                 if action != "rollback" {
@@ -571,20 +677,22 @@ impl Deployments {
                 }
             }
         }
-        let mut functions = plan.functions;
-        for name in &plan.changed {
-            if let Some(v) = functions.get_mut(name) {
+        let mut units = plan.units;
+        for unit in &plan.changed {
+            if let Some(v) = units.get_mut(unit) {
                 v.deployed_ms = started;
-                let n = live.numbers.entry(name.clone()).or_default();
+                let n = live.numbers.entry(unit.clone()).or_default();
                 *n = (*n).max(v.number);
             }
-            let (version, sha) = functions
-                .get(name)
+            let (version, sha) = units
+                .get(unit)
                 .map_or((0, ""), |v| (v.number, v.sha256.as_str()));
-            tracing::info!(target: "ignis::deploy", function = %name, action, version, sha256 = %sha, by, "function changed");
+            let (kind, name) = unit;
+            tracing::info!(target: "ignis::deploy", kind = kind.noun(), name = %name, action, version, sha256 = %sha, by, "changed");
             live.records.push_front(DeployRecord {
                 time_ms: started,
-                function: name.clone(),
+                kind: Some(*kind),
+                name: name.clone(),
                 action: if version == 0 { "delete" } else { action },
                 version,
                 by: by.to_string(),
@@ -593,7 +701,7 @@ impl Deployments {
         live.records.truncate(MAX_DEPLOY_RECORDS);
         live.doc = plan.doc;
         live.manifest = plan.manifest;
-        live.functions = functions;
+        live.units = units;
         live.traffic = traffic;
         live.cron = cron;
         if let Some(node) = self.node.get().and_then(Weak::upgrade) {
@@ -602,24 +710,26 @@ impl Deployments {
         prune(&self.dir, live);
     }
 
-    /// Runs one API change on `live` after claiming `function`.
+    /// Runs one API change on `live` after claiming `unit`.
     async fn api_change(
         &self,
-        function: &str,
+        unit: Unit,
         by: &str,
         action: &'static str,
         expect_version: Option<u64>,
         change: impl FnOnce(&Live) -> Result<(toml::Table, Option<Component>), DeployError>,
     ) -> Result<Deployed, DeployError> {
         let started = Instant::now();
-        let _busy = self.claim(&[function.to_string()])?;
+        let _busy = self.claim(std::slice::from_ref(&unit))?;
         let mut live = self.live.lock().await;
-        let current = live.functions.get(function).map_or(0, |v| v.number);
+        let (kind, name) = &unit;
+        let current = live.units.get(&unit).map_or(0, |v| v.number);
         if let Some(expected) = expect_version
             && expected != current
         {
             return Err(DeployError::Conflict(format!(
-                "`{function}` is at version {current}, not {expected}"
+                "{} `{name}` is at version {current}, not {expected}",
+                kind.noun()
             )));
         }
         let (doc, component) = change(&live)?;
@@ -636,30 +746,28 @@ impl Deployments {
         })?;
         let mut components = BTreeMap::new();
         if let Some(c) = component {
-            components.insert(function.to_string(), c);
+            components.insert(unit.clone(), c);
         }
         let plan = self
             .plan(&live, doc, keep_fixed(manifest, &live.manifest), components)
             .await?;
         let changed = !plan.changed.is_empty();
-        let version = plan
-            .functions
-            .get(function)
-            .map(|v| (v.number, v.sha256.clone()));
+        let version = plan.units.get(&unit).map(|v| (v.number, v.sha256.clone()));
         if changed {
             self.commit(&mut live, plan, action, by);
         } else {
-            tracing::info!(target: "ignis::deploy", function, action, by, "deploy of the version already serving: nothing changed");
+            tracing::info!(target: "ignis::deploy", kind = kind.noun(), name = %name, action, by, "deploy of the version already serving: nothing changed");
         }
         if action == "rollback"
             && changed
-            && let Some(stack) = live.previous.get_mut(function)
+            && let Some(stack) = live.previous.get_mut(&unit)
         {
             stack.pop();
         }
         let (version, sha256) = version.unwrap_or((0, String::new()));
         Ok(Deployed {
-            function: function.to_string(),
+            kind: *kind,
+            name: name.clone(),
             action,
             version,
             sha256,
@@ -673,7 +781,8 @@ impl Deployer for Deployments {
     fn deploy(&self, request: DeployRequest) -> Change<'_> {
         Box::pin(async move {
             let DeployRequest {
-                function,
+                kind,
+                name,
                 config,
                 component,
                 expect_version,
@@ -692,23 +801,31 @@ impl Deployer for Deployments {
                 "component".into(),
                 toml::Value::String(stored.to_string_lossy().into_owned()),
             );
-            let name = function.clone();
-            self.api_change(&function, &by, "deploy", expect_version, move |live| {
+            let unit = (kind, name.clone());
+            self.api_change(unit, &by, "deploy", expect_version, move |live| {
                 let mut doc = live.doc.clone();
-                functions_table(&mut doc).insert(name, toml::Value::Table(table));
+                unit_table(&mut doc, kind).insert(name, toml::Value::Table(table));
                 Ok((doc, Some(Component::Bytes(component))))
             })
             .await
         })
     }
 
-    fn rollback(&self, function: String, expect_version: Option<u64>, by: String) -> Change<'_> {
+    fn rollback(
+        &self,
+        kind: UnitKind,
+        name: String,
+        expect_version: Option<u64>,
+        by: String,
+    ) -> Change<'_> {
         Box::pin(async move {
-            let name = function.clone();
-            self.api_change(&function, &by, "rollback", expect_version, move |live| {
-                let Some(v) = live.previous.get(&name).and_then(|p| p.last()).cloned() else {
+            let unit = (kind, name.clone());
+            let key = unit.clone();
+            self.api_change(unit, &by, "rollback", expect_version, move |live| {
+                let Some(v) = live.previous.get(&key).and_then(|p| p.last()).cloned() else {
                     return Err(DeployError::Conflict(format!(
-                        "`{name}` has no earlier version to roll back to"
+                        "{} `{name}` has no earlier version to roll back to",
+                        kind.noun()
                     )));
                 };
                 let mut table = match &v.section {
@@ -721,7 +838,7 @@ impl Deployer for Deployments {
                     toml::Value::String(v.stored.to_string_lossy().into_owned()),
                 );
                 let mut doc = live.doc.clone();
-                functions_table(&mut doc).insert(name, toml::Value::Table(table));
+                unit_table(&mut doc, kind).insert(name, toml::Value::Table(table));
                 Ok((doc, Some(Component::Version(v))))
             })
             .await
@@ -730,13 +847,14 @@ impl Deployer for Deployments {
 
     fn delete(&self, function: String, by: String) -> Change<'_> {
         Box::pin(async move {
-            let name = function.clone();
-            self.api_change(&function, &by, "delete", None, move |live| {
-                if !live.functions.contains_key(&name) {
-                    return Err(DeployError::NotFound(format!("no function `{name}`")));
+            let unit = (UnitKind::Function, function.clone());
+            let key = unit.clone();
+            self.api_change(unit, &by, "delete", None, move |live| {
+                if !live.units.contains_key(&key) {
+                    return Err(DeployError::NotFound(format!("no function `{function}`")));
                 }
                 let mut doc = live.doc.clone();
-                functions_table(&mut doc).remove(&name);
+                unit_table(&mut doc, UnitKind::Function).remove(&function);
                 Ok((doc, None))
             })
             .await
@@ -756,14 +874,13 @@ fn keep_fixed(mut manifest: Manifest, serving: &Manifest) -> Manifest {
     manifest.tls = serving.tls.clone();
     manifest.upstreams = serving.upstreams.clone();
     manifest.admin = serving.admin.clone();
-    manifest.actors = serving.actors.clone();
     manifest
 }
 
-/// The manifest document's `functions` table (created if missing).
-fn functions_table(doc: &mut toml::Table) -> &mut toml::Table {
+/// The manifest document's table of `kind` (created if missing).
+fn unit_table(doc: &mut toml::Table, kind: UnitKind) -> &mut toml::Table {
     let entry = doc
-        .entry("functions")
+        .entry(kind.table())
         .or_insert_with(|| toml::Value::Table(toml::Table::new()));
     if !entry.is_table() {
         *entry = toml::Value::Table(toml::Table::new());
@@ -771,9 +888,9 @@ fn functions_table(doc: &mut toml::Table) -> &mut toml::Table {
     entry.as_table_mut().expect("just made a table")
 }
 
-/// Function `name`'s table in `doc`.
-fn section(doc: &toml::Table, name: &str) -> Option<toml::Value> {
-    doc.get("functions")?.get(name).cloned()
+/// Unit `(kind, name)`'s table in `doc`.
+fn section(doc: &toml::Table, (kind, name): &Unit) -> Option<toml::Value> {
+    doc.get(kind.table())?.get(name).cloned()
 }
 
 /// This process's directory of stored components, `deploys/PID`, made
@@ -815,7 +932,7 @@ fn store(dir: &Path, sha256: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
 /// Deletes the stored components no version names.
 fn prune(dir: &Path, live: &Live) {
     let keep: BTreeSet<PathBuf> = live
-        .functions
+        .units
         .values()
         .chain(live.previous.values().flatten())
         .map(|v| v.stored.clone())

@@ -112,13 +112,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Deploy a new version of a function to a running node without a
-    /// restart: its table from the manifest and its component (built first
-    /// if the manifest builds it); the token comes from IGNIS_ADMIN_TOKEN.
+    /// Deploy a new version of a function or an actor class to a running
+    /// node without a restart: its table from the manifest and its
+    /// component (built first if the manifest builds it); the token comes
+    /// from IGNIS_ADMIN_TOKEN.
     Deploy {
-        /// The function.
+        /// The function or actor class.
         name: String,
-        /// The manifest holding `[functions.NAME]`.
+        /// The manifest holding `[functions.NAME]` or `[actors.NAME]`.
         #[arg(long, default_value = "ignis.toml")]
         manifest: PathBuf,
         /// Send this component instead of the manifest's.
@@ -135,10 +136,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Restore the version of a function before the current one.
+    /// Restore the version of a function (or actor class) before the
+    /// current one.
     Rollback {
-        /// The function.
+        /// The function or actor class.
         name: String,
+        /// NAME is an actor class.
+        #[arg(long)]
+        actor: bool,
         /// The node's admin API.
         #[arg(long, env = "IGNIS_ADMIN_URL", default_value = "http://127.0.0.1:9901")]
         admin: String,
@@ -307,11 +312,18 @@ fn run() -> anyhow::Result<()> {
                 None => {
                     let mut m = Manifest::load(&manifest)?;
                     m.functions.retain(|n, _| *n == name);
-                    m.actors.clear();
+                    m.actors.retain(|n, _| *n == name);
                     let mut paths = app::component_paths(&m, Sources::Build)?;
-                    paths.functions.remove(&name).ok_or_else(|| {
-                        anyhow::anyhow!("{} has no function `{name}`", manifest.display())
-                    })?
+                    paths
+                        .functions
+                        .remove(&name)
+                        .or_else(|| paths.actors.remove(&name))
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "{} has no function or actor class `{name}`",
+                                manifest.display()
+                            )
+                        })?
                 }
             };
             print!(
@@ -327,10 +339,15 @@ fn run() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Rollback { name, admin, json } => {
+        Command::Rollback {
+            name,
+            actor,
+            admin,
+            json,
+        } => {
             print!(
                 "{}",
-                runtime.block_on(ignis::admin_client::rollback(&admin, &name, json))?
+                runtime.block_on(ignis::admin_client::rollback(&admin, &name, actor, json))?
             );
             Ok(())
         }

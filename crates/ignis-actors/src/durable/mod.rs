@@ -19,7 +19,7 @@ mod committer;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -187,7 +187,8 @@ struct Pending {
 
 /// The node's durable actors.
 pub struct ActorDirectory {
-    classes: HashMap<String, Arc<ActorClass>>,
+    /// The classes by name; a deploy replaces one ([`ActorDirectory::replace_class`]).
+    classes: RwLock<HashMap<String, Arc<ActorClass>>>,
     /// Activations and evictions per class; the keys are the classes.
     per_class: HashMap<String, ClassCounts>,
     storage: Arc<dyn ActorStorage>,
@@ -234,10 +235,12 @@ impl ActorDirectory {
             .map(|c| (c.name().to_string(), ClassCounts::default()))
             .collect();
         let dir = Arc::new_cyclic(|me| ActorDirectory {
-            classes: classes
-                .into_iter()
-                .map(|c| (c.name().to_string(), c))
-                .collect(),
+            classes: RwLock::new(
+                classes
+                    .into_iter()
+                    .map(|c| (c.name().to_string(), c))
+                    .collect(),
+            ),
             storage,
             activations: Mutex::new(Activations::default()),
             max_activations,
@@ -270,8 +273,32 @@ impl ActorDirectory {
     }
 
     /// Every class, in no particular order.
-    pub fn classes(&self) -> impl Iterator<Item = &Arc<ActorClass>> {
-        self.classes.values()
+    pub fn classes(&self) -> Vec<Arc<ActorClass>> {
+        self.classes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Replaces the class of the same name with `class` (a deploy). Each
+    /// live activation of it finishes the message it is running on the old
+    /// version and runs its next message on a fresh instance of the new one
+    /// (what it keeps in memory goes; its storage stays). A class the
+    /// directory does not have is refused: adding classes needs a restart.
+    pub fn replace_class(&self, class: Arc<ActorClass>) -> Result<(), String> {
+        let mut classes = self.classes.write().unwrap_or_else(|p| p.into_inner());
+        match classes.get_mut(class.name()) {
+            Some(slot) => {
+                *slot = class;
+                Ok(())
+            }
+            None => Err(format!(
+                "actor class `{}` is not deployed on this node (adding a class needs a restart)",
+                class.name()
+            )),
+        }
     }
 
     /// Per class, by name: live activations now, activations started and
@@ -304,9 +331,13 @@ impl ActorDirectory {
         }
     }
 
-    /// The class named `name`.
-    pub fn class(&self, name: &str) -> Option<&Arc<ActorClass>> {
-        self.classes.get(name)
+    /// The class named `name`, as deployed now.
+    pub fn class(&self, name: &str) -> Option<Arc<ActorClass>> {
+        self.classes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// Puts `envelope` in the actor's mailbox, starting an activation if
@@ -436,13 +467,9 @@ impl ActorDirectory {
         request_id: RequestId,
         caller: Option<&CallerId>,
     ) -> Result<http::Response<Bytes>, Error> {
-        let class = self
-            .classes
-            .get(class)
-            .ok_or_else(|| {
-                Error::new(ErrorKind::NotFound).context(format!("no actor class named `{class}`"))
-            })?
-            .clone();
+        let class = self.class(class).ok_or_else(|| {
+            Error::new(ErrorKind::NotFound).context(format!("no actor class named `{class}`"))
+        })?;
         check_actor_id(id)?;
         request.headers_mut().remove(CALLER_HEADER);
         if let Some(caller) = caller {
@@ -494,7 +521,7 @@ impl ActorDirectory {
     }
 
     fn deliver_alarm(&self, key: &ActorKey, at: u64, retry: u32) {
-        let Some(class) = self.classes.get(key.class()).cloned() else {
+        let Some(class) = self.class(key.class()) else {
             tracing::warn!(actor = ?key, "alarm for a class that is not deployed; dropped");
             return;
         };
@@ -610,13 +637,14 @@ async fn run_activation(
         // Err once the sender is gone: that task has ended.
         let _ = ended.changed().await;
     }
-    let (dir, class, state) = (&task.dir, &task.class, &task.state);
+    let (dir, state) = (&task.dir, &task.state);
+    let mut class = task.class.clone();
     let key = state.key.clone();
-    let idle = class.config().idle_timeout;
     let mut activation: Option<Activation> = None;
     let mut epoch = 1u64;
     let mut seq = 0u64;
     loop {
+        let idle = class.config().idle_timeout;
         state.waiting.store(true, Ordering::SeqCst);
         let received = tokio::time::timeout(idle, rx.recv()).await;
         state.waiting.store(false, Ordering::SeqCst);
@@ -664,6 +692,18 @@ async fn run_activation(
             // error; start over from what is durable.
             reset(dir, &mut activation, &state.overlay);
             epoch += 1;
+        }
+        // A deploy replaced the class: this message (never one already
+        // running) is the first on the new version. The old instance goes
+        // with what it kept in memory; pending writes stay in the overlay
+        // and commit as usual.
+        if let Some(current) = dir.class(key.class())
+            && !Arc::ptr_eq(&current, &class)
+        {
+            if activation.take().is_some() {
+                dir.stats.active.fetch_sub(1, Ordering::SeqCst);
+            }
+            class = current;
         }
         let (run, request_id, waiter_for): (_, RequestId, WaiterFor) = match envelope {
             Envelope::Http {

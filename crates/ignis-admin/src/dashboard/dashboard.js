@@ -138,10 +138,10 @@ function render(now) {
         el("td", {}, String(c.ok)), el("td", {}, String(c.failed)), el("td", {}, String(c.skipped))))));
 
   document.getElementById("deploys").replaceChildren(
-    el("table", {}, el("tr", {}, el("th", {}, "when"), el("th", {}, "function"), el("th", {}, "action"),
+    el("table", {}, el("tr", {}, el("th", {}, "when"), el("th", {}, "what"), el("th", {}, "action"),
                       el("th", {}, "version"), el("th", {}, "by")),
-      ...now.deploys.slice(0, 10).map((d) => el("tr", { "data-deploy": d.function },
-        el("td", {}, new Date(d.time_ms).toLocaleTimeString()), el("td", {}, d.function),
+      ...now.deploys.slice(0, 10).map((d) => el("tr", { "data-deploy": d.name },
+        el("td", {}, new Date(d.time_ms).toLocaleTimeString()), el("td", {}, (d.kind ? d.kind + " " : "") + d.name),
         el("td", {}, d.action), el("td", {}, String(d.version)), el("td", {}, d.by)))));
   kept.push(now);
   while (kept.length > 10) kept.shift();

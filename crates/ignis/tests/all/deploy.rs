@@ -112,7 +112,10 @@ async fn deploy_rollback_and_delete_through_the_cli_and_the_api() {
     assert_eq!(f["version"]["version"], 2);
     assert_eq!(f["version"]["previous"], serde_json::json!([1]));
     let record = &l["deploys"][0];
-    assert_eq!(record["function"], "hello");
+    assert_eq!(
+        (&record["kind"], &record["name"]),
+        (&"function".into(), &"hello".into())
+    );
     assert_eq!(record["action"], "deploy");
     assert!(
         record["by"].as_str().unwrap().starts_with("api 127.0.0.1:"),
@@ -186,7 +189,7 @@ async fn deploy_rollback_and_delete_through_the_cli_and_the_api() {
 
     let log = stop(proc);
     assert!(
-        log.contains("function changed") && log.contains("by=\"api 127.0.0.1:"),
+        log.contains("changed kind=\"function\" name=hello") && log.contains("by=\"api 127.0.0.1:"),
         "every change is logged with who asked:\n{log}"
     );
 }
@@ -366,7 +369,20 @@ async fn bad_changes_are_refused_and_the_old_version_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redeploy_under_open_loop_load_fails_no_request() {
     let dir = tempfile::tempdir().unwrap();
-    let (proc, admin) = serve_with_admin(&manifest(dir.path(), ""), &[]);
+    // A generous queue deadline: on a 2-core machine running other tests
+    // (or a release build) a debug node can fall behind for a second; that
+    // would shed requests whatever the deploy does, and this test is about
+    // the deploy.
+    let path = write(
+        dir.path(),
+        "ignis.toml",
+        &format!(
+            "[server]\ncache_dir = \"{}\"\n[functions.hello]\ncomponent = \"{}\"\ntenant = \"acme\"\nqueue_timeout = \"30s\"\n[[routes]]\npath = \"/hello\"\nfunction = \"hello\"\n",
+            shared_cache(),
+            wasm("hello")
+        ),
+    );
+    let (proc, admin) = serve_with_admin(&path, &[]);
     let addr = proc.addr;
     let client = client();
     // 100 requests a second, each on its own schedule (open loop: a slow
@@ -405,7 +421,7 @@ async fn a_redeploy_under_open_loop_load_fails_no_request() {
             "/v1/functions/hello",
             Some(deploy_body(
                 &wasm("hello"),
-                "tenant = \"acme\"\nenv = { GREETING = \"v2\" }\n",
+                "tenant = \"acme\"\nqueue_timeout = \"30s\"\nenv = { GREETING = \"v2\" }\n",
             )),
             Some(&bearer()),
         )
@@ -577,4 +593,94 @@ async fn up_watch_reloads_when_the_manifest_changes() {
     }
     let log = stop(proc);
     assert!(log.contains("a watched file changed"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_class_swaps_between_messages_and_keeps_its_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = |extra: &str| {
+        format!(
+            "[actors.counter]\ncomponent = \"{}\"\ntenant = \"app\"\n{extra}",
+            wasm("counter")
+        )
+    };
+    let path = write(
+        dir.path(),
+        "ignis.toml",
+        &format!(
+            "[server]\ncache_dir = \"{}\"\n[storage]\npath = \"{}\"\n{}\n[[routes]]\npath = \"/counter/{{id}}/...\"\nactor = \"counter\"\n",
+            shared_cache(),
+            dir.path().join("actors.db").display(),
+            table("")
+        ),
+    );
+    let (proc, admin) = serve_with_admin(&path, &[]);
+    let url = format!("http://{}/counter/a/incr", proc.addr);
+    let c = client();
+    for want in ["1", "2"] {
+        assert_eq!(post(&c, &url, "").await.text().trim(), want);
+    }
+    let actors = |l: &serde_json::Value| l["actors"][0].clone();
+    let before = actors(&listing(admin).await);
+    assert_eq!(before["version"]["version"], 1);
+    assert_eq!(before["activations"], 1);
+
+    // A new version of the class (same component, a new table): the live
+    // activation takes its next message on a fresh instance of it; the
+    // count it stored is still there.
+    let next = tempfile::tempdir().unwrap();
+    let m2 = write(
+        next.path(),
+        "ignis.toml",
+        &table("idle_timeout = \"45s\"\n"),
+    );
+    let (ok, out, err) = cli(
+        admin,
+        &["deploy", "counter", "--manifest", m2.to_str().unwrap()],
+    );
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("actor counter: deploy done, version 2"),
+        "{out}"
+    );
+    assert_eq!(post(&c, &url, "").await.text().trim(), "3");
+    let after = actors(&listing(admin).await);
+    assert_eq!(after["version"]["version"], 2);
+    assert_eq!(
+        after["activations"], 2,
+        "the next message ran on a fresh instance"
+    );
+
+    // Back to version 1 with the CLI; the count goes on.
+    let (ok, out, err) = cli(admin, &["rollback", "counter", "--actor"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("version 1 serves"), "{out}");
+    assert_eq!(post(&c, &url, "").await.text().trim(), "4");
+
+    // Refused: bytes that are no component; a class this node does not have
+    // (adding classes needs a restart); DELETE of a class.
+    let auth = bearer();
+    let garbage = serde_json::json!({
+        "config": "tenant = \"app\"\n",
+        "component": base64::engine::general_purpose::STANDARD.encode(b"\0asm?"),
+    });
+    let r = change(
+        admin,
+        "PUT",
+        "/v1/actors/counter",
+        Some(garbage),
+        Some(&auth),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    let other = deploy_body(&wasm("counter"), "tenant = \"app\"\n");
+    let r = change(admin, "PUT", "/v1/actors/other", Some(other), Some(&auth)).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("needs a restart"), "{}", r.text());
+    let r = change(admin, "DELETE", "/v1/actors/counter", None, Some(&auth)).await;
+    assert_eq!(r.status, 405);
+    let r = change(admin, "PUT", "/v1/actors/counter", None, None).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(post(&c, &url, "").await.text().trim(), "5");
+    sigkill(proc);
 }

@@ -101,7 +101,7 @@ async fn a_trap_rolls_back_its_writes_and_resets_the_activation() {
     // The guest-run core counts actor messages like function requests: the
     // trap, the four messages, and the CPU they used (measured and thrown
     // away before the shared core).
-    let class = directory.class("counter").unwrap().stats();
+    let class = directory.class("counter").unwrap().stats().clone();
     assert_eq!(class.traps.load(Ordering::SeqCst), 1);
     assert_eq!(class.requests.load(Ordering::SeqCst), 4);
     assert!(class.cpu_nanos.load(Ordering::SeqCst) > 0);
