@@ -7,14 +7,16 @@
 //!   is the swap itself (parse, link, first instantiation, swap);
 //! - **component deploys**: the component with a custom section appended
 //!   (new bytes, new SHA-256: a full compile);
-//! - **restarts** (the peer: what a change costs without hot deploy): stop
-//!   the node (SIGTERM, wait), start it again on the same manifest (warm
-//!   compile cache), until its first 200.
+//! - **restarts** (the peers: what a change costs without hot deploy):
+//!   stop the node (SIGTERM, wait), start it again until its first 200: on
+//!   the same manifest (warm compile cache: the peer of a table deploy),
+//!   and on a new component (a compile: the peer of a component deploy).
 //!
 //! Each deploy's time runs from sending the `PUT` to the first response
 //! of the new version (polled right after the answer). Memory: the node's
-//! resident set after start, and after all component deploys (every old
-//! version drained: hello requests end at once), per deploy.
+//! resident set after start and after each component deploy (every old
+//! version drained: hello requests end at once); a leak grows with every
+//! deploy, allocator retention levels off.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -187,6 +189,27 @@ async fn deploy(
     }
 }
 
+/// Starts a node on `manifest` and returns the seconds until its first
+/// 200; then stops it.
+async fn restart(ignis: &Path, manifest: &Path, client: &HttpClient) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let node = start(ignis, manifest)?;
+    loop {
+        let r = request(client, "GET", &format!("http://{}/hello", node.http), None).await;
+        if matches!(r, Ok((200, _))) {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the restarted node did not answer within 60 s");
+        }
+    }
+    let took = started.elapsed().as_secs_f64();
+    let _ = Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status();
+    Ok(took)
+}
+
 fn percentile(v: &[f64], p: f64) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
@@ -238,49 +261,60 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         table.push(deploy(&client, &node, &component, &format!("table-{i}")).await?);
     }
     let mut compiled = Vec::new();
+    let mut rss_each = Vec::new();
     for i in 0..args.deploys {
         let bytes = with_custom_section(&component, i);
         compiled.push(deploy(&client, &node, &bytes, &format!("component-{i}")).await?);
+        rss_each.push(rss(pid)?);
     }
     let rss_after = rss(pid)?;
     drop(node);
 
-    // The peer: a restart on the same manifest, compile cache warm.
+    // The peers: restarts on the same manifest (compile cache warm), and
+    // on a new component each time (compiled at start).
+    let restarts_n = (args.deploys / 4).max(3);
     let mut restarts = Vec::new();
-    for _ in 0..(args.deploys / 4).max(3) {
-        let started = Instant::now();
-        let node = start(&args.ignis, &manifest)?;
-        loop {
-            let r = request(&client, "GET", &format!("http://{}/hello", node.http), None).await;
-            if matches!(r, Ok((200, _))) {
-                break;
-            }
-        }
-        restarts.push(started.elapsed().as_secs_f64());
-        let _ = Command::new("kill")
-            .args(["-TERM", &node.child.id().to_string()])
-            .status();
+    let mut restarts_compiled = Vec::new();
+    let fresh = dir.join("fresh.wasm");
+    let fresh_manifest = dir.join("fresh.toml");
+    std::fs::write(
+        &fresh_manifest,
+        std::fs::read_to_string(&manifest)?.replace(
+            &args.component.canonicalize()?.display().to_string(),
+            &fresh.display().to_string(),
+        ),
+    )?;
+    for i in 0..restarts_n {
+        restarts.push(restart(&args.ignis, &manifest, &client).await?);
+        std::fs::write(&fresh, with_custom_section(&component, 1000 + i))?;
+        restarts_compiled.push(restart(&args.ignis, &fresh_manifest, &client).await?);
     }
 
     println!("deploy to first request of the new version:");
+    let half = rss_each[rss_each.len() / 2 - 1];
     let results = serde_json::json!({
         "table_deploy": summary("table (cache hit)", &table),
+        "restart_peer": summary("restart, same", &restarts),
         "component_deploy": summary("component (compile)", &compiled),
-        "restart_peer": summary("restart (peer)", &restarts),
+        "restart_compile_peer": summary("restart, new comp.", &restarts_compiled),
         "ratio_table_to_restart_p50": percentile(&table, 0.5) / percentile(&restarts, 0.5),
-        "ratio_component_to_restart_p50": percentile(&compiled, 0.5) / percentile(&restarts, 0.5),
+        "ratio_component_to_restart_p50": percentile(&compiled, 0.5) / percentile(&restarts_compiled, 0.5),
         "rss_start_bytes": rss_start,
         "rss_after_deploys_bytes": rss_after,
-        "rss_growth_per_component_deploy_bytes": (rss_after as f64 - rss_start as f64) / args.deploys as f64,
+        "rss_after_each_component_deploy_bytes": rss_each,
+        "rss_growth_first_half_per_deploy_bytes": (half as f64 - rss_start as f64) / (args.deploys / 2) as f64,
+        "rss_growth_second_half_per_deploy_bytes": (rss_after as f64 - half as f64) / (args.deploys - args.deploys / 2) as f64,
     });
+    let figure = |key: &str| results[key].as_f64().unwrap_or(0.0);
     println!(
-        "ratios (p50): table deploy / restart {:.3}, component deploy / restart {:.3}",
-        results["ratio_table_to_restart_p50"]
-            .as_f64()
-            .unwrap_or(0.0),
-        results["ratio_component_to_restart_p50"]
-            .as_f64()
-            .unwrap_or(0.0)
+        "ratios (p50): table deploy / restart {:.3}, component deploy / restart with a new component {:.3}",
+        figure("ratio_table_to_restart_p50"),
+        figure("ratio_component_to_restart_p50")
+    );
+    println!(
+        "memory growth per component deploy: first half {:+.0} KiB, second half {:+.0} KiB",
+        figure("rss_growth_first_half_per_deploy_bytes") / 1024.0,
+        figure("rss_growth_second_half_per_deploy_bytes") / 1024.0
     );
     println!(
         "memory: RSS {:.1} MiB at start, {:.1} MiB after {} table and {} component deploys ({:+.0} KiB per component deploy)",
