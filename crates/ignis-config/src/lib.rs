@@ -123,6 +123,23 @@ pub struct Manifest {
     pub admin: AdminConfig,
     /// Cron triggers (`[[triggers.cron]]`), in file order.
     pub cron: Vec<CronTrigger>,
+    /// OpenTelemetry trace export (`[telemetry]`); `None`: off.
+    pub telemetry: Option<TelemetryConfig>,
+}
+
+/// OpenTelemetry trace export (`[telemetry]`): one span per request,
+/// posted in batches to an OTLP/HTTP collector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryConfig {
+    /// Where spans go (OTLP over HTTP, protobuf, plain HTTP), such as
+    /// `http://127.0.0.1:4318/v1/traces`.
+    pub otlp_endpoint: String,
+    /// The spans' `service.name` (default `ignis`).
+    pub service_name: String,
+    /// The share of the traces this node starts that it records (0..=1,
+    /// default 1). A trace whose incoming `traceparent` is sampled is
+    /// recorded whatever this says; one marked not sampled never is.
+    pub sample_ratio: f64,
 }
 
 /// A cron trigger (`[[triggers.cron]]`): a request to a function, or a
@@ -925,6 +942,15 @@ struct RawManifest {
     admin: Option<Spanned<RawAdmin>>,
     #[serde(default)]
     triggers: RawTriggers,
+    telemetry: Option<Spanned<RawTelemetry>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    otlp_endpoint: Option<Spanned<String>>,
+    service_name: Option<Spanned<String>>,
+    sample_ratio: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1451,7 +1477,9 @@ impl Validator<'_> {
         let tls = raw.tls.map(|t| self.tls(t, server.listen)).transpose()?;
         let admin = self.admin(raw.admin, &server, tls.as_ref())?;
         let cron = self.cron(raw.triggers.cron, &functions, &actors)?;
+        let telemetry = raw.telemetry.map(|t| self.telemetry(t)).transpose()?;
         Ok(Manifest {
+            telemetry,
             text: self.text.into(),
             tls,
             admin,
@@ -1658,6 +1686,62 @@ impl Validator<'_> {
             });
         }
         Ok(out)
+    }
+
+    fn telemetry(&self, raw: Spanned<RawTelemetry>) -> Result<TelemetryConfig, ConfigError> {
+        let at = raw.span().start;
+        let raw = raw.into_inner();
+        let Some(endpoint) = raw.otlp_endpoint else {
+            return Err(self.err(
+                at,
+                "telemetry.otlp_endpoint",
+                "missing: the collector's OTLP/HTTP traces URL, like http://127.0.0.1:4318/v1/traces",
+            ));
+        };
+        let uri = endpoint.get_ref().parse::<http::Uri>().ok();
+        let usable = endpoint.get_ref().len() <= 2048
+            && uri
+                .as_ref()
+                .is_some_and(|u| u.scheme_str() == Some("http") && u.authority().is_some());
+        if !usable {
+            return Err(self.err(
+                endpoint.span().start,
+                "telemetry.otlp_endpoint",
+                "must be an http:// URL of at most 2048 characters (for TLS, run the collector's agent beside the node)",
+            ));
+        }
+        let service_name = match raw.service_name {
+            None => "ignis".to_string(),
+            Some(name) => {
+                let ok = !name.get_ref().is_empty()
+                    && name.get_ref().len() <= 128
+                    && name.get_ref().bytes().all(|b| b.is_ascii_graphic());
+                if !ok {
+                    return Err(self.err(
+                        name.span().start,
+                        "telemetry.service_name",
+                        "1..128 visible ASCII characters",
+                    ));
+                }
+                name.into_inner()
+            }
+        };
+        let sample_ratio = match raw.sample_ratio {
+            None => 1.0,
+            Some(r) if (0.0..=1.0).contains(r.get_ref()) => *r.get_ref(),
+            Some(r) => {
+                return Err(self.err(
+                    r.span().start,
+                    "telemetry.sample_ratio",
+                    "must be between 0 and 1",
+                ));
+            }
+        };
+        Ok(TelemetryConfig {
+            otlp_endpoint: endpoint.into_inner(),
+            service_name,
+            sample_ratio,
+        })
     }
 
     fn admin(

@@ -1197,6 +1197,12 @@ fn the_admin_section_takes_a_token_or_a_token_file_and_never_shows_it() {
             .server
             .access_log
     );
+    assert_all_invalid(&[(
+        "[server]\naccess_log = \"yes\"\n",
+        2,
+        "server.access_log",
+        "bool",
+    )]);
 
     let m =
         parse("[admin]\nlisten = \"127.0.0.1:7000\"\ntoken = \"  0123456789abcdef  \"\n").unwrap();
@@ -1427,6 +1433,75 @@ fn function_slots_bound_what_deploys_may_add() {
             2,
             "server.function_slots",
             "",
+        ),
+    ]);
+}
+
+#[test]
+fn telemetry_is_off_by_default_and_checked_when_on() {
+    assert_eq!(parse("").unwrap().telemetry, None);
+    let m = parse("[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"\n").unwrap();
+    let t = m.telemetry.unwrap();
+    assert_eq!(t.otlp_endpoint, "http://127.0.0.1:4318/v1/traces");
+    assert_eq!((t.service_name.as_str(), t.sample_ratio), ("ignis", 1.0));
+    let m = parse(
+        "[telemetry]\notlp_endpoint = \"http://otel.example/v1/traces\"\nservice_name = \"edge-1\"\nsample_ratio = 0.25\n",
+    )
+    .unwrap();
+    assert_eq!(m.telemetry.unwrap().sample_ratio, 0.25);
+    assert_all_invalid(&[
+        (
+            "[telemetry]\nservice_name = \"x\"\n".to_string(),
+            1,
+            "telemetry.otlp_endpoint",
+            "missing",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"ftp://collector/v1/traces\"\n".to_string(),
+            2,
+            "telemetry.otlp_endpoint",
+            "an http:// URL",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"https://collector/v1/traces\"\n".to_string(),
+            2,
+            "telemetry.otlp_endpoint",
+            "an http:// URL",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"not a url\"\n".to_string(),
+            2,
+            "telemetry.otlp_endpoint",
+            "an http:// URL",
+        ),
+        (
+            format!(
+                "[telemetry]\notlp_endpoint = \"http://c/{}\"\n",
+                "a".repeat(3000)
+            ),
+            2,
+            "telemetry.otlp_endpoint",
+            "2048",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"http://c/v1/traces\"\nsample_ratio = 1.5\n".to_string(),
+            3,
+            "telemetry.sample_ratio",
+            "between 0 and 1",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"http://c/v1/traces\"\nservice_name = \"has space\"\n"
+                .to_string(),
+            3,
+            "telemetry.service_name",
+            "visible ASCII",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"http://c/v1/traces\"\nexporter = \"grpc\"\n"
+                .to_string(),
+            3,
+            "telemetry.exporter",
+            "unknown field",
         ),
     ]);
 }

@@ -20,12 +20,19 @@
 //!   bodies are the node's.
 //! - The access line carries the request id, never the query string
 //!   (where clients put tokens) or any header value.
+//! - With a [`SpanSink`] (OpenTelemetry export, `[telemetry]`), each
+//!   request in a sampled trace is handed to it once, when it ends, with
+//!   the same fields as the access line. A trace this node starts is
+//!   sampled at `telemetry.sample_ratio` (decided when the request arrives,
+//!   so the `traceparent` passed on carries the decision); an incoming
+//!   `traceparent`'s flag is followed. Without a sink nothing is sampled
+//!   and nothing is kept for it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use ignis_config::Manifest;
 use ignis_runtime::RequestId;
@@ -100,6 +107,42 @@ impl TargetTraffic {
     }
 }
 
+/// A request that ended, as a trace exporter sees it.
+#[derive(Debug)]
+pub struct RequestSpan<'a> {
+    /// Its id and trace context (trace id, its span id, the parent's).
+    pub id: RequestId,
+    /// When it arrived.
+    pub started: SystemTime,
+    /// Arrival to the end of its response (or to when it was dropped).
+    pub duration: Duration,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Request method.
+    pub method: &'a http::Method,
+    /// The host it named (`-` if none).
+    pub host: &'a str,
+    /// The path, without the query.
+    pub path: &'a str,
+    /// HTTP version.
+    pub version: http::Version,
+    /// Who served it.
+    pub target: &'a TargetTraffic,
+    /// Response status.
+    pub status: u16,
+    /// Response body bytes sent.
+    pub bytes: u64,
+    /// Whether the response body was sent whole.
+    pub complete: bool,
+}
+
+/// Takes each ended request of a sampled trace (an OpenTelemetry
+/// exporter). Called on the connection's task: it must not block.
+pub trait SpanSink: Send + Sync + std::fmt::Debug {
+    /// Records one request.
+    fn record(&self, span: &RequestSpan<'_>);
+}
+
 /// The node's traffic counters, one [`TargetTraffic`] per target.
 #[derive(Debug)]
 pub struct Traffic {
@@ -107,12 +150,21 @@ pub struct Traffic {
     edge: Arc<TargetTraffic>,
     access_log: bool,
     trusted_proxies: Arc<[ignis_config::IpRange]>,
+    /// The trace exporter and the share of new traces it records.
+    spans: Option<(Arc<dyn SpanSink>, f64)>,
 }
 
 impl Traffic {
     /// Counters for every function, actor class and upstream of `manifest`.
     pub fn new(manifest: &Manifest) -> Arc<Traffic> {
-        Traffic::build(manifest, None)
+        Traffic::build(manifest, None, None)
+    }
+
+    /// Like [`Traffic::new`], handing each request of a sampled trace to
+    /// `spans` (`telemetry.sample_ratio` of the traces this node starts).
+    pub fn with_spans(manifest: &Manifest, spans: Arc<dyn SpanSink>) -> Arc<Traffic> {
+        let ratio = manifest.telemetry.as_ref().map_or(1.0, |t| t.sample_ratio);
+        Traffic::build(manifest, None, Some((spans, ratio)))
     }
 
     /// The counters of `manifest`, the next version of this one's: a target
@@ -120,10 +172,14 @@ impl Traffic {
     /// never resets what Prometheus has scraped; a new target starts at
     /// zero; a removed one is dropped (its series end).
     pub fn next(&self, manifest: &Manifest) -> Arc<Traffic> {
-        Traffic::build(manifest, Some(self))
+        Traffic::build(manifest, Some(self), self.spans.clone())
     }
 
-    fn build(manifest: &Manifest, previous: Option<&Traffic>) -> Arc<Traffic> {
+    fn build(
+        manifest: &Manifest,
+        previous: Option<&Traffic>,
+        spans: Option<(Arc<dyn SpanSink>, f64)>,
+    ) -> Arc<Traffic> {
         let mut targets = BTreeMap::new();
         let mut add = |kind: Kind, name: &str, tenant: &str| {
             let kept = previous
@@ -150,6 +206,7 @@ impl Traffic {
             ),
             access_log: manifest.server.access_log,
             trusted_proxies: manifest.server.trusted_proxies.clone().into(),
+            spans,
         })
     }
 
@@ -171,18 +228,30 @@ impl Traffic {
     /// Starts the record of a request that arrived now: its id (the
     /// `x-request-id` of a trusted proxy, else a fresh one) and trace.
     pub(crate) fn begin<B>(&self, req: &http::Request<B>, peer: SocketAddr) -> Exchange {
-        let trusted = !self.trusted_proxies.is_empty()
-            && crate::proxy::headers::trusted(peer.ip(), &self.trusted_proxies);
+        let trusted = crate::proxy::headers::trusted(peer.ip(), &self.trusted_proxies);
+        let mut id = RequestId::for_request(req.headers(), trusted);
+        let mut spans = None;
+        if let Some((sink, ratio)) = &self.spans {
+            if !id.continues_trace() {
+                id = id.with_sampled(sampled(id.seq(), *ratio));
+            }
+            if id.sampled() {
+                spans = Some(sink.clone());
+            }
+        }
+        // Nothing is kept for a line the log filter would drop.
+        let log =
+            self.access_log && tracing::enabled!(target: "ignis::access", tracing::Level::INFO);
+        let keep = log || spans.is_some();
         Exchange {
             started: Instant::now(),
             target: self.edge.clone(),
             status: 0,
-            id: RequestId::for_request(req.headers(), trusted),
+            id,
             bytes: 0,
-            // Nothing is kept for a line the log filter would drop.
-            access: (self.access_log
-                && tracing::enabled!(target: "ignis::access", tracing::Level::INFO))
-            .then(|| {
+            log,
+            spans,
+            access: keep.then(|| {
                 Box::new(Access {
                     peer,
                     method: req.method().clone(),
@@ -205,6 +274,19 @@ struct Access {
     version: http::Version,
 }
 
+/// Whether a trace started here with request sequence `seq` is sampled
+/// at `ratio` (a hash of the sequence: spread evenly, no lock, no RNG).
+fn sampled(seq: u64, ratio: f64) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    let mut z = seq.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z as f64 / u64::MAX as f64) < ratio
+}
+
 /// One request on its way: recorded when its response ends ([`Exchange::end`]).
 #[derive(Debug)]
 pub(crate) struct Exchange {
@@ -213,6 +295,11 @@ pub(crate) struct Exchange {
     status: u16,
     id: RequestId,
     bytes: u64,
+    /// Whether to write the access line.
+    log: bool,
+    /// The exporter, if this request's trace is sampled.
+    spans: Option<Arc<dyn SpanSink>>,
+    /// What the access line and the span need of the request.
     access: Option<Box<Access>>,
 }
 
@@ -226,6 +313,8 @@ impl Exchange {
             status: 0,
             id: RequestId::new(),
             bytes: 0,
+            log: false,
+            spans: None,
             access: None,
         }
     }
@@ -264,17 +353,37 @@ impl Exchange {
         }
         t.duration.record(took);
         t.bytes_sent.fetch_add(self.bytes, Ordering::Relaxed);
-        if let Some(a) = self.access {
+        let Some(a) = self.access else {
+            return;
+        };
+        let host = a
+            .uri
+            .host()
+            .or_else(|| a.host.as_ref().and_then(|h| h.to_str().ok()))
+            .unwrap_or("-");
+        if let Some(sink) = &self.spans {
+            sink.record(&RequestSpan {
+                id: self.id,
+                started: SystemTime::now() - took,
+                duration: took,
+                peer: a.peer,
+                method: &a.method,
+                host,
+                path: a.uri.path(),
+                version: a.version,
+                target: t,
+                status: self.status,
+                bytes: self.bytes,
+                complete,
+            });
+        }
+        if self.log {
             tracing::info!(
                 target: "ignis::access",
                 request_id = %self.id,
                 peer = %a.peer,
                 method = %a.method,
-                host = a
-                    .uri
-                    .host()
-                    .or_else(|| a.host.as_ref().and_then(|h| h.to_str().ok()))
-                    .unwrap_or("-"),
+                host,
                 path = a.uri.path(),
                 version = ?a.version,
                 kind = t.kind.as_str(),

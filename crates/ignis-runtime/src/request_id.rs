@@ -28,6 +28,9 @@ pub struct RequestId {
     id: u128,
     trace_id: u128,
     span_id: u64,
+    /// The span id of an incoming `traceparent` (0: this request started
+    /// its trace).
+    parent_span_id: u64,
     flags: u8,
 }
 
@@ -87,6 +90,7 @@ impl RequestId {
             id,
             trace_id: id,
             span_id: mix(seed.span ^ n).max(1),
+            parent_span_id: 0,
             flags: 0,
         }
     }
@@ -106,14 +110,43 @@ impl RequestId {
             id.id = given.as_u128();
             id.trace_id = id.id;
         }
-        if let Some((trace_id, flags)) = headers
+        if let Some((trace_id, parent, flags)) = headers
             .get("traceparent")
             .and_then(|v| parse_traceparent(v.as_bytes()))
         {
             id.trace_id = trace_id;
+            id.parent_span_id = parent;
             id.flags = flags;
         }
         id
+    }
+
+    /// Whether the request continues a trace from a valid incoming
+    /// `traceparent`.
+    pub fn continues_trace(&self) -> bool {
+        self.parent_span_id != 0
+    }
+
+    /// Whether the trace is sampled (the `traceparent` flag passed on).
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+
+    /// The same id with the trace's sampled flag set or cleared (a node
+    /// that records traces decides for the traces it starts).
+    pub fn with_sampled(mut self, sampled: bool) -> RequestId {
+        self.flags = (self.flags & !1) | u8::from(sampled);
+        self
+    }
+
+    /// This request's span id (the parent id it passes on).
+    pub fn span_id(&self) -> u64 {
+        self.span_id
+    }
+
+    /// The span id of the incoming `traceparent`, if any.
+    pub fn parent_span_id(&self) -> Option<u64> {
+        (self.parent_span_id != 0).then_some(self.parent_span_id)
     }
 
     /// A number unique to this request in this process (the id itself
@@ -160,10 +193,10 @@ impl std::fmt::Debug for RequestId {
     }
 }
 
-/// `(trace id, flags)` of a valid `traceparent` (W3C Trace Context:
+/// `(trace id, parent id, flags)` of a valid `traceparent` (W3C Trace Context:
 /// `VERSION-TRACEID-PARENTID-FLAGS`, lowercase hex; version `ff` and
 /// all-zero ids are invalid; a version above 00 may append fields).
-fn parse_traceparent(v: &[u8]) -> Option<(u128, u8)> {
+fn parse_traceparent(v: &[u8]) -> Option<(u128, u64, u8)> {
     let hex = |s: &[u8]| -> Option<u128> {
         if s.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             u128::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok()
@@ -181,7 +214,7 @@ fn parse_traceparent(v: &[u8]) -> Option<(u128, u8)> {
     let trace_id = hex(&v[3..35])?;
     let parent_id = hex(&v[36..52])?;
     let flags = hex(&v[53..55])? as u8;
-    (trace_id != 0 && parent_id != 0).then_some((trace_id, flags))
+    (trace_id != 0 && parent_id != 0).then_some((trace_id, parent_id as u64, flags))
 }
 
 #[cfg(test)]
@@ -237,6 +270,19 @@ mod tests {
         );
         assert!(out.ends_with("-01"));
         assert_ne!(&out[36..52], "00f067aa0ba902b7", "our hop has its own span");
+        assert_eq!(id.parent_span_id(), Some(0x00f0_67aa_0ba9_02b7));
+        assert!(id.sampled() && id.continues_trace());
+        assert!(!id.with_sampled(false).sampled());
+        assert!(
+            id.with_sampled(false)
+                .traceparent()
+                .to_str()
+                .unwrap()
+                .ends_with("-00")
+        );
+        let fresh = RequestId::new();
+        assert_eq!(fresh.parent_span_id(), None);
+        assert!(!fresh.sampled() && fresh.with_sampled(true).sampled());
         for bad in [
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",

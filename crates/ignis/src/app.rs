@@ -20,6 +20,7 @@ use ignis_store::{ActorStorage, KvBackend, SqliteStore};
 
 use crate::deploy::{Deployments, Initial};
 use crate::guest_build;
+use crate::otel::OtlpExporter;
 
 /// What to do with functions declared as Rust crates (`build = "dir"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +55,8 @@ pub struct App {
     pub cron: Arc<CronTriggers>,
     /// What deploys, rollbacks and reloads change.
     pub deployments: Arc<Deployments>,
+    /// The trace exporter (`[telemetry]`), if on.
+    pub telemetry: Option<Arc<OtlpExporter>>,
 }
 
 /// Component paths of the manifest's functions and actor classes.
@@ -200,7 +203,15 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         _ => None,
     };
     let cron = Arc::new(CronTriggers::new(manifest, &gates, directory.as_ref())?);
-    let traffic = Traffic::new(manifest);
+    let telemetry = manifest
+        .telemetry
+        .as_ref()
+        .map(OtlpExporter::start)
+        .transpose()?;
+    let traffic = match &telemetry {
+        Some(exporter) => Traffic::with_spans(manifest, exporter.clone()),
+        None => Traffic::new(manifest),
+    };
     let edge = Edge::new(manifest, &gates, directory.clone(), &upstreams, &traffic)?;
     let deployments = Deployments::new(Initial {
         manifest,
@@ -224,6 +235,7 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
     );
     deployments.attach(&node);
     Ok(App {
+        telemetry,
         deployments,
         node,
         cron,
@@ -513,6 +525,12 @@ pub async fn serve(manifest: &Manifest, app: App, watch: bool) -> anyhow::Result
         drop(admin_stop);
         ended
     };
-    tokio::join!(signal, admin, public).2?;
+    let telemetry = app.telemetry.clone();
+    let ended = tokio::join!(signal, admin, public).2;
+    // The spans of the last requests go out before the process ends.
+    if let Some(exporter) = telemetry {
+        exporter.shutdown().await;
+    }
+    ended?;
     Ok(())
 }

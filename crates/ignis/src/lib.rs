@@ -10,3 +10,4 @@ pub mod deploy;
 pub mod guest_build;
 pub mod logging;
 pub mod new;
+pub mod otel;

@@ -900,3 +900,221 @@ async fn ignis_logs_follows_the_node_and_followers_are_capped() {
     let _ = follower.wait();
     sigkill(proc);
 }
+
+/// A fake OTLP/HTTP collector: answers 200 to every POST and hands each
+/// body to the channel.
+async fn collector() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Bytes>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            assert_eq!(req.uri().path(), "/v1/traces");
+                            assert_eq!(req.headers()["content-type"], "application/x-protobuf");
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let _ = tx.send(body);
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                Full::<Bytes>::default(),
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn spans_of(
+    bodies: &[Bytes],
+) -> Vec<(
+    opentelemetry_proto::tonic::resource::v1::Resource,
+    opentelemetry_proto::tonic::trace::v1::Span,
+)> {
+    use prost::Message as _;
+    let mut out = Vec::new();
+    for body in bodies {
+        let req =
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(
+                body.as_ref(),
+            )
+            .expect("a valid OTLP protobuf body");
+        for rs in req.resource_spans {
+            for ss in rs.scope_spans {
+                assert_eq!(ss.scope.as_ref().unwrap().name, "ignis");
+                for s in ss.spans {
+                    out.push((rs.resource.clone().unwrap(), s));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn string_attribute(
+    span: &opentelemetry_proto::tonic::trace::v1::Span,
+    key: &str,
+) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(s) => Some(s.clone()),
+            Value::IntValue(n) => Some(n.to_string()),
+            _ => None,
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_go_to_an_otlp_collector_in_the_trace_they_came_with() {
+    let (collector_addr, mut bodies) = collector().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "ignis.toml",
+        &format!(
+            "[server]\ncache_dir = \"{}\"\n[functions.hello]\ncomponent = \"{}\"\n[[routes]]\npath = \"/hello\"\nfunction = \"hello\"\n\
+             [telemetry]\notlp_endpoint = \"http://{collector_addr}/v1/traces\"\nservice_name = \"edge-test\"\n",
+            shared_cache(),
+            wasm("hello")
+        ),
+    );
+    let proc = spawn(&["serve", path.to_str().unwrap()]);
+    let c = client();
+    // A request in the caller's trace, and one that starts a trace here.
+    let given_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let given = send(
+        &c,
+        http::Request::get(format!("http://{}/hello", proc.addr))
+            .header(
+                "traceparent",
+                format!("00-{given_trace}-00f067aa0ba902b7-01"),
+            )
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(given.status, 200);
+    let fresh = get(&c, &format!("http://{}/hello", proc.addr)).await;
+    assert_eq!(fresh.status, 200);
+    let missing = get(&c, &format!("http://{}/nowhere", proc.addr)).await;
+    assert_eq!(missing.status, 404);
+    // A caller that did not sample its trace: nothing is exported for it.
+    let unsampled = send(
+        &c,
+        http::Request::get(format!("http://{}/hello", proc.addr))
+            .header(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+            )
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(unsampled.status, 200);
+    // SIGTERM: the node sends what is queued before it exits.
+    stop(proc);
+    let mut received = Vec::new();
+    while let Ok(b) = bodies.try_recv() {
+        received.push(b);
+    }
+    let spans = spans_of(&received);
+    assert_eq!(spans.len(), 3, "one span per sampled request");
+    assert!(
+        !spans
+            .iter()
+            .any(|(_, s)| hex(&s.trace_id) == "0af7651916cd43dd8448eb211c80319c"),
+        "an unsampled trace is not exported"
+    );
+    let (resource, continued) = spans
+        .iter()
+        .find(|(_, s)| hex(&s.trace_id) == given_trace)
+        .expect("the span of the traced request");
+    assert!(
+        resource
+            .attributes
+            .iter()
+            .any(|kv| kv.key == "service.name" && format!("{:?}", kv.value).contains("edge-test"))
+    );
+    assert_eq!(hex(&continued.parent_span_id), "00f067aa0ba902b7");
+    assert_eq!(continued.name, "GET hello");
+    assert_eq!(continued.kind, 2, "SERVER");
+    assert_eq!(
+        string_attribute(continued, "ignis.request_id").as_deref(),
+        given.headers["x-request-id"].to_str().ok()
+    );
+    assert_eq!(
+        string_attribute(continued, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert!(continued.end_time_unix_nano > continued.start_time_unix_nano);
+    // The trace started here: its id is the request id, no parent.
+    let request_id = fresh.headers["x-request-id"]
+        .to_str()
+        .unwrap()
+        .replace('-', "");
+    let started = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| hex(&s.trace_id) == request_id)
+        .expect("the span of the untraced request");
+    assert!(started.parent_span_id.is_empty());
+    let not_found = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| string_attribute(s, "http.response.status_code").as_deref() == Some("404"))
+        .expect("the edge's own answer is traced too");
+    assert_eq!(
+        string_attribute(not_found, "ignis.target.kind").as_deref(),
+        Some("edge")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_collector_costs_requests_nothing_and_is_logged_once() {
+    // Nothing listens on this port (bound, then closed).
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "ignis.toml",
+        &format!(
+            "[server]\ncache_dir = \"{}\"\n[functions.hello]\ncomponent = \"{}\"\n[[routes]]\npath = \"/hello\"\nfunction = \"hello\"\n[telemetry]\notlp_endpoint = \"http://{dead}/v1/traces\"\nsample_ratio = 1.0\n",
+            shared_cache(),
+            wasm("hello")
+        ),
+    );
+    let proc = spawn(&["serve", path.to_str().unwrap()]);
+    let c = client();
+    for _ in 0..200 {
+        assert_eq!(
+            get(&c, &format!("http://{}/hello", proc.addr)).await.status,
+            200
+        );
+    }
+    let log = stop(proc);
+    assert_eq!(
+        log.matches("trace export failed").count(),
+        1,
+        "failures are logged at most once a minute:\n{log}"
+    );
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

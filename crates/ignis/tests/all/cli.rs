@@ -19,6 +19,26 @@ fn check(manifest: &Path) -> (bool, String, String) {
 }
 
 #[test]
+fn a_bad_log_format_is_refused_naming_the_choices() {
+    let out = ignis()
+        .args(["--log-format", "xml", "check", "ignis.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--log-format") && err.contains("text") && err.contains("json"),
+        "{err}"
+    );
+    let out = ignis()
+        .args(["check", "ignis.toml"])
+        .env("IGNIS_LOG_FORMAT", "yaml")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the environment is checked too");
+}
+
+#[test]
 fn config_errors_name_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(
