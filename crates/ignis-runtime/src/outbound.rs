@@ -263,6 +263,42 @@ impl Connection for Stream {
     }
 }
 
+/// Every tenant's outbound budget, one per tenant whichever way its
+/// functions arrived: the manifest's `[tenants.NAME]` settings, or the
+/// defaults for a tenant first seen later (a function a deploy adds). The
+/// map grows only with tenants the operator's manifest or deploys name.
+#[derive(Debug, Default)]
+pub struct TenantBudgets {
+    budgets: std::sync::Mutex<std::collections::BTreeMap<String, Arc<TenantOutbound>>>,
+}
+
+impl TenantBudgets {
+    /// Budgets for the tenants `configured` sets; others get the defaults
+    /// when first asked for.
+    pub fn new<'a>(
+        configured: impl IntoIterator<Item = (&'a String, &'a ignis_config::TenantConfig)>,
+    ) -> TenantBudgets {
+        TenantBudgets {
+            budgets: std::sync::Mutex::new(
+                configured
+                    .into_iter()
+                    .map(|(name, c)| (name.clone(), Arc::new(TenantOutbound::new(c))))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// `tenant`'s budget.
+    pub fn get(&self, tenant: &str) -> Arc<TenantOutbound> {
+        self.budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(tenant.to_string())
+            .or_insert_with(|| Arc::new(TenantOutbound::new(&Default::default())))
+            .clone()
+    }
+}
+
 /// One tenant's outbound budget, shared by all its functions.
 #[derive(Debug)]
 pub struct TenantOutbound {
@@ -749,6 +785,31 @@ pub async fn collect(body: WasiBody) -> Result<Bytes, HttpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tenant without `[tenants.NAME]` (say one a deploy adds) has one
+    /// budget for all its functions. Before `TenantBudgets`, each of its
+    /// functions made its own default budget, so a tenant could multiply
+    /// its outbound connections by deploying more functions.
+    #[test]
+    fn every_function_of_a_tenant_shares_one_budget() {
+        let mut configured = std::collections::BTreeMap::new();
+        configured.insert(
+            "acme".to_string(),
+            ignis_config::TenantConfig {
+                max_outbound_connections: 3,
+                ..Default::default()
+            },
+        );
+        let budgets = TenantBudgets::new(&configured);
+        let (a, b) = (budgets.get("newco"), budgets.get("newco"));
+        assert!(Arc::ptr_eq(&a, &b), "one budget per tenant");
+        assert!(!Arc::ptr_eq(&a, &budgets.get("other")));
+        assert_eq!(budgets.get("acme").connections.available_permits(), 3);
+        assert_eq!(
+            a.connections.available_permits(),
+            ignis_config::TenantConfig::default().max_outbound_connections as usize
+        );
+    }
 
     fn connector(tenant: &Arc<TenantOutbound>) -> Connector {
         Connector {

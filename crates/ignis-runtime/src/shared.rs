@@ -33,8 +33,8 @@ pub struct Platform {
     /// actors through it).
     pub actor_caller: CallerSlot,
     /// Each tenant's outbound connection and DNS budget, shared by its
-    /// functions (a tenant missing here gets the defaults).
-    pub tenant_outbound: std::collections::BTreeMap<String, Arc<crate::outbound::TenantOutbound>>,
+    /// functions (a tenant without settings gets the defaults, once).
+    pub tenant_outbound: Arc<crate::outbound::TenantBudgets>,
 }
 
 /// The services behind every store (see the module docs).

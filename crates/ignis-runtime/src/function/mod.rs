@@ -39,7 +39,7 @@ use crate::cache::CacheOutcome;
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::guest::{GuestStats, RunLimits, route_bucket, run_limited};
 use crate::host::{Base, Host, new_store};
-use crate::outbound::{Outbound, OutboundPolicy, TenantOutbound};
+use crate::outbound::{Outbound, OutboundPolicy};
 use crate::sched::SliceQueue;
 use crate::shared::Shared;
 use reuse::{InstancePool, Kept};
@@ -398,11 +398,7 @@ impl Function {
         // A guest still running after half a slice of CPU in the caller's
         // task is a CPU hog: the rest of it goes to the fair scheduler.
         let demote_after = shared.epoch_tick / 2;
-        let tenant_outbound = platform
-            .tenant_outbound
-            .get(&config.tenant)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(TenantOutbound::new(&Default::default())));
+        let tenant_outbound = platform.tenant_outbound.get(&config.tenant);
         let outbound = Arc::new(Outbound::new(
             OutboundPolicy::new(&config.allowed_outbound_hosts),
             tenant_outbound,
