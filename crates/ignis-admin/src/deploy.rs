@@ -188,7 +188,8 @@ pub struct DeployRecord {
     pub kind: Option<UnitKind>,
     /// The function or actor class (`*` for the start).
     pub name: String,
-    /// `start`, `deploy`, `rollback`, `delete` or `reload`.
+    /// `start`, `deploy`, `rollback`, `delete`, `reload` or `restore` (API
+    /// changes served again after a restart).
     pub action: &'static str,
     /// The version serving after it (0 after a delete).
     pub version: u64,

@@ -13,7 +13,7 @@ use ignis_edge::observe::Traffic;
 use ignis_edge::tls::CertStore;
 use ignis_edge::{Edge, Server};
 use ignis_runtime::bindings::keyvalue::KvLimits;
-use ignis_runtime::outbound::{Backend, TenantOutbound};
+use ignis_runtime::outbound::{Backend, TenantBudgets};
 use ignis_runtime::sched::FairScheduler;
 use ignis_runtime::{Function, Platform, Runtime, RuntimeSettings};
 use ignis_store::{ActorStorage, KvBackend, SqliteStore};
@@ -164,14 +164,7 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
             _ => None,
         },
         actor_caller: Default::default(),
-        tenant_outbound: manifest
-            .functions
-            .values()
-            .map(|f| {
-                let budget = TenantOutbound::new(&manifest.tenant(&f.tenant));
-                (f.tenant.clone(), Arc::new(budget))
-            })
-            .collect(),
+        tenant_outbound: Arc::new(TenantBudgets::new(&manifest.tenants)),
     };
     let caller_slot = platform.actor_caller.clone();
     let runtime = Runtime::with_platform(
@@ -460,6 +453,8 @@ pub async fn bind(manifest: &Manifest, app: &App) -> anyhow::Result<Listeners> {
 /// SIGHUP reloads the manifest; with `watch`, so does a change to it or to
 /// a guest's sources (rebuilt first), polled every [`WATCH_INTERVAL`].
 pub async fn serve(manifest: &Manifest, app: App, watch: bool) -> anyhow::Result<()> {
+    // Changes made through the API before a restart serve again.
+    app.deployments.restore().await;
     let Listeners { http, admin, https } = bind(manifest, &app).await?;
     let hangups = catch_hangups();
     println!("listening on http://{}", http.local_addr());

@@ -29,14 +29,16 @@
 //!   functions' `max_concurrency` total past it, or a memory limit past the
 //!   pool's slot size, is refused with the number to raise. (Actor
 //!   activations have slots of their own, capped by the directory.)
-//! - Every version's component is copied into `cache_dir/deploys/PID/`
-//!   under its SHA-256, so a rollback restores the exact bytes even if the
-//!   file it came from was rebuilt since. At most [`MAX_PREVIOUS`] earlier
-//!   versions per function are kept; files no version names are deleted,
-//!   and so are the directories of processes that are gone (nodes sharing
-//!   a cache directory never touch each other's).
-//! - A change made through the API lasts until the next reload or restart,
-//!   which serve what the manifest file says.
+//! - Every version's component is copied into the node's deploy directory
+//!   (`cache_dir/deploys/node-HASH`, by manifest path) under its SHA-256,
+//!   so a rollback restores the exact bytes even if the file it came from
+//!   was rebuilt since. At most [`MAX_PREVIOUS`] earlier versions per unit
+//!   are kept; files nothing names are deleted.
+//! - A change made through the API is recorded (fsync, rename) before it is
+//!   swapped in and answered, with the hash of the manifest file it was
+//!   made on: a restart on the same manifest restores it, even after
+//!   `kill -9`; a restart on an edited manifest, or a reload, serves the
+//!   file and drops the record (the file wins).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -58,6 +60,9 @@ use ignis_store::StoreStats;
 use sha2::{Digest, Sha256};
 
 use crate::app::Sources;
+
+/// The record of changes made through the API, in the deploy directory.
+const SAVED: &str = "api-changes.toml";
 
 /// Earlier versions kept per function for rollbacks.
 pub const MAX_PREVIOUS: usize = 5;
@@ -86,6 +91,9 @@ pub struct Deployments {
 
 /// What serves now.
 struct Live {
+    /// SHA-256 of the manifest file's text as last loaded (API changes are
+    /// recorded against it).
+    base: String,
     doc: toml::Table,
     manifest: Manifest,
     units: BTreeMap<Unit, Version>,
@@ -208,12 +216,14 @@ impl Deployments {
     /// each component into `cache_dir/deploys/PID/`.
     pub fn new(initial: Initial<'_>) -> anyhow::Result<Arc<Deployments>> {
         let manifest = initial.manifest;
-        let dir = deploy_dir(&manifest.server.cache_dir.join("deploys")).map_err(|e| {
-            anyhow::anyhow!(
-                "preparing {}/deploys: {e}",
-                manifest.server.cache_dir.display()
-            )
-        })?;
+        let dir = deploy_dir(&manifest.server.cache_dir.join("deploys"), &manifest.path).map_err(
+            |e| {
+                anyhow::anyhow!(
+                    "preparing {}/deploys: {e}",
+                    manifest.server.cache_dir.display()
+                )
+            },
+        )?;
         let doc: toml::Table = manifest
             .text
             .parse()
@@ -255,6 +265,7 @@ impl Deployments {
             );
         }
         let mut live = Live {
+            base: hex_sha256(manifest.text.as_bytes()),
             doc,
             manifest: manifest.clone(),
             units,
@@ -392,7 +403,99 @@ impl Deployments {
         let path = live.manifest.path.clone();
         let text = std::fs::read_to_string(&path)
             .map_err(|e| DeployError::Invalid(format!("{}: cannot read: {e}", path.display())))?;
-        let manifest = ignis_config::Manifest::from_str_at(&text, &path)
+        let changed = self.apply_text(&mut live, &text, "reload", by).await?;
+        // The file is what serves now: changes made through the API since
+        // the last load are gone, and so is their record.
+        live.base = hex_sha256(text.as_bytes());
+        self.forget_saved();
+        Ok(changed)
+    }
+
+    /// Restores the changes made through the API before the process
+    /// stopped, if the manifest file is still the one they were made on.
+    /// Called once, before the node serves.
+    pub async fn restore(&self) {
+        let Ok(saved) = std::fs::read_to_string(self.dir.join(SAVED)) else {
+            return;
+        };
+        let _busy = self.claim(&[(UnitKind::Function, "*".to_string())]);
+        let mut live = self.live.lock().await;
+        let parsed: Option<(String, String)> = saved.parse::<toml::Table>().ok().and_then(|t| {
+            Some((
+                t.get("base_sha256")?.as_str()?.to_string(),
+                t.get("document")?.as_str()?.to_string(),
+            ))
+        });
+        let Some((base, document)) = parsed else {
+            tracing::warn!(target: "ignis::deploy", file = %self.dir.join(SAVED).display(), "the record of API changes is unreadable; serving the manifest");
+            self.forget_saved();
+            return;
+        };
+        if base != live.base {
+            tracing::warn!(target: "ignis::deploy", "the manifest changed since the last change made through the API; serving the manifest (the API changes are dropped)");
+            self.forget_saved();
+            return;
+        }
+        match self
+            .apply_text(&mut live, &document, "restore", "start")
+            .await
+        {
+            Ok(changed) => {
+                tracing::info!(target: "ignis::deploy", changed = ?changed, "changes made through the API before the restart are restored");
+            }
+            Err(e) => {
+                tracing::error!(target: "ignis::deploy", error = %e, "the changes made through the API before the restart could not be restored; serving the manifest");
+                self.forget_saved();
+            }
+        }
+    }
+
+    /// Deletes the record of API changes (the manifest file wins).
+    fn forget_saved(&self) {
+        match std::fs::remove_file(self.dir.join(SAVED)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(target: "ignis::deploy", error = %e, "could not delete the record of API changes");
+            }
+        }
+    }
+
+    /// Records `doc` (what serves after an API change) so that a restart on
+    /// the same manifest serves it again: written to a temporary file,
+    /// synced, renamed over the record, and the directory synced, before
+    /// the change is answered.
+    fn save(&self, live: &Live, doc: &toml::Table) -> Result<(), DeployError> {
+        let document =
+            toml::to_string(doc).map_err(|e| internal("writing the manifest failed", e))?;
+        let mut record = toml::Table::new();
+        record.insert("base_sha256".into(), toml::Value::String(live.base.clone()));
+        record.insert("document".into(), toml::Value::String(document));
+        let text =
+            toml::to_string(&record).map_err(|e| internal("writing the record failed", e))?;
+        let tmp = self.dir.join(format!(".{SAVED}.tmp"));
+        let write = || -> std::io::Result<()> {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, self.dir.join(SAVED))?;
+            std::fs::File::open(&self.dir)?.sync_all()
+        };
+        write().map_err(|e| internal("recording the change failed (nothing changed)", e))
+    }
+
+    /// Parses `text` as the manifest, builds (or finds) every component and
+    /// swaps in what changed. On error nothing changes.
+    async fn apply_text(
+        &self,
+        live: &mut Live,
+        text: &str,
+        action: &'static str,
+        by: &str,
+    ) -> Result<Vec<String>, DeployError> {
+        let path = live.manifest.path.clone();
+        let manifest = ignis_config::Manifest::from_str_at(text, &path)
             .map_err(|e| DeployError::Invalid(e.to_string()))?;
         let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             DeployError::Invalid(format!("{}: {e}", path.display()))
@@ -438,15 +541,22 @@ impl Deployments {
                 .map_err(|e| DeployError::Invalid(format!("{}: {e}", path.display())))?;
             components.insert(unit, Component::Bytes(bytes));
         }
-        let plan = self
-            .plan(&live, doc, keep_fixed(manifest, &live.manifest), components)
-            .await?;
+        let planned = self
+            .plan(live, doc, keep_fixed(manifest, &live.manifest), components)
+            .await;
+        let plan = match planned {
+            Ok(plan) => plan,
+            Err(e) => {
+                prune(&self.dir, live);
+                return Err(e);
+            }
+        };
         let changed = plan
             .changed
             .iter()
             .map(|(k, n)| format!("{} {n}", k.noun()))
             .collect();
-        self.commit(&mut live, plan, "reload", by);
+        self.commit(live, plan, action, by);
         Ok(changed)
     }
 
@@ -732,28 +842,24 @@ impl Deployments {
                 kind.noun()
             )));
         }
-        let (doc, component) = change(&live)?;
-        let text = toml::to_string(&doc).map_err(|e| internal("writing the manifest failed", e))?;
-        let manifest = Manifest::from_str_at(&text, &live.manifest.path).map_err(|e| {
-            DeployError::Invalid(match e {
-                // Line numbers would point into a document the client never
-                // saw; the key says where.
-                ignis_config::ConfigError::Invalid { key, message, .. } => {
-                    format!("{key}: {message}")
-                }
-                e => e.to_string(),
-            })
-        })?;
-        let mut components = BTreeMap::new();
-        if let Some(c) = component {
-            components.insert(unit.clone(), c);
-        }
-        let plan = self
-            .plan(&live, doc, keep_fixed(manifest, &live.manifest), components)
-            .await?;
+        let planned = self.plan_change(&live, &unit, change).await;
+        let plan = match planned {
+            Ok(plan) => plan,
+            Err(e) => {
+                // An upload stored for a refused change goes now.
+                prune(&self.dir, &live);
+                return Err(e);
+            }
+        };
         let changed = !plan.changed.is_empty();
         let version = plan.units.get(&unit).map(|v| (v.number, v.sha256.clone()));
         if changed {
+            // Recorded before it is swapped in and answered: an
+            // acknowledged change survives a crash.
+            if let Err(e) = self.save(&live, &plan.doc) {
+                prune(&self.dir, &live);
+                return Err(e);
+            }
             self.commit(&mut live, plan, action, by);
         } else {
             tracing::info!(target: "ignis::deploy", kind = kind.noun(), name = %name, action, by, "deploy of the version already serving: nothing changed");
@@ -777,6 +883,35 @@ impl Deployments {
     }
 }
 
+impl Deployments {
+    /// Applies `change` to a copy of the document and plans the result.
+    async fn plan_change(
+        &self,
+        live: &Live,
+        unit: &Unit,
+        change: impl FnOnce(&Live) -> Result<(toml::Table, Option<Component>), DeployError>,
+    ) -> Result<Plan, DeployError> {
+        let (doc, component) = change(live)?;
+        let text = toml::to_string(&doc).map_err(|e| internal("writing the manifest failed", e))?;
+        let manifest = Manifest::from_str_at(&text, &live.manifest.path).map_err(|e| {
+            DeployError::Invalid(match e {
+                // Line numbers would point into a document the client never
+                // saw; the key says where.
+                ignis_config::ConfigError::Invalid { key, message, .. } => {
+                    format!("{key}: {message}")
+                }
+                e => e.to_string(),
+            })
+        })?;
+        let mut components = BTreeMap::new();
+        if let Some(c) = component {
+            components.insert(unit.clone(), c);
+        }
+        self.plan(live, doc, keep_fixed(manifest, &live.manifest), components)
+            .await
+    }
+}
+
 impl Deployer for Deployments {
     fn deploy(&self, request: DeployRequest) -> Change<'_> {
         Box::pin(async move {
@@ -794,15 +929,18 @@ impl Deployer for Deployments {
             // The upload is the component; the node fills in its path.
             table.remove("component");
             table.remove("build");
-            let sha = hex_sha256(&component);
-            let stored = store(&self.dir, &sha, &component)
-                .map_err(|e| internal("storing the component failed", e))?;
-            table.insert(
-                "component".into(),
-                toml::Value::String(stored.to_string_lossy().into_owned()),
-            );
             let unit = (kind, name.clone());
+            let dir = &self.dir;
             self.api_change(unit, &by, "deploy", expect_version, move |live| {
+                // Stored under the change's lock: a refused upload is
+                // deleted before the next change can keep it alive.
+                let sha = hex_sha256(&component);
+                let stored = store(dir, &sha, &component)
+                    .map_err(|e| internal("storing the component failed", e))?;
+                table.insert(
+                    "component".into(),
+                    toml::Value::String(stored.to_string_lossy().into_owned()),
+                );
                 let mut doc = live.doc.clone();
                 unit_table(&mut doc, kind).insert(name, toml::Value::Table(table));
                 Ok((doc, Some(Component::Bytes(component))))
@@ -893,10 +1031,13 @@ fn section(doc: &toml::Table, (kind, name): &Unit) -> Option<toml::Value> {
     doc.get(kind.table())?.get(name).cloned()
 }
 
-/// This process's directory of stored components, `deploys/PID`, made
-/// empty; the directories of processes that are gone are deleted (several
-/// nodes may share one cache directory, each prunes only its own).
-fn deploy_dir(root: &Path) -> std::io::Result<PathBuf> {
+/// The node's directory of stored components and of the record of API
+/// changes: `deploys/` plus a hash of the manifest's path, so nodes on
+/// different manifests sharing a cache directory keep apart (one node per
+/// manifest and cache directory). Kept across restarts (the record and
+/// the components it names must survive one); directories of the earlier
+/// per-process layout (`deploys/PID`) whose process is gone are deleted.
+fn deploy_dir(root: &Path, manifest: &Path) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(root)?;
     #[cfg(target_os = "linux")]
     for entry in std::fs::read_dir(root)?.flatten() {
@@ -909,9 +1050,9 @@ fn deploy_dir(root: &Path) -> std::io::Result<PathBuf> {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-    let dir = root.join(std::process::id().to_string());
-    // A directory named by our pid was left by a process that had it before.
-    let _ = std::fs::remove_dir_all(&dir);
+    let key = std::fs::canonicalize(manifest).unwrap_or_else(|_| manifest.to_path_buf());
+    let hash = hex_sha256(key.to_string_lossy().as_bytes());
+    let dir = root.join(format!("node-{}", &hash[..16]));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
@@ -919,17 +1060,20 @@ fn deploy_dir(root: &Path) -> std::io::Result<PathBuf> {
 /// Writes `bytes` to `dir/SHA.wasm` unless it is there (write, then rename:
 /// a reader never sees half a file).
 fn store(dir: &Path, sha256: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    static TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let path = dir.join(format!("{sha256}.wasm"));
     if path.exists() {
         return Ok(path);
     }
-    let tmp = dir.join(format!(".{sha256}.{}.tmp", std::process::id()));
+    let n = TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{sha256}.{}.{n}.tmp", std::process::id()));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, &path)?;
     Ok(path)
 }
 
-/// Deletes the stored components no version names.
+/// Deletes the stored components no version names (the serving ones,
+/// the rollback stacks, and the record of API changes a restart restores).
 fn prune(dir: &Path, live: &Live) {
     let keep: BTreeSet<PathBuf> = live
         .units
@@ -937,12 +1081,14 @@ fn prune(dir: &Path, live: &Live) {
         .chain(live.previous.values().flatten())
         .map(|v| v.stored.clone())
         .collect();
+    let saved = std::fs::read_to_string(dir.join(SAVED)).unwrap_or_default();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        if path.extension().is_some_and(|e| e == "wasm") && !keep.contains(&path) {
+        let named = keep.contains(&path) || saved.contains(&*path.to_string_lossy());
+        if path.extension().is_some_and(|e| e == "wasm") && !named {
             let _ = std::fs::remove_file(&path);
         }
     }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-use crate::admin::{TOKEN, admin_get, bearer, manifest, serve_with_admin};
+use crate::admin::{TOKEN, admin_command, admin_get, bearer, manifest, serve_with_admin};
 use crate::harness::*;
 
 /// Sends a change request to the admin API.
@@ -41,6 +41,20 @@ fn deploy_body(component: &str, config: &str) -> serde_json::Value {
     })
 }
 
+/// The node's deploy directory for the manifest at `path` (as
+/// `deploy.rs` names it: a hash of the canonical path).
+fn deploy_dir(path: &std::path::Path) -> std::path::PathBuf {
+    use sha2::Digest as _;
+    let key = std::fs::canonicalize(path).unwrap();
+    let hash: String = sha2::Sha256::digest(key.to_string_lossy().as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::path::Path::new(&shared_cache())
+        .join("deploys")
+        .join(format!("node-{}", &hash[..16]))
+}
+
 async fn hello(addr: SocketAddr) -> Reply {
     get(&client(), &format!("http://{addr}/hello")).await
 }
@@ -62,17 +76,10 @@ fn version_of(listing: &serde_json::Value, function: &str) -> Option<u64> {
 
 /// Runs an `ignis` admin command against `admin`; returns (ok, stdout, stderr).
 fn cli(admin: SocketAddr, args: &[&str]) -> (bool, String, String) {
-    let out = ignis()
-        .args(args)
-        .args(["--admin", &format!("http://{admin}")])
-        .env("IGNIS_ADMIN_TOKEN", TOKEN)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let url = format!("http://{admin}");
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--admin", &url]);
+    admin_command(&all, Some(TOKEN))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,6 +353,15 @@ async fn bad_changes_are_refused_and_the_old_version_keeps_serving() {
 
     assert_eq!(hello(addr).await.text(), "Hello from Ignis!\n");
     assert_eq!(version_of(&listing(admin).await, "hello"), Some(1));
+    // Refused uploads leave nothing on disk: only the two serving
+    // components (hello, limits) are stored.
+    let stored = deploy_dir(&dir.path().join("ignis.toml"));
+    let files = std::fs::read_dir(&stored)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "wasm"))
+        .count();
+    assert_eq!(files, 2, "{}", stored.display());
 
     // Two deploys racing with the same expected version: one wins, the
     // other gets 409 (whether it arrives during the first or after it).
@@ -373,15 +389,7 @@ async fn a_redeploy_under_open_loop_load_fails_no_request() {
     // (or a release build) a debug node can fall behind for a second; that
     // would shed requests whatever the deploy does, and this test is about
     // the deploy.
-    let path = write(
-        dir.path(),
-        "ignis.toml",
-        &format!(
-            "[server]\ncache_dir = \"{}\"\n[functions.hello]\ncomponent = \"{}\"\ntenant = \"acme\"\nqueue_timeout = \"30s\"\n[[routes]]\npath = \"/hello\"\nfunction = \"hello\"\n",
-            shared_cache(),
-            wasm("hello")
-        ),
-    );
+    let path = hello_manifest(dir.path(), "tenant = \"acme\"\nqueue_timeout = \"30s\"", "");
     let (proc, admin) = serve_with_admin(&path, &[]);
     let addr = proc.addr;
     let client = client();
@@ -559,15 +567,7 @@ async fn sighup_reloads_and_a_broken_manifest_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_watch_reloads_when_the_manifest_changes() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
-        dir.path(),
-        "ignis.toml",
-        &format!(
-            "[server]\ncache_dir = \"{}\"\n[functions.hello]\ncomponent = \"{}\"\n[[routes]]\npath = \"/hello\"\nfunction = \"hello\"\n",
-            shared_cache(),
-            wasm("hello")
-        ),
-    );
+    let path = hello_manifest(dir.path(), "", "");
     let proc = spawn(&["up", "--watch", dir.path().to_str().unwrap()]);
     let addr = proc.addr;
     assert_eq!(hello(addr).await.text(), "Hello from Ignis!\n");
@@ -683,4 +683,57 @@ async fn an_actor_class_swaps_between_messages_and_keeps_its_storage() {
     assert_eq!(r.status, 401);
     assert_eq!(post(&c, &url, "").await.text().trim(), "5");
     sigkill(proc);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_deploy_survives_kill_9_and_an_edited_manifest_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = manifest(dir.path(), "");
+    let (proc, admin) = serve_with_admin(&path, &[]);
+    let r = change(
+        admin,
+        "PUT",
+        "/v1/functions/hello",
+        Some(deploy_body(
+            &wasm("hello"),
+            "tenant = \"acme\"\nenv = { GREETING = \"kept\" }\n",
+        )),
+        Some(&bearer()),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Killed right after the answer: nothing had a chance to flush.
+    sigkill(proc);
+
+    let (proc, admin) = serve_with_admin(&path, &[]);
+    assert_eq!(hello(proc.addr).await.text(), "kept\n");
+    let l = listing(admin).await;
+    assert_eq!(l["deploys"][0]["action"], "restore");
+    assert_eq!(l["deploys"][0]["name"], "hello");
+    // A rollback goes back to what the manifest says.
+    let (ok, out, err) = cli(admin, &["rollback", "hello"]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(hello(proc.addr).await.text(), "Hello from Ignis!\n");
+    let r = change(
+        admin,
+        "PUT",
+        "/v1/functions/hello",
+        Some(deploy_body(
+            &wasm("hello"),
+            "tenant = \"acme\"\nenv = { GREETING = \"again\" }\n",
+        )),
+        Some(&bearer()),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    sigkill(proc);
+
+    // The manifest was edited while the node was down: the file wins.
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("\n# edited\n");
+    std::fs::write(&path, text).unwrap();
+    let (proc, _) = serve_with_admin(&path, &[]);
+    assert_eq!(hello(proc.addr).await.text(), "Hello from Ignis!\n");
+    let log = stop(proc);
+    assert!(log.contains("the manifest changed since"), "{log}");
 }
