@@ -687,8 +687,16 @@ async fn the_dashboard_shows_live_charts_in_a_headless_browser() {
 /// Runs `ignis ls` with `args` and `token` (none: IGNIS_ADMIN_TOKEN unset);
 /// returns (success, stdout, stderr).
 fn ls(args: &[&str], token: Option<&str>) -> (bool, String, String) {
+    let mut all = vec!["ls"];
+    all.extend_from_slice(args);
+    admin_command(&all, token)
+}
+
+/// Runs an `ignis` admin-API command with `args` and `token` (none:
+/// IGNIS_ADMIN_TOKEN unset); returns (success, stdout, stderr).
+pub(crate) fn admin_command(args: &[&str], token: Option<&str>) -> (bool, String, String) {
     let mut cmd = ignis();
-    cmd.arg("ls").args(args).env_remove("IGNIS_ADMIN_TOKEN");
+    cmd.args(args).env_remove("IGNIS_ADMIN_TOKEN");
     if let Some(t) = token {
         cmd.env("IGNIS_ADMIN_TOKEN", t);
     }
@@ -981,14 +989,11 @@ fn string_attribute(
 async fn traces_go_to_an_otlp_collector_in_the_trace_they_came_with() {
     let (collector_addr, mut bodies) = collector().await;
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
+    let path = hello_manifest(
         dir.path(),
-        "ignis.toml",
+        "",
         &format!(
-            "[server]\ncache_dir = \"{}\"\n[functions.hello]\ncomponent = \"{}\"\n[[routes]]\npath = \"/hello\"\nfunction = \"hello\"\n\
-             [telemetry]\notlp_endpoint = \"http://{collector_addr}/v1/traces\"\nservice_name = \"edge-test\"\n",
-            shared_cache(),
-            wasm("hello")
+            "[telemetry]\notlp_endpoint = \"http://{collector_addr}/v1/traces\"\nservice_name = \"edge-test\"\n"
         ),
     );
     let proc = spawn(&["serve", path.to_str().unwrap()]);
@@ -1090,14 +1095,10 @@ async fn a_dead_collector_costs_requests_nothing_and_is_logged_once() {
         .local_addr()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
+    let path = hello_manifest(
         dir.path(),
-        "ignis.toml",
-        &format!(
-            "[server]\ncache_dir = \"{}\"\n[functions.hello]\ncomponent = \"{}\"\n[[routes]]\npath = \"/hello\"\nfunction = \"hello\"\n[telemetry]\notlp_endpoint = \"http://{dead}/v1/traces\"\nsample_ratio = 1.0\n",
-            shared_cache(),
-            wasm("hello")
-        ),
+        "",
+        &format!("[telemetry]\notlp_endpoint = \"http://{dead}/v1/traces\"\nsample_ratio = 1.0\n"),
     );
     let proc = spawn(&["serve", path.to_str().unwrap()]);
     let c = client();

@@ -307,6 +307,7 @@ async fn sigterm_finishes_in_flight_requests_and_guest_logs_are_captured_and_bou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_builds_rust_guests_and_serves_them() {
+    let _builds = BUILDS.lock().await;
     guests(); // the examples workspace is built once already; `up` reuses it
     let dir = tempfile::tempdir().unwrap();
     write(
@@ -340,6 +341,7 @@ async fn up_builds_rust_guests_and_serves_them() {
 
 #[test]
 fn build_commands_run_in_their_workdir_skip_when_up_to_date_and_name_failures() {
+    let _builds = BUILDS.blocking_lock();
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("src")).unwrap();
     write(&dir.path().join("src"), "app.txt", "v1");
@@ -422,6 +424,7 @@ fn build_commands_run_in_their_workdir_skip_when_up_to_date_and_name_failures() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bundled_examples_serve_bindings_and_actors() {
+    let _builds = BUILDS.lock().await;
     guests(); // built once already; `up` reuses the build
     language_guests(); // likewise: `up` skips builds whose output is newer than their sources
     let mut proc = spawn(&["up", repo().join("examples").to_str().unwrap()]);

@@ -29,6 +29,14 @@ pub fn repo() -> PathBuf {
         .unwrap()
 }
 
+/// Held by the tests that build guests (cargo, npm, componentize) and by
+/// those whose guests are CPU-heavy (JavaScript, Python): a guest that
+/// outlasts its first slice runs on the fair scheduler's `SCHED_IDLE`
+/// threads, which a compiler running beside it starves; in CI a Python
+/// request next to `ignis up` building the examples hit its 30 s wall
+/// deadline that way. Taking turns keeps those tests about what they test.
+pub static BUILDS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Builds every example guest once per test run; returns the directory
 /// holding the `.wasm` files.
 pub fn guests() -> &'static Path {
@@ -84,6 +92,21 @@ pub fn language_wasm(name: &str) -> String {
 /// Path of a built example guest, as a TOML string literal's content.
 pub fn wasm(name: &str) -> String {
     guests().join(format!("{name}.wasm")).display().to_string()
+}
+
+/// `DIR/ignis.toml` serving the `hello` example at `/hello` with the
+/// shared compile cache; `function` goes into its `[functions.hello]`
+/// table, `tables` after everything (more tables: `[telemetry]`, ...).
+pub fn hello_manifest(dir: &Path, function: &str, tables: &str) -> PathBuf {
+    write(
+        dir,
+        "ignis.toml",
+        &format!(
+            "[server]\ncache_dir = \"{}\"\n[functions.hello]\ncomponent = \"{}\"\n{function}\n[[routes]]\npath = \"/hello\"\nfunction = \"hello\"\n{tables}",
+            shared_cache(),
+            wasm("hello")
+        ),
+    )
 }
 
 /// One shared compile cache for the whole test run (each test still gets a

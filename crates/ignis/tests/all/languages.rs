@@ -39,6 +39,7 @@ function = "kv-{lang}"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn javascript_and_python_guests_serve_hello_key_value_and_config() {
+    let _builds = BUILDS.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&manifest(dir.path(), "")).await;
     let c = client();
@@ -78,6 +79,7 @@ async fn javascript_and_python_guests_serve_hello_key_value_and_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reused_javascript_and_python_instances_keep_answering_correctly() {
+    let _builds = BUILDS.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&manifest(dir.path(), "reuse = true")).await;
     let c = client();

@@ -278,15 +278,7 @@ async fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
     // close. The accept loop must keep going (before, it did too, but
     // logged every 10 ms retry), and say so once per outage.
     let dir = tempfile::tempdir().unwrap();
-    let manifest = write(
-        dir.path(),
-        "ignis.toml",
-        &format!(
-            "[server]\ncache_dir = \"{}\"\n[functions.hello]\ncomponent = \"{}\"\n[[routes]]\npath = \"/hello\"\nfunction = \"hello\"\n",
-            shared_cache(),
-            wasm("hello")
-        ),
-    );
+    let manifest = hello_manifest(dir.path(), "", "");
     let proc = spawn_with_fd_limit(&["serve", manifest.to_str().unwrap()], 256);
     let mut held = Vec::new();
     for _ in 0..300 {

@@ -65,6 +65,7 @@ fn rust_env() -> [(&'static str, String); 1] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rust_template_builds_and_serves() {
+    let _builds = BUILDS.lock().await;
     let parent = tempfile::tempdir().unwrap();
     let dir = new_project(parent.path(), "rust", "hello-rust");
     let [(k, v)] = rust_env();
@@ -78,6 +79,7 @@ async fn the_rust_template_builds_and_serves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_actor_template_builds_and_keeps_one_count_per_id() {
+    let _builds = BUILDS.lock().await;
     let parent = tempfile::tempdir().unwrap();
     let dir = new_project(parent.path(), "actor", "tally");
     let [(k, v)] = rust_env();
@@ -131,11 +133,13 @@ async fn serves_greeting_and_counts_visits(kind: &str, name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_javascript_template_builds_and_serves_with_key_value_and_config() {
+    let _builds = BUILDS.lock().await;
     serves_greeting_and_counts_visits("js", "hello-js").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_template_builds_and_serves_with_key_value_and_config() {
+    let _builds = BUILDS.lock().await;
     serves_greeting_and_counts_visits("python", "hello-py").await;
 }
 
