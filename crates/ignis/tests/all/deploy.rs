@@ -32,6 +32,21 @@ async fn change(
     send(&client(), req.body(Full::new(body)).unwrap()).await
 }
 
+/// PUTs `body` as hello's next version: it must be refused (422) with a
+/// reason that contains `why`.
+async fn refused(admin: SocketAddr, body: serde_json::Value, why: &str) {
+    let r = change(
+        admin,
+        "PUT",
+        "/v1/functions/hello",
+        Some(body),
+        Some(&bearer()),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains(why), "want {why:?} in: {}", r.text());
+}
+
 /// A deploy body: `component` (a file) with the table `config`.
 fn deploy_body(component: &str, config: &str) -> serde_json::Value {
     let bytes = std::fs::read(component).unwrap();
@@ -273,72 +288,21 @@ async fn bad_changes_are_refused_and_the_old_version_keeps_serving() {
         "config": "tenant = \"acme\"\n",
         "component": base64::engine::general_purpose::STANDARD.encode(b"\0asm not really"),
     });
-    let r = change(
-        admin,
-        "PUT",
-        "/v1/functions/hello",
-        Some(garbage),
-        Some(&auth),
-    )
-    .await;
-    assert_eq!(r.status, 422, "{}", r.text());
+    refused(admin, garbage, "function `hello`").await;
     // An actor class's component imports ignis:actor/storage, which a
-    // function may not.
+    // function may not: the import is named.
     let actor = deploy_body(&wasm("counter"), "tenant = \"acme\"\n");
-    let r = change(
-        admin,
-        "PUT",
-        "/v1/functions/hello",
-        Some(actor),
-        Some(&auth),
-    )
-    .await;
-    assert_eq!(r.status, 422, "{}", r.text());
-    assert!(
-        r.text().contains("ignis:actor"),
-        "the import is named: {}",
-        r.text()
-    );
+    refused(admin, actor, "ignis:actor").await;
+    // A bad value: the key is named.
     let bad_table = deploy_body(&wasm("hello"), "memory = \"lots\"\n");
-    let r = change(
-        admin,
-        "PUT",
-        "/v1/functions/hello",
-        Some(bad_table),
-        Some(&auth),
-    )
-    .await;
-    assert_eq!(r.status, 422, "{}", r.text());
-    assert!(
-        r.text().contains("functions.hello.memory"),
-        "the key is named: {}",
-        r.text()
-    );
-    let not_toml = deploy_body(&wasm("hello"), "memory = [");
-    let r = change(
-        admin,
-        "PUT",
-        "/v1/functions/hello",
-        Some(not_toml),
-        Some(&auth),
-    )
-    .await;
-    assert_eq!(r.status, 422, "{}", r.text());
+    refused(admin, bad_table, "functions.hello.memory").await;
+    refused(admin, deploy_body(&wasm("hello"), "memory = ["), "config").await;
     // Past the slots the pool was sized for at start.
     let greedy = deploy_body(
         &wasm("hello"),
         "tenant = \"acme\"\nmax_concurrency = 10000\n",
     );
-    let r = change(
-        admin,
-        "PUT",
-        "/v1/functions/hello",
-        Some(greedy),
-        Some(&auth),
-    )
-    .await;
-    assert_eq!(r.status, 422, "{}", r.text());
-    assert!(r.text().contains("function_slots"), "{}", r.text());
+    refused(admin, greedy, "function_slots").await;
     // Past the body cap: 413 without reading it all.
     let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
     let head = format!(
