@@ -31,14 +31,19 @@
 //! ```
 
 pub mod histogram;
+pub mod postgres;
 mod sqlite;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
-pub use sqlite::{SqliteStore, StoreStats};
+pub use postgres::{PgOptions, PgStore};
+pub use sqlite::SqliteStore;
 
 /// Errors of the storage layer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +64,12 @@ pub enum StoreError {
     /// operation was applied.
     #[error("storage engine error: {0}")]
     Engine(String),
+    /// The database cannot be reached (a networked engine: refused, timed
+    /// out, connection lost). Nothing was applied, unless the message says
+    /// the connection was lost during the commit (then the outcome is
+    /// unknown). The pool reconnects by itself.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     /// The store is shutting down.
     #[error("the store is closed")]
     Closed,
@@ -367,6 +378,20 @@ pub trait ActorStorage: Send + Sync + 'static {
     fn all_alarms(&self) -> StoreFuture<'_, Vec<(ActorKey, u64)>>;
 }
 
+/// Counters of the engine, to see group commit at work.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Write jobs answered (successful or not).
+    pub writes: AtomicU64,
+    /// Transactions committed (each one fsync of the WAL).
+    pub commits: AtomicU64,
+    /// Commits that failed (their jobs all got the error).
+    pub failed_commits: AtomicU64,
+    /// Time from a group's first job taken to its commit known (the jobs'
+    /// work, the COMMIT and its fsync), per group.
+    pub commit_duration: crate::histogram::Histogram,
+}
+
 /// Applies `delta` to a stored counter (decimal ASCII; absent is 0).
 pub(crate) fn add_to_counter(
     key: &str,
@@ -387,6 +412,37 @@ pub(crate) fn add_to_counter(
         .ok_or_else(|| StoreError::Overflow {
             key: key.to_string(),
         })
+}
+
+/// Bytes a read may still return before it fails with
+/// [`StoreError::TooLarge`].
+pub(crate) struct Budget {
+    left: usize,
+    max: usize,
+    call: &'static str,
+}
+
+impl Budget {
+    pub(crate) fn new(max: usize, call: &'static str) -> Self {
+        Budget {
+            left: max,
+            max,
+            call,
+        }
+    }
+
+    pub(crate) fn spend(&mut self, bytes: usize) -> Result<(), StoreError> {
+        match self.left.checked_sub(bytes) {
+            Some(left) => {
+                self.left = left;
+                Ok(())
+            }
+            None => Err(StoreError::TooLarge(format!(
+                "{} would return more than {} bytes",
+                self.call, self.max
+            ))),
+        }
+    }
 }
 
 #[cfg(test)]

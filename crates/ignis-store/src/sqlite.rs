@@ -14,7 +14,7 @@
 //! another thread would. WAL readers never block the writer nor each other.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -23,8 +23,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use crate::{
-    ActorBatch, ActorKey, ActorStorage, AlarmChange, KeyPage, KvBackend, ListFrom, ListOptions,
-    Namespace, StoreError, StoreFuture, Versioned, add_to_counter,
+    ActorBatch, ActorKey, ActorStorage, AlarmChange, Budget, KeyPage, KvBackend, ListFrom,
+    ListOptions, Namespace, StoreError, StoreFuture, StoreStats, Versioned, add_to_counter,
 };
 
 /// Jobs committed together at most (bounds one transaction's size and the
@@ -56,20 +56,6 @@ CREATE TABLE IF NOT EXISTS actor_alarms (
     PRIMARY KEY (class, id)
 ) WITHOUT ROWID;
 ";
-
-/// Counters of the engine, to see group commit at work.
-#[derive(Debug, Default)]
-pub struct StoreStats {
-    /// Write jobs answered (successful or not).
-    pub writes: AtomicU64,
-    /// Transactions committed (each one fsync of the WAL).
-    pub commits: AtomicU64,
-    /// Commits that failed (their jobs all got the error).
-    pub failed_commits: AtomicU64,
-    /// Time from a group's first job taken to its commit known (the jobs'
-    /// work, the COMMIT and its fsync), per group.
-    pub commit_duration: crate::histogram::Histogram,
-}
 
 /// State a write job sees besides the connection.
 pub(crate) struct WriteCtx {
@@ -717,36 +703,5 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(fail(path, e)),
-    }
-}
-
-/// Bytes a read may still return before it fails with
-/// [`StoreError::TooLarge`].
-struct Budget {
-    left: usize,
-    max: usize,
-    call: &'static str,
-}
-
-impl Budget {
-    fn new(max: usize, call: &'static str) -> Self {
-        Budget {
-            left: max,
-            max,
-            call,
-        }
-    }
-
-    fn spend(&mut self, bytes: usize) -> Result<(), StoreError> {
-        match self.left.checked_sub(bytes) {
-            Some(left) => {
-                self.left = left;
-                Ok(())
-            }
-            None => Err(StoreError::TooLarge(format!(
-                "{} would return more than {} bytes",
-                self.call, self.max
-            ))),
-        }
     }
 }
