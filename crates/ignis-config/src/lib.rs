@@ -287,11 +287,64 @@ pub enum UnknownSni {
     Reject,
 }
 
-/// The embedded store and the key-value limits (`[storage]`).
+/// A PostgreSQL connection string (`postgres://USER:PASSWORD@HOST:PORT/DB`
+/// or `host=... user=... dbname=...`). Its `Debug` never shows it: it may
+/// hold a password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// Longest connection string accepted.
+    pub const MAX_LEN: usize = 4096;
+
+    /// Checks the form of `url` (the driver parses it fully when connecting).
+    pub fn new(url: &str) -> Result<DatabaseUrl, String> {
+        let url = url.trim();
+        if url.is_empty() {
+            return Err("is empty".into());
+        }
+        if url.len() > Self::MAX_LEN {
+            return Err(format!("is longer than {} bytes", Self::MAX_LEN));
+        }
+        if url.chars().any(char::is_control) {
+            return Err("contains control characters".into());
+        }
+        let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        if !is_url && !url.contains('=') {
+            return Err(
+                "must be a postgres:// URL or a key=value connection string (host=... dbname=...)"
+                    .into(),
+            );
+        }
+        Ok(DatabaseUrl(url.to_string()))
+    }
+
+    /// The connection string, password included: for the driver only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DatabaseUrl(..)")
+    }
+}
+
+/// Longest key (key-value, or actor storage) with a PostgreSQL database:
+/// its index entries hold at most 2,704 bytes, and the tenant, store,
+/// class and id share them.
+pub const DATABASE_MAX_KEY_BYTES: usize = 2048;
+
+/// The store and the key-value limits (`[storage]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageConfig {
-    /// The SQLite database file (default `.ignis/ignis.db` beside the manifest).
+    /// The SQLite database file (default `.ignis/ignis.db` beside the
+    /// manifest), unless `database` is set.
     pub path: PathBuf,
+    /// A PostgreSQL database instead of the SQLite file (`database`, or the
+    /// `IGNIS_DATABASE_URL` environment variable applied by the CLI).
+    pub database: Option<DatabaseUrl>,
     /// Longest key, in bytes (default 1 KiB).
     pub max_key_bytes: usize,
     /// Largest value, in bytes (default 1 MiB).
@@ -1067,6 +1120,7 @@ struct RawActor {
 #[serde(deny_unknown_fields)]
 struct RawStorage {
     path: Option<PathBuf>,
+    database: Option<Spanned<String>>,
     max_key_bytes: Option<ByteSize>,
     max_value_bytes: Option<ByteSize>,
     max_batch_keys: Option<Spanned<u32>>,
@@ -1473,7 +1527,23 @@ impl Validator<'_> {
             }
             tenants.insert(name, tenant);
         }
+        let database_at = raw.storage.database.as_ref().map(|d| d.span().start);
         let storage = self.storage(raw.storage)?;
+        if let Some(at) = database_at
+            && let Some(a) = actors
+                .values()
+                .find(|a| a.max_key_bytes > DATABASE_MAX_KEY_BYTES)
+        {
+            return Err(self.err(
+                at,
+                "storage.database",
+                format!(
+                    "actors.{}.max_key_bytes is {} bytes; with a PostgreSQL database keys can be \
+                     at most 2KiB",
+                    a.name, a.max_key_bytes
+                ),
+            ));
+        }
         let tls = raw.tls.map(|t| self.tls(t, server.listen)).transpose()?;
         let admin = self.admin(raw.admin, &server, tls.as_ref())?;
         let cron = self.cron(raw.triggers.cron, &functions, &actors)?;
@@ -2133,11 +2203,19 @@ impl Validator<'_> {
                 || self.resolve(Path::new(".ignis/ignis.db")),
                 |p| self.resolve(&p),
             ),
+            database: None,
             max_key_bytes: 1024,
             max_value_bytes: 1 << 20,
             max_batch_keys: 1000,
             max_batch_bytes: 16 << 20,
         };
+        let database_at = raw.database.as_ref().map(|d| d.span().start);
+        if let Some(url) = raw.database {
+            storage.database = Some(
+                DatabaseUrl::new(url.get_ref())
+                    .map_err(|why| self.err(url.span().start, "storage.database", why))?,
+            );
+        }
         if let Some(b) = raw.max_key_bytes {
             if !(1..=64 * 1024).contains(&b.bytes) {
                 return Err(self.err(
@@ -2147,6 +2225,13 @@ impl Validator<'_> {
                 ));
             }
             storage.max_key_bytes = b.bytes as usize;
+            if database_at.is_some() && storage.max_key_bytes > DATABASE_MAX_KEY_BYTES {
+                return Err(self.err(
+                    b.span.start,
+                    "storage.max_key_bytes",
+                    "can be at most 2KiB with a PostgreSQL database (`storage.database`)",
+                ));
+            }
         }
         if let Some(b) = raw.max_value_bytes {
             if !(1..=64 << 20).contains(&b.bytes) {

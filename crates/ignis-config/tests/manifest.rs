@@ -1505,3 +1505,63 @@ fn telemetry_is_off_by_default_and_checked_when_on() {
         ),
     ]);
 }
+
+#[test]
+fn a_database_is_checked_and_never_shown() {
+    assert_eq!(parse("").unwrap().storage.database, None);
+    let m = parse("[storage]\ndatabase = \"postgres://ignis:hunter2@db:5432/ignis\"\n").unwrap();
+    let url = m.storage.database.unwrap();
+    assert_eq!(url.expose(), "postgres://ignis:hunter2@db:5432/ignis");
+    assert!(
+        !format!("{url:?}").contains("hunter2"),
+        "Debug shows the password"
+    );
+    parse("[storage]\ndatabase = \"host=/run/postgresql dbname=ignis\"\n").unwrap();
+    let actor = "[actors.room]\ncomponent = \"room.wasm\"\nmax_key_bytes = \"4KiB\"\n";
+    assert_all_invalid(&[
+        (
+            "[storage]\ndatabase = \"\"\n".to_string(),
+            2,
+            "storage.database",
+            "is empty",
+        ),
+        (
+            "[storage]\ndatabase = \"mysql://db/ignis\"\n".to_string(),
+            2,
+            "storage.database",
+            "postgres:// URL",
+        ),
+        (
+            "[storage]\ndatabase = \"postgres://db/\\u0000\"\n".to_string(),
+            2,
+            "storage.database",
+            "control characters",
+        ),
+        (
+            format!(
+                "[storage]\ndatabase = \"postgres://db/{}\"\n",
+                "a".repeat(5000)
+            ),
+            2,
+            "storage.database",
+            "4096",
+        ),
+        // PostgreSQL's index entries hold 2,704 bytes: keys past 2 KiB
+        // would be refused by the database at run time; refused here.
+        (
+            "[storage]\ndatabase = \"postgres://db/x\"\nmax_key_bytes = \"4KiB\"\n".to_string(),
+            3,
+            "storage.max_key_bytes",
+            "at most 2KiB",
+        ),
+        (
+            format!("{actor}[storage]\ndatabase = \"postgres://db/x\"\n"),
+            5,
+            "storage.database",
+            "actors.room.max_key_bytes",
+        ),
+    ]);
+    // Without a database the same sizes are fine.
+    parse("[storage]\nmax_key_bytes = \"4KiB\"\n").unwrap();
+    parse(actor).unwrap();
+}

@@ -43,6 +43,17 @@
 //!   database whose schema is newer than this build knows is refused, naming
 //!   both versions.
 //!
+//! - **The node lock** ([`PgOptions::node_lock`], taken by a node with
+//!   actor classes): a session-level advisory lock held by the writer's own
+//!   connection, so a second node serving actors from the same database is
+//!   refused at start, naming the session that holds it. Every write goes
+//!   through that session: should it be lost (the database restarted, the
+//!   network cut), the lock is gone with it and another node may take over
+//!   the actors, so this store commits nothing more until it is opened
+//!   again. Whatever it committed before precedes whatever the next holder
+//!   reads (the next holder can only lock once the session has ended).
+//!   Key-value writes are safe from any number of nodes without it.
+//!
 //! Errors: a statement the database refused is [`StoreError::Engine`]
 //! (nothing of the job applied); a database that cannot be reached, or a
 //! connection lost before `COMMIT` was sent, is [`StoreError::Unavailable`]
@@ -78,6 +89,8 @@ const MAX_GROUP_STATEMENTS: usize = 4096;
 const MAX_QUEUED: usize = 16_384;
 /// Advisory lock key the migrations run under ("IGNIS" in ASCII).
 const MIGRATION_LOCK: i64 = 0x49_47_4e_49_53;
+/// Advisory lock key of the node lock ("IGNISN").
+const NODE_LOCK: i64 = 0x49_47_4e_49_53_4e;
 
 /// One schema migration: its number, what it does, and its SQL.
 struct Migration {
@@ -127,6 +140,16 @@ pub struct PgOptions {
     pub max_connections: usize,
     /// Time allowed to connect, and to wait for a free connection.
     pub connect_timeout: Duration,
+    /// Hold the database's node lock: only one store with it may be open on
+    /// a database at a time (a node serving actors: one activation per id
+    /// needs one node). Every write then goes through the session that
+    /// holds the lock; if that session is lost, writes fail until the store
+    /// is opened again, since another node may have taken the lock and the
+    /// actors meanwhile (see the module docs).
+    pub node_lock: bool,
+    /// How long opening waits for the node lock (a node killed a moment
+    /// ago holds it until the database notices its session ended).
+    pub lock_wait: Duration,
 }
 
 impl Default for PgOptions {
@@ -134,6 +157,8 @@ impl Default for PgOptions {
         PgOptions {
             max_connections: 16,
             connect_timeout: Duration::from_secs(5),
+            node_lock: false,
+            lock_wait: Duration::from_secs(10),
         }
     }
 }
@@ -306,10 +331,16 @@ impl PgStore {
             StoreError::Unavailable(format!("cannot connect to {target}: {}", e.message()))
         })?;
         migrate(&mut client, &target).await?;
-        drop(client);
+        let connection = if options.node_lock {
+            take_node_lock(&mut client, &target, options.lock_wait).await?;
+            WriterConnection::Locked(Some(Box::new(client)))
+        } else {
+            drop(client);
+            WriterConnection::Pooled(pool.clone())
+        };
         let stats = Arc::new(StoreStats::default());
         let (tx, rx) = mpsc::channel(MAX_QUEUED);
-        tokio::spawn(writer_loop(pool.clone(), rx, stats.clone()));
+        tokio::spawn(writer_loop(connection, rx, stats.clone()));
         tracing::info!(database = %target, schema = SCHEMA_VERSION, "store open (PostgreSQL)");
         Ok(PgStore {
             shared: Arc::new(Shared {
@@ -439,7 +470,75 @@ async fn migrate(client: &mut Object, target: &str) -> Result<(), StoreError> {
     tx.commit().await.map_err(context)
 }
 
-async fn writer_loop(pool: Pool, mut rx: mpsc::Receiver<Job>, stats: Arc<StoreStats>) {
+/// Takes the node lock on `client`'s session, waiting up to `wait` for a
+/// holder to go, or says who holds it.
+async fn take_node_lock(
+    client: &mut Object,
+    target: &str,
+    wait: Duration,
+) -> Result<(), StoreError> {
+    // A session lock taken inside a transaction outlives it; `SET LOCAL`
+    // bounds the wait to this transaction.
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = {}",
+        wait.as_millis().max(1)
+    ))
+    .await?;
+    let taken = match tx
+        .execute("SELECT pg_advisory_lock($1)", &[&NODE_LOCK])
+        .await
+    {
+        Ok(_) => true,
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => false,
+        Err(e) => return Err(e.into()),
+    };
+    if taken {
+        tx.commit().await?;
+        return Ok(());
+    }
+    drop(tx);
+    let holder = client
+        .query_opt(
+            "SELECT a.pid, COALESCE(host(a.client_addr), 'local'), a.application_name
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted
+               AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
+            &[&NODE_LOCK],
+        )
+        .await?
+        .map(|r| {
+            format!(
+                " (session {} from {}, application `{}`)",
+                r.get::<_, i32>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2)
+            )
+        })
+        .unwrap_or_default();
+    Err(StoreError::Engine(format!(
+        "another Ignis node serves actors from {target}{holder}: one node per database serves \
+         actors (it holds the node lock until it stops)"
+    )))
+}
+
+/// Where the writer's transactions run.
+enum WriterConnection {
+    /// Any pooled connection (no node lock).
+    Pooled(Pool),
+    /// Only the session holding the node lock; `None` once it was lost.
+    Locked(Option<Box<Object>>),
+}
+
+/// The message of every write after the node lock's session was lost.
+const LOCK_LOST: &str = "this node lost its database session and with it the node lock; \
+     another node may serve its actors now, so it writes nothing more until it is restarted";
+
+async fn writer_loop(
+    mut connection: WriterConnection,
+    mut rx: mpsc::Receiver<Job>,
+    stats: Arc<StoreStats>,
+) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut group: Vec<Job> = Vec::with_capacity(64);
     let mut carried: Option<Job> = None;
@@ -467,7 +566,7 @@ async fn writer_loop(pool: Pool, mut rx: mpsc::Receiver<Job>, stats: Arc<StoreSt
             }
         }
         let started = Instant::now();
-        let outcome = run_group(&pool, &mut group).await;
+        let outcome = run_group(&mut connection, &mut group).await;
         stats.commit_duration.record(started.elapsed());
         match &outcome {
             Ok(commits) => {
@@ -493,9 +592,27 @@ async fn writer_loop(pool: Pool, mut rx: mpsc::Receiver<Job>, stats: Arc<StoreSt
 /// Runs a group in one transaction; if the database fails it, rolls it
 /// back and runs each job in a transaction of its own. Returns the number
 /// of commits made.
-async fn run_group(pool: &Pool, group: &mut [Job]) -> Result<u64, StoreError> {
-    let mut client = pool.get().await.map_err(pool_error)?;
-    let failed = match try_group(&mut client, group).await {
+async fn run_group(
+    connection: &mut WriterConnection,
+    group: &mut [Job],
+) -> Result<u64, StoreError> {
+    let mut pooled;
+    let client = match connection {
+        WriterConnection::Pooled(pool) => {
+            pooled = pool.get().await.map_err(pool_error)?;
+            &mut pooled
+        }
+        WriterConnection::Locked(slot) => match slot {
+            Some(client) if !client.is_closed() => client,
+            _ => {
+                if slot.take().is_some() {
+                    tracing::error!("{LOCK_LOST}");
+                }
+                return Err(StoreError::Unavailable(LOCK_LOST.into()));
+            }
+        },
+    };
+    let failed = match try_group(client, group).await {
         Ok(()) => return Ok(1),
         Err(e) => e,
     };
@@ -510,14 +627,14 @@ async fn run_group(pool: &Pool, group: &mut [Job]) -> Result<u64, StoreError> {
                 // Each actor's batch on its own, as the contract promises.
                 let mut results = Vec::with_capacity(batches.len());
                 for batch in batches {
-                    let one = alone(&mut client, Single::Actor(batch)).await;
+                    let one = alone(client, Single::Actor(batch)).await;
                     commits += u64::from(one.is_ok());
                     results.push(one.map(drop));
                 }
                 Ok(Out::Many(results))
             }
             op => {
-                let one = alone(&mut client, Single::Op(op)).await;
+                let one = alone(client, Single::Op(op)).await;
                 commits += u64::from(one.is_ok());
                 one.and_then(|rows| interpret(op, &rows))
             }

@@ -717,3 +717,59 @@ async fn postgres_recovers_by_itself_after_its_connections_are_killed() {
     }
     assert_eq!(s.get(&ns, "after").await.unwrap().unwrap().value, b"2");
 }
+
+/// One node per database serves actors: a second store asking for the node
+/// lock is refused, naming the session that holds it. When the holder's
+/// session is lost, it writes nothing more (another node may have taken
+/// over), and the lock is free for the next node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_the_node_lock_admits_one_node_and_fences_a_lost_one() {
+    let Some((server, url)) = postgres_database() else {
+        return;
+    };
+    let locked = PgOptions {
+        node_lock: true,
+        lock_wait: std::time::Duration::from_millis(300),
+        ..PgOptions::default()
+    };
+    let first = PgStore::open(&url, &locked).await.unwrap();
+    let actor = ActorKey::new("room", "a");
+    let put = |v: &[u8]| ActorBatch {
+        writes: vec![("k".into(), Some(v.to_vec()))],
+        alarm: None,
+    };
+    first.actor_commit(&actor, put(b"1")).await.unwrap();
+    let refused = PgStore::open(&url, &locked).await.unwrap_err().to_string();
+    assert!(
+        refused.contains("another Ignis node serves actors") && refused.contains("session"),
+        "{refused}"
+    );
+    // Without the lock (key-value only) a second node is welcome.
+    PgStore::open(&url, &PgOptions::default()).await.unwrap();
+    // The holder's session is killed: the lock goes with it.
+    let killed = server.sql(
+        database_name(&url),
+        "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.database = \
+         (SELECT oid FROM pg_database WHERE datname = current_database())",
+    );
+    assert_eq!(killed, "1");
+    let second = PgStore::open(&url, &locked).await.unwrap();
+    // The first write may be the one that finds the session gone (an I/O
+    // error); from then on every write says why it is refused.
+    let e = first.actor_commit(&actor, put(b"stale")).await.unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    let e = first
+        .set(&Namespace::new("t", "s"), "k", b"v".to_vec())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Unavailable(m) if m.contains("lost its database session")),
+        "{e:?}"
+    );
+    second.actor_commit(&actor, put(b"2")).await.unwrap();
+    assert_eq!(
+        second.actor_get(&actor, "k").await.unwrap(),
+        Some(b"2".to_vec())
+    );
+}

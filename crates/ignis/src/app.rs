@@ -16,7 +16,7 @@ use ignis_runtime::bindings::keyvalue::KvLimits;
 use ignis_runtime::outbound::{Backend, TenantBudgets};
 use ignis_runtime::sched::FairScheduler;
 use ignis_runtime::{Function, Platform, Runtime, RuntimeSettings};
-use ignis_store::{ActorStorage, KvBackend, SqliteStore};
+use ignis_store::{ActorStorage, KvBackend, PgOptions, PgStore, SqliteStore, StoreStats};
 
 use crate::deploy::{Deployments, Initial};
 use crate::guest_build;
@@ -43,9 +43,9 @@ pub struct App {
     pub scheduler: Arc<FairScheduler>,
     /// The routing edge.
     pub edge: Arc<Edge>,
-    /// The embedded store, open when a function declares a key-value store
-    /// or the manifest has actor classes.
-    pub store: Option<SqliteStore>,
+    /// The store, open when a function declares a key-value store or the
+    /// manifest has actor classes.
+    pub store: Option<Store>,
     /// The durable actor directory, when the manifest has actor classes.
     pub directory: Option<Arc<ActorDirectory>>,
     /// What the admin listener reports on.
@@ -57,6 +57,64 @@ pub struct App {
     pub deployments: Arc<Deployments>,
     /// The trace exporter (`[telemetry]`), if on.
     pub telemetry: Option<Arc<OtlpExporter>>,
+}
+
+/// The node's storage engine (`[storage]`): the embedded SQLite file, or
+/// a PostgreSQL database (`storage.database`).
+#[derive(Clone)]
+pub enum Store {
+    /// The embedded engine.
+    Sqlite(SqliteStore),
+    /// The networked engine.
+    Postgres(PgStore),
+}
+
+impl Store {
+    /// Opens the manifest's store. With a database and actor classes, the
+    /// node takes the database's node lock (one node serves actors from a
+    /// database). Must be called inside the tokio runtime.
+    pub fn open(manifest: &Manifest) -> anyhow::Result<Store> {
+        let storage = &manifest.storage;
+        let Some(url) = &storage.database else {
+            let store = SqliteStore::open(&storage.path).with_context(|| {
+                format!("opening the key-value store {}", storage.path.display())
+            })?;
+            return Ok(Store::Sqlite(store));
+        };
+        let options = PgOptions {
+            node_lock: !manifest.actors.is_empty(),
+            ..PgOptions::default()
+        };
+        let handle = tokio::runtime::Handle::current();
+        let store =
+            tokio::task::block_in_place(|| handle.block_on(PgStore::open(url.expose(), &options)))
+                .context("opening the PostgreSQL store (storage.database)")?;
+        Ok(Store::Postgres(store))
+    }
+
+    /// The key-value contract.
+    pub fn kv(&self) -> Arc<dyn KvBackend> {
+        match self {
+            Store::Sqlite(s) => Arc::new(s.clone()),
+            Store::Postgres(s) => Arc::new(s.clone()),
+        }
+    }
+
+    /// The actor storage contract.
+    pub fn actors(&self) -> Arc<dyn ActorStorage> {
+        match self {
+            Store::Sqlite(s) => Arc::new(s.clone()),
+            Store::Postgres(s) => Arc::new(s.clone()),
+        }
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> &Arc<StoreStats> {
+        match self {
+            Store::Sqlite(s) => s.stats(),
+            Store::Postgres(s) => s.stats(),
+        }
+    }
 }
 
 /// Component paths of the manifest's functions and actor classes.
@@ -129,12 +187,7 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
             .values()
             .any(|f| !f.key_value_stores.is_empty())
     {
-        Some(SqliteStore::open(&manifest.storage.path).with_context(|| {
-            format!(
-                "opening the key-value store {}",
-                manifest.storage.path.display()
-            )
-        })?)
+        Some(Store::open(manifest)?)
     } else {
         None
     };
@@ -147,7 +200,7 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
                 (name.clone(), client)
             })
             .collect(),
-        kv: store.clone().map(|s| Arc::new(s) as Arc<dyn KvBackend>),
+        kv: store.as_ref().map(Store::kv),
         kv_limits: KvLimits {
             max_key_bytes: manifest.storage.max_key_bytes,
             max_value_bytes: manifest.storage.max_value_bytes,
@@ -160,7 +213,7 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
             .map(|(name, b)| (name.clone(), Arc::new(Backend::new(b))))
             .collect(),
         actor_storage: match (&store, manifest.actors.is_empty()) {
-            (Some(s), false) => Some(Arc::new(s.clone()) as Arc<dyn ActorStorage>),
+            (Some(s), false) => Some(s.actors()),
             _ => None,
         },
         actor_caller: Default::default(),
@@ -185,11 +238,8 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
             for (name, config) in &manifest.actors {
                 classes.push(runtime.load_actor_class(config, &paths.actors[name])?);
             }
-            let directory = ActorDirectory::start(
-                classes,
-                Arc::new(store.clone()),
-                runtime.settings().activation_slots,
-            );
+            let directory =
+                ActorDirectory::start(classes, store.actors(), runtime.settings().activation_slots);
             let _ = caller_slot.set(directory.clone());
             Some(directory)
         }

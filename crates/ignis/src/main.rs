@@ -216,6 +216,15 @@ fn load_manifest(path: &Path, args: Option<&ListenArgs>) -> anyhow::Result<Manif
                 .map_err(|why| anyhow::anyhow!("IGNIS_ADMIN_TOKEN: {why}"))?,
         );
     }
+    if let Some(url) = std::env::var_os("IGNIS_DATABASE_URL") {
+        let url = url
+            .to_str()
+            .ok_or_else(|| anyhow::anyhow!("IGNIS_DATABASE_URL is not UTF-8"))?;
+        manifest.storage.database = Some(
+            ignis_config::DatabaseUrl::new(url)
+                .map_err(|why| anyhow::anyhow!("IGNIS_DATABASE_URL {why}"))?,
+        );
+    }
     match (&mut manifest.tls, args.tls_listen) {
         (Some(tls), Some(addr)) => tls.listen = addr,
         (None, Some(_)) => anyhow::bail!(

@@ -485,3 +485,38 @@ async fn a_batch_call_cannot_make_the_host_hold_more_than_max_batch_bytes() {
         );
     }
 }
+
+/// Two nodes on one PostgreSQL database (`storage.database`, key-value
+/// only, so no node lock): increments sent to both at once count exactly,
+/// and what one node writes the other reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_two_nodes_share_key_value_state_exactly() {
+    let Some(pg) = ignis_store::testing::shared() else {
+        return;
+    };
+    let storage = format!("database = \"{}\"", pg.database());
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let functions = single("kv", "kv", "acme", "\"default\"");
+    let a = TestServer::start(&kv_manifest(dir_a.path(), &storage, &functions)).await;
+    let b = TestServer::start(&kv_manifest(dir_b.path(), &storage, &functions)).await;
+    let c = client();
+    let (url_a, url_b) = (a.url("/kv/incr?key=hits"), b.url("/kv/incr?key=hits"));
+    let (on_a, on_b) = tokio::join!(
+        increment_concurrently(&c, &url_a, 50, 10),
+        increment_concurrently(&c, &url_b, 50, 10)
+    );
+    assert!(
+        on_a.is_disjoint(&on_b),
+        "two nodes acknowledged the same count"
+    );
+    let all: BTreeSet<u64> = on_a.union(&on_b).copied().collect();
+    assert_eq!(all, (1..=1000).collect::<BTreeSet<u64>>());
+    for server in [&a, &b] {
+        let r = get(&c, &server.url("/kv/get?key=hits")).await;
+        assert_eq!((r.status, r.text().as_str()), (200, "1000"));
+    }
+    assert!(
+        !dir_a.path().join("kv.db").exists(),
+        "with a database the SQLite file is not used"
+    );
+}

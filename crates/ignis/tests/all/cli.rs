@@ -472,3 +472,41 @@ async fn the_bundled_examples_serve_bindings_and_actors() {
         .unwrap();
     assert!(status.success());
 }
+
+/// A database that cannot be reached at start: the node exits with an
+/// error naming the database, without its password.
+#[test]
+fn an_unreachable_database_stops_the_start_naming_it_without_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    // Port 1 on loopback: nothing listens there.
+    let manifest = hello_manifest(
+        dir.path(),
+        "key_value_stores = [\"default\"]",
+        "[storage]\ndatabase = \"postgres://ignis:pw-s3cret@127.0.0.1:1/orders\"\n",
+    );
+    let out = ignis()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("storage.database") && err.contains("postgres://ignis@127.0.0.1:1/orders"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "the password leaked: {err}");
+    // The environment variable is checked like the file.
+    let out = ignis()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg(&manifest)
+        .env("IGNIS_DATABASE_URL", "mysql://db/x")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("IGNIS_DATABASE_URL") && err.contains("postgres://"),
+        "{err}"
+    );
+}

@@ -350,15 +350,41 @@ async fn poll_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_increments_survive_kill_9_and_alarms_fire_after_restart() {
+    kill_9_mid_load_then_restart(None).await;
+}
+
+/// The same on PostgreSQL (`storage.database`): the node keeps nothing of
+/// its actors on its own disk, and what it acknowledged is in the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_acknowledged_increments_survive_kill_9_and_alarms_fire_after_restart() {
+    let Some(server) = ignis_store::testing::shared() else {
+        return;
+    };
+    let url = server.database();
+    kill_9_mid_load_then_restart(Some(&url)).await;
+    let db = url.rsplit("dbname=").next().unwrap();
+    let stored: u64 = server
+        .sql(
+            db,
+            "SELECT convert_from(value, 'UTF8') FROM ignis_actor_kv WHERE id = 'crash'::bytea",
+        )
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .max()
+        .expect("the counter's row is in PostgreSQL");
+    assert!(stored > 0);
+}
+
+async fn kill_9_mid_load_then_restart(database: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
+    let mut actors = actor_manifest(dir.path(), "");
+    if let Some(url) = database {
+        actors = actors.replace("[storage]\n", &format!("[storage]\ndatabase = \"{url}\"\n"));
+    }
     let manifest = write(
         dir.path(),
         "ignis.toml",
-        &format!(
-            "[server]\ncache_dir = \"{}\"\n{}",
-            shared_cache(),
-            actor_manifest(dir.path(), "")
-        ),
+        &format!("[server]\ncache_dir = \"{}\"\n{actors}", shared_cache(),),
     );
     let manifest = manifest.to_str().unwrap();
     let proc = spawn(&["serve", manifest]);
@@ -449,6 +475,11 @@ async fn acknowledged_increments_survive_kill_9_and_alarms_fire_after_restart() 
     .await;
     assert_eq!(text, "fired=1 retry=0 pending=false");
     sigkill(proc);
+    assert_eq!(
+        dir.path().join("actors.db").exists(),
+        database.is_none(),
+        "the SQLite file is the store only without a database"
+    );
 }
 
 /// SQLite with faults a test turns on: commits fail while `fail` is set,
