@@ -98,6 +98,11 @@ pub struct PeerSpec {
     /// For `wasmtime`: extra `serve` flags (`-Skeyvalue`, ...), after `-Scli`.
     #[serde(default)]
     pub flags: Vec<String>,
+    /// Environment variables for the peer's process. A value `$NAME` is the
+    /// bench's own variable `NAME` (it must be set): a connection string,
+    /// say, that the script starting the bench made up.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 /// One stream of requests.

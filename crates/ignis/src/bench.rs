@@ -61,6 +61,16 @@ fn peers(scenario: &Scenario, base: &Path, options: &BenchOptions) -> anyhow::Re
                 spec.name
             ),
         };
+        let mut command = command;
+        for (name, value) in &spec.env {
+            let value = match value.strip_prefix('$') {
+                Some(var) => std::env::var(var).with_context(|| {
+                    format!("peer `{}`: env {name} = ${var}, but {var} is not set", spec.name)
+                })?,
+                None => value.clone(),
+            };
+            command.env(name, value);
+        }
         peers.push(Peer {
             name: spec.name.clone(),
             command,
