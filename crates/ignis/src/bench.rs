@@ -65,7 +65,10 @@ fn peers(scenario: &Scenario, base: &Path, options: &BenchOptions) -> anyhow::Re
         for (name, value) in &spec.env {
             let value = match value.strip_prefix('$') {
                 Some(var) => std::env::var(var).with_context(|| {
-                    format!("peer `{}`: env {name} = ${var}, but {var} is not set", spec.name)
+                    format!(
+                        "peer `{}`: env {name} = ${var}, but {var} is not set",
+                        spec.name
+                    )
                 })?,
                 None => value.clone(),
             };

@@ -510,3 +510,31 @@ fn an_unreachable_database_stops_the_start_naming_it_without_the_password() {
         "{err}"
     );
 }
+
+/// A benchmark peer's `env` value `$NAME` must name a variable that is set:
+/// refused before anything starts, naming the peer and the variable.
+#[test]
+fn a_bench_peer_env_naming_an_unset_variable_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = write(
+        dir.path(),
+        "s.toml",
+        "description = \"d\"\nseconds = 1\nwarmup = 0\n\
+         [[peers]]\nname = \"pg\"\nkind = \"ignis\"\napp = \"app\"\n\
+         env = { IGNIS_DATABASE_URL = \"$IGNIS_TEST_NEVER_SET_VARIABLE\" }\n\
+         [[loads]]\nname = \"l\"\npath = \"/\"\nconnections = 1\n\
+         [[phases]]\nname = \"p\"\nloads = [\"l\"]\n",
+    );
+    let out = ignis()
+        .arg("bench")
+        .arg(&scenario)
+        .env_remove("IGNIS_TEST_NEVER_SET_VARIABLE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("peer `pg`") && err.contains("IGNIS_TEST_NEVER_SET_VARIABLE is not set"),
+        "{err}"
+    );
+}
