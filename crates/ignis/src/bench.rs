@@ -31,7 +31,7 @@ fn peers(scenario: &Scenario, base: &Path, options: &BenchOptions) -> anyhow::Re
     let mut peers = Vec::new();
     for spec in &scenario.peers {
         let addr = free_addr()?;
-        let command = match spec.kind.as_str() {
+        let mut command = match spec.kind.as_str() {
             "ignis" => {
                 let Some(app) = &spec.app else {
                     bail!("peer `{}`: kind `ignis` needs `app`", spec.name);
@@ -61,7 +61,6 @@ fn peers(scenario: &Scenario, base: &Path, options: &BenchOptions) -> anyhow::Re
                 spec.name
             ),
         };
-        let mut command = command;
         for (name, value) in &spec.env {
             let value = match value.strip_prefix('$') {
                 Some(var) => std::env::var(var).with_context(|| {
