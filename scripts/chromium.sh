@@ -9,11 +9,6 @@ if command -v chromium >/dev/null; then
     chromium --version
     exit 0
 fi
-sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-sudo_ apt-get update -qq
-if ! DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends \
-        "chromium=$PIN" "chromium-common=$PIN" >/dev/null 2>&1; then
-    echo "chromium.sh: $PIN is no longer in the archive; installing bookworm's current build" >&2
-    DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends chromium >/dev/null
-fi
+. "$(dirname "$0")/apt-pinned.sh"
+apt_pinned chromium.sh "chromium=$PIN chromium-common=$PIN" "chromium"
 chromium --version

@@ -143,6 +143,16 @@ pub struct KeyPage {
     pub more: bool,
 }
 
+impl KeyPage {
+    /// The page of a listing that fetched one key more than `limit` (if
+    /// there were that many), which tells whether another page follows.
+    pub(crate) fn from_one_more(mut keys: Vec<String>, limit: u32) -> KeyPage {
+        let more = keys.len() > limit as usize;
+        keys.truncate(limit as usize);
+        KeyPage { keys, more }
+    }
+}
+
 /// Where a key listing starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListFrom<'a> {

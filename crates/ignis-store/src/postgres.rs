@@ -388,6 +388,29 @@ impl PgStore {
     async fn reader(&self) -> Result<Object, StoreError> {
         self.shared.pool.get().await.map_err(pool_error)
     }
+
+    /// The rows of `sql` on a pooled connection (its prepared statement
+    /// cached there).
+    async fn read(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let c = self.reader().await?;
+        let st = c.prepare_cached(sql).await?;
+        Ok(c.query(&st, params).await?)
+    }
+
+    /// The one row of `sql`, if any (see [`PgStore::read`]).
+    async fn read_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        let c = self.reader().await?;
+        let st = c.prepare_cached(sql).await?;
+        Ok(c.query_opt(&st, params).await?)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -970,14 +993,11 @@ fn unexpected<T>(what: &str) -> Result<T, StoreError> {
 impl KvBackend for PgStore {
     fn get<'a>(&'a self, ns: &'a Namespace, key: &'a str) -> StoreFuture<'a, Option<Versioned>> {
         Box::pin(async move {
-            let c = self.reader().await?;
-            let st = c
-                .prepare_cached(
+            let row = self
+                .read_one(
                     "SELECT value, version FROM ignis_kv WHERE tenant = $1 AND store = $2 AND key = $3",
+                    &[&ns.tenant(), &ns.store(), &key.as_bytes()],
                 )
-                .await?;
-            let row = c
-                .query_opt(&st, &[&ns.tenant(), &ns.store(), &key.as_bytes()])
                 .await?;
             Ok(row.map(|r| Versioned {
                 value: r.get(0),
@@ -1012,17 +1032,13 @@ impl KvBackend for PgStore {
 
     fn exists<'a>(&'a self, ns: &'a Namespace, key: &'a str) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            let c = self.reader().await?;
-            let st = c
-                .prepare_cached(
+            let row = self
+                .read_one(
                     "SELECT 1 FROM ignis_kv WHERE tenant = $1 AND store = $2 AND key = $3",
+                    &[&ns.tenant(), &ns.store(), &key.as_bytes()],
                 )
                 .await?;
-            Ok(
-                c.query_opt(&st, &[&ns.tenant(), &ns.store(), &key.as_bytes()])
-                    .await?
-                    .is_some(),
-            )
+            Ok(row.is_some())
         })
     }
 
@@ -1035,40 +1051,33 @@ impl KvBackend for PgStore {
         Box::pin(async move {
             // One more than asked tells whether another page follows.
             let fetch = i64::from(limit) + 1;
-            let c = self.reader().await?;
             let rows = match from {
                 ListFrom::After(after) => {
-                    let st = c
-                        .prepare_cached(
-                            "SELECT key FROM ignis_kv WHERE tenant = $1 AND store = $2 AND key > $3
-                             ORDER BY key LIMIT $4",
-                        )
-                        .await?;
-                    c.query(&st, &[&ns.tenant(), &ns.store(), &after.as_bytes(), &fetch])
-                        .await?
+                    self.read(
+                        "SELECT key FROM ignis_kv WHERE tenant = $1 AND store = $2 AND key > $3
+                         ORDER BY key LIMIT $4",
+                        &[&ns.tenant(), &ns.store(), &after.as_bytes(), &fetch],
+                    )
+                    .await?
                 }
                 ListFrom::Start | ListFrom::Skip(_) => {
                     let skip = match from {
                         ListFrom::Skip(n) => i64::try_from(n).unwrap_or(i64::MAX),
                         _ => 0,
                     };
-                    let st = c
-                        .prepare_cached(
-                            "SELECT key FROM ignis_kv WHERE tenant = $1 AND store = $2
-                             ORDER BY key LIMIT $3 OFFSET $4",
-                        )
-                        .await?;
-                    c.query(&st, &[&ns.tenant(), &ns.store(), &fetch, &skip])
-                        .await?
+                    self.read(
+                        "SELECT key FROM ignis_kv WHERE tenant = $1 AND store = $2
+                         ORDER BY key LIMIT $3 OFFSET $4",
+                        &[&ns.tenant(), &ns.store(), &fetch, &skip],
+                    )
+                    .await?
                 }
             };
-            let mut keys = rows
+            let keys = rows
                 .into_iter()
                 .map(|r| key_string(r.get(0)))
                 .collect::<Result<Vec<_>, _>>()?;
-            let more = keys.len() > limit as usize;
-            keys.truncate(limit as usize);
-            Ok(KeyPage { keys, more })
+            Ok(KeyPage::from_one_more(keys, limit))
         })
     }
 
@@ -1131,14 +1140,13 @@ impl KvBackend for PgStore {
     ) -> StoreFuture<'a, Vec<Option<Vec<u8>>>> {
         Box::pin(async move {
             // One statement: every value comes from the same snapshot.
-            let c = self.reader().await?;
-            let st = c
-                .prepare_cached(
+            let wanted: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+            let rows = self
+                .read(
                     "SELECT key, value FROM ignis_kv WHERE tenant = $1 AND store = $2 AND key = ANY($3)",
+                    &[&ns.tenant(), &ns.store(), &wanted],
                 )
                 .await?;
-            let wanted: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
-            let rows = c.query(&st, &[&ns.tenant(), &ns.store(), &wanted]).await?;
             let mut found: HashMap<Vec<u8>, Vec<u8>> = rows
                 .into_iter()
                 .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
@@ -1205,15 +1213,9 @@ impl ActorStorage for PgStore {
         key: &'a str,
     ) -> StoreFuture<'a, Option<Vec<u8>>> {
         Box::pin(async move {
-            let c = self.reader().await?;
-            let st = c
-                .prepare_cached(
+            let row = self
+                .read_one(
                     "SELECT value FROM ignis_actor_kv WHERE class = $1 AND id = $2 AND key = $3",
-                )
-                .await?;
-            let row = c
-                .query_opt(
-                    &st,
                     &[&actor.class(), &actor.id().as_bytes(), &key.as_bytes()],
                 )
                 .await?;
@@ -1287,12 +1289,11 @@ impl ActorStorage for PgStore {
 
     fn actor_alarm<'a>(&'a self, actor: &'a ActorKey) -> StoreFuture<'a, Option<u64>> {
         Box::pin(async move {
-            let c = self.reader().await?;
-            let st = c
-                .prepare_cached("SELECT at_ms FROM ignis_actor_alarms WHERE class = $1 AND id = $2")
-                .await?;
-            let row = c
-                .query_opt(&st, &[&actor.class(), &actor.id().as_bytes()])
+            let row = self
+                .read_one(
+                    "SELECT at_ms FROM ignis_actor_alarms WHERE class = $1 AND id = $2",
+                    &[&actor.class(), &actor.id().as_bytes()],
+                )
                 .await?;
             Ok(row.map(|r| r.get::<_, i64>(0) as u64))
         })
@@ -1300,9 +1301,8 @@ impl ActorStorage for PgStore {
 
     fn all_alarms(&self) -> StoreFuture<'_, Vec<(ActorKey, u64)>> {
         Box::pin(async move {
-            let c = self.reader().await?;
-            let rows = c
-                .query("SELECT class, id, at_ms FROM ignis_actor_alarms", &[])
+            let rows = self
+                .read("SELECT class, id, at_ms FROM ignis_actor_alarms", &[])
                 .await?;
             rows.into_iter()
                 .map(|r| {

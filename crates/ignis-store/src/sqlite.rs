@@ -390,7 +390,7 @@ impl KvBackend for SqliteStore {
         Box::pin(async move {
             // One more than asked tells whether another page follows.
             let fetch = i64::from(limit) + 1;
-            let mut keys = self.read(|c| {
+            let keys = self.read(|c| {
                 let mut out = Vec::new();
                 match from {
                     ListFrom::After(after) => {
@@ -426,9 +426,7 @@ impl KvBackend for SqliteStore {
                 }
                 Ok::<_, rusqlite::Error>(out)
             })?;
-            let more = keys.len() > limit as usize;
-            keys.truncate(limit as usize);
-            Ok(KeyPage { keys, more })
+            Ok(KeyPage::from_one_more(keys, limit))
         })
     }
 

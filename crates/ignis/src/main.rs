@@ -196,6 +196,23 @@ enum Command {
     },
 }
 
+/// The environment variable `name`, checked by `parse`, if set (a secret
+/// that need not be in the manifest); the error names the variable.
+fn from_env<T>(
+    name: &str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> anyhow::Result<Option<T>> {
+    let Some(value) = std::env::var_os(name) else {
+        return Ok(None);
+    };
+    let value = value
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("{name} is not UTF-8"))?;
+    parse(value)
+        .map(Some)
+        .map_err(|why| anyhow::anyhow!("{name}: {why}"))
+}
+
 fn load_manifest(path: &Path, args: Option<&ListenArgs>) -> anyhow::Result<Manifest> {
     let mut manifest = Manifest::load(path)?;
     let Some(args) = args else {
@@ -207,23 +224,11 @@ fn load_manifest(path: &Path, args: Option<&ListenArgs>) -> anyhow::Result<Manif
     if let Some(addr) = args.admin_listen {
         manifest.admin.listen = addr;
     }
-    if let Some(token) = std::env::var_os("IGNIS_ADMIN_TOKEN") {
-        let token = token
-            .to_str()
-            .ok_or_else(|| anyhow::anyhow!("IGNIS_ADMIN_TOKEN is not UTF-8"))?;
-        manifest.admin.token = Some(
-            ignis_config::AdminToken::new(token)
-                .map_err(|why| anyhow::anyhow!("IGNIS_ADMIN_TOKEN: {why}"))?,
-        );
+    if let Some(token) = from_env("IGNIS_ADMIN_TOKEN", ignis_config::AdminToken::new)? {
+        manifest.admin.token = Some(token);
     }
-    if let Some(url) = std::env::var_os("IGNIS_DATABASE_URL") {
-        let url = url
-            .to_str()
-            .ok_or_else(|| anyhow::anyhow!("IGNIS_DATABASE_URL is not UTF-8"))?;
-        manifest.storage.database = Some(
-            ignis_config::DatabaseUrl::new(url)
-                .map_err(|why| anyhow::anyhow!("IGNIS_DATABASE_URL {why}"))?,
-        );
+    if let Some(url) = from_env("IGNIS_DATABASE_URL", ignis_config::DatabaseUrl::new)? {
+        manifest.storage.database = Some(url);
     }
     match (&mut manifest.tls, args.tls_listen) {
         (Some(tls), Some(addr)) => tls.listen = addr,
