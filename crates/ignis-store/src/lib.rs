@@ -13,8 +13,10 @@
 //!   with; a batch write applies all of its entries or none.
 //!
 //! The contract is async and object safe (`Arc<dyn KvBackend>`) so that a
-//! networked engine (PostgreSQL for a cluster, Redis) can implement it with
-//! the same guarantees; the embedded engine is [`SqliteStore`].
+//! networked engine can implement it with the same guarantees: the
+//! embedded engine is [`SqliteStore`], the networked one [`PgStore`]
+//! (PostgreSQL; several nodes may share it, see its module docs). Both run
+//! the same contract tests (`tests/store.rs`).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
