@@ -222,3 +222,30 @@ pub fn user_name(headers: &http::HeaderMap) -> Option<String> {
         .collect();
     (!name.trim().is_empty()).then_some(name)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(value: &[u8]) -> Option<String> {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "x-ignis-user",
+            http::HeaderValue::from_bytes(value).unwrap(),
+        );
+        user_name(&headers)
+    }
+
+    /// `x-ignis-user` goes to the log and the deploy history: only visible
+    /// ASCII and spaces are kept, at most 64 bytes; nothing usable is none.
+    #[test]
+    fn the_user_header_is_cut_to_visible_ascii() {
+        assert_eq!(user(b"alice@ci"), Some("alice@ci".into()));
+        assert_eq!(user(b"al\tice\xff\xfe"), Some("alice".into()));
+        let long = "x".repeat(500);
+        assert_eq!(user(long.as_bytes()).map(|u| u.len()), Some(MAX_USER_BYTES));
+        assert_eq!(user(b"   "), None);
+        assert_eq!(user(b"\xff\xfe\t"), None);
+        assert_eq!(user_name(&http::HeaderMap::new()), None);
+    }
+}

@@ -538,3 +538,41 @@ fn a_bench_peer_env_naming_an_unset_variable_is_refused() {
         "{err}"
     );
 }
+
+/// `ignis deploy` naming a unit its manifest lacks is refused before
+/// anything is sent (the admin address is a closed port), naming the
+/// manifest and the unit, with and without `--component`.
+#[test]
+fn deploy_naming_a_unit_the_manifest_lacks_is_refused_before_sending() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = hello_manifest(dir.path(), "", "");
+    let deploy = |extra: &[&str]| {
+        let out = ignis()
+            .args([
+                "deploy",
+                "nosuch",
+                "--admin",
+                "http://127.0.0.1:1",
+                "--manifest",
+            ])
+            .arg(&manifest)
+            .args(extra)
+            .env("IGNIS_ADMIN_TOKEN", "t".repeat(32))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let hello = wasm("hello");
+    let err = deploy(&["--component", &hello]);
+    assert!(
+        err.contains("has no [functions.nosuch] or [actors.nosuch]")
+            && err.contains(&manifest.display().to_string()),
+        "{err}"
+    );
+    let err = deploy(&[]);
+    assert!(
+        err.contains("has no function or actor class `nosuch`"),
+        "{err}"
+    );
+}
