@@ -80,6 +80,7 @@ fn engine<S: KvBackend + ActorStorage + Clone>(
                     let batch = ActorBatch {
                         writes: vec![("count".into(), Some(b"1".to_vec()))],
                         alarm: None,
+                        fence: None,
                     };
                     store.actor_commit(&actor, batch).await.unwrap();
                 }

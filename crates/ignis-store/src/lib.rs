@@ -32,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cluster;
 pub mod histogram;
 pub mod postgres;
 mod sqlite;
@@ -44,6 +45,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+pub use cluster::{Member, Owner};
 pub use postgres::{PgOptions, PgStore};
 pub use sqlite::SqliteStore;
 
@@ -72,6 +74,11 @@ pub enum StoreError {
     /// unknown). The pool reconnects by itself.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// A fenced actor commit was refused: the lease it was made under is no
+    /// longer the actor's (another node took the actor over). Nothing was
+    /// applied; the activation must go, and its caller may retry.
+    #[error("actor lease lost: {0}")]
+    Fenced(String),
     /// The store is shutting down.
     #[error("the store is closed")]
     Closed,
@@ -334,6 +341,20 @@ pub struct ActorBatch {
     pub writes: Vec<(String, Option<Vec<u8>>)>,
     /// The alarm change, if any.
     pub alarm: Option<AlarmChange>,
+    /// In a cluster: the lease this batch was made under. The commit
+    /// checks, in its own transaction, that the lease is still the
+    /// actor's, and is refused with [`StoreError::Fenced`] otherwise.
+    pub fence: Option<Fence>,
+}
+
+/// An actor lease: the node that owns the actor and the epoch of that
+/// ownership (it grows by one at every change of owner).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The owning node's id.
+    pub node: Arc<str>,
+    /// The ownership's epoch.
+    pub epoch: u64,
 }
 
 impl ActorBatch {

@@ -101,10 +101,11 @@ struct Migration {
 
 /// The schema, in order. A migration once released is never edited: a
 /// change is a new entry.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "key-value, actor storage and alarms",
-    sql: "
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "key-value, actor storage and alarms",
+        sql: "
 CREATE TABLE ignis_kv (
     tenant  TEXT   NOT NULL,
     store   TEXT   NOT NULL,
@@ -128,7 +129,61 @@ CREATE TABLE ignis_actor_alarms (
     PRIMARY KEY (class, id)
 );
 ",
-}];
+    },
+    Migration {
+        version: 2,
+        description: "cluster: nodes, actor leases with epochs, fenced commits",
+        sql: CLUSTER_SCHEMA,
+    },
+];
+
+/// Migration 2: the cluster's tables (see [`crate::postgres`]'s cluster
+/// section and docs/cluster.md). `ignis_fence` is the check every fenced
+/// actor commit runs first: it takes the lease row `FOR SHARE` (a takeover,
+/// which updates the row, waits for the commit) and raises `IG001` if the
+/// lease moved, which aborts the transaction.
+const CLUSTER_SCHEMA: &str = "
+CREATE TABLE ignis_nodes (
+    node       TEXT        PRIMARY KEY,
+    address    TEXT        NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE ignis_actor_leases (
+    class TEXT   NOT NULL,
+    id    BYTEA  NOT NULL,
+    node  TEXT   NOT NULL,
+    epoch BIGINT NOT NULL,
+    PRIMARY KEY (class, id)
+);
+CREATE TABLE ignis_actor_owners (
+    class       TEXT        NOT NULL,
+    id          BYTEA       NOT NULL,
+    epoch       BIGINT      NOT NULL,
+    node        TEXT        NOT NULL,
+    acquired_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (class, id, epoch)
+);
+CREATE TABLE ignis_cluster (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE FUNCTION ignis_fence(p_class TEXT, p_id BYTEA, p_node TEXT, p_epoch BIGINT)
+RETURNS BOOLEAN LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM ignis_actor_leases
+     WHERE class = p_class AND id = p_id AND node = p_node AND epoch = p_epoch
+     FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'the lease of epoch % held by node % is no longer the actor''s',
+            p_epoch, p_node USING ERRCODE = 'IG001';
+    END IF;
+    RETURN true;
+END $$;
+";
+
+/// The SQLSTATE `ignis_fence` raises.
+const FENCED: &str = "IG001";
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
@@ -186,6 +241,8 @@ struct ActorRows {
     alarm: Option<AlarmChange>,
     /// The alarm change's time, as the `bigint` column holds it.
     at: i64,
+    /// The lease the batch was made under: node and epoch.
+    fence: Option<(String, i64)>,
 }
 
 impl ActorRows {
@@ -204,11 +261,17 @@ impl ActorRows {
                 .collect(),
             alarm: batch.alarm,
             at,
+            fence: batch.fence.map(|f| {
+                (
+                    f.node.to_string(),
+                    i64::try_from(f.epoch).unwrap_or(i64::MAX),
+                )
+            }),
         }
     }
 
     fn statements(&self) -> usize {
-        self.writes.len() + usize::from(self.alarm.is_some())
+        self.writes.len() + usize::from(self.alarm.is_some()) + usize::from(self.fence.is_some())
     }
 }
 
@@ -391,7 +454,7 @@ impl PgStore {
 
     /// The rows of `sql` on a pooled connection (its prepared statement
     /// cached there).
-    async fn read(
+    pub(crate) async fn read(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
@@ -402,7 +465,7 @@ impl PgStore {
     }
 
     /// The one row of `sql`, if any (see [`PgStore::read`]).
-    async fn read_one(
+    pub(crate) async fn read_one(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
@@ -420,9 +483,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl StoreError {
     fn message(&self) -> String {
         match self {
-            StoreError::Engine(m) | StoreError::Unavailable(m) | StoreError::TooLarge(m) => {
-                m.clone()
-            }
+            StoreError::Engine(m)
+            | StoreError::Unavailable(m)
+            | StoreError::TooLarge(m)
+            | StoreError::Fenced(m) => m.clone(),
             e => e.to_string(),
         }
     }
@@ -430,6 +494,11 @@ impl StoreError {
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
+        if let Some(db) = e.as_db_error()
+            && db.code().code() == FENCED
+        {
+            return StoreError::Fenced(db.message().to_string());
+        }
         if e.as_db_error().is_some() {
             return StoreError::Engine(e.to_string());
         }
@@ -820,6 +889,7 @@ struct Statements {
     alarm_set: Statement,
     alarm_delete: Statement,
     alarm_fired: Statement,
+    fence: Statement,
 }
 
 impl Statements {
@@ -870,6 +940,9 @@ impl Statements {
                     "DELETE FROM ignis_actor_alarms WHERE class = $1 AND id = $2 AND at_ms = $3",
                 )
                 .await?,
+            fence: tx
+                .prepare_cached("SELECT ignis_fence($1, $2, $3, $4)")
+                .await?,
         })
     }
 }
@@ -911,6 +984,15 @@ fn op_calls<'a>(s: &'a Statements, op: &'a Op, calls: &mut Vec<Call<'a>>) {
 }
 
 fn actor_calls<'a>(s: &'a Statements, b: &'a ActorRows, calls: &mut Vec<Call<'a>>) {
+    // First, so that the lease row is locked before any write: a refusal
+    // aborts the transaction (the group then runs job by job, and this
+    // batch fails alone).
+    if let Some((node, epoch)) = &b.fence {
+        calls.push(Call {
+            statement: &s.fence,
+            params: vec![&b.class, &b.id, node, epoch],
+        });
+    }
     for (key, value) in &b.writes {
         calls.push(match value {
             Some(v) => Call {
@@ -978,7 +1060,7 @@ fn millis(at: u64) -> i64 {
     i64::try_from(at).unwrap_or(i64::MAX)
 }
 
-fn key_string(bytes: Vec<u8>) -> Result<String, StoreError> {
+pub(crate) fn key_string(bytes: Vec<u8>) -> Result<String, StoreError> {
     String::from_utf8(bytes).map_err(|_| {
         StoreError::Engine("a stored key is not UTF-8 (written by another program?)".into())
     })

@@ -522,6 +522,12 @@ fn apply_actor_batch(
     actor: &ActorKey,
     batch: &ActorBatch,
 ) -> Result<(), StoreError> {
+    if batch.fence.is_some() {
+        // Leases live in a cluster's database; a node on SQLite has none.
+        return Err(StoreError::Engine(
+            "a fenced actor commit needs a cluster (PostgreSQL)".into(),
+        ));
+    }
     for (key, value) in &batch.writes {
         match value {
             Some(v) => {

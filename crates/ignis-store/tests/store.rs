@@ -325,6 +325,7 @@ async fn actor_storage_batches_listing_and_alarms<S: Engine>(h: Harness<S>) {
                 ActorBatch {
                     writes: vec![put("m:1"), put("m:2"), put("m:3"), put("n:1")],
                     alarm: Some(AlarmChange::Set(1_000)),
+                    fence: None,
                 },
             ),
             (
@@ -332,6 +333,7 @@ async fn actor_storage_batches_listing_and_alarms<S: Engine>(h: Harness<S>) {
                 ActorBatch {
                     writes: vec![put("m:9")],
                     alarm: None,
+                    fence: None,
                 },
             ),
         ])
@@ -375,6 +377,7 @@ async fn actor_storage_batches_listing_and_alarms<S: Engine>(h: Harness<S>) {
     let fired = |at| ActorBatch {
         writes: vec![],
         alarm: Some(AlarmChange::Fired(at)),
+        fence: None,
     };
     s.actor_commit(&a, fired(999)).await.unwrap();
     assert_eq!(
@@ -391,6 +394,7 @@ async fn actor_storage_batches_listing_and_alarms<S: Engine>(h: Harness<S>) {
         ActorBatch {
             writes: vec![("m:1".into(), None)],
             alarm: None,
+            fence: None,
         },
     )
     .await
@@ -482,6 +486,7 @@ async fn keys_are_compared_bytewise_and_may_hold_any_character<S: Engine>(h: Har
         ActorBatch {
             writes,
             alarm: Some(AlarmChange::Set(5)),
+            fence: None,
         },
     )
     .await
@@ -737,6 +742,7 @@ async fn postgres_the_node_lock_admits_one_node_and_fences_a_lost_one() {
     let put = |v: &[u8]| ActorBatch {
         writes: vec![("k".into(), Some(v.to_vec()))],
         alarm: None,
+        fence: None,
     };
     first.actor_commit(&actor, put(b"1")).await.unwrap();
     let refused = PgStore::open(&url, &locked).await.unwrap_err().to_string();
@@ -771,5 +777,153 @@ async fn postgres_the_node_lock_admits_one_node_and_fences_a_lost_one() {
     assert_eq!(
         second.actor_get(&actor, "k").await.unwrap(),
         Some(b"2".to_vec())
+    );
+}
+
+/// Cluster leases and fencing on the database alone: the first live node to
+/// ask owns an actor (epoch 1); another node is told who owns it while the
+/// owner is a live member; once the owner's membership expires the next
+/// node takes the actor over (epoch 2), and from then on the old owner's
+/// commits are refused (`Fenced`) while the new owner's land. A batch
+/// refused in a group fails alone: the other actor's batch beside it
+/// commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_leases_move_only_from_dead_nodes_and_fence_the_old_owner() {
+    use ignis_store::{Fence, Owner};
+    use std::time::Duration;
+    let Some((_server, url)) = postgres_database() else {
+        return;
+    };
+    let store = PgStore::open(&url, &PgOptions::default()).await.unwrap();
+    let actor = ActorKey::new("room", "a\u{0}b");
+    let long = Duration::from_secs(60);
+    store
+        .heartbeat("node-a", "127.0.0.1:1", long)
+        .await
+        .unwrap();
+    store
+        .heartbeat("node-b", "127.0.0.1:2", long)
+        .await
+        .unwrap();
+    // A node that never joined owns nothing.
+    let e = store.acquire(&actor, "node-x").await.unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    assert_eq!(
+        store.acquire(&actor, "node-a").await.unwrap(),
+        Owner::Me { epoch: 1 }
+    );
+    assert_eq!(
+        store.acquire(&actor, "node-a").await.unwrap(),
+        Owner::Me { epoch: 1 },
+        "asking again keeps the epoch"
+    );
+    assert_eq!(
+        store.acquire(&actor, "node-b").await.unwrap(),
+        Owner::Node {
+            node: "node-a".into(),
+            address: "127.0.0.1:1".into()
+        }
+    );
+    let batch = |v: &str, node: &str, epoch: u64| ActorBatch {
+        writes: vec![("k".into(), Some(v.as_bytes().to_vec()))],
+        alarm: Some(AlarmChange::Set(42)),
+        fence: Some(Fence {
+            node: node.into(),
+            epoch,
+        }),
+    };
+    store
+        .actor_commit(&actor, batch("a1", "node-a", 1))
+        .await
+        .unwrap();
+    // node-a's membership expires (a heartbeat with a lease already over).
+    store
+        .heartbeat("node-a", "127.0.0.1:1", Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.acquire(&actor, "node-b").await.unwrap(),
+        Owner::Me { epoch: 2 }
+    );
+    // The stale owner's commit, grouped with another actor's good one.
+    let other = ActorKey::new("room", "other");
+    let results = store
+        .actor_commit_many(vec![
+            (actor.clone(), batch("stale", "node-a", 1)),
+            (
+                other.clone(),
+                ActorBatch {
+                    writes: vec![("k".into(), Some(b"fine".to_vec()))],
+                    alarm: None,
+                    fence: None,
+                },
+            ),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&results[0], Err(StoreError::Fenced(m)) if m.contains("node-a")),
+        "{results:?}"
+    );
+    assert!(results[1].is_ok(), "{results:?}");
+    assert_eq!(
+        store.actor_get(&other, "k").await.unwrap(),
+        Some(b"fine".to_vec())
+    );
+    assert_eq!(
+        store.actor_get(&actor, "k").await.unwrap(),
+        Some(b"a1".to_vec())
+    );
+    store
+        .actor_commit(&actor, batch("b2", "node-b", 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.actor_get(&actor, "k").await.unwrap(),
+        Some(b"b2".to_vec())
+    );
+    // The same epoch under another node's name is refused too.
+    let e = store
+        .actor_commit(&actor, batch("forged", "node-a", 2))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Fenced(_)), "{e:?}");
+    assert_eq!(
+        store.owner_history(&actor).await.unwrap(),
+        [(1, "node-a".to_string()), (2, "node-b".to_string())]
+    );
+    // The alarm set under epoch 1 is the new owner's to fire.
+    let due = store.due_alarms("node-b", u64::MAX, 10).await.unwrap();
+    assert_eq!(due, [(actor.clone(), 42)]);
+    store
+        .heartbeat("node-c", "127.0.0.1:3", long)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .due_alarms("node-c", u64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a live owner's alarm is not offered to another node"
+    );
+    store.leave("node-b").await.unwrap();
+    assert_eq!(
+        store.due_alarms("node-c", u64::MAX, 10).await.unwrap(),
+        [(actor.clone(), 42)],
+        "once its owner left, the alarm is offered to the others"
+    );
+    let members = store.members().await.unwrap();
+    let alive: Vec<_> = members.iter().map(|m| (m.node.as_str(), m.alive)).collect();
+    assert_eq!(alive, [("node-a", false), ("node-c", true)]);
+    // The token is made once: a second node reads the first one's.
+    let token = store.cluster_value("forward_token", "first").await.unwrap();
+    assert_eq!(token, "first");
+    assert_eq!(
+        store
+            .cluster_value("forward_token", "second")
+            .await
+            .unwrap(),
+        "first"
     );
 }

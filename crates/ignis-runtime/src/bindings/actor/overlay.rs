@@ -128,6 +128,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.map(|v| v.as_bytes().to_vec())))
                 .collect(),
             alarm: None,
+            fence: None,
         }
     }
 

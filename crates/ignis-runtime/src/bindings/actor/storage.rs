@@ -70,6 +70,7 @@ impl ActorState {
         ActorBatch {
             writes: std::mem::take(&mut self.writes).into_iter().collect(),
             alarm: self.alarm.take(),
+            fence: None,
         }
     }
 
