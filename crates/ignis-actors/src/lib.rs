@@ -30,5 +30,6 @@ mod durable;
 
 pub use admission::{Admission, AdmissionStats, FunctionGate, Slot, retry_after};
 pub use durable::{
-    ALARM_FIRST_BACKOFF, ALARM_MAX_ATTEMPTS, ActorDirectory, ClassStats, DirectoryStats,
+    ALARM_FIRST_BACKOFF, ALARM_MAX_ATTEMPTS, ActorDirectory, CALLER_HEADER, ClassStats, Cluster,
+    ClusterFuture, DirectoryStats, Forward, MAX_HOPS, Placement,
 };

@@ -60,6 +60,11 @@ pub enum ErrorKind {
     BadGateway,
     /// A proxied request's origin did not answer in time.
     GatewayTimeout,
+    /// Something the request needs is unavailable for now (the database,
+    /// the actor's owner while it moves between nodes); retryable.
+    Unavailable,
+    /// A request forwarded between cluster nodes came back around.
+    LoopDetected,
 }
 
 impl ErrorKind {
@@ -78,7 +83,8 @@ impl ErrorKind {
             | ErrorKind::Storage
             | ErrorKind::Internal => 500,
             ErrorKind::BadGateway => 502,
-            ErrorKind::Overloaded | ErrorKind::QueueTimeout => 503,
+            ErrorKind::Overloaded | ErrorKind::QueueTimeout | ErrorKind::Unavailable => 503,
+            ErrorKind::LoopDetected => 508,
             ErrorKind::CpuLimit | ErrorKind::WallLimit | ErrorKind::GatewayTimeout => 504,
         }
     }
@@ -103,6 +109,8 @@ impl ErrorKind {
             ErrorKind::Internal => "internal error",
             ErrorKind::BadGateway => "bad gateway",
             ErrorKind::GatewayTimeout => "gateway timeout",
+            ErrorKind::Unavailable => "temporarily unavailable",
+            ErrorKind::LoopDetected => "forwarding loop detected",
         }
     }
 
@@ -121,6 +129,8 @@ impl ErrorKind {
                 | ErrorKind::GatewayTimeout
                 | ErrorKind::CpuLimit
                 | ErrorKind::WallLimit
+                | ErrorKind::Unavailable
+                | ErrorKind::LoopDetected
         )
     }
 }

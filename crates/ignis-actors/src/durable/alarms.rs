@@ -8,11 +8,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ignis_store::{ActorKey, ActorStorage};
 use tokio::sync::mpsc;
 
-use super::{ALARM_FIRST_BACKOFF, ALARM_MAX_ATTEMPTS, ActorDirectory};
+use super::{ALARM_FIRST_BACKOFF, ALARM_MAX_ATTEMPTS, ActorDirectory, Cluster};
 
 pub(super) enum AlarmCommand {
     /// Schedule (or move) the actor's alarm; `None` cancels it.
     Set(ActorKey, Option<u64>),
+    /// An alarm read from storage: scheduled unless the actor's alarm is
+    /// already (a commit's time, or a retry, is newer than the read).
+    Known(ActorKey, u64),
     /// A delivery failed: try again after a backoff.
     Retry(ActorKey, u64, u32),
 }
@@ -25,13 +28,39 @@ fn now_ms() -> u64 {
 
 /// Fires alarms when due. In memory: a time-ordered set, rebuilt from
 /// storage at start; storage is the truth (an alarm is deleted there only
-/// by the commit of a successful handler run).
+/// by the commit of a successful handler run). In a cluster the set is fed
+/// by polling the alarms this node should fire (its actors', and those of
+/// actors whose owner died) instead.
 pub(super) async fn alarm_loop(
     dir: Weak<ActorDirectory>,
     storage: Arc<dyn ActorStorage>,
+    cluster: Option<Arc<dyn Cluster>>,
     requeue: mpsc::UnboundedSender<AlarmCommand>,
-    mut commands: mpsc::UnboundedReceiver<AlarmCommand>,
+    commands: mpsc::UnboundedReceiver<AlarmCommand>,
 ) {
+    if let Some(cluster) = cluster {
+        let poll = cluster.alarm_poll();
+        let polling = async move {
+            loop {
+                match cluster.due_alarms().await {
+                    Ok(due) => {
+                        for (key, at) in due {
+                            let _ = requeue.send(AlarmCommand::Known(key, at));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.detail(), "cannot read the cluster's due alarms")
+                    }
+                }
+                tokio::time::sleep(poll).await;
+            }
+        };
+        tokio::select! {
+            () = polling => {}
+            () = schedule(dir, commands) => {}
+        }
+        return;
+    }
     match storage.all_alarms().await {
         Ok(persisted) => {
             if !persisted.is_empty() {
@@ -47,6 +76,11 @@ pub(super) async fn alarm_loop(
         Err(e) => tracing::error!(error = %e, "cannot load persisted actor alarms"),
     }
     drop(requeue);
+    schedule(dir, commands).await;
+}
+
+/// The schedule: due alarms go to the directory as messages.
+async fn schedule(dir: Weak<ActorDirectory>, mut commands: mpsc::UnboundedReceiver<AlarmCommand>) {
     // (due time, key) -> (the alarm's own time, retry)
     let mut due: BTreeSet<(u64, ActorKey)> = BTreeSet::new();
     let mut by_key: HashMap<ActorKey, (u64, u64, u32)> = HashMap::new();
@@ -67,6 +101,12 @@ pub(super) async fn alarm_loop(
                         if let Some(at) = at {
                             due.insert((at, key.clone()));
                             by_key.insert(key, (at, at, 0));
+                        }
+                    }
+                    AlarmCommand::Known(key, at) => {
+                        if let std::collections::hash_map::Entry::Vacant(slot) = by_key.entry(key.clone()) {
+                            due.insert((at, key));
+                            slot.insert((at, at, 0));
                         }
                     }
                     AlarmCommand::Retry(key, at, retry) => {

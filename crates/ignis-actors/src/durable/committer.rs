@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 use ignis_runtime::{Error, ErrorKind};
-use ignis_store::{ActorBatch, ActorKey, AlarmChange};
+use ignis_store::{ActorBatch, ActorKey, AlarmChange, StoreError};
 use tokio::sync::mpsc;
 
 use super::{ActorDirectory, ActorState, AlarmCommand, Pending, complete, lock};
@@ -67,6 +67,23 @@ fn then(earlier: Option<AlarmChange>, later: AlarmChange) -> AlarmChange {
     }
 }
 
+/// What the callers of a failed commit get: a retryable 503 when the lease
+/// moved or the database is unreachable (nothing was applied, except
+/// when the message says the outcome is unknown), else a storage error.
+fn commit_error(e: &StoreError) -> Error {
+    match e {
+        StoreError::Fenced(_) => {
+            super::lease_gone("the actor moved to another node; retry").with_source(e.clone())
+        }
+        StoreError::Unavailable(_) => {
+            Error::shed(ErrorKind::Unavailable, std::time::Duration::from_secs(1))
+                .context("storage unavailable")
+                .with_source(e.clone())
+        }
+        e => Error::storage(e.clone()).context("commit failed"),
+    }
+}
+
 pub(super) async fn run_committer(
     dir: Weak<ActorDirectory>,
     mut rx: mpsc::UnboundedReceiver<Pending>,
@@ -90,7 +107,11 @@ pub(super) async fn run_committer(
         }
         let batches: Vec<(ActorKey, ActorBatch)> = actors
             .iter()
-            .map(|(actor, pending)| (actor.key.clone(), merge(pending)))
+            .map(|(actor, pending)| {
+                let mut batch = merge(pending);
+                batch.fence = actor.lease.as_ref().map(|l| l.fence.clone());
+                (actor.key.clone(), batch)
+            })
             .collect();
         let alarms: Vec<Option<AlarmChange>> = batches.iter().map(|(_, b)| b.alarm).collect();
         let results = match dir.storage.actor_commit_many(batches).await {
@@ -118,13 +139,18 @@ pub(super) async fn run_committer(
                     }
                 }
                 Err(e) => {
-                    tracing::error!(actor = ?key, error = %e, "actor commit failed; replies become errors and the activation resets");
+                    let fenced = matches!(e, StoreError::Fenced(_));
+                    if fenced {
+                        tracing::warn!(actor = ?key, error = %e, "actor commit refused: the lease moved to another node; the activation ends");
+                        actor.fenced.store(true, Ordering::SeqCst);
+                    } else {
+                        tracing::error!(actor = ?key, error = %e, "actor commit failed; replies become errors and the activation resets");
+                    }
                     let epoch = pending.last().map_or(0, |p| p.epoch);
                     actor.failed_epoch.fetch_max(epoch, Ordering::SeqCst);
                     actor.failed.store(true, Ordering::SeqCst);
                     for p in pending {
-                        let e = Error::storage(e.clone()).context("commit failed");
-                        complete(&dir, &key, p.request_id, Err(e), p.waiter);
+                        complete(&dir, &key, p.request_id, Err(commit_error(&e)), p.waiter);
                     }
                 }
             }
@@ -151,6 +177,8 @@ mod tests {
             failed: AtomicBool::new(false),
             failed_epoch: AtomicU64::new(failed_epoch),
             waiting: AtomicBool::new(false),
+            lease: None,
+            fenced: AtomicBool::new(false),
         })
     }
 
@@ -170,6 +198,7 @@ mod tests {
                     .map(|(k, v)| (k.to_string(), v.map(|v| v.as_bytes().to_vec())))
                     .collect(),
                 alarm,
+                fence: None,
             },
             seq,
             request_id: ignis_runtime::RequestId::new(),

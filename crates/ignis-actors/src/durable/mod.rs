@@ -15,6 +15,7 @@
 //! reset before its next message.
 
 mod alarms;
+mod cluster;
 mod committer;
 
 use std::collections::HashMap;
@@ -27,11 +28,13 @@ use ignis_runtime::actor::{
     Activation, ActorCallFuture, ActorCaller, ActorClass, CallerId, Overlay,
 };
 use ignis_runtime::{Error, ErrorKind, RequestId, wait_on};
-use ignis_store::{ActorBatch, ActorKey, ActorStorage, AlarmChange};
+use ignis_store::{ActorBatch, ActorKey, ActorStorage, AlarmChange, Fence};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::admission::retry_after;
 use alarms::{AlarmCommand, alarm_loop};
+use cluster::lease_gone;
+pub use cluster::{Cluster, ClusterFuture, Forward, MAX_HOPS, Placement};
 use committer::run_committer;
 
 /// Attempts of an alarm before it is dropped.
@@ -198,7 +201,22 @@ pub struct ActorDirectory {
     alarms: mpsc::UnboundedSender<AlarmCommand>,
     commits: mpsc::UnboundedSender<Pending>,
     stats: Arc<DirectoryStats>,
+    /// In a cluster: where actors live and how to reach the other nodes.
+    cluster: Option<Arc<dyn Cluster>>,
+    /// In a cluster: the owners of actors this node forwarded to lately, so
+    /// that a forward costs no database round trip. An entry goes when a
+    /// forward to it fails; a stale one that still answers is corrected by
+    /// the node it reaches (which places the actor again and forwards on).
+    remote: Mutex<HashMap<ActorKey, (String, String)>>,
     me: Weak<ActorDirectory>,
+}
+
+/// An activation's lease in a cluster: the fence its commits carry and the
+/// membership session it was given in.
+#[derive(Clone)]
+struct Lease {
+    fence: Fence,
+    session: u64,
 }
 
 /// What an activation shares with the committer.
@@ -211,6 +229,11 @@ struct ActorState {
     failed_epoch: AtomicU64,
     /// Set while the task waits for its next message.
     waiting: AtomicBool,
+    /// In a cluster, the lease the activation runs under.
+    lease: Option<Lease>,
+    /// Set when a commit was refused because the lease moved: the
+    /// activation ends before its next message.
+    fenced: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -227,6 +250,19 @@ impl ActorDirectory {
         classes: Vec<Arc<ActorClass>>,
         storage: Arc<dyn ActorStorage>,
         max_activations: u32,
+    ) -> Arc<ActorDirectory> {
+        Self::start_with(classes, storage, max_activations, None)
+    }
+
+    /// [`ActorDirectory::start`] for a node of `cluster` (`None`: alone):
+    /// actors are placed through it, messages for actors other nodes own
+    /// are forwarded to them, commits carry their lease, and alarms come
+    /// from its polling instead of a load at start.
+    pub fn start_with(
+        classes: Vec<Arc<ActorClass>>,
+        storage: Arc<dyn ActorStorage>,
+        max_activations: u32,
+        cluster: Option<Arc<dyn Cluster>>,
     ) -> Arc<ActorDirectory> {
         let (alarms, commands) = mpsc::unbounded_channel();
         let (commits, commit_rx) = mpsc::unbounded_channel();
@@ -248,12 +284,15 @@ impl ActorDirectory {
             commits,
             stats: Arc::new(DirectoryStats::default()),
             per_class,
+            cluster,
+            remote: Mutex::new(HashMap::new()),
             me: me.clone(),
         });
         tokio::spawn(run_committer(Arc::downgrade(&dir), commit_rx));
         tokio::spawn(alarm_loop(
             Arc::downgrade(&dir),
             dir.storage.clone(),
+            dir.cluster.clone(),
             dir.alarms.clone(),
             commands,
         ));
@@ -342,13 +381,37 @@ impl ActorDirectory {
 
     /// Puts `envelope` in the actor's mailbox, starting an activation if
     /// there is none. Under the directory lock, so an eviction cannot drop it.
-    fn enqueue(&self, class: &Arc<ActorClass>, id: &str, envelope: Envelope) -> Result<(), Error> {
+    ///
+    /// In a cluster, `lease` is the actor's lease in the current session: an
+    /// activation of an earlier session is retired (its lease may have
+    /// moved while the node's membership lapsed) and a new one starts.
+    fn enqueue(
+        &self,
+        class: &Arc<ActorClass>,
+        id: &str,
+        envelope: Envelope,
+        lease: Option<Lease>,
+    ) -> Result<(), Error> {
         let key = ActorKey::new(class.name(), id);
         let mut guard = lock(&self.activations);
         let acts = &mut *guard;
         acts.clock += 1;
+        let stale = match (acts.by_key.get(&key), &lease) {
+            (Some(h), Some(lease)) => h
+                .state
+                .lease
+                .as_ref()
+                .is_none_or(|l| l.session != lease.session),
+            _ => false,
+        };
+        if stale && let Some(old) = acts.by_key.remove(&key) {
+            // Its mailbox closes; it ends after the message it runs, and
+            // the new activation starts once it has.
+            acts.retiring
+                .insert(key.clone(), (old.generation, old.ended));
+        }
         if !acts.by_key.contains_key(&key) {
-            let handle = self.spawn_activation(acts, class, &key)?;
+            let handle = self.spawn_activation(acts, class, &key, lease)?;
             acts.by_key.insert(key.clone(), handle);
         }
         let handle = acts.by_key.get_mut(&key).expect("inserted above");
@@ -379,6 +442,7 @@ impl ActorDirectory {
         acts: &mut Activations,
         class: &Arc<ActorClass>,
         key: &ActorKey,
+        lease: Option<Lease>,
     ) -> Result<Handle, Error> {
         let config = class.config();
         let class_live = acts.live.get(class.name()).copied().unwrap_or(0);
@@ -428,6 +492,8 @@ impl ActorDirectory {
             failed: AtomicBool::new(false),
             failed_epoch: AtomicU64::new(0),
             waiting: AtomicBool::new(false),
+            lease,
+            fenced: AtomicBool::new(false),
         });
         let me = self
             .me
@@ -487,10 +553,123 @@ impl ActorDirectory {
                 request.headers_mut().insert(CALLER_HEADER, value);
             }
         }
+        self.route(&class, id, request, request_id, 0).await
+    }
+
+    /// A message another node of the cluster forwarded here after its own
+    /// checks (the class's callers, the id; its `ignis-caller` header is
+    /// that node's and is kept), having been forwarded `hops` times.
+    pub async fn send_forwarded(
+        &self,
+        class: &str,
+        id: &str,
+        request: http::Request<Bytes>,
+        request_id: RequestId,
+        hops: u32,
+    ) -> Result<http::Response<Bytes>, Error> {
+        let class = self.class(class).ok_or_else(|| {
+            Error::new(ErrorKind::NotFound).context(format!("no actor class named `{class}`"))
+        })?;
+        check_actor_id(id)?;
+        self.route(&class, id, request, request_id, hops).await
+    }
+
+    /// Delivers a message here, or in a cluster to the actor's owner.
+    async fn route(
+        &self,
+        class: &Arc<ActorClass>,
+        id: &str,
+        request: http::Request<Bytes>,
+        request_id: RequestId,
+        hops: u32,
+    ) -> Result<http::Response<Bytes>, Error> {
+        let Some(cluster) = &self.cluster else {
+            return self.deliver(class, id, request, request_id, None).await;
+        };
+        let lease = match self.lease_for(cluster.as_ref(), class, id).await? {
+            Ok(lease) => lease,
+            Err((node, address)) => {
+                if hops >= MAX_HOPS {
+                    return Err(Error::new(ErrorKind::LoopDetected).context(format!(
+                        "actor {}/{id}: forwarded {hops} times without reaching its owner                          (last placed on node {node})",
+                        class.name()
+                    )));
+                }
+                let key = ActorKey::new(class.name(), id);
+                let answer = cluster
+                    .forward(Forward {
+                        address,
+                        key: key.clone(),
+                        request,
+                        request_id,
+                        hops: hops + 1,
+                    })
+                    .await;
+                if answer.is_err() {
+                    lock(&self.remote).remove(&key);
+                }
+                return answer;
+            }
+        };
+        self.deliver(class, id, request, request_id, Some(lease))
+            .await
+    }
+
+    /// The actor's lease in this node's current session, or the node that
+    /// owns it (id and address). An activation of this session already
+    /// holds its lease (nobody can take it while the session lasts), so
+    /// only an actor without one asks the database.
+    async fn lease_for(
+        &self,
+        cluster: &dyn Cluster,
+        class: &ActorClass,
+        id: &str,
+    ) -> Result<Result<Lease, (String, String)>, Error> {
+        let session = cluster
+            .session()
+            .ok_or_else(|| lease_gone("this node's cluster membership lapsed; retry"))?;
+        let key = ActorKey::new(class.name(), id);
+        let held = lock(&self.activations).by_key.get(&key).and_then(|h| {
+            h.state
+                .lease
+                .clone()
+                .filter(|l| l.session == session && !h.state.fenced.load(Ordering::SeqCst))
+        });
+        if let Some(lease) = held {
+            return Ok(Ok(lease));
+        }
+        if let Some(owner) = lock(&self.remote).get(&key) {
+            return Ok(Err(owner.clone()));
+        }
+        Ok(match cluster.place(&key).await? {
+            Placement::Local(fence) => {
+                lock(&self.remote).remove(&key);
+                Ok(Lease { fence, session })
+            }
+            Placement::Remote { node, address } => {
+                let mut remote = lock(&self.remote);
+                if remote.len() >= MAX_REMOTE_OWNERS {
+                    remote.clear();
+                }
+                remote.insert(key, (node.clone(), address.clone()));
+                Err((node, address))
+            }
+        })
+    }
+
+    /// Puts the message in the actor's mailbox here and waits for its reply.
+    async fn deliver(
+        &self,
+        class: &Arc<ActorClass>,
+        id: &str,
+        request: http::Request<Bytes>,
+        request_id: RequestId,
+        lease: Option<Lease>,
+    ) -> Result<http::Response<Bytes>, Error> {
         let (reply, mut answer) = oneshot::channel();
         let state = Arc::new(AtomicU8::new(QUEUED));
         self.enqueue(
-            &class,
+            class,
             id,
             Envelope::Http {
                 request: Box::new(request),
@@ -498,6 +677,7 @@ impl ActorDirectory {
                 reply,
                 state: state.clone(),
             },
+            lease,
         )?;
         let deadline = class.config().limits.queue_timeout;
         tokio::select! {
@@ -525,7 +705,52 @@ impl ActorDirectory {
             tracing::warn!(actor = ?key, "alarm for a class that is not deployed; dropped");
             return;
         };
-        if let Err(e) = self.enqueue(&class, key.id(), Envelope::Alarm { at, retry }) {
+        let Some(cluster) = self.cluster.clone() else {
+            self.queue_alarm(&class, key, at, retry, None);
+            return;
+        };
+        // In a cluster the alarm fires where the actor lives: placed first
+        // (taking it over if its owner died), dropped here if another live
+        // node owns it (that node has it from its own polling).
+        let Some(me) = self.me.upgrade() else { return };
+        let key = key.clone();
+        tokio::spawn(async move {
+            match me.lease_for(cluster.as_ref(), &class, key.id()).await {
+                Ok(Ok(lease)) => {
+                    // Polling may hand back an alarm that fired meanwhile
+                    // (its commit landed after the read): fire it only if
+                    // storage still has it at that time.
+                    match me.storage.actor_alarm(&key).await {
+                        Ok(Some(now)) if now == at => {
+                            me.queue_alarm(&class, &key, at, retry, Some(lease));
+                        }
+                        Ok(_) => tracing::debug!(actor = ?key, "alarm already fired or moved"),
+                        Err(e) => {
+                            tracing::warn!(actor = ?key, error = %e, "alarm could not be checked; retrying");
+                            let _ = me.alarms.send(AlarmCommand::Retry(key, at, retry));
+                        }
+                    }
+                }
+                Ok(Err((node, _))) => {
+                    tracing::debug!(actor = ?key, owner = %node, "alarm left to the actor's owner");
+                }
+                Err(e) => {
+                    tracing::warn!(actor = ?key, error = %e.detail(), "alarm could not be placed; retrying");
+                    let _ = me.alarms.send(AlarmCommand::Retry(key, at, retry));
+                }
+            }
+        });
+    }
+
+    fn queue_alarm(
+        &self,
+        class: &Arc<ActorClass>,
+        key: &ActorKey,
+        at: u64,
+        retry: u32,
+        lease: Option<Lease>,
+    ) {
+        if let Err(e) = self.enqueue(class, key.id(), Envelope::Alarm { at, retry }, lease) {
             tracing::warn!(actor = ?key, error = %e, "alarm could not be queued; retrying");
             let _ = self
                 .alarms
@@ -533,6 +758,10 @@ impl ActorDirectory {
         }
     }
 }
+
+/// Owners of other nodes' actors remembered at most (past it the memory
+/// starts over: a bound, not an eviction policy worth more).
+const MAX_REMOTE_OWNERS: usize = 65_536;
 
 /// The header that tells an actor which guest sent a message.
 pub const CALLER_HEADER: &str = "ignis-caller";
@@ -686,6 +915,32 @@ async fn run_activation(
                         || lock(&state.overlay).pending_bytes() <= budget
                 })
                 .await;
+        }
+        // In a cluster: a lease that moved (a commit was refused) or a
+        // session that lapsed (another node may own the actor now) ends the
+        // activation; this message and the queued ones get a retryable 503
+        // and go to the owner when retried.
+        let gone = if state.fenced.load(Ordering::SeqCst) {
+            Some("the actor moved to another node; retry")
+        } else if let Some(lease) = &state.lease
+            && dir.cluster.as_ref().and_then(|c| c.session()) != Some(lease.session)
+        {
+            Some("this node's cluster membership lapsed; retry")
+        } else {
+            None
+        };
+        if let Some(why) = gone {
+            lock(&dir.activations).remove_own(&key, task.generation);
+            if activation.take().is_some() {
+                dir.stats.active.fetch_sub(1, Ordering::SeqCst);
+            }
+            tracing::info!(actor = ?key, reason = why, "activation ended: its lease is gone");
+            refuse(envelope, why);
+            // The directory dropped the mailbox's sender: drain what queued.
+            while let Some(envelope) = rx.recv().await {
+                refuse(envelope, why);
+            }
+            break;
         }
         if state.failed.swap(false, Ordering::SeqCst) {
             // A commit failed: everything after it was answered with an
@@ -841,6 +1096,14 @@ type WaiterFor = Box<dyn FnOnce(http::Response<Bytes>) -> Waiter + Send>;
 enum Message {
     Http(Box<http::Request<Bytes>>),
     Alarm { at: u64, retry: u32 },
+}
+
+/// Answers a message the activation will not run with a retryable error;
+/// an alarm is dropped (the actor's owner fires it from storage).
+fn refuse(envelope: Envelope, why: &str) {
+    if let Envelope::Http { reply, .. } = envelope {
+        let _ = reply.send(Err(lease_gone(why)));
+    }
 }
 
 fn reset(dir: &ActorDirectory, activation: &mut Option<Activation>, overlay: &Mutex<Overlay>) {
