@@ -125,6 +125,61 @@ pub struct Manifest {
     pub cron: Vec<CronTrigger>,
     /// OpenTelemetry trace export (`[telemetry]`); `None`: off.
     pub telemetry: Option<TelemetryConfig>,
+    /// Cluster mode (`[cluster]`, or the CLI's `--cluster`); `None`: the
+    /// node is alone.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Cluster mode (`[cluster]`): nodes sharing one PostgreSQL database
+/// (`cluster.database`, which is the node's `storage.database`), with
+/// actors placed by leases and messages forwarded between nodes.
+/// docs/cluster.md has the design.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// The internal listener other nodes forward actor messages to
+    /// (HTTP/2 without TLS, bearer-authenticated; default `127.0.0.1:9903`).
+    pub listen: SocketAddr,
+    /// The `host:port` other nodes reach the internal listener at (default:
+    /// the address it was bound to).
+    pub advertise: Option<String>,
+    /// How long a node stays a member after its last heartbeat, by the
+    /// database's clock (default 5s, between 1s and 60s): the failover time
+    /// of its actors.
+    pub lease: Duration,
+    /// How long a forwarded message may take, the owner's work included
+    /// (default 30s, between 1s and 300s).
+    pub forward_timeout: Duration,
+}
+
+/// The internal listener's default address.
+pub const DEFAULT_CLUSTER_LISTEN: &str = "127.0.0.1:9903";
+
+impl ClusterConfig {
+    /// The defaults (what `--cluster URL` enables without a `[cluster]`).
+    pub fn with_defaults() -> ClusterConfig {
+        ClusterConfig {
+            listen: DEFAULT_CLUSTER_LISTEN.parse().expect("valid default"),
+            advertise: None,
+            lease: Duration::from_secs(5),
+            forward_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Checks an advertised `host:port`: at most 255 characters, a host and a
+/// port, nothing else.
+pub fn check_advertise(value: &str) -> Result<(), String> {
+    let ok = value.len() <= 255
+        && value
+            .parse::<http::uri::Authority>()
+            .is_ok_and(|a| a.port_u16().is_some_and(|p| p != 0) && !a.as_str().contains('@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{value}` is not a host:port (like 10.0.0.7:9903) of at most 255 characters"
+        ))
+    }
 }
 
 /// OpenTelemetry trace export (`[telemetry]`): one span per request,
@@ -996,6 +1051,17 @@ struct RawManifest {
     #[serde(default)]
     triggers: RawTriggers,
     telemetry: Option<Spanned<RawTelemetry>>,
+    cluster: Option<Spanned<RawCluster>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    database: Option<Spanned<String>>,
+    listen: Option<Spanned<String>>,
+    advertise: Option<Spanned<String>>,
+    lease: Option<HumanDuration>,
+    forward_timeout: Option<HumanDuration>,
 }
 
 #[derive(Deserialize)]
@@ -1400,7 +1466,7 @@ impl Validator<'_> {
         }
     }
 
-    fn manifest(&self, raw: RawManifest) -> Result<Manifest, ConfigError> {
+    fn manifest(&self, mut raw: RawManifest) -> Result<Manifest, ConfigError> {
         let slots_at = raw.server.function_slots.as_ref().map(|n| n.span().start);
         let server = self.server(raw.server)?;
         let secrets = match &server.secrets_file {
@@ -1527,6 +1593,25 @@ impl Validator<'_> {
             }
             tenants.insert(name, tenant);
         }
+        // `cluster.database` is the cluster's shared database: it is the
+        // node's storage database, named in one place or the other.
+        if let Some(db) = raw
+            .cluster
+            .as_mut()
+            .and_then(|c| c.get_mut().database.take())
+        {
+            DatabaseUrl::new(db.get_ref())
+                .map_err(|why| self.err(db.span().start, "cluster.database", why))?;
+            if raw.storage.database.is_some() {
+                return Err(self.err(
+                    db.span().start,
+                    "cluster.database",
+                    "storage.database is set too: name the database once (the cluster's is the \
+                     node's storage)",
+                ));
+            }
+            raw.storage.database = Some(db);
+        }
         let database_at = raw.storage.database.as_ref().map(|d| d.span().start);
         let storage = self.storage(raw.storage)?;
         if let Some(at) = database_at
@@ -1548,8 +1633,10 @@ impl Validator<'_> {
         let admin = self.admin(raw.admin, &server, tls.as_ref())?;
         let cron = self.cron(raw.triggers.cron, &functions, &actors)?;
         let telemetry = raw.telemetry.map(|t| self.telemetry(t)).transpose()?;
+        let cluster = raw.cluster.map(|c| self.cluster(c)).transpose()?;
         Ok(Manifest {
             telemetry,
+            cluster,
             text: self.text.into(),
             tls,
             admin,
@@ -1756,6 +1843,35 @@ impl Validator<'_> {
             });
         }
         Ok(out)
+    }
+
+    fn cluster(&self, raw: Spanned<RawCluster>) -> Result<ClusterConfig, ConfigError> {
+        let raw = raw.into_inner();
+        let defaults = ClusterConfig::with_defaults();
+        let advertise = match raw.advertise {
+            None => None,
+            Some(a) => {
+                check_advertise(a.get_ref())
+                    .map_err(|why| self.err(a.span().start, "cluster.advertise", why))?;
+                Some(a.into_inner())
+            }
+        };
+        Ok(ClusterConfig {
+            listen: self.address(raw.listen, "cluster.listen", DEFAULT_CLUSTER_LISTEN)?,
+            advertise,
+            lease: self.duration(
+                raw.lease,
+                "cluster.lease",
+                Duration::from_secs(1)..=Duration::from_secs(60),
+                defaults.lease,
+            )?,
+            forward_timeout: self.duration(
+                raw.forward_timeout,
+                "cluster.forward_timeout",
+                Duration::from_secs(1)..=Duration::from_secs(300),
+                defaults.forward_timeout,
+            )?,
+        })
     }
 
     fn telemetry(&self, raw: Spanned<RawTelemetry>) -> Result<TelemetryConfig, ConfigError> {

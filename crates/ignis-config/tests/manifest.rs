@@ -1565,3 +1565,95 @@ fn a_database_is_checked_and_never_shown() {
     parse("[storage]\nmax_key_bytes = \"4KiB\"\n").unwrap();
     parse(actor).unwrap();
 }
+
+#[test]
+fn cluster_settings_have_defaults_and_bad_ones_are_named() {
+    assert_eq!(parse("").unwrap().cluster, None);
+    let c = parse("[cluster]\n").unwrap().cluster.unwrap();
+    assert_eq!(c, ignis_config::ClusterConfig::with_defaults());
+    assert_eq!(c.lease, Duration::from_secs(5));
+    assert_eq!(c.listen.to_string(), "127.0.0.1:9903");
+    let c = parse(
+        "[cluster]\nlisten = \"0.0.0.0:7000\"\nadvertise = \"node-3.internal:7000\"\nlease = \"2s\"\nforward_timeout = \"10s\"\n",
+    )
+    .unwrap()
+    .cluster
+    .unwrap();
+    assert_eq!(
+        (c.advertise.as_deref(), c.lease, c.forward_timeout),
+        (
+            Some("node-3.internal:7000"),
+            Duration::from_secs(2),
+            Duration::from_secs(10)
+        )
+    );
+    assert_all_invalid(&[
+        (
+            "[cluster]\nlease = \"100ms\"\n".to_string(),
+            2,
+            "cluster.lease",
+            "between",
+        ),
+        (
+            "[cluster]\nlease = \"2m\"\n".to_string(),
+            2,
+            "cluster.lease",
+            "between",
+        ),
+        (
+            "[cluster]\nforward_timeout = \"0s\"\n".to_string(),
+            2,
+            "cluster.forward_timeout",
+            "between",
+        ),
+        (
+            "[cluster]\nlisten = \"everywhere\"\n".to_string(),
+            2,
+            "cluster.listen",
+            "not an address",
+        ),
+        (
+            "[cluster]\nadvertise = \"10.0.0.7\"\n".to_string(),
+            2,
+            "cluster.advertise",
+            "host:port",
+        ),
+        (
+            "[cluster]\nadvertise = \"user@10.0.0.7:9903\"\n".to_string(),
+            2,
+            "cluster.advertise",
+            "host:port",
+        ),
+        (
+            format!("[cluster]\nadvertise = \"{}.example:1\"\n", "a".repeat(300)),
+            2,
+            "cluster.advertise",
+            "255",
+        ),
+        (
+            "[cluster]\nadvertise = \"h:0\"\n".to_string(),
+            2,
+            "cluster.advertise",
+            "host:port",
+        ),
+        (
+            "[cluster]\ndatabase = \"mysql://db/x\"\n".to_string(),
+            2,
+            "cluster.database",
+            "postgres:// URL",
+        ),
+        (
+            "[storage]\ndatabase = \"postgres://db/x\"\n[cluster]\ndatabase = \"postgres://db/y\"\n"
+                .to_string(),
+            4,
+            "cluster.database",
+            "name the database once",
+        ),
+    ]);
+    // The cluster's database is the node's storage.
+    let m = parse("[cluster]\ndatabase = \"postgres://ignis:pw@db/ignis\"\n").unwrap();
+    assert_eq!(
+        m.storage.database.map(|d| d.expose().to_string()),
+        Some("postgres://ignis:pw@db/ignis".to_string())
+    );
+}
