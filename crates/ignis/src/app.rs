@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use ignis_actors::cron::CronTriggers;
@@ -18,6 +18,7 @@ use ignis_runtime::sched::FairScheduler;
 use ignis_runtime::{Function, Platform, Runtime, RuntimeSettings};
 use ignis_store::{ActorStorage, KvBackend, PgOptions, PgStore, SqliteStore, StoreStats};
 
+use crate::cluster::{ClusterNode, InternalListener};
 use crate::deploy::{Deployments, Initial};
 use crate::guest_build;
 use crate::otel::OtlpExporter;
@@ -57,6 +58,9 @@ pub struct App {
     pub deployments: Arc<Deployments>,
     /// The trace exporter (`[telemetry]`), if on.
     pub telemetry: Option<Arc<OtlpExporter>>,
+    /// In cluster mode with actor classes: this node's membership, and its
+    /// internal listener (served by [`serve`]).
+    pub cluster: Option<(Arc<ClusterNode>, Mutex<Option<InternalListener>>)>,
 }
 
 /// The node's storage engine (`[storage]`): the embedded SQLite file, or
@@ -72,9 +76,17 @@ pub enum Store {
 impl Store {
     /// Opens the manifest's store. With a database and actor classes, the
     /// node takes the database's node lock (one node serves actors from a
-    /// database). Must be called inside the tokio runtime.
+    /// database), unless it is in cluster mode (actors are then placed by
+    /// leases). Must be called inside the tokio runtime.
     pub fn open(manifest: &Manifest) -> anyhow::Result<Store> {
         let storage = &manifest.storage;
+        if manifest.cluster.is_some() && storage.database.is_none() {
+            anyhow::bail!(
+                "cluster mode needs a PostgreSQL database shared by the nodes: set \
+                 cluster.database in {} or IGNIS_DATABASE_URL (or use --cluster URL)",
+                manifest.path.display()
+            );
+        }
         let Some(url) = &storage.database else {
             let store = SqliteStore::open(&storage.path).with_context(|| {
                 format!("opening the key-value store {}", storage.path.display())
@@ -82,7 +94,7 @@ impl Store {
             return Ok(Store::Sqlite(store));
         };
         let options = PgOptions {
-            node_lock: !manifest.actors.is_empty(),
+            node_lock: !manifest.actors.is_empty() && manifest.cluster.is_none(),
             ..PgOptions::default()
         };
         let handle = tokio::runtime::Handle::current();
@@ -182,6 +194,7 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
     )
     .context("starting the guest scheduler threads")?;
     let store = if !manifest.actors.is_empty()
+        || manifest.cluster.is_some()
         || manifest
             .functions
             .values()
@@ -232,14 +245,30 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         gates.insert(name.clone(), FunctionGate::new(function.clone()));
         functions.insert(name.clone(), function);
     }
+    let cluster = match (&manifest.cluster, &store) {
+        (Some(config), Some(Store::Postgres(pg))) if !manifest.actors.is_empty() => {
+            Some(join_cluster(config, pg.clone())?)
+        }
+        (Some(_), _) => {
+            tracing::info!("cluster mode without actor classes: nothing is placed between nodes");
+            None
+        }
+        _ => None,
+    };
     let directory = match &store {
         Some(store) if !manifest.actors.is_empty() => {
             let mut classes = Vec::new();
             for (name, config) in &manifest.actors {
                 classes.push(runtime.load_actor_class(config, &paths.actors[name])?);
             }
-            let directory =
-                ActorDirectory::start(classes, store.actors(), runtime.settings().activation_slots);
+            let directory = ActorDirectory::start_with(
+                classes,
+                store.actors(),
+                runtime.settings().activation_slots,
+                cluster
+                    .as_ref()
+                    .map(|(node, _)| node.clone() as Arc<dyn ignis_actors::Cluster>),
+            );
             let _ = caller_slot.set(directory.clone());
             Some(directory)
         }
@@ -289,6 +318,30 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         edge,
         store,
         directory,
+        cluster: cluster.map(|(node, listener)| (node, Mutex::new(Some(listener)))),
+    })
+}
+
+/// Binds the internal listener, joins the cluster (advertising the
+/// listener) and starts the heartbeat.
+fn join_cluster(
+    config: &ignis_config::ClusterConfig,
+    store: PgStore,
+) -> anyhow::Result<(Arc<ClusterNode>, InternalListener)> {
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| {
+        handle.block_on(async {
+            let listener = InternalListener::bind(config.listen).await?;
+            let address = config
+                .advertise
+                .clone()
+                .unwrap_or_else(|| listener.local_addr().to_string());
+            let node = ClusterNode::join(store, address, config)
+                .await
+                .context("joining the cluster")?;
+            node.spawn_heartbeat();
+            Ok((node, listener))
+        })
     })
 }
 
@@ -514,6 +567,21 @@ pub async fn serve(manifest: &Manifest, app: App, watch: bool) -> anyhow::Result
     if let Some(admin) = &admin {
         println!("admin on http://{}", admin.local_addr());
     }
+    let cluster = app.cluster.as_ref().map(|(node, _)| node.clone());
+    let internal = match (&app.cluster, &app.directory) {
+        (Some((node, listener)), Some(directory)) => {
+            let listener = listener.lock().unwrap_or_else(|p| p.into_inner()).take();
+            listener.map(|listener| {
+                println!(
+                    "cluster on http://{} (node {})",
+                    listener.local_addr(),
+                    node.id()
+                );
+                tokio::spawn(listener.run(node.clone(), directory.clone()))
+            })
+        }
+        _ => None,
+    };
     for (name, f) in &app.functions {
         tracing::info!(function = %name, tenant = f.tenant(), "ready");
     }
@@ -572,6 +640,14 @@ pub async fn serve(manifest: &Manifest, app: App, watch: bool) -> anyhow::Result
     };
     let telemetry = app.telemetry.clone();
     let ended = tokio::join!(signal, admin, public).2;
+    // Leaving makes this node's actors movable at once; forwarded
+    // messages stop with the process.
+    if let Some(node) = cluster {
+        node.leave().await;
+    }
+    if let Some(internal) = internal {
+        internal.abort();
+    }
     // The spans of the last requests go out before the process ends.
     if let Some(exporter) = telemetry {
         exporter.shutdown().await;

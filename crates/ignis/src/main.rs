@@ -48,6 +48,25 @@ struct ListenArgs {
     /// IGNIS_ADMIN_TOKEN environment variable (which wins).
     #[arg(long, env = "IGNIS_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
+    /// Join the cluster whose shared PostgreSQL database is at this URL
+    /// (it becomes `storage.database`; `[cluster]`'s settings apply, or
+    /// their defaults). Prefer the IGNIS_CLUSTER environment variable: a
+    /// command line is visible to every user of the machine.
+    #[arg(
+        long,
+        env = "IGNIS_CLUSTER",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    cluster: Option<String>,
+    /// The cluster's internal listener instead of `cluster.listen` (use
+    /// 127.0.0.1:0 for any free port).
+    #[arg(long, env = "IGNIS_CLUSTER_LISTEN")]
+    cluster_listen: Option<SocketAddr>,
+    /// The `host:port` other nodes reach this node's internal listener at,
+    /// instead of `cluster.advertise`.
+    #[arg(long, env = "IGNIS_CLUSTER_ADVERTISE")]
+    cluster_advertise: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -229,6 +248,31 @@ fn load_manifest(path: &Path, args: Option<&ListenArgs>) -> anyhow::Result<Manif
     }
     if let Some(url) = from_env("IGNIS_DATABASE_URL", ignis_config::DatabaseUrl::new)? {
         manifest.storage.database = Some(url);
+    }
+    if let Some(url) = &args.cluster {
+        let url = ignis_config::DatabaseUrl::new(url)
+            .map_err(|why| anyhow::anyhow!("--cluster (or IGNIS_CLUSTER): {why}"))?;
+        manifest.storage.database = Some(url);
+        manifest
+            .cluster
+            .get_or_insert_with(ignis_config::ClusterConfig::with_defaults);
+    }
+    if args.cluster_listen.is_some() || args.cluster_advertise.is_some() {
+        let Some(cluster) = manifest.cluster.as_mut() else {
+            anyhow::bail!(
+                "--cluster-listen and --cluster-advertise need cluster mode: a [cluster] section \
+                 in {} or --cluster URL",
+                path.display()
+            );
+        };
+        if let Some(addr) = args.cluster_listen {
+            cluster.listen = addr;
+        }
+        if let Some(advertise) = &args.cluster_advertise {
+            ignis_config::check_advertise(advertise)
+                .map_err(|why| anyhow::anyhow!("--cluster-advertise: {why}"))?;
+            cluster.advertise = Some(advertise.clone());
+        }
     }
     match (&mut manifest.tls, args.tls_listen) {
         (Some(tls), Some(addr)) => tls.listen = addr,

@@ -4,7 +4,7 @@
 //!
 //! | request | does |
 //! |---|---|
-//! | `POST .../incr` | reads `count`, adds one, writes it back (a read-modify-write that would lose updates if two messages ever interleaved); the new value |
+//! | `POST .../incr?spin_ms=N` | reads `count`, adds one, writes it back (a read-modify-write that would lose updates if two messages ever interleaved); the new value. With `spin_ms`, first prints `incr spinning N ms` and keeps the actor busy for N ms |
 //! | `GET .../get` | the count |
 //! | `POST .../trap` | writes `count = 1000000`, then traps: the write must vanish |
 //! | `POST .../bulk?n=N` | writes N keys `k0..kN` in one message |
@@ -81,6 +81,11 @@ fn route(path: &str, query: &str) -> (u16, String) {
     let op = path.rsplit('/').next().unwrap_or_default();
     match op {
         "incr" => {
+            if let Some(ms) = param(query, "spin_ms").and_then(|n| n.parse::<u64>().ok()) {
+                println!("incr spinning {ms} ms");
+                let until = now_ms() + ms;
+                while now_ms() < until {}
+            }
             let n = number("count") + 1;
             put("count", n);
             (200, n.to_string())

@@ -2,7 +2,7 @@
 //! servers from manifest text, and speaks HTTP to them.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -323,11 +323,29 @@ pub struct Proc {
     pub child: Child,
     pub addr: std::net::SocketAddr,
     pub stderr: std::thread::JoinHandle<String>,
+    /// Its stderr so far, line by line as it comes ([`Proc::wait_log`]).
+    pub log: Arc<(std::sync::Mutex<String>, std::sync::Condvar)>,
     /// The rest of its stdout, after the first "listening on" line.
     pub stdout: BufReader<std::process::ChildStdout>,
 }
 
 impl Proc {
+    /// Waits until the process has written a stderr line containing
+    /// `needle`; false if it did not within `within` (or its stderr ended).
+    pub fn wait_log(&self, needle: &str, within: Duration) -> bool {
+        let (text, changed) = &*self.log;
+        let deadline = std::time::Instant::now() + within;
+        let mut text = text.lock().unwrap();
+        while !text.contains(needle) {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            text = changed.wait_timeout(text, deadline - now).unwrap().0;
+        }
+        true
+    }
+
     /// Reads stdout lines until one starts with `prefix`; returns the rest
     /// of that line.
     pub fn stdout_line(&mut self, prefix: &str) -> String {
@@ -375,11 +393,22 @@ fn spawn_command(mut cmd: Command) -> Proc {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new((
+        std::sync::Mutex::new(String::new()),
+        std::sync::Condvar::new(),
+    ));
+    let lines = log.clone();
     let stderr = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
+        let mut stderr = BufReader::new(stderr);
+        let mut line = String::new();
+        while stderr.read_line(&mut line).is_ok_and(|n| n > 0) {
+            lines.0.lock().unwrap().push_str(&line);
+            lines.1.notify_all();
+            line.clear();
+        }
+        lines.1.notify_all();
+        lines.0.lock().unwrap().clone()
     });
     let mut line = String::new();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
@@ -394,6 +423,7 @@ fn spawn_command(mut cmd: Command) -> Proc {
         child,
         addr,
         stderr,
+        log,
         stdout,
     }
 }

@@ -7,6 +7,7 @@ mod admin;
 mod admission;
 mod bindings;
 mod cli;
+mod cluster;
 mod cron;
 mod deploy;
 mod durable;

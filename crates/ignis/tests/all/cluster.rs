@@ -1,0 +1,472 @@
+//! Cluster mode end to end: three `ignis serve` processes on one private
+//! PostgreSQL database (`ignis_store::testing`), each with its own HTTP and
+//! internal listener on ephemeral ports. Actors are placed by leases, and
+//! messages sent to any node reach the one owner.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+
+use crate::harness::*;
+
+/// A node of the test cluster: its process and its internal address.
+struct Node {
+    proc: Proc,
+    internal: String,
+    id: String,
+}
+
+impl Node {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proc.addr)
+    }
+}
+
+/// The counter actor class (and its client function) with `[cluster]`
+/// settings `cluster`, on the database `url`.
+fn cluster_manifest(dir: &std::path::Path, cluster: &str) -> std::path::PathBuf {
+    write(
+        dir,
+        "ignis.toml",
+        &format!(
+            r#"[server]
+cache_dir = "{cache}"
+
+[cluster]
+{cluster}
+
+[actors.counter]
+component = "{counter}"
+tenant = "app"
+cpu_time = "10s"
+
+[[routes]]
+path = "/counter/{{id}}/..."
+actor = "counter"
+"#,
+            cache = shared_cache(),
+            counter = wasm("counter"),
+        ),
+    )
+}
+
+/// Starts one node of the cluster on database `url`.
+fn start_node(manifest: &std::path::Path, url: &str) -> Node {
+    let mut proc = spawn_with(
+        &[
+            "serve",
+            manifest.to_str().unwrap(),
+            "--cluster-listen",
+            "127.0.0.1:0",
+        ],
+        &[("IGNIS_CLUSTER", url), ("IGNIS_LOG", "info")],
+    );
+    let line = proc.stdout_line("cluster on http://");
+    let (internal, id) = line
+        .split_once(" (node ")
+        .unwrap_or_else(|| panic!("unexpected cluster line {line:?}"));
+    Node {
+        internal: internal.to_string(),
+        id: id.trim_end_matches(')').to_string(),
+        proc,
+    }
+}
+
+/// Like `send`, but a connection error (the node is gone) is `None`.
+async fn try_send(c: &HttpClient, req: http::Request<Full<Bytes>>) -> Option<Reply> {
+    let resp = tokio::time::timeout(Duration::from_secs(60), c.request(req))
+        .await
+        .expect("an answer or an error within 60s")
+        .ok()?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn incr(url: &str) -> http::Request<Full<Bytes>> {
+    http::Request::post(url).body(Full::default()).unwrap()
+}
+
+/// The owners an actor has had, by epoch, from the database.
+fn owners(server: &ignis_store::testing::TestPostgres, url: &str, id: &str) -> Vec<String> {
+    server
+        .sql(
+            url.rsplit("dbname=").next().unwrap(),
+            &format!(
+                "SELECT epoch || ':' || node FROM ignis_actor_owners \
+                 WHERE class = 'counter' AND id = '{id}'::bytea ORDER BY epoch"
+            ),
+        )
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// 1,000 concurrent increments of one actor, sent round-robin to three
+/// nodes, count exactly 1,000: each value acknowledged once, so exactly
+/// one activation ran them (the other two nodes forwarded), and the actor
+/// had one owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_count_1000_round_robin_increments_exactly() {
+    let Some(server) = ignis_store::testing::shared() else {
+        return;
+    };
+    let url = server.database();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = cluster_manifest(dir.path(), "");
+    let nodes: Vec<Node> = (0..3).map(|_| start_node(&manifest, &url)).collect();
+    let c = client();
+    let targets: Vec<String> = nodes
+        .iter()
+        .map(|n| n.url("/counter/shared/incr"))
+        .collect();
+    let workers: Vec<_> = (0..30)
+        .map(|w| {
+            let (c, targets) = (c.clone(), targets.clone());
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                for i in 0..1000 / 30 + 1 {
+                    let n = w * 34 + i;
+                    if n >= 1000 {
+                        break;
+                    }
+                    let r = send(&c, incr(&targets[n % 3])).await;
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    acked.push(r.text().parse::<u64>().unwrap());
+                }
+                acked
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    let distinct: BTreeSet<u64> = all.iter().copied().collect();
+    assert_eq!(all.len(), 1000);
+    assert_eq!(distinct, (1..=1000).collect::<BTreeSet<u64>>());
+    for node in &nodes {
+        let r = get(&c, &node.url("/counter/shared/get")).await;
+        assert_eq!((r.status, r.text().as_str()), (200, "1000"));
+    }
+    let history = owners(server, &url, "shared");
+    assert_eq!(history.len(), 1, "one owner: {history:?}");
+    assert!(
+        nodes.iter().any(|n| history[0] == format!("1:{}", n.id)),
+        "{history:?}"
+    );
+    for node in nodes {
+        stop(node.proc);
+    }
+}
+
+/// SIGKILL the actor's owner under load: the actor is active again on
+/// another node once the owner's lease expires; no value is acknowledged
+/// twice (never two owners committing: the epoch history has exactly the
+/// two owners), and every acknowledged increment is in the final count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_owner_moves_its_actor_and_loses_no_acknowledged_increment() {
+    let Some(server) = ignis_store::testing::shared() else {
+        return;
+    };
+    let url = server.database();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = cluster_manifest(dir.path(), "lease = \"1s\"\nforward_timeout = \"2s\"");
+    let mut nodes: Vec<Node> = (0..3).map(|_| start_node(&manifest, &url)).collect();
+    let c = client();
+    // The first message makes node 0 the owner.
+    let r = send(&c, incr(&nodes[0].url("/counter/moving/incr"))).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "1"));
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, u64)>();
+    let workers: Vec<_> = (0..9)
+        .map(|w| {
+            let (c, target, tx, stop_load) = (
+                c.clone(),
+                nodes[w % 3].url("/counter/moving/incr"),
+                acked_tx.clone(),
+                stop_load.clone(),
+            );
+            tokio::spawn(async move {
+                let mut retried = 0u32;
+                while !stop_load.load(Ordering::SeqCst) {
+                    let Some(r) = try_send(&c, incr(&target)).await else {
+                        return retried; // this worker's node was killed
+                    };
+                    match r.status {
+                        200 => {
+                            let _ = tx.send((w % 3, r.text().parse().unwrap()));
+                        }
+                        // Retryable while the actor moves: its owner is
+                        // unreachable until its lease expires.
+                        503 => {
+                            assert!(r.headers.contains_key("retry-after"), "{}", r.text());
+                            retried += 1;
+                        }
+                        // The owner died with the forwarded message in
+                        // flight: its outcome is unknown (not acknowledged).
+                        502 => retried += 1,
+                        s => panic!("unexpected {s}: {}", r.text()),
+                    }
+                }
+                retried
+            })
+        })
+        .collect();
+    drop(acked_tx);
+    let mut acked = vec![1u64];
+    while acked.len() < 200 {
+        acked.push(acked_rx.recv().await.expect("acknowledgements").1);
+    }
+    let owner = nodes.remove(0);
+    let owner_id = owner.id.clone();
+    sigkill(owner.proc);
+    // Acknowledgements go on from the two survivors once one owns it.
+    let mut after_kill = 0;
+    while after_kill < 200 {
+        let (node, n) = acked_rx
+            .recv()
+            .await
+            .expect("acknowledgements after the kill");
+        acked.push(n);
+        after_kill += usize::from(node != 0);
+    }
+    stop_load.store(true, Ordering::SeqCst);
+    let mut retried = 0;
+    for w in workers {
+        retried += w.await.unwrap();
+    }
+    while let Ok((_, n)) = acked_rx.try_recv() {
+        acked.push(n);
+    }
+    let distinct: BTreeSet<u64> = acked.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        acked.len(),
+        "a value was acknowledged twice"
+    );
+    let r = get(&c, &nodes[0].url("/counter/moving/get")).await;
+    assert_eq!(r.status, 200);
+    let count: u64 = r.text().parse().unwrap();
+    assert!(
+        count >= *distinct.last().unwrap(),
+        "acknowledged {} but the count is {count}",
+        distinct.last().unwrap()
+    );
+    let history = owners(server, &url, "moving");
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert_eq!(history[0], format!("1:{owner_id}"));
+    assert!(
+        nodes.iter().any(|n| history[1] == format!("2:{}", n.id)),
+        "{history:?}"
+    );
+    assert!(
+        retried > 0,
+        "the survivors were told to retry while the actor moved"
+    );
+    for node in nodes {
+        stop(node.proc);
+    }
+}
+
+/// The owner is paused (SIGSTOP) in the middle of a message, past its
+/// lease: another node takes the actor over (epoch 2). When the owner
+/// resumes, its message's commit is refused by the fence: the client gets
+/// a retryable 503, and the write is not in the count. The resumed node
+/// then serves the actor by forwarding to the new owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_owners_late_commit_is_refused_and_its_client_told_to_retry() {
+    let Some(server) = ignis_store::testing::shared() else {
+        return;
+    };
+    let url = server.database();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = cluster_manifest(dir.path(), "lease = \"1s\"\nforward_timeout = \"1s\"");
+    let nodes: Vec<Node> = (0..2).map(|_| start_node(&manifest, &url)).collect();
+    let c = client();
+    let r = send(&c, incr(&nodes[0].url("/counter/paused/incr"))).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "1"));
+    // A message that will be mid-run when the owner is paused.
+    let late = tokio::spawn({
+        let (c, u) = (c.clone(), nodes[0].url("/counter/paused/incr?spin_ms=1000"));
+        async move { send(&c, incr(&u)).await }
+    });
+    assert!(
+        nodes[0]
+            .proc
+            .wait_log("incr spinning", Duration::from_secs(30)),
+        "the message started"
+    );
+    signal(&nodes[0].proc.child, "STOP");
+    // Reads through the other node: forwarded to the paused owner (they
+    // time out) until its lease expires, then served by the new owner.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let read = loop {
+        let r = get(&c, &nodes[1].url("/counter/paused/get")).await;
+        if r.status == 200 {
+            break r.text();
+        }
+        assert!(matches!(r.status, 503 | 504), "{}: {}", r.status, r.text());
+        assert!(Instant::now() < deadline, "no takeover within 30s");
+    };
+    assert_eq!(read, "1", "the new owner reads what was committed");
+    signal(&nodes[0].proc.child, "CONT");
+    let r = late.await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.headers.contains_key("retry-after"));
+    assert!(r.text().contains("moved to another node"), "{}", r.text());
+    let r = get(&c, &nodes[1].url("/counter/paused/get")).await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "1"),
+        "the late write is not applied"
+    );
+    // The resumed node forwards to the new owner (once its heartbeat has
+    // renewed its membership; until then it says to retry).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        let r = send(&c, incr(&nodes[0].url("/counter/paused/incr"))).await;
+        if r.status != 503 {
+            break r;
+        }
+        assert!(r.text().contains("membership lapsed"), "{}", r.text());
+        assert!(
+            Instant::now() < deadline,
+            "the resumed node never served again"
+        );
+    };
+    assert_eq!((r.status, r.text().as_str()), (200, "2"));
+    assert_eq!(
+        owners(server, &url, "paused"),
+        [format!("1:{}", nodes[0].id), format!("2:{}", nodes[1].id)]
+    );
+    let mut nodes = nodes.into_iter();
+    let log = stop(nodes.next().unwrap().proc);
+    assert!(log.contains("the lease moved to another node"), "{log}");
+    stop(nodes.next().unwrap().proc);
+}
+
+/// The internal listener takes only what nodes of the cluster send: no
+/// token or a wrong one is 403, a malformed actor header 400, and a
+/// message forwarded too many times (a loop) 508. Nothing reaches the
+/// actor (its count stays 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_internal_listener_refuses_strangers_malformed_messages_and_loops() {
+    let Some(server) = ignis_store::testing::shared() else {
+        return;
+    };
+    let url = server.database();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = cluster_manifest(dir.path(), "");
+    let nodes: Vec<Node> = (0..2).map(|_| start_node(&manifest, &url)).collect();
+    let token = server
+        .sql(
+            url.rsplit("dbname=").next().unwrap(),
+            "SELECT value FROM ignis_cluster WHERE name = 'forward_token'",
+        )
+        .trim()
+        .to_string();
+    assert_eq!(token.len(), 32, "{token:?}");
+    // The actor lives on node 1.
+    let c = client();
+    let r = get(&c, &nodes[1].url("/counter/guarded/get")).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "0"));
+    let h2: HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let internal = |headers: &[(&str, &str)]| {
+        let mut req =
+            http::Request::post(format!("http://{}/counter/guarded/incr", nodes[0].internal));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(Full::default()).unwrap()
+    };
+    let actor = ("ignis-forward-actor", "counter/guarded");
+    let hops = ("ignis-forward-hops", "1");
+    let r = send(&h2, internal(&[actor, hops])).await;
+    assert_eq!(r.status, 403, "no token: {}", r.text());
+    let wrong = "0".repeat(32);
+    let r = send(
+        &h2,
+        internal(&[("ignis-cluster-token", &wrong), actor, hops]),
+    )
+    .await;
+    assert_eq!(r.status, 403, "wrong token: {}", r.text());
+    let with = ("ignis-cluster-token", token.as_str());
+    let r = send(
+        &h2,
+        internal(&[with, ("ignis-forward-actor", "no-slash"), hops]),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = send(
+        &h2,
+        internal(&[with, ("ignis-forward-actor", "counter/%FF"), hops]),
+    )
+    .await;
+    assert_eq!(r.status, 400, "an id that is not UTF-8: {}", r.text());
+    let r = send(&h2, internal(&[with, actor])).await;
+    assert_eq!(r.status, 400, "no hop count: {}", r.text());
+    // Node 0 does not own the actor: a message that already made the most
+    // hops is refused instead of going round again.
+    let r = send(&h2, internal(&[with, actor, ("ignis-forward-hops", "3")])).await;
+    assert_eq!(r.status, 508, "{}", r.text());
+    assert!(r.text().contains("forwarding loop"), "{}", r.text());
+    // A good one is forwarded to the owner and counted once.
+    let r = send(&h2, internal(&[with, actor, hops])).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "1"));
+    let r = get(&c, &nodes[0].url("/counter/guarded/get")).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "1"));
+    for node in nodes {
+        stop(node.proc);
+    }
+}
+
+/// Cluster mode without a database is refused at start, saying what to set.
+#[test]
+fn cluster_mode_without_a_database_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = cluster_manifest(dir.path(), "listen = \"127.0.0.1:0\"");
+    let out = ignis()
+        .args([
+            "serve",
+            manifest.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("IGNIS_DATABASE_URL")
+        .env_remove("IGNIS_CLUSTER")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cluster mode needs a PostgreSQL database")
+            && stderr.contains("IGNIS_DATABASE_URL"),
+        "{stderr}"
+    );
+    let out = ignis()
+        .args([
+            "serve",
+            manifest.to_str().unwrap(),
+            "--cluster-advertise",
+            "user@host:1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--cluster-advertise"), "{stderr}");
+}
