@@ -255,3 +255,188 @@ fn lapsed() -> StoreError {
             .into(),
     )
 }
+
+/// One change of the cluster's deployments, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeployRow {
+    /// Its number: one more than the change it was made on.
+    pub seq: i64,
+    /// SHA-256 of the manifest file the change was made on (nodes of a
+    /// cluster serve the same file; one that does not skips the change).
+    pub base: String,
+    /// The whole manifest document after the change.
+    pub document: String,
+    /// Which components the document names by hash (the node's own JSON).
+    pub components: String,
+    /// The node that made it.
+    pub node: String,
+    /// Who made it.
+    pub by: String,
+}
+
+/// Deploy records kept (older ones, and components only they named, are
+/// pruned by [`PgStore::prune`]).
+pub const DEPLOY_HISTORY: i64 = 100;
+
+/// The `NOTIFY` channel of deploys.
+pub const DEPLOY_CHANNEL: &str = "ignis_deploys";
+
+impl PgStore {
+    /// Records `row` as change number `row.seq` of the cluster's
+    /// deployments, with the component bytes it adds, and notifies the
+    /// other nodes, all in one transaction. `Ok(false)`: another node
+    /// recorded change `row.seq` first (nothing was written).
+    pub async fn publish_deploy(
+        &self,
+        row: &DeployRow,
+        components: &[(String, Vec<u8>)],
+    ) -> Result<bool, StoreError> {
+        let mut c = self.reader().await?;
+        let tx = c.transaction().await?;
+        for (sha, bytes) in components {
+            tx.execute(
+                "INSERT INTO ignis_components (sha256, bytes) VALUES ($1, $2)
+                 ON CONFLICT (sha256) DO NOTHING",
+                &[sha, bytes],
+            )
+            .await?;
+        }
+        let inserted = tx
+            .execute(
+                "INSERT INTO ignis_deploys (seq, base, document, components, node, by_whom)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (seq) DO NOTHING",
+                &[
+                    &row.seq,
+                    &row.base,
+                    &row.document,
+                    &row.components,
+                    &row.node,
+                    &row.by,
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&DEPLOY_CHANNEL, &row.seq.to_string()],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The cluster's latest deploy record, if any.
+    pub async fn latest_deploy(&self) -> Result<Option<DeployRow>, StoreError> {
+        let row = self
+            .read_one(
+                "SELECT seq, base, document, components, node, by_whom FROM ignis_deploys
+                 ORDER BY seq DESC LIMIT 1",
+                &[],
+            )
+            .await?;
+        Ok(row.map(|r| DeployRow {
+            seq: r.get(0),
+            base: r.get(1),
+            document: r.get(2),
+            components: r.get(3),
+            node: r.get(4),
+            by: r.get(5),
+        }))
+    }
+
+    /// The bytes of the component whose SHA-256 is `sha256`, if stored.
+    pub async fn component(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let row = self
+            .read_one(
+                "SELECT bytes FROM ignis_components WHERE sha256 = $1",
+                &[&sha256],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Drops deploy records past the last [`DEPLOY_HISTORY`] and the
+    /// components no remaining record names.
+    pub async fn prune_deploys(&self) -> Result<(), StoreError> {
+        self.read(
+            "DELETE FROM ignis_deploys WHERE seq <= (SELECT max(seq) FROM ignis_deploys) - $1",
+            &[&DEPLOY_HISTORY],
+        )
+        .await?;
+        self.read(
+            "DELETE FROM ignis_components c WHERE NOT EXISTS (
+                 SELECT 1 FROM ignis_deploys d WHERE strpos(d.components, c.sha256) > 0)",
+            &[],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Listens on `channel` on a connection of its own, sending each
+    /// notification's payload to the returned receiver (bounded; a full
+    /// receiver drops payloads, which only tell to look again). Reconnects
+    /// after a lost connection, sending an empty payload once it listens
+    /// again (what was notified meanwhile is lost: look again).
+    pub fn listen(&self, channel: &'static str) -> tokio::sync::mpsc::Receiver<String> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let config = self.config().clone();
+        let target = self.target().to_string();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            while !tx.is_closed() {
+                match listen_once(&config, channel, &tx).await {
+                    Ok(()) => backoff = Duration::from_millis(100),
+                    Err(e) => {
+                        tracing::warn!(database = %target, error = %e, "LISTEN {channel} failed; trying again");
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
+        rx
+    }
+}
+
+/// One `LISTEN` session, until its connection ends or nobody listens.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    channel: &str,
+    tx: &tokio::sync::mpsc::Sender<String>,
+) -> Result<(), StoreError> {
+    use futures_util::StreamExt as _;
+    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    let (notes, mut notified) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    let _ = notes.send(n.payload().to_string());
+                }
+                Ok(_) => {}
+                Err(e) => return Err(StoreError::from(e)),
+            }
+        }
+        Ok(())
+    });
+    client.batch_execute(&format!("LISTEN {channel}")).await?;
+    let _ = tx.try_send(String::new());
+    loop {
+        tokio::select! {
+            note = notified.recv() => match note {
+                Some(payload) => {
+                    let _ = tx.try_send(payload);
+                }
+                None => break,
+            },
+            () = tx.closed() => break,
+        }
+    }
+    drop(client);
+    driver
+        .await
+        .map_err(|e| StoreError::Engine(e.to_string()))?
+}

@@ -132,7 +132,7 @@ CREATE TABLE ignis_actor_alarms (
     },
     Migration {
         version: 2,
-        description: "cluster: nodes, actor leases with epochs, fenced commits",
+        description: "cluster: nodes, actor leases with epochs, fenced commits, shared deployments",
         sql: CLUSTER_SCHEMA,
     },
 ];
@@ -167,6 +167,19 @@ CREATE TABLE ignis_actor_owners (
 CREATE TABLE ignis_cluster (
     name  TEXT PRIMARY KEY,
     value TEXT NOT NULL
+);
+CREATE TABLE ignis_deploys (
+    seq        BIGINT      PRIMARY KEY,
+    base       TEXT        NOT NULL,
+    document   TEXT        NOT NULL,
+    components TEXT        NOT NULL,
+    node       TEXT        NOT NULL,
+    by_whom    TEXT        NOT NULL,
+    at         TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE ignis_components (
+    sha256 TEXT  PRIMARY KEY,
+    bytes  BYTEA NOT NULL
 );
 CREATE FUNCTION ignis_fence(p_class TEXT, p_id BYTEA, p_node TEXT, p_epoch BIGINT)
 RETURNS BOOLEAN LANGUAGE plpgsql AS $$
@@ -316,6 +329,8 @@ struct Job {
 
 struct Shared {
     pool: Pool,
+    /// How to open a connection of its own (a `LISTEN`er).
+    config: tokio_postgres::Config,
     target: String,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     stats: Arc<StoreStats>,
@@ -375,7 +390,7 @@ impl PgStore {
         }
         let target = redacted_target(&config);
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -408,11 +423,17 @@ impl PgStore {
         Ok(PgStore {
             shared: Arc::new(Shared {
                 pool,
+                config,
                 target,
                 writer: Mutex::new(Some(tx)),
                 stats,
             }),
         })
+    }
+
+    /// The connection settings (for a connection outside the pool).
+    pub(crate) fn config(&self) -> &tokio_postgres::Config {
+        &self.shared.config
     }
 
     /// The database, without its password.
@@ -448,7 +469,7 @@ impl PgStore {
         answer.await.unwrap_or(Err(StoreError::Closed))
     }
 
-    async fn reader(&self) -> Result<Object, StoreError> {
+    pub(crate) async fn reader(&self) -> Result<Object, StoreError> {
         self.shared.pool.get().await.map_err(pool_error)
     }
 

@@ -916,6 +916,25 @@ async fn postgres_leases_move_only_from_dead_nodes_and_fence_the_old_owner() {
     let members = store.members().await.unwrap();
     let alive: Vec<_> = members.iter().map(|m| (m.node.as_str(), m.alive)).collect();
     assert_eq!(alive, [("node-a", false), ("node-c", true)]);
+    // Deploy records: the next number is taken once; the second node to
+    // record it is told so and writes nothing.
+    use ignis_store::cluster::DeployRow;
+    let row = |seq: i64, node: &str| DeployRow {
+        seq,
+        base: "b".into(),
+        document: format!("# by {node}"),
+        components: "{}".into(),
+        node: node.into(),
+        by: "test".into(),
+    };
+    let blob = vec![("ab".repeat(32), b"wasm".to_vec())];
+    assert!(store.publish_deploy(&row(1, "node-c"), &blob).await.unwrap());
+    assert!(!store.publish_deploy(&row(1, "node-b"), &[]).await.unwrap());
+    assert_eq!(store.latest_deploy().await.unwrap(), Some(row(1, "node-c")));
+    assert_eq!(
+        store.component(&"ab".repeat(32)).await.unwrap(),
+        Some(b"wasm".to_vec())
+    );
     // The token is made once: a second node reads the first one's.
     let token = store.cluster_value("forward_token", "first").await.unwrap();
     assert_eq!(token, "first");
