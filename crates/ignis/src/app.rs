@@ -246,13 +246,11 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         functions.insert(name.clone(), function);
     }
     let cluster = match (&manifest.cluster, &store) {
-        (Some(config), Some(Store::Postgres(pg))) if !manifest.actors.is_empty() => {
-            Some(join_cluster(config, pg.clone())?)
-        }
-        (Some(_), _) => {
-            tracing::info!("cluster mode without actor classes: nothing is placed between nodes");
-            None
-        }
+        (Some(config), Some(Store::Postgres(pg))) => Some(join_cluster(
+            config,
+            pg.clone(),
+            !manifest.actors.is_empty(),
+        )?),
         _ => None,
     };
     let directory = match &store {
@@ -306,6 +304,9 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         Some(deployments.clone() as Arc<dyn ignis_admin::deploy::Deployer>),
     );
     deployments.attach(&node);
+    if let Some((cluster, _)) = &cluster {
+        deployments.attach_cluster(cluster.clone());
+    }
     Ok(App {
         telemetry,
         deployments,
@@ -318,24 +319,31 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         edge,
         store,
         directory,
-        cluster: cluster.map(|(node, listener)| (node, Mutex::new(Some(listener)))),
+        cluster: cluster.map(|(node, listener)| (node, Mutex::new(listener))),
     })
 }
 
-/// Binds the internal listener, joins the cluster (advertising the
-/// listener) and starts the heartbeat.
+/// Binds the internal listener if the node serves actors, joins the
+/// cluster (advertising the listener) and starts the heartbeat. A node
+/// without actor classes shares the deployments only: no listener, and
+/// no address (no actor is ever placed on it).
 fn join_cluster(
     config: &ignis_config::ClusterConfig,
     store: PgStore,
-) -> anyhow::Result<(Arc<ClusterNode>, InternalListener)> {
+    actors: bool,
+) -> anyhow::Result<(Arc<ClusterNode>, Option<InternalListener>)> {
     let handle = tokio::runtime::Handle::current();
     tokio::task::block_in_place(|| {
         handle.block_on(async {
-            let listener = InternalListener::bind(config.listen).await?;
-            let address = config
-                .advertise
-                .clone()
-                .unwrap_or_else(|| listener.local_addr().to_string());
+            let listener = match actors {
+                true => Some(InternalListener::bind(config.listen).await?),
+                false => None,
+            };
+            let address = match (&config.advertise, &listener) {
+                (_, None) => "-".to_string(),
+                (Some(a), Some(_)) => a.clone(),
+                (None, Some(l)) => l.local_addr().to_string(),
+            };
             let node = ClusterNode::join(store, address, config)
                 .await
                 .context("joining the cluster")?;
@@ -599,6 +607,7 @@ pub async fn serve(manifest: &Manifest, app: App, watch: bool) -> anyhow::Result
     app.deployments.start_cron();
     let deployments = app.deployments.clone();
     let reloads = tokio::spawn(reload_on_sighup(hangups, app.deployments.clone()));
+    let following = tokio::spawn(app.deployments.clone().follow_cluster());
     let watcher = watch.then(|| {
         tokio::spawn(watch_sources(
             manifest.path.clone(),
@@ -609,6 +618,7 @@ pub async fn serve(manifest: &Manifest, app: App, watch: bool) -> anyhow::Result
         shutdown_signal().await;
         node.set_ready(false);
         reloads.abort();
+        following.abort();
         if let Some(w) = watcher {
             w.abort();
         }

@@ -185,7 +185,11 @@ impl ClusterNode {
                 }
                 beats += 1;
                 if beats.is_multiple_of(prune_every)
-                    && let Err(e) = node.store.prune().await
+                    && let Err(e) = async {
+                        node.store.prune().await?;
+                        node.store.prune_deploys().await
+                    }
+                    .await
                 {
                     tracing::warn!(error = %e, "pruning the cluster tables failed");
                 }

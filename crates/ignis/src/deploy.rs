@@ -60,6 +60,7 @@ use ignis_store::StoreStats;
 use sha2::{Digest, Sha256};
 
 use crate::app::Sources;
+use crate::cluster::ClusterNode;
 
 /// The record of changes made through the API, in the deploy directory.
 const SAVED: &str = "api-changes.toml";
@@ -87,6 +88,9 @@ pub struct Deployments {
     live: tokio::sync::Mutex<Live>,
     /// The running cron tasks, while the node serves.
     cron_tasks: Mutex<Option<CronTasks>>,
+    /// In cluster mode: changes are recorded in the cluster's database
+    /// (instead of the local record) and followed from it.
+    cluster: OnceLock<Arc<ClusterNode>>,
 }
 
 /// What serves now.
@@ -104,6 +108,9 @@ struct Live {
     traffic: Arc<Traffic>,
     cron: Arc<CronTriggers>,
     records: VecDeque<DeployRecord>,
+    /// In cluster mode, the number of the cluster's last change this node
+    /// applied (0: none).
+    cluster_seq: i64,
 }
 
 /// One version of a function or an actor class.
@@ -216,14 +223,17 @@ impl Deployments {
     /// each component into `cache_dir/deploys/PID/`.
     pub fn new(initial: Initial<'_>) -> anyhow::Result<Arc<Deployments>> {
         let manifest = initial.manifest;
-        let dir = deploy_dir(&manifest.server.cache_dir.join("deploys"), &manifest.path).map_err(
-            |e| {
-                anyhow::anyhow!(
-                    "preparing {}/deploys: {e}",
-                    manifest.server.cache_dir.display()
-                )
-            },
-        )?;
+        let dir = deploy_dir(
+            &manifest.server.cache_dir.join("deploys"),
+            &manifest.path,
+            manifest.cluster.is_some(),
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "preparing {}/deploys: {e}",
+                manifest.server.cache_dir.display()
+            )
+        })?;
         let doc: toml::Table = manifest
             .text
             .parse()
@@ -274,6 +284,7 @@ impl Deployments {
             traffic: initial.traffic,
             cron: initial.cron,
             records: VecDeque::new(),
+            cluster_seq: 0,
         };
         live.records.push_front(DeployRecord {
             time_ms: started,
@@ -296,6 +307,7 @@ impl Deployments {
             busy: Mutex::new(BTreeSet::new()),
             live: tokio::sync::Mutex::new(live),
             cron_tasks: Mutex::new(None),
+            cluster: OnceLock::new(),
         }))
     }
 
@@ -413,8 +425,17 @@ impl Deployments {
 
     /// Restores the changes made through the API before the process
     /// stopped, if the manifest file is still the one they were made on.
-    /// Called once, before the node serves.
+    /// Called once, before the node serves. In cluster mode, applies the
+    /// cluster's latest change instead.
     pub async fn restore(&self) {
+        if self.cluster.get().is_some() {
+            let _busy = self.claim(&[(UnitKind::Function, "*".to_string())]);
+            let mut live = self.live.lock().await;
+            if let Err(e) = self.catch_up(&mut live).await {
+                tracing::error!(target: "ignis::deploy", error = %e, "the cluster's deployments could not be applied; serving the manifest");
+            }
+            return;
+        }
         let Ok(saved) = std::fs::read_to_string(self.dir.join(SAVED)) else {
             return;
         };
@@ -832,6 +853,8 @@ impl Deployments {
         let started = Instant::now();
         let _busy = self.claim(std::slice::from_ref(&unit))?;
         let mut live = self.live.lock().await;
+        // A change is made on the cluster's latest deployments.
+        self.catch_up(&mut live).await?;
         let (kind, name) = &unit;
         let current = live.units.get(&unit).map_or(0, |v| v.number);
         if let Some(expected) = expect_version
@@ -855,8 +878,13 @@ impl Deployments {
         let version = plan.units.get(&unit).map(|v| (v.number, v.sha256.clone()));
         if changed {
             // Recorded before it is swapped in and answered: an
-            // acknowledged change survives a crash.
-            if let Err(e) = self.save(&live, &plan.doc) {
+            // acknowledged change survives a crash (in cluster mode, in
+            // the database, where the other nodes take it from).
+            let recorded = match self.cluster.get() {
+                Some(node) => self.publish(node, &mut live, &plan, by).await,
+                None => self.save(&live, &plan.doc),
+            };
+            if let Err(e) = recorded {
                 prune(&self.dir, &live);
                 return Err(e);
             }
@@ -883,7 +911,186 @@ impl Deployments {
     }
 }
 
+/// How long a node waits for a notification before it looks at the
+/// cluster's deploy records anyway (the fallback when `NOTIFY` is lost).
+const CLUSTER_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Deployments {
+    /// Makes this node follow (and record its changes in) the cluster's
+    /// deployments.
+    pub fn attach_cluster(&self, node: Arc<ClusterNode>) {
+        let _ = self.cluster.set(node);
+    }
+
+    /// Applies the cluster's changes as they are recorded: woken by
+    /// `NOTIFY`, and every [`CLUSTER_POLL`] anyway. Runs until the process
+    /// ends; a no-op outside cluster mode.
+    pub async fn follow_cluster(self: Arc<Self>) {
+        let Some(node) = self.cluster.get().cloned() else {
+            return;
+        };
+        let mut notified = node.store().listen(ignis_store::cluster::DEPLOY_CHANNEL);
+        loop {
+            let _ = tokio::time::timeout(CLUSTER_POLL, notified.recv()).await;
+            // A change under way here catches up first by itself.
+            let Ok(_busy) = self.claim(&[(UnitKind::Function, "*".to_string())]) else {
+                continue;
+            };
+            let mut live = self.live.lock().await;
+            if let Err(e) = self.catch_up(&mut live).await {
+                tracing::warn!(target: "ignis::deploy", error = %e, "following the cluster's deployments");
+            }
+        }
+    }
+
+    /// Applies the cluster's latest change if this node has not.
+    async fn catch_up(&self, live: &mut Live) -> Result<(), DeployError> {
+        let Some(node) = self.cluster.get() else {
+            return Ok(());
+        };
+        let latest = node.store().latest_deploy().await.map_err(|e| {
+            DeployError::Internal(format!("reading the cluster's deployments failed: {e}"))
+        })?;
+        let Some(row) = latest.filter(|r| r.seq > live.cluster_seq) else {
+            return Ok(());
+        };
+        let seq = row.seq;
+        let started = Instant::now();
+        let outcome = self.apply_record(node, live, row).await;
+        // Seen either way: a change this node cannot apply is logged once,
+        // not retried every second.
+        live.cluster_seq = seq;
+        match outcome {
+            Ok(changed) => {
+                tracing::info!(target: "ignis::deploy", seq, changed = ?changed, took_ms = started.elapsed().as_millis() as u64, "applied the cluster's deployments");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(target: "ignis::deploy", seq, error = %e, "the cluster's change could not be applied on this node; it serves what it had");
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies recorded change `row`: fetches the components it names that
+    /// this node lacks, points the document at its own copies, and swaps
+    /// in what changed.
+    async fn apply_record(
+        &self,
+        node: &ClusterNode,
+        live: &mut Live,
+        row: ignis_store::cluster::DeployRow,
+    ) -> Result<Vec<String>, DeployError> {
+        if row.base != live.base {
+            return Err(DeployError::Invalid(format!(
+                "change {} was made on another manifest file than this node serves (every node of a cluster serves the same file)",
+                row.seq
+            )));
+        }
+        let mut doc: toml::Table = row
+            .document
+            .parse()
+            .map_err(|e| internal("the recorded document is not TOML", e))?;
+        let components: BTreeMap<String, String> = serde_json::from_str(&row.components)
+            .map_err(|e| internal("the recorded components are not JSON", e))?;
+        for (key, sha) in components {
+            let (table, name) = key
+                .split_once('/')
+                .ok_or_else(|| internal("a recorded component key is malformed", &key))?;
+            if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(internal("a recorded component hash is malformed", &key));
+            }
+            let path = self.dir.join(format!("{sha}.wasm"));
+            if !path.exists() {
+                let bytes = node
+                    .store()
+                    .component(&sha)
+                    .await
+                    .map_err(|e| internal("fetching a component failed", e))?
+                    .ok_or_else(|| internal("a recorded component is missing", &key))?;
+                if hex_sha256(&bytes) != sha {
+                    return Err(internal(
+                        "a fetched component does not match its hash",
+                        &key,
+                    ));
+                }
+                store(&self.dir, &sha, &bytes)
+                    .map_err(|e| internal("storing the component failed", e))?;
+            }
+            if let Some(section) = doc
+                .get_mut(table)
+                .and_then(|t| t.get_mut(name))
+                .and_then(|s| s.as_table_mut())
+            {
+                section.insert(
+                    "component".into(),
+                    toml::Value::String(path.to_string_lossy().into_owned()),
+                );
+            }
+        }
+        let text = toml::to_string(&doc).map_err(|e| internal("writing the manifest failed", e))?;
+        self.apply_text(
+            live,
+            &text,
+            "cluster",
+            &format!("{} on {}", row.by, row.node),
+        )
+        .await
+    }
+
+    /// Records the change `plan` (made on the cluster's change number
+    /// `live.cluster_seq`) as the next one, with the components it adds.
+    /// Refused if another node recorded that number first.
+    async fn publish(
+        &self,
+        node: &ClusterNode,
+        live: &mut Live,
+        plan: &Plan,
+        by: &str,
+    ) -> Result<(), DeployError> {
+        let mut components = BTreeMap::new();
+        let mut bytes = Vec::new();
+        for (unit, v) in &plan.units {
+            // Units whose component the API manages (the document names the
+            // node's stored copy) travel by hash; the rest are the
+            // manifest file's, which every node has.
+            let named = section(&plan.doc, unit)
+                .and_then(|s| s.get("component")?.as_str().map(str::to_string));
+            if named.as_deref() != Some(&*v.stored.to_string_lossy()) {
+                continue;
+            }
+            components.insert(format!("{}/{}", unit.0.table(), unit.1), v.sha256.clone());
+            if plan.changed.contains(unit) {
+                let b = std::fs::read(&v.stored)
+                    .map_err(|e| internal("reading a stored component failed", e))?;
+                bytes.push((v.sha256.clone(), b));
+            }
+        }
+        let row = ignis_store::cluster::DeployRow {
+            seq: live.cluster_seq + 1,
+            base: live.base.clone(),
+            document: toml::to_string(&plan.doc)
+                .map_err(|e| internal("writing the manifest failed", e))?,
+            components: serde_json::to_string(&components)
+                .map_err(|e| internal("writing the components failed", e))?,
+            node: node.id().to_string(),
+            by: by.to_string(),
+        };
+        match node.store().publish_deploy(&row, &bytes).await {
+            Ok(true) => {
+                live.cluster_seq = row.seq;
+                Ok(())
+            }
+            Ok(false) => Err(DeployError::Conflict(
+                "another node changed the cluster's deployments meanwhile; try again".into(),
+            )),
+            Err(e) => Err(internal(
+                "recording the change in the cluster's database failed (nothing changed)",
+                e,
+            )),
+        }
+    }
+
     /// Applies `change` to a copy of the document and plans the result.
     async fn plan_change(
         &self,
@@ -1012,6 +1219,7 @@ fn keep_fixed(mut manifest: Manifest, serving: &Manifest) -> Manifest {
     manifest.tls = serving.tls.clone();
     manifest.upstreams = serving.upstreams.clone();
     manifest.admin = serving.admin.clone();
+    manifest.cluster = serving.cluster.clone();
     manifest
 }
 
@@ -1035,9 +1243,11 @@ fn section(doc: &toml::Table, (kind, name): &Unit) -> Option<toml::Value> {
 /// changes: `deploys/` plus a hash of the manifest's path, so nodes on
 /// different manifests sharing a cache directory keep apart (one node per
 /// manifest and cache directory). Kept across restarts (the record and
-/// the components it names must survive one); directories of the earlier
-/// per-process layout (`deploys/PID`) whose process is gone are deleted.
-fn deploy_dir(root: &Path, manifest: &Path) -> std::io::Result<PathBuf> {
+/// the components it names must survive one). A node of a cluster keeps
+/// its record in the database and may share its manifest and cache with
+/// other nodes on the machine: its directory is `deploys/PID`, and those
+/// whose process is gone are deleted.
+fn deploy_dir(root: &Path, manifest: &Path, per_process: bool) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(root)?;
     #[cfg(target_os = "linux")]
     for entry in std::fs::read_dir(root)?.flatten() {
@@ -1049,6 +1259,11 @@ fn deploy_dir(root: &Path, manifest: &Path) -> std::io::Result<PathBuf> {
         if gone {
             let _ = std::fs::remove_dir_all(entry.path());
         }
+    }
+    if per_process {
+        let dir = root.join(std::process::id().to_string());
+        std::fs::create_dir_all(&dir)?;
+        return Ok(dir);
     }
     let key = std::fs::canonicalize(manifest).unwrap_or_else(|_| manifest.to_path_buf());
     let hash = hex_sha256(key.to_string_lossy().as_bytes());

@@ -470,3 +470,85 @@ fn cluster_mode_without_a_database_is_refused_at_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--cluster-advertise"), "{stderr}");
 }
+
+/// A deploy through one node's admin API is recorded in the database and
+/// served by every node (woken by `NOTIFY`); a rollback through another
+/// node goes everywhere too; a node started later serves the latest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_on_one_node_is_served_by_all() {
+    use base64::Engine as _;
+    let Some(server) = ignis_store::testing::shared() else {
+        return;
+    };
+    let url = server.database();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = crate::admin::manifest(dir.path(), "[cluster]\n");
+    let start =
+        |manifest: &std::path::Path| crate::admin::serve_with_admin(manifest, &["--cluster", &url]);
+    let nodes: Vec<_> = (0..3).map(|_| start(&manifest)).collect();
+    let c = client();
+    let hello = |addr: std::net::SocketAddr| format!("http://{addr}/hello");
+    let body = serde_json::json!({
+        "config": "tenant = \"acme\"\nenv = { GREETING = \"cluster-wide\" }\n",
+        "component": base64::engine::general_purpose::STANDARD
+            .encode(std::fs::read(wasm("hello")).unwrap()),
+    });
+    let put = |admin: std::net::SocketAddr, path: &str, body: Option<serde_json::Value>| {
+        let method = if body.is_some() { "PUT" } else { "POST" };
+        http::Request::builder()
+            .method(method)
+            .uri(format!("http://{admin}{path}"))
+            .header("authorization", crate::admin::bearer())
+            .body(Full::new(
+                body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string())),
+            ))
+            .unwrap()
+    };
+    let r = send(
+        &c,
+        put(nodes[0].1, "/v1/functions/hello", Some(body.clone())),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let served_everywhere = |text: &'static str| {
+        let (c, addrs) = (
+            c.clone(),
+            nodes.iter().map(|n| n.0.addr).collect::<Vec<_>>(),
+        );
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            for addr in addrs {
+                loop {
+                    let r = get(&c, &hello(addr)).await;
+                    if r.text() == text {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "{addr} still serves {:?}",
+                        r.text()
+                    );
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    };
+    served_everywhere("cluster-wide\n").await;
+    let listing =
+        crate::admin::admin_get(nodes[2].1, "/v1/functions", Some(&crate::admin::bearer())).await;
+    let listing: serde_json::Value = serde_json::from_slice(&listing.body).unwrap();
+    assert_eq!(listing["deploys"][0]["action"], "cluster", "{listing}");
+    // A rollback through node 2 goes back everywhere.
+    let r = send(&c, put(nodes[2].1, "/v1/functions/hello/rollback", None)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    served_everywhere("Hello from Ignis!\n").await;
+    // A node started now serves the latest change.
+    let r = send(&c, put(nodes[1].1, "/v1/functions/hello", Some(body))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let late = start(&manifest);
+    let r = get(&c, &hello(late.0.addr)).await;
+    assert_eq!(r.text(), "cluster-wide\n");
+    for (proc, _) in nodes.into_iter().chain([late]) {
+        stop(proc);
+    }
+}
