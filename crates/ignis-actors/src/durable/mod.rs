@@ -397,11 +397,12 @@ impl ActorDirectory {
         let acts = &mut *guard;
         acts.clock += 1;
         let stale = match (acts.by_key.get(&key), &lease) {
-            (Some(h), Some(lease)) => h
-                .state
-                .lease
-                .as_ref()
-                .is_none_or(|l| l.session != lease.session),
+            (Some(h), Some(lease)) => {
+                h.state.fenced.load(Ordering::SeqCst)
+                    || h.state.lease.as_ref().is_none_or(|l| {
+                        l.session != lease.session || l.fence.epoch != lease.fence.epoch
+                    })
+            }
             _ => false,
         };
         if stale && let Some(old) = acts.by_key.remove(&key) {
@@ -1059,6 +1060,15 @@ async fn run_activation(
         dir.stats.active.fetch_sub(1, Ordering::SeqCst);
         dir.stats.changed.notify_waiters();
     }
+    // Writes handed to the committer land (or fail) before the activation
+    // counts as ended: a successor of the same key on this node starts
+    // only then, and reads them from storage. (Retired for a new session
+    // or lease with writes still pending, a successor that started at once
+    // read storage without them; on the same lease both committed: the
+    // lost update the three-node kill test caught.)
+    dir.stats
+        .wait_until(|_| state.failed.load(Ordering::SeqCst) || lock(&state.overlay).is_empty())
+        .await;
 }
 
 /// A guest run whose panics become an [`ErrorKind::Internal`] error (the
