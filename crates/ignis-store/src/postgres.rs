@@ -132,7 +132,7 @@ CREATE TABLE ignis_actor_alarms (
     },
     Migration {
         version: 2,
-        description: "cluster: nodes, actor leases with epochs, fenced commits, shared deployments",
+        description: "cluster: nodes, actor leases with epochs, fenced commits, shared deployments, cron claims",
         sql: CLUSTER_SCHEMA,
     },
 ];
@@ -180,6 +180,12 @@ CREATE TABLE ignis_deploys (
 CREATE TABLE ignis_components (
     sha256 TEXT  PRIMARY KEY,
     bytes  BYTEA NOT NULL
+);
+CREATE TABLE ignis_cron_runs (
+    trigger TEXT   NOT NULL,
+    at_ms   BIGINT NOT NULL,
+    node    TEXT   NOT NULL,
+    PRIMARY KEY (trigger, at_ms)
 );
 CREATE FUNCTION ignis_fence(p_class TEXT, p_id BYTEA, p_node TEXT, p_epoch BIGINT)
 RETURNS BOOLEAN LANGUAGE plpgsql AS $$
@@ -531,7 +537,12 @@ impl From<tokio_postgres::Error> for StoreError {
 
 fn pool_error(e: PoolError) -> StoreError {
     match e {
-        PoolError::Backend(e) => e.into(),
+        // Making a connection failed, whether the server was unreachable
+        // or refused it (down, starting, not accepting connections to the
+        // database): unavailable, not an engine error.
+        PoolError::Backend(e) => {
+            StoreError::Unavailable(format!("cannot connect: {}", StoreError::from(e).message()))
+        }
         PoolError::Timeout(_) => {
             StoreError::Unavailable("no database connection within the connect timeout".into())
         }

@@ -320,10 +320,21 @@ impl Activation {
         let host = self.store.data_mut();
         host.end_request();
         let actor = host.actor_mut();
+        let unavailable = actor.take_unavailable();
         match result {
             Ok(v) => Ok((v, actor.take_batch())),
             Err(e) => {
                 actor.discard();
+                // The guest failed after its storage did: the outage is
+                // the cause, and the client may retry.
+                if unavailable {
+                    return Err(Error::shed(
+                        ErrorKind::Unavailable,
+                        std::time::Duration::from_secs(1),
+                    )
+                    .context("actor storage unavailable; retry")
+                    .with_source(e));
+                }
                 Err(e)
             }
         }

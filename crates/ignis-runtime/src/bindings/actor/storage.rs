@@ -7,6 +7,7 @@
 //! hands them over as one batch.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ignis_store::{ActorBatch, ActorKey, ActorStorage, AlarmChange, ListOptions};
@@ -40,6 +41,10 @@ pub struct ActorState {
     txn: Option<(Writes, Option<AlarmChange>)>,
     limits: WriteLimits,
     has_alarm_handler: bool,
+    /// Set when a storage call of this message found the store
+    /// unavailable: a failure of the message is then the outage's (503),
+    /// whatever the guest made of the error.
+    unavailable: AtomicBool,
 }
 
 impl ActorState {
@@ -58,9 +63,24 @@ impl ActorState {
             written: 0,
             alarm: None,
             txn: None,
+            unavailable: AtomicBool::new(false),
             limits,
             has_alarm_handler,
         }
+    }
+
+    /// The storage error a guest sees, noting an unavailable store.
+    fn storage_error(&self, e: ignis_store::StoreError) -> types::Error {
+        if matches!(e, ignis_store::StoreError::Unavailable(_)) {
+            self.unavailable.store(true, Ordering::SeqCst);
+        }
+        storage_error(e)
+    }
+
+    /// Whether a storage call of this message found the store unavailable
+    /// (and forgets it for the next message).
+    pub(crate) fn take_unavailable(&self) -> bool {
+        self.unavailable.swap(false, Ordering::SeqCst)
     }
 
     /// The message's writes and alarm change, as one batch.
@@ -139,7 +159,7 @@ impl ActorState {
         self.storage
             .actor_get(&self.key, key)
             .await
-            .map_err(storage_error)
+            .map_err(|e| self.storage_error(e))
     }
 }
 
@@ -220,7 +240,7 @@ impl storage::Host for ActorView<'_> {
         let max_bytes = a.limits.max_batch_bytes;
         let stored = match a.storage.actor_list(&a.key, &widened, max_bytes).await {
             Ok(v) => v,
-            Err(e) => return Ok(Err(storage_error(e))),
+            Err(e) => return Ok(Err(a.storage_error(e))),
         };
         Ok(Ok(merge_list(stored, &a.overlay(), &a.writes, &options)))
     }
@@ -269,7 +289,12 @@ impl alarms::Host for ActorView<'_> {
     async fn get(&mut self) -> R<Option<u64>> {
         let a = &*self.state;
         let change = a.alarm.or_else(|| a.overlay().alarm());
-        let stored = || async { a.storage.actor_alarm(&a.key).await.map_err(storage_error) };
+        let stored = || async {
+            a.storage
+                .actor_alarm(&a.key)
+                .await
+                .map_err(|e| a.storage_error(e))
+        };
         Ok(match change {
             Some(AlarmChange::Set(at)) => Ok(Some(at)),
             Some(AlarmChange::Delete) => Ok(None),
