@@ -16,6 +16,10 @@
 //! - Every run is logged once under `ignis::cron` with its outcome, and
 //!   counted ([`CronStats`]). The response body is read and dropped as it
 //!   arrives (nothing is buffered).
+//! - In a cluster every node schedules every trigger, and each occurrence
+//!   runs on one node: the first to claim it ([`CronClaim`], one row per
+//!   trigger and occurrence in the database). A node that cannot reach the
+//!   database skips the occurrence (counted as failed): at most once.
 //! - A deploy builds the next triggers with [`CronTriggers::next`]: a
 //!   trigger of the same name keeps its counters and its in-flight flag
 //!   (an old run still going makes the new trigger skip, as before), and
@@ -74,6 +78,7 @@ pub struct Trigger {
     schedule: croner::Cron,
     target: Target,
     stats: Arc<CronStats>,
+    claim: Option<Arc<dyn CronClaim>>,
 }
 
 impl Trigger {
@@ -96,9 +101,17 @@ impl Trigger {
     }
 }
 
+/// Decides which node of a cluster runs an occurrence.
+pub trait CronClaim: Send + Sync + 'static {
+    /// Claims occurrence `at_ms` (Unix milliseconds) of trigger `name` for
+    /// this node: `Ok(true)` if no node had, `Ok(false)` if another did.
+    fn claim<'a>(&'a self, name: &'a str, at_ms: i64) -> crate::ClusterFuture<'a, bool>;
+}
+
 /// The manifest's cron triggers.
 pub struct CronTriggers {
     triggers: Vec<Arc<Trigger>>,
+    claim: Option<Arc<dyn CronClaim>>,
 }
 
 /// A trigger whose target is not deployed (the manifest checker makes
@@ -118,7 +131,18 @@ impl CronTriggers {
         gates: &std::collections::BTreeMap<String, Arc<FunctionGate>>,
         directory: Option<&Arc<ActorDirectory>>,
     ) -> Result<CronTriggers, CronError> {
-        Self::build(manifest, gates, directory, None)
+        Self::build(manifest, gates, directory, None, None)
+    }
+
+    /// The triggers of `manifest` on a node of a cluster: each occurrence
+    /// runs on the one node that claims it.
+    pub fn in_cluster(
+        manifest: &Manifest,
+        gates: &std::collections::BTreeMap<String, Arc<FunctionGate>>,
+        directory: Option<&Arc<ActorDirectory>>,
+        claim: Option<Arc<dyn CronClaim>>,
+    ) -> Result<CronTriggers, CronError> {
+        Self::build(manifest, gates, directory, None, claim)
     }
 
     /// The triggers of `manifest` after a deploy: those named as before
@@ -129,7 +153,7 @@ impl CronTriggers {
         gates: &std::collections::BTreeMap<String, Arc<FunctionGate>>,
         directory: Option<&Arc<ActorDirectory>>,
     ) -> Result<CronTriggers, CronError> {
-        Self::build(manifest, gates, directory, Some(self))
+        Self::build(manifest, gates, directory, Some(self), self.claim.clone())
     }
 
     fn build(
@@ -137,6 +161,7 @@ impl CronTriggers {
         gates: &std::collections::BTreeMap<String, Arc<FunctionGate>>,
         directory: Option<&Arc<ActorDirectory>>,
         previous: Option<&CronTriggers>,
+        claim: Option<Arc<dyn CronClaim>>,
     ) -> Result<CronTriggers, CronError> {
         let mut triggers = Vec::new();
         for config in &manifest.cron {
@@ -171,9 +196,10 @@ impl CronTriggers {
                 stats: previous
                     .and_then(|p| p.trigger(&config.name))
                     .map_or_else(Default::default, |t| t.stats.clone()),
+                claim: claim.clone(),
             }));
         }
-        Ok(CronTriggers { triggers })
+        Ok(CronTriggers { triggers, claim })
     }
 
     /// Every trigger, in manifest order.
@@ -275,10 +301,24 @@ impl Drop for Running {
 async fn run(trigger: Arc<Trigger>, at: DateTime<Utc>) {
     let _running = Running(trigger.clone());
     let id = RequestId::new();
+    let name = &trigger.config.name;
+    if let Some(claim) = &trigger.claim {
+        match claim.claim(name, at.timestamp_millis()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(target: "ignis::cron", trigger = %name, scheduled = %at.to_rfc3339(), "cron occurrence runs on another node");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(target: "ignis::cron", trigger = %name, scheduled = %at.to_rfc3339(), error = %e.detail(), "cron occurrence skipped: it could not be claimed");
+                trigger.stats.bump(&trigger.stats.failed);
+                return;
+            }
+        }
+    }
     let started = Instant::now();
     let outcome = call(&trigger, at, id).await;
     let took_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let name = &trigger.config.name;
     match outcome {
         Ok(status) => {
             let ok = status < 400;

@@ -29,6 +29,7 @@ pub mod cron;
 mod durable;
 
 pub use admission::{Admission, AdmissionStats, FunctionGate, Slot, retry_after};
+pub use cron::CronClaim;
 pub use durable::{
     ALARM_FIRST_BACKOFF, ALARM_MAX_ATTEMPTS, ActorDirectory, CALLER_HEADER, ClassStats, Cluster,
     ClusterFuture, DirectoryStats, Forward, MAX_HOPS, Placement,

@@ -118,12 +118,18 @@ impl PgStore {
     }
 
     /// Drops what dead nodes left behind: membership rows expired for an
-    /// hour, and owner history past the last [`OWNER_HISTORY`] epochs of
-    /// each actor. Leases of dead nodes stay (they are what the next owner
+    /// hour, cron claims older than a day, and owner history past the last
+    /// [`OWNER_HISTORY`] epochs of each actor. Leases of dead nodes stay (they are what the next owner
     /// bumps).
     pub async fn prune(&self) -> Result<(), StoreError> {
         self.read(
             "DELETE FROM ignis_nodes WHERE expires_at < now() - interval '1 hour'",
+            &[],
+        )
+        .await?;
+        self.read(
+            "DELETE FROM ignis_cron_runs
+             WHERE at_ms < (extract(epoch FROM now()) * 1000)::bigint - 86400000",
             &[],
         )
         .await?;
@@ -134,6 +140,24 @@ impl PgStore {
         )
         .await
         .map(drop)
+    }
+
+    /// Claims occurrence `at_ms` of cron trigger `trigger` for `node`:
+    /// true if no node had claimed it.
+    pub async fn claim_cron(
+        &self,
+        trigger: &str,
+        at_ms: i64,
+        node: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .read_one(
+                "INSERT INTO ignis_cron_runs (trigger, at_ms, node) VALUES ($1, $2, $3)
+                 ON CONFLICT (trigger, at_ms) DO NOTHING RETURNING 1",
+                &[&trigger, &at_ms, &node],
+            )
+            .await?
+            .is_some())
     }
 
     /// Every node of the membership table, alive or not, by id.

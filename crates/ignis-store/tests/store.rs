@@ -928,7 +928,12 @@ async fn postgres_leases_move_only_from_dead_nodes_and_fence_the_old_owner() {
         by: "test".into(),
     };
     let blob = vec![("ab".repeat(32), b"wasm".to_vec())];
-    assert!(store.publish_deploy(&row(1, "node-c"), &blob).await.unwrap());
+    assert!(
+        store
+            .publish_deploy(&row(1, "node-c"), &blob)
+            .await
+            .unwrap()
+    );
     assert!(!store.publish_deploy(&row(1, "node-b"), &[]).await.unwrap());
     assert_eq!(store.latest_deploy().await.unwrap(), Some(row(1, "node-c")));
     assert_eq!(

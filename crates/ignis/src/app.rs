@@ -272,7 +272,14 @@ pub fn load(manifest: &Manifest, sources: Sources) -> anyhow::Result<App> {
         }
         _ => None,
     };
-    let cron = Arc::new(CronTriggers::new(manifest, &gates, directory.as_ref())?);
+    let cron = Arc::new(CronTriggers::in_cluster(
+        manifest,
+        &gates,
+        directory.as_ref(),
+        cluster
+            .as_ref()
+            .map(|(node, _)| node.clone() as Arc<dyn ignis_actors::CronClaim>),
+    )?);
     let telemetry = manifest
         .telemetry
         .as_ref()

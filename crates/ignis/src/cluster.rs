@@ -44,6 +44,10 @@ pub const TOKEN_HEADER: &str = "ignis-cluster-token";
 pub const ACTOR_HEADER: &str = "ignis-forward-actor";
 /// The header counting the hops a forwarded message made.
 pub const HOPS_HEADER: &str = "ignis-forward-hops";
+/// The header carrying the authority the client asked for (HTTP/2 between
+/// nodes puts the owner's address in `:authority`; the actor sees the
+/// client's).
+pub const HOST_HEADER: &str = "ignis-forward-host";
 
 /// Largest body the internal listener reads: no class takes more (an
 /// actor's `max_body` is at most this), and the forwarding node checked
@@ -263,6 +267,12 @@ impl Cluster for ClusterNode {
                 hops,
             } = message;
             let (mut parts, body) = request.into_parts();
+            let host = parts.headers.get(http::header::HOST).cloned().or_else(|| {
+                parts
+                    .uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            });
             let path = parts
                 .uri
                 .path_and_query()
@@ -294,6 +304,9 @@ impl Cluster for ClusterNode {
                 HeaderValue::from_str(&actor).map_err(Error::internal)?,
             );
             h.insert(HOPS_HEADER, HeaderValue::from(hops));
+            if let Some(host) = host {
+                h.insert(HOST_HEADER, host);
+            }
             h.insert("x-request-id", request_id.header());
             h.insert("traceparent", request_id.traceparent());
             let sent = client.request(Request::from_parts(parts, Full::new(body)));
@@ -349,6 +362,17 @@ impl Cluster for ClusterNode {
 
     fn alarm_poll(&self) -> Duration {
         self.lease / 2
+    }
+}
+
+impl ignis_actors::CronClaim for ClusterNode {
+    fn claim<'a>(&'a self, name: &'a str, at_ms: i64) -> ClusterFuture<'a, bool> {
+        Box::pin(async move {
+            self.store
+                .claim_cron(name, at_ms, &self.id)
+                .await
+                .map_err(store_error)
+        })
     }
 }
 
@@ -475,6 +499,24 @@ async fn forwarded(
     for name in [TOKEN_HEADER, ACTOR_HEADER, HOPS_HEADER] {
         parts.headers.remove(name);
     }
+    // The actor sees the request as the client sent it to the first node:
+    // its path and query, and its authority as `Host`.
+    let host = parts.headers.remove(HOST_HEADER).or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    if let Some(host) = host {
+        parts.headers.insert(http::header::HOST, host);
+    }
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .parse()
+        .unwrap_or_default();
+    parts.version = http::Version::HTTP_11;
     let owner = format!("actor {class}");
     let body = match Limited::new(body, MAX_FORWARD_BODY).collect().await {
         Ok(b) => b.to_bytes(),

@@ -44,12 +44,29 @@ component = "{counter}"
 tenant = "app"
 cpu_time = "10s"
 
+[functions.client]
+component = "{client}"
+tenant = "app"
+
 [[routes]]
 path = "/counter/{{id}}/..."
 actor = "counter"
+
+[functions.hello]
+component = "{hello}"
+
+[[routes]]
+path = "/bump"
+function = "client"
+
+[[routes]]
+path = "/hello"
+function = "hello"
 "#,
             cache = shared_cache(),
             counter = wasm("counter"),
+            client = wasm("counter_client"),
+            hello = wasm("hello"),
         ),
     )
 }
@@ -429,6 +446,17 @@ async fn the_internal_listener_refuses_strangers_malformed_messages_and_loops() 
     assert_eq!((r.status, r.text().as_str()), (200, "1"));
     let r = get(&c, &nodes[0].url("/counter/guarded/get")).await;
     assert_eq!((r.status, r.text().as_str()), (200, "1"));
+    // A guest's call through `ignis:actor/client` on node 0 is forwarded
+    // with its identity (checked on node 0, carried to the owner); a
+    // client's own `ignis-caller` is not.
+    let r = get(&c, &nodes[0].url("/bump?id=guarded&op=caller")).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "app/client"));
+    let forged = http::Request::get(nodes[0].url("/counter/guarded/caller"))
+        .header("ignis-caller", "other/evil")
+        .body(Full::default())
+        .unwrap();
+    let r = send(&c, forged).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "none"));
     for node in nodes {
         stop(node.proc);
     }
@@ -551,4 +579,113 @@ async fn a_deploy_on_one_node_is_served_by_all() {
     for (proc, _) in nodes.into_iter().chain([late]) {
         stop(proc);
     }
+}
+
+/// The database goes away while a node runs (its sessions are killed and
+/// new ones refused): actor messages get a retryable 503 with a reason,
+/// stateless functions keep serving, and once the database takes
+/// connections again the node recovers by itself and the actor's count
+/// goes on from what was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_database_fails_actors_with_503_and_recovers_by_itself() {
+    let Some(server) = ignis_store::testing::shared() else {
+        return;
+    };
+    let url = server.database();
+    let db = url.rsplit("dbname=").next().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = cluster_manifest(dir.path(), "lease = \"1s\"");
+    let node = start_node(&manifest, &url);
+    let c = client();
+    let r = send(&c, incr(&node.url("/counter/outage/incr"))).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "1"));
+    server.sql(
+        "postgres",
+        &format!(
+            "ALTER DATABASE {db} ALLOW_CONNECTIONS false; \
+             SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{db}'"
+        ),
+    );
+    // Every actor message fails retryably until the database is back
+    // (the first may still find its lease held: its commit fails).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut refused = 0;
+    while refused < 5 {
+        let r = send(&c, incr(&node.url("/counter/outage/incr"))).await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(r.headers.contains_key("retry-after"));
+        assert!(
+            r.text().contains("unavailable") || r.text().contains("lapsed"),
+            "{}",
+            r.text()
+        );
+        refused += 1;
+        assert!(Instant::now() < deadline);
+    }
+    let r = get(&c, &node.url("/hello")).await;
+    assert_eq!(r.status, 200, "stateless functions keep serving");
+    server.sql(
+        "postgres",
+        &format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        let r = send(&c, incr(&node.url("/counter/outage/incr"))).await;
+        if r.status == 200 {
+            break r;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(Instant::now() < deadline, "no recovery within 30 s");
+    };
+    assert_eq!(r.text(), "2", "the refused increments were not applied");
+    stop(node.proc);
+}
+
+/// Every node schedules every cron trigger, and each occurrence runs on
+/// one node: the actor's count is at most the number of occurrences
+/// claimed (on the code before, each of the three nodes ran each one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_occurrence_runs_on_one_node_of_the_cluster() {
+    let Some(server) = ignis_store::testing::shared() else {
+        return;
+    };
+    let url = server.database();
+    let db = url.rsplit("dbname=").next().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = cluster_manifest(dir.path(), "");
+    let mut text = std::fs::read_to_string(&manifest).unwrap();
+    text.push_str(
+        "\n[[triggers.cron]]\nname = \"tick\"\nschedule = \"* * * * * *\"\nactor = \"counter\"\nid = \"nightly\"\npath = \"/incr\"\n",
+    );
+    std::fs::write(&manifest, text).unwrap();
+    let nodes: Vec<Node> = (0..3).map(|_| start_node(&manifest, &url)).collect();
+    let claimed = || -> u64 {
+        server
+            .sql(
+                &db,
+                "SELECT count(*) FROM ignis_cron_runs WHERE trigger = 'tick'",
+            )
+            .parse()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while claimed() < 4 {
+        assert!(Instant::now() < deadline, "no cron occurrences claimed");
+    }
+    for node in nodes {
+        stop(node.proc);
+    }
+    let runs = claimed();
+    let count: u64 = server
+        .sql(
+            &db,
+            "SELECT convert_from(value, 'UTF8') FROM ignis_actor_kv \
+             WHERE id = 'nightly'::bytea AND key = 'count'::bytea",
+        )
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=runs).contains(&count),
+        "{count} runs for {runs} claimed occurrences"
+    );
 }
