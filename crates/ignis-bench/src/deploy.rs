@@ -29,7 +29,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-const TOKEN: &str = "bench-admin-token-0123456789";
+pub(crate) const TOKEN: &str = "bench-admin-token-0123456789";
 
 /// Command-line arguments.
 #[derive(Debug, clap::Args)]
@@ -48,10 +48,10 @@ pub struct Args {
     pub json: Option<PathBuf>,
 }
 
-struct Node {
-    child: Child,
-    http: String,
-    admin: String,
+pub(crate) struct Node {
+    pub(crate) child: Child,
+    pub(crate) http: String,
+    pub(crate) admin: String,
 }
 
 impl Drop for Node {
@@ -62,10 +62,17 @@ impl Drop for Node {
 }
 
 fn start(ignis: &Path, manifest: &Path) -> anyhow::Result<Node> {
+    start_with(ignis, manifest, &[])
+}
+
+/// `ignis serve manifest` on free ports with the admin API on, and
+/// `extra` arguments; returns once it announced its listeners.
+pub(crate) fn start_with(ignis: &Path, manifest: &Path, extra: &[&str]) -> anyhow::Result<Node> {
     let mut child = Command::new(ignis)
         .args(["serve"])
         .arg(manifest)
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(extra)
         .env("IGNIS_ADMIN_TOKEN", TOKEN)
         .env("IGNIS_LOG", "warn")
         .stdout(Stdio::piped())
@@ -107,9 +114,10 @@ fn rss(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+pub(crate) type HttpClient =
+    Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
-async fn request(
+pub(crate) async fn request(
     client: &HttpClient,
     method: &str,
     url: &str,
@@ -210,13 +218,13 @@ async fn restart(ignis: &Path, manifest: &Path, client: &HttpClient) -> anyhow::
     Ok(took)
 }
 
-fn percentile(v: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(v: &[f64], p: f64) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn summary(name: &str, v: &[f64]) -> serde_json::Value {
+pub(crate) fn summary(name: &str, v: &[f64]) -> serde_json::Value {
     println!(
         "{name:<18} n={:<3} p50 {:>8.2} ms   p99 {:>8.2} ms   max {:>8.2} ms",
         v.len(),

@@ -32,6 +32,7 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+pub mod cluster;
 pub mod deploy;
 pub mod hello;
 pub mod plot;

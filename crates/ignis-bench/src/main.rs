@@ -57,6 +57,9 @@ enum Cmd {
     /// Deploy-to-first-request of a new version (same component, new
     /// component) against a restart, and memory after old versions drain.
     Deploy(ignis_bench::deploy::Args),
+    /// Three cluster nodes on one PostgreSQL database: forwarding
+    /// overhead, 1 vs 3 nodes, deploy propagation, failover.
+    Cluster(ignis_bench::cluster::Args),
     /// Ignis vs `wasmtime serve` vs bare hyper on the same hello component.
     HelloPeers {
         /// The ignis binary.
@@ -499,6 +502,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Cmd::ProxyPeers(args) => ignis_bench::proxy::proxy_peers(args).await,
             Cmd::Deploy(args) => ignis_bench::deploy::run(&args).await,
+            Cmd::Cluster(args) => ignis_bench::cluster::run(&args).await,
             Cmd::HyperHello { listen } => {
                 let listener = tokio::net::TcpListener::bind(&listen).await?;
                 println!("listening on http://{}", listener.local_addr()?);
