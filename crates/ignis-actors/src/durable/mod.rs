@@ -873,6 +873,10 @@ async fn run_activation(
     let mut activation: Option<Activation> = None;
     let mut epoch = 1u64;
     let mut seq = 0u64;
+    // The time of the last alarm this activation ran to the end: the same
+    // alarm delivered again (in a cluster, polling can offer it again
+    // before its removal is committed) is dropped.
+    let mut last_alarm: Option<u64> = None;
     loop {
         let idle = class.config().idle_timeout;
         state.waiting.store(true, Ordering::SeqCst);
@@ -948,6 +952,8 @@ async fn run_activation(
             // error; start over from what is durable.
             reset(dir, &mut activation, &state.overlay);
             epoch += 1;
+            // An alarm whose commit failed is due again.
+            last_alarm = None;
         }
         // A deploy replaced the class: this message (never one already
         // running) is the first on the new version. The old instance goes
@@ -980,6 +986,7 @@ async fn run_activation(
                     Box::new(move |resp| Waiter::Http(reply, resp)),
                 )
             }
+            Envelope::Alarm { at, .. } if last_alarm == Some(at) => continue,
             Envelope::Alarm { at, retry } => (
                 Message::Alarm { at, retry },
                 RequestId::new(),
@@ -1018,6 +1025,7 @@ async fn run_activation(
                 CatchPanic(Box::pin(instance.alarm(retry, request_id)))
                     .await
                     .map(|mut batch| {
+                        last_alarm = Some(at);
                         // The alarm is done unless the handler set it again.
                         batch.alarm = batch.alarm.or(Some(AlarmChange::Fired(at)));
                         (http::Response::new(Bytes::new()), batch)

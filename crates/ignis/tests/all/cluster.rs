@@ -26,9 +26,9 @@ impl Node {
     }
 }
 
-/// The counter actor class (and its client function) with `[cluster]`
-/// settings `cluster`, on the database `url`.
-fn cluster_manifest(dir: &std::path::Path, cluster: &str) -> std::path::PathBuf {
+/// The counter actor class, its client function and hello, with `[cluster]`
+/// settings `cluster` and more tables `tables` at the end.
+fn cluster_manifest(dir: &std::path::Path, cluster: &str, tables: &str) -> std::path::PathBuf {
     write(
         dir,
         "ignis.toml",
@@ -62,6 +62,7 @@ function = "client"
 [[routes]]
 path = "/hello"
 function = "hello"
+{tables}
 "#,
             cache = shared_cache(),
             counter = wasm("counter"),
@@ -93,6 +94,53 @@ fn start_node(manifest: &std::path::Path, url: &str) -> Node {
     }
 }
 
+/// A test cluster on a fresh database of the private server: the
+/// manifest of [`cluster_manifest`] and `n` nodes serving it.
+struct TestCluster {
+    server: &'static ignis_store::testing::TestPostgres,
+    url: String,
+    nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+/// `None` when PostgreSQL is not installed and not required.
+fn test_cluster(settings: &str, tables: &str, n: usize) -> Option<TestCluster> {
+    let server = ignis_store::testing::shared()?;
+    let url = server.database();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = cluster_manifest(dir.path(), settings, tables);
+    let nodes = (0..n).map(|_| start_node(&manifest, &url)).collect();
+    Some(TestCluster {
+        server,
+        url,
+        nodes,
+        _dir: dir,
+    })
+}
+
+impl TestCluster {
+    /// The database's name.
+    fn db(&self) -> &str {
+        self.url.rsplit("dbname=").next().unwrap()
+    }
+
+    /// The owners actor `counter/id` has had, as `EPOCH:NODE`, by epoch.
+    fn owners(&self, id: &str) -> Vec<String> {
+        self.server
+            .sql(
+                self.db(),
+                &format!(
+                    "SELECT epoch || ':' || node FROM ignis_actor_owners \
+                     WHERE class = 'counter' AND id = '{id}'::bytea ORDER BY epoch"
+                ),
+            )
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+}
+
 /// Like `send`, but a connection error (the node is gone) is `None`.
 async fn try_send(c: &HttpClient, req: http::Request<Full<Bytes>>) -> Option<Reply> {
     let resp = tokio::time::timeout(Duration::from_secs(60), c.request(req))
@@ -113,35 +161,16 @@ fn incr(url: &str) -> http::Request<Full<Bytes>> {
     http::Request::post(url).body(Full::default()).unwrap()
 }
 
-/// The owners an actor has had, by epoch, from the database.
-fn owners(server: &ignis_store::testing::TestPostgres, url: &str, id: &str) -> Vec<String> {
-    server
-        .sql(
-            url.rsplit("dbname=").next().unwrap(),
-            &format!(
-                "SELECT epoch || ':' || node FROM ignis_actor_owners \
-                 WHERE class = 'counter' AND id = '{id}'::bytea ORDER BY epoch"
-            ),
-        )
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect()
-}
-
 /// 1,000 concurrent increments of one actor, sent round-robin to three
 /// nodes, count exactly 1,000: each value acknowledged once, so exactly
 /// one activation ran them (the other two nodes forwarded), and the actor
 /// had one owner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_count_1000_round_robin_increments_exactly() {
-    let Some(server) = ignis_store::testing::shared() else {
+    let Some(t) = test_cluster("", "", 3) else {
         return;
     };
-    let url = server.database();
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = cluster_manifest(dir.path(), "");
-    let nodes: Vec<Node> = (0..3).map(|_| start_node(&manifest, &url)).collect();
+    let nodes = &t.nodes;
     let c = client();
     let targets: Vec<String> = nodes
         .iter()
@@ -172,17 +201,17 @@ async fn three_nodes_count_1000_round_robin_increments_exactly() {
     let distinct: BTreeSet<u64> = all.iter().copied().collect();
     assert_eq!(all.len(), 1000);
     assert_eq!(distinct, (1..=1000).collect::<BTreeSet<u64>>());
-    for node in &nodes {
+    for node in nodes {
         let r = get(&c, &node.url("/counter/shared/get")).await;
         assert_eq!((r.status, r.text().as_str()), (200, "1000"));
     }
-    let history = owners(server, &url, "shared");
+    let history = t.owners("shared");
     assert_eq!(history.len(), 1, "one owner: {history:?}");
     assert!(
         nodes.iter().any(|n| history[0] == format!("1:{}", n.id)),
         "{history:?}"
     );
-    for node in nodes {
+    for node in t.nodes {
         stop(node.proc);
     }
 }
@@ -193,13 +222,10 @@ async fn three_nodes_count_1000_round_robin_increments_exactly() {
 /// two owners), and every acknowledged increment is in the final count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_owner_moves_its_actor_and_loses_no_acknowledged_increment() {
-    let Some(server) = ignis_store::testing::shared() else {
+    let Some(mut t) = test_cluster("lease = \"1s\"\nforward_timeout = \"2s\"", "", 3) else {
         return;
     };
-    let url = server.database();
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = cluster_manifest(dir.path(), "lease = \"1s\"\nforward_timeout = \"2s\"");
-    let mut nodes: Vec<Node> = (0..3).map(|_| start_node(&manifest, &url)).collect();
+    let mut nodes = std::mem::take(&mut t.nodes);
     let c = client();
     // The first message makes node 0 the owner.
     let r = send(&c, incr(&nodes[0].url("/counter/moving/incr"))).await;
@@ -280,7 +306,7 @@ async fn killing_the_owner_moves_its_actor_and_loses_no_acknowledged_increment()
         "acknowledged {} but the count is {count}",
         distinct.last().unwrap()
     );
-    let history = owners(server, &url, "moving");
+    let history = t.owners("moving");
     assert_eq!(history.len(), 2, "{history:?}");
     assert_eq!(history[0], format!("1:{owner_id}"));
     assert!(
@@ -303,13 +329,10 @@ async fn killing_the_owner_moves_its_actor_and_loses_no_acknowledged_increment()
 /// then serves the actor by forwarding to the new owner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_owners_late_commit_is_refused_and_its_client_told_to_retry() {
-    let Some(server) = ignis_store::testing::shared() else {
+    let Some(mut t) = test_cluster("lease = \"1s\"\nforward_timeout = \"1s\"", "", 2) else {
         return;
     };
-    let url = server.database();
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = cluster_manifest(dir.path(), "lease = \"1s\"\nforward_timeout = \"1s\"");
-    let nodes: Vec<Node> = (0..2).map(|_| start_node(&manifest, &url)).collect();
+    let nodes = std::mem::take(&mut t.nodes);
     let c = client();
     let r = send(&c, incr(&nodes[0].url("/counter/paused/incr"))).await;
     assert_eq!((r.status, r.text().as_str()), (200, "1"));
@@ -364,7 +387,7 @@ async fn a_paused_owners_late_commit_is_refused_and_its_client_told_to_retry() {
     };
     assert_eq!((r.status, r.text().as_str()), (200, "2"));
     assert_eq!(
-        owners(server, &url, "paused"),
+        t.owners("paused"),
         [format!("1:{}", nodes[0].id), format!("2:{}", nodes[1].id)]
     );
     let mut nodes = nodes.into_iter();
@@ -379,16 +402,14 @@ async fn a_paused_owners_late_commit_is_refused_and_its_client_told_to_retry() {
 /// actor (its count stays 0).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_internal_listener_refuses_strangers_malformed_messages_and_loops() {
-    let Some(server) = ignis_store::testing::shared() else {
+    let Some(mut t) = test_cluster("", "", 2) else {
         return;
     };
-    let url = server.database();
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = cluster_manifest(dir.path(), "");
-    let nodes: Vec<Node> = (0..2).map(|_| start_node(&manifest, &url)).collect();
-    let token = server
+    let nodes = std::mem::take(&mut t.nodes);
+    let token = t
+        .server
         .sql(
-            url.rsplit("dbname=").next().unwrap(),
+            t.db(),
             "SELECT value FROM ignis_cluster WHERE name = 'forward_token'",
         )
         .trim()
@@ -466,7 +487,7 @@ async fn the_internal_listener_refuses_strangers_malformed_messages_and_loops() 
 #[test]
 fn cluster_mode_without_a_database_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    let manifest = cluster_manifest(dir.path(), "listen = \"127.0.0.1:0\"");
+    let manifest = cluster_manifest(dir.path(), "listen = \"127.0.0.1:0\"", "");
     let out = ignis()
         .args([
             "serve",
@@ -588,14 +609,11 @@ async fn a_deploy_on_one_node_is_served_by_all() {
 /// goes on from what was acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_database_fails_actors_with_503_and_recovers_by_itself() {
-    let Some(server) = ignis_store::testing::shared() else {
+    let Some(mut t) = test_cluster("lease = \"1s\"", "", 1) else {
         return;
     };
-    let url = server.database();
-    let db = url.rsplit("dbname=").next().unwrap().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = cluster_manifest(dir.path(), "lease = \"1s\"");
-    let node = start_node(&manifest, &url);
+    let (server, db) = (t.server, t.db().to_string());
+    let node = t.nodes.remove(0);
     let c = client();
     let r = send(&c, incr(&node.url("/counter/outage/incr"))).await;
     assert_eq!((r.status, r.text().as_str()), (200, "1"));
@@ -646,19 +664,12 @@ async fn losing_the_database_fails_actors_with_503_and_recovers_by_itself() {
 /// claimed (on the code before, each of the three nodes ran each one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cron_occurrence_runs_on_one_node_of_the_cluster() {
-    let Some(server) = ignis_store::testing::shared() else {
+    let trigger = "[[triggers.cron]]\nname = \"tick\"\nschedule = \"* * * * * *\"\nactor = \"counter\"\nid = \"nightly\"\npath = \"/incr\"\n";
+    let Some(mut t) = test_cluster("", trigger, 3) else {
         return;
     };
-    let url = server.database();
-    let db = url.rsplit("dbname=").next().unwrap().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = cluster_manifest(dir.path(), "");
-    let mut text = std::fs::read_to_string(&manifest).unwrap();
-    text.push_str(
-        "\n[[triggers.cron]]\nname = \"tick\"\nschedule = \"* * * * * *\"\nactor = \"counter\"\nid = \"nightly\"\npath = \"/incr\"\n",
-    );
-    std::fs::write(&manifest, text).unwrap();
-    let nodes: Vec<Node> = (0..3).map(|_| start_node(&manifest, &url)).collect();
+    let (server, db) = (t.server, t.db().to_string());
+    let nodes = std::mem::take(&mut t.nodes);
     let claimed = || -> u64 {
         server
             .sql(
@@ -688,4 +699,39 @@ async fn a_cron_occurrence_runs_on_one_node_of_the_cluster() {
         (1..=runs).contains(&count),
         "{count} runs for {runs} claimed occurrences"
     );
+}
+
+/// An alarm set on an actor whose owner then dies fires on another node
+/// once the owner's lease has run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_owners_alarm_fires_on_another_node() {
+    let Some(mut t) = test_cluster("lease = \"1s\"", "", 2) else {
+        return;
+    };
+    let mut nodes = std::mem::take(&mut t.nodes);
+    let c = client();
+    let r = send(&c, incr(&nodes[0].url("/counter/waker/alarm?in_ms=1500"))).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "alarm set"));
+    let owner = nodes.remove(0);
+    sigkill(owner.proc);
+    // Only the survivor's polling can fire it; it is read through the
+    // survivor (which takes the actor over once the lease ran out).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = get(&c, &nodes[0].url("/counter/waker/alarms")).await;
+        if r.status == 200 && r.text().starts_with("fired=1 ") {
+            assert!(r.text().ends_with("pending=false"), "{}", r.text());
+            break;
+        }
+        assert!(matches!(r.status, 200 | 503), "{}: {}", r.status, r.text());
+        assert!(
+            Instant::now() < deadline,
+            "the alarm never fired: {}",
+            r.text()
+        );
+    }
+    let history = t.owners("waker");
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert_eq!(history[1], format!("2:{}", nodes[0].id));
+    stop(nodes.remove(0).proc);
 }
