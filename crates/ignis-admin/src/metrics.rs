@@ -542,6 +542,21 @@ impl NodeCollector {
                 "Messages shed (mailbox or activation cap full).",
                 &s.shed_full,
             ),
+            (
+                "ignis_actor_forwarded",
+                "Messages forwarded to the actor's owner on another node (cluster).",
+                &s.forwarded,
+            ),
+            (
+                "ignis_actor_fenced_commits",
+                "Commits refused because the actor's lease had moved (cluster).",
+                &s.fenced,
+            ),
+            (
+                "ignis_actor_lease_refused",
+                "Messages answered 503 because the node's membership lapsed or the lease went (cluster).",
+                &s.lease_refused,
+            ),
         ];
         for (name, help, v) in node_counters {
             family(e, name, help, None, [(Vec::new(), counter(load(v)))])?;

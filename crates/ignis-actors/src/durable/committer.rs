@@ -141,6 +141,7 @@ pub(super) async fn run_committer(
                 Err(e) => {
                     let fenced = matches!(e, StoreError::Fenced(_));
                     if fenced {
+                        dir.stats.bump(&dir.stats.fenced);
                         tracing::warn!(actor = ?key, error = %e, "actor commit refused: the lease moved to another node; the activation ends");
                         actor.fenced.store(true, Ordering::SeqCst);
                     } else {

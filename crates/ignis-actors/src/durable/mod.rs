@@ -87,6 +87,15 @@ pub struct DirectoryStats {
     /// Times an activation waited for its commits to catch up because its
     /// writes waiting to be durable passed the class's budget.
     pub backpressure_waits: AtomicU64,
+    /// In a cluster: messages this node forwarded to the actor's owner on
+    /// another node.
+    pub forwarded: AtomicU64,
+    /// In a cluster: commits refused because the actor's lease had moved
+    /// to another node (each ends its activation).
+    pub fenced: AtomicU64,
+    /// In a cluster: messages answered 503 because this node's membership
+    /// had lapsed or the actor's lease had gone.
+    pub lease_refused: AtomicU64,
     changed: Notify,
 }
 
@@ -597,6 +606,7 @@ impl ActorDirectory {
                     )));
                 }
                 let key = ActorKey::new(class.name(), id);
+                self.stats.bump(&self.stats.forwarded);
                 let answer = cluster
                     .forward(Forward {
                         address,
@@ -626,9 +636,10 @@ impl ActorDirectory {
         class: &ActorClass,
         id: &str,
     ) -> Result<Result<Lease, (String, String)>, Error> {
-        let session = cluster
-            .session()
-            .ok_or_else(|| lease_gone("this node's cluster membership lapsed; retry"))?;
+        let Some(session) = cluster.session() else {
+            self.stats.bump(&self.stats.lease_refused);
+            return Err(lease_gone("this node's cluster membership lapsed; retry"));
+        };
         let key = ActorKey::new(class.name(), id);
         let held = lock(&self.activations).by_key.get(&key).and_then(|h| {
             h.state
@@ -940,10 +951,10 @@ async fn run_activation(
                 dir.stats.active.fetch_sub(1, Ordering::SeqCst);
             }
             tracing::info!(actor = ?key, reason = why, "activation ended: its lease is gone");
-            refuse(envelope, why);
+            refuse(dir, envelope, why);
             // The directory dropped the mailbox's sender: drain what queued.
             while let Some(envelope) = rx.recv().await {
-                refuse(envelope, why);
+                refuse(dir, envelope, why);
             }
             break;
         }
@@ -1118,8 +1129,9 @@ enum Message {
 
 /// Answers a message the activation will not run with a retryable error;
 /// an alarm is dropped (the actor's owner fires it from storage).
-fn refuse(envelope: Envelope, why: &str) {
+fn refuse(dir: &ActorDirectory, envelope: Envelope, why: &str) {
     if let Envelope::Http { reply, .. } = envelope {
+        dir.stats.bump(&dir.stats.lease_refused);
         let _ = reply.send(Err(lease_gone(why)));
     }
 }

@@ -18,11 +18,24 @@ struct Node {
     proc: Proc,
     internal: String,
     id: String,
+    admin: std::net::SocketAddr,
 }
 
 impl Node {
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.proc.addr)
+    }
+
+    /// Counter `name` (with its `_total`) from the node's `/metrics`.
+    async fn metric(&self, name: &str) -> u64 {
+        let r =
+            crate::admin::admin_get(self.admin, "/metrics", Some(&crate::admin::bearer())).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.text()
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}{{}} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{}", r.text())) as u64
     }
 }
 
@@ -80,9 +93,16 @@ fn start_node(manifest: &std::path::Path, url: &str) -> Node {
             manifest.to_str().unwrap(),
             "--cluster-listen",
             "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
         ],
-        &[("IGNIS_CLUSTER", url), ("IGNIS_LOG", "info")],
+        &[
+            ("IGNIS_CLUSTER", url),
+            ("IGNIS_LOG", "info"),
+            ("IGNIS_ADMIN_TOKEN", crate::admin::TOKEN),
+        ],
     );
+    let admin = proc.stdout_line("admin on http://").parse().unwrap();
     let line = proc.stdout_line("cluster on http://");
     let (internal, id) = line
         .split_once(" (node ")
@@ -90,6 +110,7 @@ fn start_node(manifest: &std::path::Path, url: &str) -> Node {
     Node {
         internal: internal.to_string(),
         id: id.trim_end_matches(')').to_string(),
+        admin,
         proc,
     }
 }
@@ -211,6 +232,14 @@ async fn three_nodes_count_1000_round_robin_increments_exactly() {
         nodes.iter().any(|n| history[0] == format!("1:{}", n.id)),
         "{history:?}"
     );
+    // Every message sent to a node that does not own the actor (its share
+    // of the increments and one read) was forwarded; none from the owner.
+    for (k, node) in nodes.iter().enumerate() {
+        let sent = (0..1000).filter(|n| n % 3 == k).count() as u64 + 1;
+        let owner = history[0] == format!("1:{}", node.id);
+        let forwarded = node.metric("ignis_actor_forwarded_total").await;
+        assert_eq!(forwarded, if owner { 0 } else { sent }, "node {k}");
+    }
     for node in t.nodes {
         stop(node.proc);
     }
@@ -390,6 +419,8 @@ async fn a_paused_owners_late_commit_is_refused_and_its_client_told_to_retry() {
         t.owners("paused"),
         [format!("1:{}", nodes[0].id), format!("2:{}", nodes[1].id)]
     );
+    assert_eq!(nodes[0].metric("ignis_actor_fenced_commits_total").await, 1);
+    assert_eq!(nodes[1].metric("ignis_actor_fenced_commits_total").await, 0);
     let mut nodes = nodes.into_iter();
     let log = stop(nodes.next().unwrap().proc);
     assert!(log.contains("the lease moved to another node"), "{log}");
