@@ -853,6 +853,10 @@ async fn ignis_logs_follows_the_node_and_followers_are_capped() {
     // Requests until the follower shows one's access line (it may connect
     // after the first few).
     let c = client();
+    // The receiver is handed back and kept to the end: dropped, the
+    // reader thread would stop and close the pipe, `ignis logs` would die
+    // of it at its next line, and its follower slot would be free for the
+    // ninth follower below (failed once in CI that way).
     let seen = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while std::time::Instant::now() < deadline {
@@ -860,10 +864,10 @@ async fn ignis_logs_follows_the_node_and_followers_are_capped() {
                 && line.contains("ignis::access")
                 && line.contains("path=\"/hello\"")
             {
-                return Some(line);
+                return (Some(line), lines_rx);
             }
         }
-        None
+        (None, lines_rx)
     });
     let load = tokio::spawn({
         let url = format!("http://{}/hello", proc.addr);
@@ -873,10 +877,8 @@ async fn ignis_logs_follows_the_node_and_followers_are_capped() {
             }
         }
     });
-    let line = seen
-        .await
-        .unwrap()
-        .expect("an access line reached `ignis logs` within 30 s");
+    let (line, _lines_rx) = seen.await.unwrap();
+    let line = line.expect("an access line reached `ignis logs` within 30 s");
     load.abort();
     assert!(line.contains("status=200"), "{line}");
     assert!(
