@@ -174,6 +174,12 @@ impl Error {
         }
     }
 
+    /// Something the request needs is unavailable for now (a 503 with a
+    /// one-second `Retry-After`); `why` is shown to the client.
+    pub fn unavailable(why: impl Into<Cow<'static, str>>) -> Error {
+        Error::shed(ErrorKind::Unavailable, Duration::from_secs(1)).context(why)
+    }
+
     /// A host failure with its cause (logged, never shown).
     pub fn internal(source: impl Into<BoxError>) -> Error {
         Error::new(ErrorKind::Internal).with_source(source)

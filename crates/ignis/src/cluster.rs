@@ -217,7 +217,7 @@ fn uuid_hex() -> String {
 }
 
 fn unavailable(why: impl Into<String>) -> Error {
-    Error::shed(ErrorKind::Unavailable, Duration::from_secs(1)).context(why.into())
+    Error::unavailable(why.into())
 }
 
 fn store_error(e: StoreError) -> Error {

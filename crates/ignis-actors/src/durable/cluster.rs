@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ignis_runtime::{Error, ErrorKind, RequestId};
+use ignis_runtime::{Error, RequestId};
 use ignis_store::{ActorKey, Fence};
 
 /// A boxed future of a cluster operation.
@@ -77,5 +77,5 @@ pub trait Cluster: Send + Sync + 'static {
 /// The error of a message that arrived while this node's membership had
 /// lapsed, or for an activation whose lease went: retryable.
 pub(super) fn lease_gone(why: &str) -> Error {
-    Error::shed(ErrorKind::Unavailable, Duration::from_secs(1)).context(why.to_string())
+    Error::unavailable(why.to_string())
 }

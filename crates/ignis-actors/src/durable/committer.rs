@@ -76,9 +76,7 @@ fn commit_error(e: &StoreError) -> Error {
             super::lease_gone("the actor moved to another node; retry").with_source(e.clone())
         }
         StoreError::Unavailable(_) => {
-            Error::shed(ErrorKind::Unavailable, std::time::Duration::from_secs(1))
-                .context("storage unavailable")
-                .with_source(e.clone())
+            Error::unavailable("storage unavailable").with_source(e.clone())
         }
         e => Error::storage(e.clone()).context("commit failed"),
     }

@@ -601,7 +601,8 @@ impl ActorDirectory {
             Err((node, address)) => {
                 if hops >= MAX_HOPS {
                     return Err(Error::new(ErrorKind::LoopDetected).context(format!(
-                        "actor {}/{id}: forwarded {hops} times without reaching its owner                          (last placed on node {node})",
+                        "actor {}/{id}: forwarded {hops} times without reaching its owner \
+                         (last placed on node {node})",
                         class.name()
                     )));
                 }

@@ -328,12 +328,9 @@ impl Activation {
                 // The guest failed after its storage did: the outage is
                 // the cause, and the client may retry.
                 if unavailable {
-                    return Err(Error::shed(
-                        ErrorKind::Unavailable,
-                        std::time::Duration::from_secs(1),
-                    )
-                    .context("actor storage unavailable; retry")
-                    .with_source(e));
+                    return Err(
+                        Error::unavailable("actor storage unavailable; retry").with_source(e)
+                    );
                 }
                 Err(e)
             }
