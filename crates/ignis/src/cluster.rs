@@ -13,8 +13,8 @@
 //!   session, and every activation of the old one ends before its next
 //!   message.
 //! - **Forwarding.** A message for an actor another node owns goes to that
-//!   node's internal listener over HTTP/2 (one pooled connection per peer,
-//!   hyper's client), with the cluster token, the actor in
+//!   node's internal listener over HTTP/2 (one connection per peer, on the
+//!   `h2` crate directly: [`link`] says why), with the cluster token, the actor in
 //!   `ignis-forward-actor` and the hop count; the owner answers as its
 //!   edge would. The token is made by the first node and kept in the
 //!   database (`ignis_cluster`): only nodes that can read the database can
@@ -27,16 +27,17 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http_body_util::BodyExt;
 use ignis_actors::{ActorDirectory, Cluster, ClusterFuture, Forward, Placement};
 use ignis_config::ClusterConfig;
 use ignis_runtime::{Error, ErrorKind, RequestId};
 use ignis_store::{ActorKey, Fence, Owner, PgStore, StoreError};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use tokio::net::TcpListener;
+
+mod link;
+
+use link::{BodyError, LinkError, Peers};
 
 /// The header carrying the cluster token between nodes.
 pub const TOKEN_HEADER: &str = "ignis-cluster-token";
@@ -84,7 +85,7 @@ pub struct ClusterNode {
     token: HeaderValue,
     forward_timeout: Duration,
     membership: Mutex<Membership>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    peers: Arc<Peers>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -106,15 +107,6 @@ impl ClusterNode {
             .await
             .context("reading the cluster token")?;
         let token = HeaderValue::from_str(&token).context("the cluster token is not a header")?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .timer(TokioTimer::new())
-            .http2_keep_alive_interval(Some(Duration::from_secs(10)))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
         let node = Arc::new(ClusterNode {
             store,
             id,
@@ -126,7 +118,7 @@ impl ClusterNode {
                 valid_until: None,
                 session: 0,
             }),
-            client,
+            peers: Arc::default(),
         });
         node.beat().await.context("registering this node")?;
         tracing::info!(node = %node.id, address = %node.address, lease = ?node.lease, "joined the cluster");
@@ -255,7 +247,7 @@ impl Cluster for ClusterNode {
     }
 
     fn forward(&self, message: Forward) -> ClusterFuture<'static, Response<Bytes>> {
-        let client = self.client.clone();
+        let peers = self.peers.clone();
         let token = self.token.clone();
         let timeout = self.forward_timeout;
         Box::pin(async move {
@@ -283,16 +275,7 @@ impl Cluster for ClusterNode {
                 .map_err(|e| Error::internal(e).context("the owner's address is not usable"))?;
             parts.version = http::Version::HTTP_2;
             let h = &mut parts.headers;
-            for name in [
-                "connection",
-                "keep-alive",
-                "transfer-encoding",
-                "upgrade",
-                "te",
-                "host",
-            ] {
-                h.remove(name);
-            }
+            link::strip_connection_headers(h);
             h.insert(TOKEN_HEADER, token);
             let actor = format!(
                 "{}/{}",
@@ -309,21 +292,31 @@ impl Cluster for ClusterNode {
             }
             h.insert("x-request-id", request_id.header());
             h.insert("traceparent", request_id.traceparent());
-            let sent = client.request(Request::from_parts(parts, Full::new(body)));
-            let resp = match tokio::time::timeout(timeout, sent).await {
+            let sent = peers.request(
+                &address,
+                Request::from_parts(parts, ()),
+                body,
+                MAX_FORWARD_RESPONSE,
+            );
+            let mut resp = match tokio::time::timeout(timeout, sent).await {
                 Err(_) => {
                     return Err(Error::new(ErrorKind::GatewayTimeout).context(format!(
                         "the actor's owner node did not answer within {timeout:?}"
                     )));
                 }
-                // Nothing was sent: the owner is down or unreachable, and
+                // Nothing was run: the owner is down or unreachable, and
                 // the message can be retried (once its lease expires, another
                 // node takes the actor).
-                Ok(Err(e)) if e.is_connect() => {
+                Ok(Err(e @ LinkError::NotSent(_))) => {
                     return Err(
                         unavailable("the actor's owner node could not be reached; retry")
                             .with_source(e),
                     );
+                }
+                Ok(Err(LinkError::TooLarge)) => {
+                    return Err(Error::new(ErrorKind::BadGateway).context(format!(
+                        "the actor's owner node answered with over {MAX_FORWARD_RESPONSE} bytes"
+                    )));
                 }
                 // Sent, then the connection broke: the owner may have run it.
                 Ok(Err(e)) => {
@@ -333,15 +326,6 @@ impl Cluster for ClusterNode {
                 }
                 Ok(Ok(resp)) => resp,
             };
-            let (parts, body) = resp.into_parts();
-            let body = Limited::new(body, MAX_FORWARD_RESPONSE)
-                .collect()
-                .await
-                .map_err(|e| {
-                    unavailable("the actor's owner node broke off its answer; retry").with_source(e)
-                })?
-                .to_bytes();
-            let mut resp = Response::from_parts(parts, body);
             resp.headers_mut().remove(TOKEN_HEADER);
             Ok(resp)
         })
@@ -417,24 +401,7 @@ impl InternalListener {
             let _ = stream.set_nodelay(true);
             let (node, directory) = (node.clone(), directory.clone());
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let (node, directory) = (node.clone(), directory.clone());
-                    async move {
-                        Ok::<_, std::convert::Infallible>(
-                            serve_forwarded(&node, &directory, req).await,
-                        )
-                    }
-                });
-                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                builder
-                    .timer(TokioTimer::new())
-                    .max_concurrent_streams(256)
-                    .max_header_list_size(64 << 10)
-                    .keep_alive_interval(Some(Duration::from_secs(10)))
-                    .keep_alive_timeout(Duration::from_secs(20));
-                let _ = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                link::serve(stream, |req| serve_forwarded(&node, &directory, req)).await;
                 drop(permit);
             });
         }
@@ -446,24 +413,31 @@ impl InternalListener {
 async fn serve_forwarded(
     node: &ClusterNode,
     directory: &ActorDirectory,
-    req: Request<hyper::body::Incoming>,
-) -> Response<ignis_runtime::Body> {
+    req: Request<h2::RecvStream>,
+) -> Response<Bytes> {
     let id = RequestId::for_request(req.headers(), true);
     match forwarded(node, directory, req, id).await {
-        Ok(resp) => {
-            let mut resp =
-                resp.map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync());
+        Ok(mut resp) => {
             resp.headers_mut().insert("x-request-id", id.header());
             resp
         }
-        Err((owner, e)) => ignis_edge::error_response(&owner, &e, id),
+        Err((owner, e)) => {
+            let (parts, body) = ignis_edge::error_response(&owner, &e, id).into_parts();
+            // An error answer is a short body made here; it cannot fail.
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Response::from_parts(parts, body)
+        }
     }
 }
 
 async fn forwarded(
     node: &ClusterNode,
     directory: &ActorDirectory,
-    req: Request<hyper::body::Incoming>,
+    req: Request<h2::RecvStream>,
     id: RequestId,
 ) -> Result<Response<Bytes>, (String, Error)> {
     let edge = |e: Error| ("cluster".to_string(), e);
@@ -495,7 +469,7 @@ async fn forwarded(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u32>().ok())
         .ok_or_else(|| bad("a forwarded message counts its hops"))?;
-    let (mut parts, body) = req.into_parts();
+    let (mut parts, mut body) = req.into_parts();
     for name in [TOKEN_HEADER, ACTOR_HEADER, HOPS_HEADER] {
         parts.headers.remove(name);
     }
@@ -518,12 +492,9 @@ async fn forwarded(
         .unwrap_or_default();
     parts.version = http::Version::HTTP_11;
     let owner = format!("actor {class}");
-    let body = match Limited::new(body, MAX_FORWARD_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+    let body = match link::read_body(&mut body, MAX_FORWARD_BODY).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
             return Err((
                 owner,
                 Error::new(ErrorKind::BodyTooLarge).context(format!(
@@ -531,7 +502,7 @@ async fn forwarded(
                 )),
             ));
         }
-        Err(e) => {
+        Err(BodyError::Stream(e)) => {
             return Err((
                 owner,
                 Error::new(ErrorKind::BadRequest)

@@ -428,9 +428,10 @@ async fn a_paused_owners_late_commit_is_refused_and_its_client_told_to_retry() {
 }
 
 /// The internal listener takes only what nodes of the cluster send: no
-/// token or a wrong one is 403, a malformed actor header 400, and a
-/// message forwarded too many times (a loop) 508. Nothing reaches the
-/// actor (its count stays 0).
+/// token or a wrong one is 403, a malformed actor header 400, a body
+/// over 64 MiB 413, a message forwarded too many times (a loop) 508, and
+/// a connection that is not HTTP/2 or never sends its preface is closed.
+/// Nothing reaches the actor (its count stays 0).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_internal_listener_refuses_strangers_malformed_messages_and_loops() {
     let Some(mut t) = test_cluster("", "", 2) else {
@@ -493,6 +494,22 @@ async fn the_internal_listener_refuses_strangers_malformed_messages_and_loops() 
     let r = send(&h2, internal(&[with, actor, ("ignis-forward-hops", "3")])).await;
     assert_eq!(r.status, 508, "{}", r.text());
     assert!(r.text().contains("forwarding loop"), "{}", r.text());
+    // A body over 64 MiB is refused before anything runs.
+    let mut big = internal(&[with, actor, hops]);
+    *big.body_mut() = Full::new(Bytes::from(vec![b'x'; (64 << 20) + 1]));
+    let r = send(&h2, big).await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    // HTTP/1.1 instead of the HTTP/2 preface: closed without an answer.
+    let (answer, closed) =
+        silent_peer(&nodes[0].internal, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        closed,
+        "an HTTP/1.1 request was not refused (got {answer:?})"
+    );
+    assert!(!answer.contains("HTTP/1.1 200"), "{answer}");
+    // A connection that never sends its preface is closed (after 10 s).
+    let (_, closed) = silent_peer(&nodes[0].internal, b"").await;
+    assert!(closed, "a silent connection was kept open");
     // A good one is forwarded to the owner and counted once.
     let r = send(&h2, internal(&[with, actor, hops])).await;
     assert_eq!((r.status, r.text().as_str()), (200, "1"));
@@ -512,6 +529,27 @@ async fn the_internal_listener_refuses_strangers_malformed_messages_and_loops() 
     for node in nodes {
         stop(node.proc);
     }
+}
+
+/// Connects to `addr`, writes `bytes` and reads until the peer closes or
+/// 60 s pass: what it answered, and whether it closed.
+async fn silent_peer(addr: &str, bytes: &[u8]) -> (String, bool) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&got).into_owned(), closed)
 }
 
 /// Cluster mode without a database is refused at start, saying what to set.
@@ -549,6 +587,25 @@ fn cluster_mode_without_a_database_is_refused_at_start() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--cluster-advertise"), "{stderr}");
+    // The cluster's addresses without cluster mode.
+    let other = tempfile::tempdir().unwrap();
+    let plain = hello_manifest(other.path(), "", "");
+    let out = ignis()
+        .args([
+            "serve",
+            plain.to_str().unwrap(),
+            "--cluster-listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("IGNIS_CLUSTER")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--cluster-listen and --cluster-advertise need cluster mode"),
+        "{stderr}"
+    );
 }
 
 /// A deploy through one node's admin API is recorded in the database and
@@ -766,3 +823,4 @@ async fn a_dead_owners_alarm_fires_on_another_node() {
     assert_eq!(history[1], format!("2:{}", nodes[0].id));
     stop(nodes.remove(0).proc);
 }
+
