@@ -56,6 +56,10 @@ pub struct Member {
     pub address: String,
     /// Whether its membership is current.
     pub alive: bool,
+    /// The last deploy record it took (0: none).
+    pub applied_seq: i64,
+    /// Why it could not apply that record, if it could not.
+    pub applied_error: Option<String>,
 }
 
 /// Takes the lease of `(class, id)` for node `$3` if nobody holds it or
@@ -164,7 +168,8 @@ impl PgStore {
     pub async fn members(&self) -> Result<Vec<Member>, StoreError> {
         let rows = self
             .read(
-                "SELECT node, address, expires_at > now() FROM ignis_nodes ORDER BY node",
+                "SELECT node, address, expires_at > now(), applied_seq, applied_error
+                 FROM ignis_nodes ORDER BY node",
                 &[],
             )
             .await?;
@@ -174,8 +179,26 @@ impl PgStore {
                 node: r.get(0),
                 address: r.get(1),
                 alive: r.get(2),
+                applied_seq: r.get(3),
+                applied_error: r.get(4),
             })
             .collect())
+    }
+
+    /// Records that `node` took deploy record `seq`, and why it could not
+    /// apply it (`error`), for `ignis cluster apply` to report.
+    pub async fn report_applied(
+        &self,
+        node: &str,
+        seq: i64,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.read(
+            "UPDATE ignis_nodes SET applied_seq = $2, applied_error = $3 WHERE node = $1",
+            &[&node, &seq, &error],
+        )
+        .await
+        .map(drop)
     }
 
     /// Makes `node` the owner of `actor` if nobody live owns it, else says
@@ -285,8 +308,9 @@ fn lapsed() -> StoreError {
 pub struct DeployRow {
     /// Its number: one more than the change it was made on.
     pub seq: i64,
-    /// SHA-256 of the manifest file the change was made on (nodes of a
-    /// cluster serve the same file; one that does not skips the change).
+    /// SHA-256 of the manifest text the change was made on (kept for
+    /// the record; nodes take a change's shared sections whatever file
+    /// they were started with).
     pub base: String,
     /// The whole manifest document after the change.
     pub document: String,

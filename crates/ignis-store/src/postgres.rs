@@ -135,6 +135,14 @@ CREATE TABLE ignis_actor_alarms (
         description: "cluster: nodes, actor leases with epochs, fenced commits, shared deployments, cron claims",
         sql: CLUSTER_SCHEMA,
     },
+    Migration {
+        version: 3,
+        description: "cluster: each node reports the deploy record it applied",
+        sql: "
+ALTER TABLE ignis_nodes ADD COLUMN applied_seq BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE ignis_nodes ADD COLUMN applied_error TEXT;
+",
+    },
 ];
 
 /// Migration 2: the cluster's tables (see [`crate::postgres`]'s cluster

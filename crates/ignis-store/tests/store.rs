@@ -940,6 +940,26 @@ async fn postgres_leases_move_only_from_dead_nodes_and_fence_the_old_owner() {
         store.component(&"ab".repeat(32)).await.unwrap(),
         Some(b"wasm".to_vec())
     );
+    // What each node took is reported for `ignis cluster apply`.
+    store.report_applied("node-c", 1, None).await.unwrap();
+    store
+        .report_applied("node-a", 1, Some("refused"))
+        .await
+        .unwrap();
+    let applied: Vec<_> = store
+        .members()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.node, m.applied_seq, m.applied_error))
+        .collect();
+    assert_eq!(
+        applied,
+        [
+            ("node-a".to_string(), 1, Some("refused".to_string())),
+            ("node-c".to_string(), 1, None)
+        ]
+    );
     // The token is made once: a second node reads the first one's.
     let token = store.cluster_value("forward_token", "first").await.unwrap();
     assert_eq!(token, "first");

@@ -410,6 +410,11 @@ impl Deployments {
     /// this node builds them, swaps in what changed. On error nothing
     /// changes; the error names the file, line and key.
     pub async fn reload(&self, by: &str) -> Result<Vec<String>, DeployError> {
+        if self.cluster.get().is_some() {
+            return Err(DeployError::Invalid(
+                "this node is in cluster mode: its functions, actor classes, routes and triggers are the cluster's; record a changed manifest for every node with `ignis cluster apply FILE`".into(),
+            ));
+        }
         let _busy = self.claim(&[(UnitKind::Function, "*".to_string())])?;
         let mut live = self.live.lock().await;
         let path = live.manifest.path.clone();
@@ -958,8 +963,17 @@ impl Deployments {
         let started = Instant::now();
         let outcome = self.apply_record(node, live, row).await;
         // Seen either way: a change this node cannot apply is logged once,
-        // not retried every second.
+        // not retried every second, and reported (for `ignis cluster
+        // apply`).
         live.cluster_seq = seq;
+        let error = outcome.as_ref().err().map(ToString::to_string);
+        if let Err(e) = node
+            .store()
+            .report_applied(node.id(), seq, error.as_deref())
+            .await
+        {
+            tracing::warn!(target: "ignis::deploy", seq, error = %e, "reporting the applied change to the cluster failed");
+        }
         match outcome {
             Ok(changed) => {
                 tracing::info!(target: "ignis::deploy", seq, changed = ?changed, took_ms = started.elapsed().as_millis() as u64, "applied the cluster's deployments");
@@ -981,16 +995,19 @@ impl Deployments {
         live: &mut Live,
         row: ignis_store::cluster::DeployRow,
     ) -> Result<Vec<String>, DeployError> {
-        if row.base != live.base {
-            return Err(DeployError::Invalid(format!(
-                "change {} was made on another manifest file than this node serves (every node of a cluster serves the same file)",
-                row.seq
-            )));
-        }
-        let mut doc: toml::Table = row
+        let recorded: toml::Table = row
             .document
             .parse()
             .map_err(|e| internal("the recorded document is not TOML", e))?;
+        // The shared sections come from the record; every other one stays
+        // this node's own (listen addresses, storage, tokens).
+        let mut doc = live.doc.clone();
+        for key in RELOADABLE {
+            match recorded.get(key) {
+                Some(v) => doc.insert(key.to_string(), v.clone()),
+                None => doc.remove(key),
+            };
+        }
         let components: BTreeMap<String, String> = serde_json::from_str(&row.components)
             .map_err(|e| internal("the recorded components are not JSON", e))?;
         for (key, sha) in components {
@@ -1069,7 +1086,7 @@ impl Deployments {
         let row = ignis_store::cluster::DeployRow {
             seq: live.cluster_seq + 1,
             base: live.base.clone(),
-            document: toml::to_string(&plan.doc)
+            document: toml::to_string(&shared_sections(&plan.doc))
                 .map_err(|e| internal("writing the manifest failed", e))?,
             components: serde_json::to_string(&components)
                 .map_err(|e| internal("writing the components failed", e))?,
@@ -1079,6 +1096,10 @@ impl Deployments {
         match node.store().publish_deploy(&row, &bytes).await {
             Ok(true) => {
                 live.cluster_seq = row.seq;
+                // Swapped in right after this returns (nothing there fails).
+                if let Err(e) = node.store().report_applied(node.id(), row.seq, None).await {
+                    tracing::warn!(target: "ignis::deploy", seq = row.seq, error = %e, "reporting the applied change to the cluster failed");
+                }
                 Ok(())
             }
             Ok(false) => Err(DeployError::Conflict(
@@ -1221,6 +1242,77 @@ fn keep_fixed(mut manifest: Manifest, serving: &Manifest) -> Manifest {
     manifest.admin = serving.admin.clone();
     manifest.cluster = serving.cluster.clone();
     manifest
+}
+
+/// Records the manifest `text` (its components at `paths`) as the
+/// cluster's next change, for `ignis cluster apply`: its shared sections,
+/// with every function's and actor class's component by hash (the bytes
+/// go into the database; `build` keys go, the component is what runs).
+/// Returns the change's number. Refused, with nothing written, if another
+/// change took that number first.
+pub async fn record_manifest(
+    store: &ignis_store::PgStore,
+    text: &str,
+    paths: &crate::app::ComponentPaths,
+    by: &str,
+) -> anyhow::Result<i64> {
+    use anyhow::Context as _;
+    let doc: toml::Table = text.parse().context("the manifest is not TOML")?;
+    let mut doc = shared_sections(&doc);
+    let mut components = BTreeMap::new();
+    let mut blobs = Vec::new();
+    let units = paths
+        .functions
+        .iter()
+        .map(|(n, p)| (UnitKind::Function, n, p))
+        .chain(paths.actors.iter().map(|(n, p)| (UnitKind::Actor, n, p)));
+    for (kind, name, path) in units {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let sha = hex_sha256(&bytes);
+        let section = unit_table(&mut doc, kind)
+            .get_mut(name)
+            .and_then(|s| s.as_table_mut())
+            .with_context(|| format!("the manifest has no table for {} `{name}`", kind.noun()))?;
+        section.remove("build");
+        section.insert(
+            "component".into(),
+            toml::Value::String(format!("sha256:{sha}")),
+        );
+        components.insert(format!("{}/{name}", kind.table()), sha.clone());
+        blobs.push((sha, bytes));
+    }
+    let latest = store
+        .latest_deploy()
+        .await
+        .context("reading the cluster's deployments")?
+        .map_or(0, |r| r.seq);
+    let row = ignis_store::cluster::DeployRow {
+        seq: latest + 1,
+        base: hex_sha256(text.as_bytes()),
+        document: toml::to_string(&doc).context("writing the manifest")?,
+        components: serde_json::to_string(&components).context("writing the components")?,
+        node: "ignis cluster apply".into(),
+        by: by.to_string(),
+    };
+    let recorded = store
+        .publish_deploy(&row, &blobs)
+        .await
+        .context("recording the change in the cluster's database (nothing changed)")?;
+    anyhow::ensure!(
+        recorded,
+        "another change was recorded as number {} meanwhile; nothing was recorded: apply again",
+        row.seq
+    );
+    Ok(row.seq)
+}
+
+/// The sections of `doc` a cluster shares (what a reload may change);
+/// the others are each node's own and never leave it.
+fn shared_sections(doc: &toml::Table) -> toml::Table {
+    doc.iter()
+        .filter(|(k, _)| RELOADABLE.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// The manifest document's table of `kind` (created if missing).

@@ -7,6 +7,7 @@ pub mod admin_client;
 pub mod app;
 pub mod bench;
 pub mod cluster;
+pub mod cluster_cli;
 pub mod deploy;
 pub mod guest_build;
 pub mod logging;

@@ -197,6 +197,12 @@ enum Command {
         /// The `wit` directory of a guest.
         dir: PathBuf,
     },
+    /// Operate a cluster of nodes sharing one PostgreSQL database
+    /// (docs/cluster.md).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Run a benchmark scenario file (open-loop loads, phases, peers such as
     /// `wasmtime serve`) and write a report, raw JSON and a latency plot.
     Bench {
@@ -213,6 +219,71 @@ enum Command {
         #[arg(long, default_value = "target/bench-results")]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Record a manifest's functions, actor classes, routes and cron
+    /// triggers (with their components) as the cluster's next change:
+    /// every node applies it within a second. Waits for the live nodes to
+    /// report, and fails if one refused it. The other sections stay each
+    /// node's own.
+    Apply {
+        /// Path to ignis.toml.
+        manifest: PathBuf,
+        /// Build the functions and actor classes declared with `build`
+        /// first.
+        #[arg(long)]
+        build: bool,
+        /// The cluster's database (else the manifest's `[cluster]` and
+        /// `storage.database` or IGNIS_DATABASE_URL).
+        #[arg(
+            long,
+            env = "IGNIS_CLUSTER",
+            hide_env_values = true,
+            value_name = "URL"
+        )]
+        cluster: Option<String>,
+        /// Seconds to wait for the nodes' reports.
+        #[arg(long, default_value_t = 30)]
+        wait: u64,
+    },
+    /// List the cluster's nodes (alive or not, internal address, the
+    /// change each applied) and its latest change.
+    Status {
+        /// The cluster's database.
+        #[arg(
+            long,
+            env = "IGNIS_CLUSTER",
+            hide_env_values = true,
+            value_name = "URL"
+        )]
+        cluster: String,
+    },
+}
+
+/// The cluster's database for `ignis cluster apply`: `--cluster`, else the
+/// manifest's when it is in cluster mode.
+fn cluster_url(arg: Option<String>, manifest: &Manifest) -> anyhow::Result<String> {
+    if let Some(url) = arg {
+        ignis_config::DatabaseUrl::new(&url)
+            .map_err(|why| anyhow::anyhow!("--cluster (or IGNIS_CLUSTER): {why}"))?;
+        return Ok(url);
+    }
+    anyhow::ensure!(
+        manifest.cluster.is_some(),
+        "name the cluster's database with --cluster URL (or IGNIS_CLUSTER): {} has no [cluster] section",
+        manifest.path.display()
+    );
+    let url = from_env("IGNIS_DATABASE_URL", ignis_config::DatabaseUrl::new)?
+        .or_else(|| manifest.storage.database.clone())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} names no cluster database: set cluster.database, IGNIS_DATABASE_URL or --cluster URL",
+                manifest.path.display()
+            )
+        })?;
+    Ok(url.expose().to_string())
 }
 
 /// The environment variable `name`, checked by `parse`, if set (a secret
@@ -432,6 +503,40 @@ fn run() -> anyhow::Result<()> {
                 hosts.join(", "),
                 cert.display(),
                 key.display()
+            );
+            Ok(())
+        }
+        Command::Cluster {
+            command:
+                ClusterCommand::Apply {
+                    manifest,
+                    build,
+                    cluster,
+                    wait,
+                },
+        } => {
+            let m = load_manifest(&manifest, None)?;
+            let url = cluster_url(cluster, &m)?;
+            let sources = if build {
+                Sources::Build
+            } else {
+                Sources::PrebuiltOnly
+            };
+            let paths = app::component_paths(&m, sources)?;
+            runtime.block_on(ignis::cluster_cli::apply(
+                &url,
+                &manifest,
+                &paths,
+                std::time::Duration::from_secs(wait),
+                &mut std::io::stdout(),
+            ))
+        }
+        Command::Cluster {
+            command: ClusterCommand::Status { cluster },
+        } => {
+            print!(
+                "{}",
+                runtime.block_on(ignis::cluster_cli::status(&cluster))?
             );
             Ok(())
         }

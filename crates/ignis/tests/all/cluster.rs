@@ -824,3 +824,137 @@ async fn a_dead_owners_alarm_fires_on_another_node() {
     stop(nodes.remove(0).proc);
 }
 
+/// Runs `ignis cluster ARGS` against the cluster's database; returns (ok,
+/// stdout, stderr).
+async fn cluster_cli(url: &str, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = ignis();
+    cmd.arg("cluster").args(args).env("IGNIS_CLUSTER", url);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `ignis cluster apply` records a manifest's functions, routes and
+/// triggers for every node: both nodes serve the new route and the new
+/// configuration, each reports the change it took, and the sections that
+/// are each node's own (here `[server]`, absent from the applied file)
+/// stay as they were. A change the nodes refuse (a new actor class needs
+/// a restart) fails the command naming each node and its reason, and the
+/// nodes keep serving the previous change; a malformed manifest is refused
+/// before anything is recorded; a reload (SIGHUP) of one node's file is
+/// refused in cluster mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignis_cluster_apply_reaches_every_node_and_reports_refusals() {
+    let Some(t) = test_cluster("", "", 2) else {
+        return;
+    };
+    let c = client();
+    let served = std::fs::read_to_string(t._dir.path().join("ignis.toml")).unwrap();
+    let operator = tempfile::tempdir().unwrap();
+    // The operator's copy: no [server] section, hello configured, a route
+    // more.
+    let (_, shared) = served.split_once("[cluster]").unwrap();
+    let changed = format!(
+        "[cluster]{}\n[[routes]]\npath = \"/greet\"\nfunction = \"hello\"\n",
+        shared.replace(
+            &format!("[functions.hello]\ncomponent = \"{}\"", wasm("hello")),
+            &format!(
+                "[functions.hello]\ncomponent = \"{}\"\nenv = {{ GREETING = \"applied\" }}",
+                wasm("hello")
+            ),
+        )
+    );
+    assert!(changed.contains("GREETING"), "{changed}");
+    let file = write(operator.path(), "ignis.toml", &changed);
+    let (ok, out, err) = cluster_cli(&t.url, &["apply", file.to_str().unwrap()]).await;
+    assert!(ok, "stdout:\n{out}\nstderr:\n{err}");
+    for n in &t.nodes {
+        assert!(
+            out.contains(&format!("node {} ({}): applied change 1", n.id, n.internal)),
+            "{out}"
+        );
+        assert_eq!(get(&c, &n.url("/greet")).await.text(), "applied\n");
+        assert_eq!(get(&c, &n.url("/hello")).await.text(), "applied\n");
+        assert_eq!(get(&c, &n.url("/counter/a/incr")).await.status, 200);
+    }
+
+    // A change the nodes refuse: each says why, the command fails, and
+    // they keep serving change 1.
+    let refused = write(
+        operator.path(),
+        "more.toml",
+        &format!(
+            "{changed}\n[actors.second]\ncomponent = \"{}\"\n",
+            wasm("counter")
+        ),
+    );
+    let (ok, out, _) = cluster_cli(&t.url, &["apply", refused.to_str().unwrap()]).await;
+    assert!(!ok, "{out}");
+    for n in &t.nodes {
+        assert!(
+            out.contains(&format!(
+                "node {} ({}): REFUSED change 2: adding or removing actor classes needs a restart",
+                n.id, n.internal
+            )),
+            "{out}"
+        );
+        assert_eq!(get(&c, &n.url("/greet")).await.text(), "applied\n");
+    }
+    let (ok, status, err) = cluster_cli(&t.url, &["status"]).await;
+    assert!(ok, "{err}");
+    assert!(status.contains("latest change: 2 by "), "{status}");
+    assert_eq!(
+        status.lines().filter(|l| l.contains(" yes ")).count(),
+        2,
+        "{status}"
+    );
+
+    // Malformed: the file, line and key are named and nothing is recorded.
+    let bad = write(
+        operator.path(),
+        "bad.toml",
+        &changed.replace("path = \"/greet\"", "path = 42"),
+    );
+    let (ok, out, err) = cluster_cli(&t.url, &["apply", bad.to_str().unwrap()]).await;
+    assert!(!ok, "{out}");
+    assert!(err.contains("bad.toml") && err.contains("path"), "{err}");
+    let (_, status, _) = cluster_cli(&t.url, &["status"]).await;
+    assert!(status.contains("latest change: 2 by "), "{status}");
+
+    // Without a database to name, apply says how to name one.
+    let plain = write(
+        operator.path(),
+        "plain.toml",
+        &changed.replace("[cluster]", ""),
+    );
+    let mut cmd = ignis();
+    cmd.args(["cluster", "apply", plain.to_str().unwrap()])
+        .env_remove("IGNIS_CLUSTER");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--cluster URL") && err.contains("no [cluster] section"),
+        "{err}"
+    );
+
+    // A node's own file is not reloaded in cluster mode.
+    signal(&t.nodes[0].proc.child, "HUP");
+    assert!(
+        t.nodes[0]
+            .proc
+            .wait_log("ignis cluster apply FILE", Duration::from_secs(30)),
+        "the reload was not refused"
+    );
+    assert_eq!(get(&c, &t.nodes[0].url("/greet")).await.text(), "applied\n");
+    for node in t.nodes {
+        stop(node.proc);
+    }
+}
