@@ -39,6 +39,12 @@
 //!   made on: a restart on the same manifest restores it, even after
 //!   `kill -9`; a restart on an edited manifest, or a reload, serves the
 //!   file and drops the record (the file wins).
+//! - In cluster mode the database wins instead: a change is recorded there
+//!   (the shared sections only: functions, actors, routes, triggers) before
+//!   it is swapped in; every node applies the latest record over its own
+//!   file's other sections and reports what it took; a reload of the
+//!   node's own file is refused (`ignis cluster apply` records a file for
+//!   every node).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
