@@ -552,56 +552,42 @@ async fn silent_peer(addr: &str, bytes: &[u8]) -> (String, bool) {
     (String::from_utf8_lossy(&got).into_owned(), closed)
 }
 
+/// Runs `ignis ARGS` without a cluster database in the environment; it
+/// must fail. Its stderr.
+fn refused(args: &[&str]) -> String {
+    let out = ignis()
+        .args(args)
+        .env_remove("IGNIS_DATABASE_URL")
+        .env_remove("IGNIS_CLUSTER")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "ignis {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Cluster mode without a database is refused at start, saying what to set.
 #[test]
 fn cluster_mode_without_a_database_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = cluster_manifest(dir.path(), "listen = \"127.0.0.1:0\"", "");
-    let out = ignis()
-        .args([
-            "serve",
-            manifest.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .env_remove("IGNIS_DATABASE_URL")
-        .env_remove("IGNIS_CLUSTER")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let manifest = manifest.to_str().unwrap();
+    let stderr = refused(&["serve", manifest, "--listen", "127.0.0.1:0"]);
     assert!(
         stderr.contains("cluster mode needs a PostgreSQL database")
             && stderr.contains("IGNIS_DATABASE_URL"),
         "{stderr}"
     );
-    let out = ignis()
-        .args([
-            "serve",
-            manifest.to_str().unwrap(),
-            "--cluster-advertise",
-            "user@host:1",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(&["serve", manifest, "--cluster-advertise", "user@host:1"]);
     assert!(stderr.contains("--cluster-advertise"), "{stderr}");
     // The cluster's addresses without cluster mode.
     let other = tempfile::tempdir().unwrap();
     let plain = hello_manifest(other.path(), "", "");
-    let out = ignis()
-        .args([
-            "serve",
-            plain.to_str().unwrap(),
-            "--cluster-listen",
-            "127.0.0.1:0",
-        ])
-        .env_remove("IGNIS_CLUSTER")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(&[
+        "serve",
+        plain.to_str().unwrap(),
+        "--cluster-listen",
+        "127.0.0.1:0",
+    ]);
     assert!(
         stderr.contains("--cluster-listen and --cluster-advertise need cluster mode"),
         "{stderr}"
@@ -885,7 +871,7 @@ async fn ignis_cluster_apply_reaches_every_node_and_reports_refusals() {
 
     // A change the nodes refuse: each says why, the command fails, and
     // they keep serving change 1.
-    let refused = write(
+    let more = write(
         operator.path(),
         "more.toml",
         &format!(
@@ -893,7 +879,7 @@ async fn ignis_cluster_apply_reaches_every_node_and_reports_refusals() {
             wasm("counter")
         ),
     );
-    let (ok, out, _) = cluster_cli(&t.url, &["apply", refused.to_str().unwrap()]).await;
+    let (ok, out, _) = cluster_cli(&t.url, &["apply", more.to_str().unwrap()]).await;
     assert!(!ok, "{out}");
     for n in &t.nodes {
         assert!(
@@ -932,14 +918,7 @@ async fn ignis_cluster_apply_reaches_every_node_and_reports_refusals() {
         "plain.toml",
         &changed.replace("[cluster]", ""),
     );
-    let mut cmd = ignis();
-    cmd.args(["cluster", "apply", plain.to_str().unwrap()])
-        .env_remove("IGNIS_CLUSTER");
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["cluster", "apply", plain.to_str().unwrap()]);
     assert!(
         err.contains("--cluster URL") && err.contains("no [cluster] section"),
         "{err}"
