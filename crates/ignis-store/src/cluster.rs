@@ -312,7 +312,8 @@ pub struct DeployRow {
     /// the record; nodes take a change's shared sections whatever file
     /// they were started with).
     pub base: String,
-    /// The whole manifest document after the change.
+    /// The shared sections of the manifest (functions, actors, routes,
+    /// triggers) after the change, as TOML.
     pub document: String,
     /// Which components the document names by hash (the node's own JSON).
     pub components: String,

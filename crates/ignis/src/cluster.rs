@@ -193,6 +193,15 @@ impl ClusterNode {
         });
     }
 
+    /// Reports that this node took deploy record `seq` (and why it refused
+    /// it, if it did) for `ignis cluster apply`; a failure is logged only
+    /// (the change itself stands either way).
+    pub async fn report_applied(&self, seq: i64, error: Option<&str>) {
+        if let Err(e) = self.store.report_applied(&self.id, seq, error).await {
+            tracing::warn!(target: "ignis::deploy", seq, error = %e, "reporting the applied change to the cluster failed");
+        }
+    }
+
     /// Leaves the membership (a clean stop): other nodes take this node's
     /// actors at their next message instead of after the lease.
     pub async fn leave(&self) {
@@ -208,14 +217,10 @@ fn uuid_hex() -> String {
     format!("{:032x}", uuid::Uuid::new_v4().as_u128())
 }
 
-fn unavailable(why: impl Into<String>) -> Error {
-    Error::unavailable(why.into())
-}
-
 fn store_error(e: StoreError) -> Error {
     match e {
         StoreError::Unavailable(_) => {
-            unavailable("the cluster database is unavailable; retry").with_source(e)
+            Error::unavailable("the cluster database is unavailable; retry").with_source(e)
         }
         e => Error::storage(e).context("placing the actor"),
     }
@@ -308,10 +313,10 @@ impl Cluster for ClusterNode {
                 // the message can be retried (once its lease expires, another
                 // node takes the actor).
                 Ok(Err(e @ LinkError::NotSent(_))) => {
-                    return Err(
-                        unavailable("the actor's owner node could not be reached; retry")
-                            .with_source(e),
-                    );
+                    return Err(Error::unavailable(
+                        "the actor's owner node could not be reached; retry",
+                    )
+                    .with_source(e));
                 }
                 Ok(Err(LinkError::TooLarge)) => {
                     return Err(Error::new(ErrorKind::BadGateway).context(format!(

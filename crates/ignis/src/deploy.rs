@@ -973,13 +973,7 @@ impl Deployments {
         // apply`).
         live.cluster_seq = seq;
         let error = outcome.as_ref().err().map(ToString::to_string);
-        if let Err(e) = node
-            .store()
-            .report_applied(node.id(), seq, error.as_deref())
-            .await
-        {
-            tracing::warn!(target: "ignis::deploy", seq, error = %e, "reporting the applied change to the cluster failed");
-        }
+        node.report_applied(seq, error.as_deref()).await;
         match outcome {
             Ok(changed) => {
                 tracing::info!(target: "ignis::deploy", seq, changed = ?changed, took_ms = started.elapsed().as_millis() as u64, "applied the cluster's deployments");
@@ -1103,9 +1097,7 @@ impl Deployments {
             Ok(true) => {
                 live.cluster_seq = row.seq;
                 // Swapped in right after this returns (nothing there fails).
-                if let Err(e) = node.store().report_applied(node.id(), row.seq, None).await {
-                    tracing::warn!(target: "ignis::deploy", seq = row.seq, error = %e, "reporting the applied change to the cluster failed");
-                }
+                node.report_applied(row.seq, None).await;
                 Ok(())
             }
             Ok(false) => Err(DeployError::Conflict(

@@ -33,6 +33,23 @@ enum LogFormat {
     Json,
 }
 
+/// The cluster's database, shared by `up`, `serve` and `cluster apply`.
+#[derive(clap::Args)]
+struct ClusterUrl {
+    /// The cluster's shared PostgreSQL database (a URL or key=value
+    /// string): `up` and `serve` join it (it becomes `storage.database`;
+    /// `[cluster]`'s settings apply, or their defaults), `cluster apply`
+    /// records to it. Prefer the IGNIS_CLUSTER environment variable: a
+    /// command line is visible to every user of the machine.
+    #[arg(
+        long = "cluster",
+        env = "IGNIS_CLUSTER",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    url: Option<String>,
+}
+
 /// Listener overrides shared by `up` and `serve`.
 #[derive(clap::Args)]
 struct ListenArgs {
@@ -48,17 +65,8 @@ struct ListenArgs {
     /// IGNIS_ADMIN_TOKEN environment variable (which wins).
     #[arg(long, env = "IGNIS_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
-    /// Join the cluster whose shared PostgreSQL database is at this URL
-    /// (it becomes `storage.database`; `[cluster]`'s settings apply, or
-    /// their defaults). Prefer the IGNIS_CLUSTER environment variable: a
-    /// command line is visible to every user of the machine.
-    #[arg(
-        long,
-        env = "IGNIS_CLUSTER",
-        hide_env_values = true,
-        value_name = "URL"
-    )]
-    cluster: Option<String>,
+    #[command(flatten)]
+    cluster: ClusterUrl,
     /// The cluster's internal listener instead of `cluster.listen` (use
     /// 127.0.0.1:0 for any free port).
     #[arg(long, env = "IGNIS_CLUSTER_LISTEN")]
@@ -227,7 +235,8 @@ enum ClusterCommand {
     /// triggers (with their components) as the cluster's next change:
     /// every node applies it within a second. Waits for the live nodes to
     /// report, and fails if one refused it. The other sections stay each
-    /// node's own.
+    /// node's own. The database is `--cluster`'s, else the manifest's
+    /// `[cluster]` one (`storage.database` or IGNIS_DATABASE_URL).
     Apply {
         /// Path to ignis.toml.
         manifest: PathBuf,
@@ -235,15 +244,8 @@ enum ClusterCommand {
         /// first.
         #[arg(long)]
         build: bool,
-        /// The cluster's database (else the manifest's `[cluster]` and
-        /// `storage.database` or IGNIS_DATABASE_URL).
-        #[arg(
-            long,
-            env = "IGNIS_CLUSTER",
-            hide_env_values = true,
-            value_name = "URL"
-        )]
-        cluster: Option<String>,
+        #[command(flatten)]
+        cluster: ClusterUrl,
         /// Seconds to wait for the nodes' reports.
         #[arg(long, default_value_t = 30)]
         wait: u64,
@@ -264,26 +266,38 @@ enum ClusterCommand {
 
 /// The cluster's database for `ignis cluster apply`: `--cluster`, else the
 /// manifest's when it is in cluster mode.
-fn cluster_url(arg: Option<String>, manifest: &Manifest) -> anyhow::Result<String> {
-    if let Some(url) = arg {
-        ignis_config::DatabaseUrl::new(&url)
-            .map_err(|why| anyhow::anyhow!("--cluster (or IGNIS_CLUSTER): {why}"))?;
-        return Ok(url);
-    }
+fn cluster_url(arg: &ClusterUrl, manifest: &mut Manifest) -> anyhow::Result<String> {
+    database_overrides(manifest, arg)?;
     anyhow::ensure!(
         manifest.cluster.is_some(),
         "name the cluster's database with --cluster URL (or IGNIS_CLUSTER): {} has no [cluster] section",
         manifest.path.display()
     );
-    let url = from_env("IGNIS_DATABASE_URL", ignis_config::DatabaseUrl::new)?
-        .or_else(|| manifest.storage.database.clone())
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "{} names no cluster database: set cluster.database, IGNIS_DATABASE_URL or --cluster URL",
-                manifest.path.display()
-            )
-        })?;
+    let url = manifest.storage.database.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} names no cluster database: set cluster.database, IGNIS_DATABASE_URL or --cluster URL",
+            manifest.path.display()
+        )
+    })?;
     Ok(url.expose().to_string())
+}
+
+/// The database the environment (IGNIS_DATABASE_URL) or `--cluster` names
+/// instead of the manifest's; `--cluster` also turns cluster mode on (with
+/// `[cluster]`'s defaults if the manifest has none).
+fn database_overrides(manifest: &mut Manifest, cluster: &ClusterUrl) -> anyhow::Result<()> {
+    if let Some(url) = from_env("IGNIS_DATABASE_URL", ignis_config::DatabaseUrl::new)? {
+        manifest.storage.database = Some(url);
+    }
+    if let Some(url) = &cluster.url {
+        let url = ignis_config::DatabaseUrl::new(url)
+            .map_err(|why| anyhow::anyhow!("--cluster (or IGNIS_CLUSTER): {why}"))?;
+        manifest.storage.database = Some(url);
+        manifest
+            .cluster
+            .get_or_insert_with(ignis_config::ClusterConfig::with_defaults);
+    }
+    Ok(())
 }
 
 /// The environment variable `name`, checked by `parse`, if set (a secret
@@ -317,17 +331,7 @@ fn load_manifest(path: &Path, args: Option<&ListenArgs>) -> anyhow::Result<Manif
     if let Some(token) = from_env("IGNIS_ADMIN_TOKEN", ignis_config::AdminToken::new)? {
         manifest.admin.token = Some(token);
     }
-    if let Some(url) = from_env("IGNIS_DATABASE_URL", ignis_config::DatabaseUrl::new)? {
-        manifest.storage.database = Some(url);
-    }
-    if let Some(url) = &args.cluster {
-        let url = ignis_config::DatabaseUrl::new(url)
-            .map_err(|why| anyhow::anyhow!("--cluster (or IGNIS_CLUSTER): {why}"))?;
-        manifest.storage.database = Some(url);
-        manifest
-            .cluster
-            .get_or_insert_with(ignis_config::ClusterConfig::with_defaults);
-    }
+    database_overrides(&mut manifest, &args.cluster)?;
     if args.cluster_listen.is_some() || args.cluster_advertise.is_some() {
         let Some(cluster) = manifest.cluster.as_mut() else {
             anyhow::bail!(
@@ -515,8 +519,8 @@ fn run() -> anyhow::Result<()> {
                     wait,
                 },
         } => {
-            let m = load_manifest(&manifest, None)?;
-            let url = cluster_url(cluster, &m)?;
+            let mut m = load_manifest(&manifest, None)?;
+            let url = cluster_url(&cluster, &mut m)?;
             let sources = if build {
                 Sources::Build
             } else {
