@@ -99,8 +99,20 @@ impl Drop for ActiveGuard {
 /// to a shared cell and a watchdog task drops it at its wall deadline,
 /// polled or not. Guests that finish within the first poll (most short
 /// responses) never arm a watchdog.
+///
+/// A frame that leaves the guest still running is not returned at once:
+/// the guest runs again and the next frame is taken ahead (kept for the
+/// next poll). A WASI 0.3 guest runs until its body is read to the end
+/// (it waits for `done`), so without the look-ahead every 0.3 response,
+/// however short, armed a watchdog: a spawned task, a timer and a
+/// worker's wake-up per request, about a quarter of a reused 0.3 hello's
+/// cost (docs/perf/2026-12-01-reuse-path.md). With it, a body that is
+/// complete by then ends in the same poll and the guest with it.
 struct DrivingBody {
     inner: HyperOutgoingBody,
+    /// The frame taken ahead (`Some(None)`: the body's end), returned by
+    /// the next poll.
+    peeked: Option<Option<Result<Frame<Bytes>, BoxError>>>,
     guest: Guest,
     /// The request's wall deadline (the watchdog's alarm).
     deadline: Instant,
@@ -234,42 +246,93 @@ impl http_body::Body for DrivingBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(peeked) = this.peeked.take() {
+            if peeked.is_some() {
+                // Taken ahead last time: take the next one ahead again.
+                this.look_ahead(cx);
+            }
+            return Poll::Ready(peeked);
+        }
         this.drive_guest(cx);
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled = this.poll_inner(cx);
+        if let Poll::Ready(Some(_)) = &polled {
+            this.look_ahead(cx);
+        } else if polled.is_pending() {
+            this.arm_watchdog();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.peeked {
+            Some(peeked) => peeked.is_none(),
+            None => self.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let peeked = match &self.peeked {
+            Some(None) => return http_body::SizeHint::with_exact(0),
+            Some(Some(Ok(frame))) => frame.data_ref().map_or(0, |d| d.len() as u64),
+            _ => 0,
+        };
+        let inner = self.inner.size_hint();
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(peeked));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(peeked));
+        }
+        hint
+    }
+}
+
+impl DrivingBody {
+    /// The next frame of the guest's body; at its end, the guest is told
+    /// (`done`) and given one more poll to end (see [`Self::end_body`]).
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = http_body::Body::poll_frame(Pin::new(&mut self.inner), cx);
         if let Poll::Ready(None) = polled {
-            if this.cut.load(Ordering::SeqCst) {
-                // Cut short by the guest's failure (logged once, above).
+            if self.cut.load(Ordering::SeqCst) {
+                // Cut short by the guest's failure (logged once, in drive_guest).
                 return Poll::Ready(Some(Err(cut_body())));
             }
-            this.done = None;
-            // A 0.3 guest waits for `done`, and most guests end right after
-            // their body: one more poll lets them end here, so a kept
-            // instance is back in its pool before the client sees the end
-            // of the body (its next request on the connection reuses it).
-            this.drive_guest(cx);
-            if let Some(guest) = this.take_guest() {
-                // The body is complete but the guest is still running (work
-                // after the response): let it finish on its own, bounded by
-                // its deadlines.
-                let (owner, request_id) = (this.owner.clone(), this.request_id);
-                tokio::spawn(async move {
-                    if let Err(e) = guest.await {
-                        e.log(&owner, request_id);
-                    }
-                });
-            }
-        } else {
-            this.arm_watchdog();
+            self.end_body(cx);
         }
         polled.map_err(Into::into)
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+    /// A frame is about to go out: if the guest is still running, let it
+    /// run and take the next frame ahead; if that is not there yet, the
+    /// body goes back to hyper with the guest running: arm the watchdog.
+    fn look_ahead(&mut self, cx: &mut Context<'_>) {
+        if matches!(self.guest, Guest::None) {
+            return;
+        }
+        self.drive_guest(cx);
+        if let Poll::Ready(next) = self.poll_inner(cx) {
+            self.peeked = Some(next);
+        }
+        self.arm_watchdog();
     }
 
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+    /// The body is complete. A 0.3 guest waits for `done`, and most guests
+    /// end right after their body: one more poll lets them end here, so a
+    /// kept instance is back in its pool before the client sees the end of
+    /// the body (its next request on the connection reuses it).
+    fn end_body(&mut self, cx: &mut Context<'_>) {
+        self.done = None;
+        self.drive_guest(cx);
+        if let Some(guest) = self.take_guest() {
+            // The body is complete but the guest is still running (work
+            // after the response): let it finish on its own, bounded by
+            // its deadlines.
+            let (owner, request_id) = (self.owner.clone(), self.request_id);
+            tokio::spawn(async move {
+                if let Err(e) = guest.await {
+                    e.log(&owner, request_id);
+                }
+            });
+        }
     }
 }
 
@@ -686,6 +749,7 @@ impl Function {
             Ok(Ok(response)) => Ok(response.map(|inner| {
                 DrivingBody {
                     inner,
+                    peeked: None,
                     guest: guest.map_or(Guest::None, Guest::Owned),
                     deadline: limits.deadline,
                     owner: self.name.clone(),

@@ -59,6 +59,39 @@ async fn a_03_instance_serves_consecutive_requests_until_max_requests() {
     server.shutdown().await;
 }
 
+/// A body in two parts, the second at once or later: the response body
+/// takes the next part ahead while the guest runs (so a short body ends,
+/// and frees its instance, in the poll that returns its first part). Every
+/// part arrives once and in order, and the instance serves the next
+/// request either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_03_body_in_parts_arrives_whole_and_in_order_on_a_kept_instance() {
+    let server = TestServer::start(&p3("svc", "")).await;
+    let mut ids = Vec::new();
+    for (i, ms) in [0, 20, 0, 0, 20, 0].into_iter().enumerate() {
+        let r = one(&server, "svc", &format!("/svc/stream?ms={ms}")).await;
+        let text = r.text();
+        let (first, rest) = text
+            .split_once('\n')
+            .unwrap_or_else(|| panic!("one line only: {text:?}"));
+        assert_eq!(rest, "done\n", "ms={ms}: {text:?}");
+        let (id, n) = who(&Reply {
+            status: r.status,
+            headers: r.headers.clone(),
+            body: format!("{first}\n").into(),
+        });
+        assert_eq!(n, i as u64 + 1, "ms={ms}: {text:?}");
+        ids.push(id);
+    }
+    assert!(
+        ids.windows(2).all(|w| w[0] == w[1]),
+        "one instance: {ids:?}"
+    );
+    let stats = server.function("svc").stats();
+    assert_eq!(stats.fresh_instances.load(Ordering::SeqCst), 1);
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_03_function_reuses_by_default_and_reuse_false_turns_it_off() {
     let text = format!("{}{}", p3("dflt", ""), p3("off", "reuse = false"));
