@@ -246,19 +246,17 @@ impl http_body::Body for DrivingBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if let Some(peeked) = this.peeked.take() {
-            if peeked.is_some() {
-                // Taken ahead last time: take the next one ahead again.
-                this.look_ahead(cx);
+        let polled = match this.peeked.take() {
+            Some(peeked) => Poll::Ready(peeked),
+            None => {
+                this.drive_guest(cx);
+                this.poll_inner(cx)
             }
-            return Poll::Ready(peeked);
-        }
-        this.drive_guest(cx);
-        let polled = this.poll_inner(cx);
-        if let Poll::Ready(Some(_)) = &polled {
-            this.look_ahead(cx);
-        } else if polled.is_pending() {
-            this.arm_watchdog();
+        };
+        match &polled {
+            Poll::Ready(Some(_)) => this.look_ahead(cx),
+            Poll::Pending => this.arm_watchdog(),
+            Poll::Ready(None) => {}
         }
         polled
     }

@@ -71,15 +71,12 @@ async fn a_03_body_in_parts_arrives_whole_and_in_order_on_a_kept_instance() {
     for (i, ms) in [0, 20, 0, 0, 20, 0].into_iter().enumerate() {
         let r = one(&server, "svc", &format!("/svc/stream?ms={ms}")).await;
         let text = r.text();
+        assert_eq!(r.status, 200, "{text}");
         let (first, rest) = text
             .split_once('\n')
             .unwrap_or_else(|| panic!("one line only: {text:?}"));
         assert_eq!(rest, "done\n", "ms={ms}: {text:?}");
-        let (id, n) = who(&Reply {
-            status: r.status,
-            headers: r.headers.clone(),
-            body: format!("{first}\n").into(),
-        });
+        let (id, n) = who_line(first);
         assert_eq!(n, i as u64 + 1, "ms={ms}: {text:?}");
         ids.push(id);
     }
@@ -312,7 +309,11 @@ async fn an_idle_instance_past_max_age_is_retired() {
 /// `instance ID request N` -> (ID, N).
 fn who(r: &Reply) -> (u64, u64) {
     assert_eq!(r.status, 200, "{}", r.text());
-    let text = r.text();
+    who_line(&r.text())
+}
+
+/// `instance ID request N` -> (ID, N).
+fn who_line(text: &str) -> (u64, u64) {
     let rest = text
         .trim()
         .strip_prefix("instance ")
