@@ -160,24 +160,41 @@ impl RequestId {
         self.id
     }
 
-    /// The id as a header value (the hyphenated UUID).
+    /// The id as a header value (the hyphenated UUID). Written into a
+    /// buffer on the stack (no formatting machinery): every request makes
+    /// one or two of these.
     pub fn header(&self) -> HeaderValue {
-        HeaderValue::from_str(&self.to_string()).expect("a UUID is a valid header value")
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let text = Uuid::from_u128(self.id).hyphenated().encode_lower(&mut buf);
+        HeaderValue::from_str(text).expect("a UUID is a valid header value")
     }
 
     /// The `traceparent` to pass on: this request's trace, with its own
-    /// span as the parent.
+    /// span as the parent (`00-{trace:032x}-{span:016x}-{flags:02x}`).
     pub fn traceparent(&self) -> HeaderValue {
-        let text = format!(
-            "00-{:032x}-{:016x}-{:02x}",
-            self.trace_id, self.span_id, self.flags
-        );
-        HeaderValue::from_str(&text).expect("hex is a valid header value")
+        let mut buf = [0u8; 55];
+        buf[..3].copy_from_slice(b"00-");
+        hex(&mut buf[3..35], self.trace_id);
+        buf[35] = b'-';
+        hex(&mut buf[36..52], u128::from(self.span_id));
+        buf[52] = b'-';
+        hex(&mut buf[53..55], u128::from(self.flags));
+        HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
     }
 
     /// The trace id (32 hex digits in `traceparent`).
     pub fn trace_id(&self) -> u128 {
         self.trace_id
+    }
+}
+
+/// Writes the low `out.len() * 4` bits of `value` into `out` as lowercase
+/// hex, most significant digit first.
+fn hex(out: &mut [u8], mut value: u128) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in out.iter_mut().rev() {
+        *b = DIGITS[(value & 0xf) as usize];
+        value >>= 4;
     }
 }
 
@@ -231,6 +248,26 @@ mod tests {
         assert!(a.to_string() < b.to_string() || a.to_string()[..13] == b.to_string()[..13]);
         assert_eq!(a.to_string().len(), 36);
         assert_ne!(a.span_id, b.span_id);
+    }
+
+    #[test]
+    fn header_values_match_their_formatted_text() {
+        // The header values are encoded by hand (no `format!` per
+        // request); they must say exactly what the formatted forms say.
+        for id in [RequestId::new(), RequestId::new().with_sampled(true)] {
+            assert_eq!(id.header(), id.to_string().as_str());
+            let expected = format!(
+                "00-{:032x}-{:016x}-{:02x}",
+                id.trace_id, id.span_id, id.flags
+            );
+            assert_eq!(id.traceparent(), expected.as_str());
+        }
+        let mut buf = [0u8; 6];
+        hex(&mut buf, 0xab_cdef_0123);
+        assert_eq!(
+            &buf, b"ef0123",
+            "only the low digits, most significant first"
+        );
     }
 
     #[test]
