@@ -62,6 +62,11 @@ use observe::{Exchange, Kind, TargetTraffic, Traffic};
 use tokio::net::TcpListener;
 
 pub use proxy::{OriginStats, Peer, Upstream};
+
+/// The request id's field, on requests passed on and on every response.
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+/// The W3C trace context's field, on requests passed on.
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 pub use routing::Router;
 
 /// Routing table plus the limits every request is held to.
@@ -207,8 +212,7 @@ impl Edge {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return resp;
         }
-        let path = req.uri().path().to_string();
-        let gate = match table.router.route(host, &path) {
+        let gate = match table.router.route(host, req.uri().path()) {
             None => {
                 let e = Error::new(ErrorKind::NotFound).context("no route for this host and path");
                 return error_response("edge", &e, id);
@@ -227,6 +231,7 @@ impl Edge {
                 }
                 Target::Actor(class, traffic) => {
                     exchange.served_by(traffic);
+                    // Owned: the id borrows the request, which goes on.
                     let actor_id = actor_id.unwrap_or_default().to_string();
                     return match self.to_actor(class, &actor_id, req, id).await {
                         Ok(resp) => resp,
@@ -258,7 +263,7 @@ impl Edge {
         };
         match gate.call(req, meta).await {
             Ok(mut resp) => {
-                resp.headers_mut().insert("x-request-id", id.header());
+                resp.headers_mut().insert(X_REQUEST_ID, id.header());
                 resp
             }
             // The guest failed because its body stream was cut at the limit.
@@ -309,7 +314,7 @@ impl Edge {
             .send(class, actor_id, Request::from_parts(parts, body), id, None)
             .await?;
         let mut resp = resp.map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync());
-        resp.headers_mut().insert("x-request-id", id.header());
+        resp.headers_mut().insert(X_REQUEST_ID, id.header());
         Ok(resp)
     }
 }
@@ -404,8 +409,8 @@ fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
 /// Gives a guest the request's id and trace context as headers
 /// (`x-request-id`, `traceparent`), replacing what the client sent.
 fn tag(headers: &mut http::HeaderMap, id: RequestId) {
-    headers.insert("x-request-id", id.header());
-    headers.insert("traceparent", id.traceparent());
+    headers.insert(X_REQUEST_ID, id.header());
+    headers.insert(TRACEPARENT, id.traceparent());
 }
 
 fn body_too_large(max_body: u64) -> Error {
@@ -442,7 +447,7 @@ fn plain(status: StatusCode, id: RequestId, text: String) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    headers.insert("x-request-id", id.header());
+    headers.insert(X_REQUEST_ID, id.header());
     resp
 }
 

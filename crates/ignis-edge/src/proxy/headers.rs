@@ -98,75 +98,102 @@ pub(crate) struct Hop<'a> {
     pub(crate) proxies: &'a [IpRange],
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Sets `X-Forwarded-For/Proto/Host`, `Forwarded` and `Via` on a request
 /// about to go to an origin.
+///
+/// Every proxied request passes here, so each value is built in one
+/// buffer that becomes the header value without another copy, and fixed
+/// values are static (docs/perf/2026-12-01-proxy-path.md).
 pub(crate) fn add_forwarding(headers: &mut HeaderMap, hop: &Hop<'_>, version: http::Version) {
+    use std::fmt::Write as _;
     let believed = trusted(hop.peer.ip(), hop.proxies);
     let ip = hop.peer.ip().to_canonical();
     let proto = if hop.https { "https" } else { "http" };
 
-    let xff = match joined(headers, "x-forwarded-for") {
-        Some(prior) if believed => format!("{prior}, {ip}"),
-        _ => ip.to_string(),
+    let mut xff = match joined(headers, &X_FORWARDED_FOR) {
+        Some(mut prior) if believed => {
+            prior.push_str(", ");
+            prior
+        }
+        _ => String::with_capacity(16),
     };
-    set(headers, "x-forwarded-for", &xff);
-    if !(believed && headers.contains_key("x-forwarded-proto")) {
-        set(headers, "x-forwarded-proto", proto);
+    let _ = write!(xff, "{ip}");
+    set(headers, X_FORWARDED_FOR, xff);
+    if !(believed && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
-    if !(believed && headers.contains_key("x-forwarded-host")) {
-        set(headers, "x-forwarded-host", hop.host);
+    if !(believed && headers.contains_key(&X_FORWARDED_HOST)) {
+        set(headers, X_FORWARDED_HOST, hop.host.to_string());
     }
 
-    let node = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    let mut forwarded = match joined(headers, &header::FORWARDED) {
+        Some(mut prior) if believed => {
+            prior.push_str(", ");
+            prior
+        }
+        _ => String::with_capacity(32 + hop.host.len()),
     };
-    let host = if hop
+    let _ = match ip {
+        IpAddr::V4(v4) => write!(forwarded, "for={v4}"),
+        IpAddr::V6(v6) => write!(forwarded, "for=\"[{v6}]\""),
+    };
+    forwarded.push_str(";proto=");
+    forwarded.push_str(proto);
+    forwarded.push_str(";host=");
+    if hop
         .host
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b".-".contains(&b))
     {
-        hop.host.to_string()
+        forwarded.push_str(hop.host);
     } else {
-        format!("\"{}\"", hop.host.replace(['"', '\\'], ""))
-    };
-    let ours = format!("for={node};proto={proto};host={host}");
-    let forwarded = match joined(headers, "forwarded") {
-        Some(prior) if believed => format!("{prior}, {ours}"),
-        _ => ours,
-    };
-    set(headers, "forwarded", &forwarded);
+        forwarded.push('"');
+        forwarded.extend(hop.host.chars().filter(|c| !matches!(c, '"' | '\\')));
+        forwarded.push('"');
+    }
+    set(headers, header::FORWARDED, forwarded);
     add_via(headers, version);
 }
 
 /// Appends this proxy to `Via`.
 pub(crate) fn add_via(headers: &mut HeaderMap, version: http::Version) {
-    let protocol = match version {
-        http::Version::HTTP_10 => "1.0",
-        http::Version::HTTP_2 => "2",
-        http::Version::HTTP_3 => "3",
-        _ => "1.1",
+    let ours = match version {
+        http::Version::HTTP_10 => "1.0 ignis",
+        http::Version::HTTP_2 => "2 ignis",
+        http::Version::HTTP_3 => "3 ignis",
+        _ => "1.1 ignis",
     };
-    let ours = format!("{protocol} ignis");
-    let via = match joined(headers, "via") {
-        Some(prior) => format!("{prior}, {ours}"),
-        None => ours,
-    };
-    set(headers, "via", &via);
+    match joined(headers, &header::VIA) {
+        Some(mut prior) => {
+            prior.push_str(", ");
+            prior.push_str(ours);
+            set(headers, header::VIA, prior);
+        }
+        None => {
+            headers.insert(header::VIA, HeaderValue::from_static(ours));
+        }
+    }
 }
 
 /// All values of `name`, joined with `, ` (`None` when absent or not text).
-fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
-    let values: Vec<&str> = headers
-        .get_all(name)
-        .iter()
-        .map(|v| v.to_str().ok())
-        .collect::<Option<_>>()?;
-    (!values.is_empty()).then(|| values.join(", "))
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut values = headers.get_all(name).iter();
+    let mut out = values.next()?.to_str().ok()?.to_string();
+    for v in values {
+        out.push_str(", ");
+        out.push_str(v.to_str().ok()?);
+    }
+    Some(out)
 }
 
-fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {
-    match HeaderValue::from_str(value) {
+/// Sets `name` to `value` (the buffer becomes the value), or removes it
+/// when `value` is not a valid field value.
+fn set(headers: &mut HeaderMap, name: HeaderName, value: String) {
+    match HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         Ok(v) => {
             headers.insert(name, v);
         }

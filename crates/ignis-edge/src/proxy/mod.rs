@@ -32,6 +32,7 @@ pub(crate) mod headers;
 mod origin;
 mod pool;
 
+use crate::{TRACEPARENT, X_REQUEST_ID};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -277,9 +278,9 @@ impl Upstream {
             // A guest's request says what it says; only Via is added.
             None => headers::add_via(&mut parts.headers, parts.version),
         }
-        parts.headers.insert("x-request-id", id.header());
-        if peer.is_some() || !parts.headers.contains_key("traceparent") {
-            parts.headers.insert("traceparent", id.traceparent());
+        parts.headers.insert(X_REQUEST_ID, id.header());
+        if peer.is_some() || !parts.headers.contains_key(&TRACEPARENT) {
+            parts.headers.insert(TRACEPARENT, id.traceparent());
         }
         match &self.config.host {
             HostRewrite::Preserve => {
@@ -424,14 +425,14 @@ impl Upstream {
             let (mut parts, _) = resp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, true);
             headers::add_via(&mut parts.headers, parts.version);
-            parts.headers.insert("x-request-id", id.header());
+            parts.headers.insert(X_REQUEST_ID, id.header());
             parts.version = Version::HTTP_11;
             return Ok(Response::from_parts(parts, empty_body()));
         }
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
         headers::add_via(&mut parts.headers, parts.version);
-        parts.headers.insert("x-request-id", id.header());
+        parts.headers.insert(X_REQUEST_ID, id.header());
         parts.version = Version::HTTP_11;
         let body = Idle::new(body, self.config.body_timeout)
             .map_err(|e| -> BoxError { Box::new(e) })
@@ -517,13 +518,19 @@ where
 }
 
 /// A body whose next frame must come within `timeout` of the previous one
-/// (or of the first poll); past it the body ends in an error and `fired`
-/// is set. A stalled origin or a trickling client cannot hold a connection
-/// for longer than that per frame.
+/// (or of when the body was made); past it the body ends in an error and
+/// `fired` is set. A stalled origin or a trickling client cannot hold a
+/// connection for longer than that per frame.
+///
+/// The timer is made the first time the body has to wait: a response whose
+/// frames are there when hyper asks (most small ones) never touches the
+/// timer wheel. Each frame notes the time instead (a clock read).
 struct Idle<B> {
     inner: B,
     timeout: std::time::Duration,
-    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// The last frame (or the body's making): the window starts there.
+    since: tokio::time::Instant,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     fired: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -532,7 +539,8 @@ impl<B> Idle<B> {
         Idle {
             inner,
             timeout,
-            timer: Box::pin(tokio::time::sleep(timeout)),
+            since: tokio::time::Instant::now(),
+            timer: None,
             fired: Arc::default(),
         }
     }
@@ -553,12 +561,23 @@ where
         let this = &mut *self;
         match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
             std::task::Poll::Ready(frame) => {
-                let deadline = tokio::time::Instant::now() + this.timeout;
-                this.timer.as_mut().reset(deadline);
+                this.since = tokio::time::Instant::now();
                 std::task::Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             std::task::Poll::Pending => {
-                if this.timer.as_mut().poll(cx).is_ready() {
+                let deadline = this.since + this.timeout;
+                let timer = match &mut this.timer {
+                    Some(timer) => {
+                        if timer.deadline() != deadline {
+                            timer.as_mut().reset(deadline);
+                        }
+                        timer
+                    }
+                    None => this
+                        .timer
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                if timer.as_mut().poll(cx).is_ready() {
                     this.fired.store(true, Ordering::Relaxed);
                     let why = format!("no body data for {:?}", this.timeout);
                     tracing::debug!(reason = %why, "body timed out");
