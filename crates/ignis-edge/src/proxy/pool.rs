@@ -130,10 +130,13 @@ impl Pool {
         if !conn.reusable() {
             return;
         }
-        conn.idle_since = Instant::now();
+        let now = Instant::now();
+        conn.idle_since = now;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        // The oldest go first when the pool is full or they have expired.
-        idle.retain(|c| c.idle_since.elapsed() < self.idle_timeout);
+        // The oldest go first when the pool is full or they have expired
+        // (one clock read for all: this runs once per proxied request, over
+        // up to `max_idle` connections).
+        idle.retain(|c| now.saturating_duration_since(c.idle_since) < self.idle_timeout);
         if idle.len() >= self.max_idle {
             if self.max_idle == 0 {
                 return;
