@@ -19,6 +19,9 @@ warm-up each):
   closed loop, 32 connections (every set fsynced);
 - actor-one / actor-1000: `/counter/{id}/incr` on one actor and on 1,000,
   closed loop, 64 connections (every reply after its fsync);
+- proxy: `/origin/hello` through an `[upstreams]` route to a bare hyper
+  origin (`ignis-bench hyper-hello`, one for both builds), closed loop, 32
+  connections;
 - noisy: tenant L's `/light` at 200 req/s open loop (8 connections) while
   tenant H floods `/heavy?ms=20` (8 connections); L's p99 and H's rate.
 
@@ -57,7 +60,7 @@ def build_guests(tree: Path):
     return {g: out / (g.replace("-", "_") + ".wasm") for g in GUESTS}
 
 
-def manifest(wasm, work: Path) -> str:
+def manifest(wasm, work: Path, origin: str) -> str:
     return f"""
 [server]
 listen = "127.0.0.1:0"
@@ -99,6 +102,12 @@ function = "kv"
 [[routes]]
 path = "/counter/{{id}}/..."
 actor = "counter"
+[upstreams.origin]
+origins = ["http://{origin}"]
+pool_size = 64
+[[routes]]
+path = "/origin/..."
+upstream = "origin"
 """
 
 
@@ -108,10 +117,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(binary: str, wasm, work: Path):
+def start_origin():
+    proc = subprocess.Popen(
+        [str(LOADGEN), "hyper-hello", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    line = proc.stdout.readline()
+    if "listening on http://" not in line:
+        raise SystemExit(f"the origin did not start: {line!r}")
+    return proc, line.strip().removeprefix("listening on http://")
+
+
+def start(binary: str, wasm, work: Path, origin: str):
     work.mkdir(parents=True)
     path = work / "ignis.toml"
-    path.write_text(manifest(wasm, work))
+    path.write_text(manifest(wasm, work, origin))
     addr = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
         [binary, "serve", str(path), "--listen", addr],
@@ -149,6 +169,7 @@ CLOSED = [
     ("kv-get", "/kv/get?store=&key=k", 32),
     ("actor-one", "/counter/one/incr", 64),
     ("actor-1000", "/counter/{i:1000}/incr", 64),
+    ("proxy", "/origin/hello", 32),
 ]
 
 
@@ -180,9 +201,11 @@ def main():
     guests = {"A": build_guests(args.a_tree.resolve()), "B": build_guests(args.b_tree.resolve())}
     tmp = Path(tempfile.mkdtemp(prefix="ignis-ab-"))
     servers = {}
+    origin = start_origin()
+    servers["origin"] = origin
     try:
         for label, binary in (("A", args.a), ("B", args.b)):
-            servers[label] = start(binary, guests[label], tmp / label)
+            servers[label] = start(binary, guests[label], tmp / label, origin[1])
         runs = {"A": [], "B": []}
         for r in range(args.rounds):
             for label in ("A", "B", "B", "A"):
