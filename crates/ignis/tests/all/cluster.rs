@@ -594,6 +594,37 @@ fn cluster_mode_without_a_database_is_refused_at_start() {
     );
 }
 
+/// `ignis cluster status` with a database it cannot use: unreachable, not
+/// a PostgreSQL URL, or a malformed option. Each fails with an error that
+/// names the database without its password (no PostgreSQL needed).
+#[test]
+fn cluster_status_refuses_a_bad_database_naming_it_without_the_password() {
+    // Port 1 on loopback: nothing listens there.
+    let err = refused(&[
+        "cluster",
+        "status",
+        "--cluster",
+        "postgres://ignis:pw-s3cret@127.0.0.1:1/orders",
+    ]);
+    assert!(
+        err.contains("opening the cluster's database")
+            && err.contains("postgres://ignis@127.0.0.1:1/orders"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "the password leaked: {err}");
+    for bad in [
+        "mysql://ignis:pw-s3cret@db/x",
+        "postgres://ignis:pw-s3cret@127.0.0.1:1/c?connect_timeout=soon",
+    ] {
+        let err = refused(&["cluster", "status", "--cluster", bad]);
+        assert!(
+            err.contains("not a PostgreSQL connection string"),
+            "{bad}: {err}"
+        );
+        assert!(!err.contains("s3cret"), "the password leaked: {err}");
+    }
+}
+
 /// A deploy through one node's admin API is recorded in the database and
 /// served by every node (woken by `NOTIFY`); a rollback through another
 /// node goes everywhere too; a node started later serves the latest.
