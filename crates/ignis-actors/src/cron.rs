@@ -346,8 +346,8 @@ async fn call(trigger: &Trigger, at: DateTime<Utc>, id: RequestId) -> Result<u16
         .header(http::header::HOST, "localhost")
         .header("ignis-cron", c.name.as_str())
         .header("ignis-cron-scheduled", at.to_rfc3339())
-        .header("x-request-id", id.header())
-        .header("traceparent", id.traceparent());
+        .header(ignis_runtime::X_REQUEST_ID, id.header())
+        .header(ignis_runtime::TRACEPARENT, id.traceparent());
     match &trigger.target {
         Target::Function(gate) => {
             let request = request

@@ -57,16 +57,11 @@ use hyper_util::server::conn::auto;
 use ignis_actors::{ActorDirectory, FunctionGate};
 use ignis_config::RouteTarget;
 use ignis_config::{Manifest, ServerConfig};
-use ignis_runtime::{Body, Error, ErrorKind, RequestId, RequestMeta};
+use ignis_runtime::{Body, Error, ErrorKind, RequestId, RequestMeta, TRACEPARENT, X_REQUEST_ID};
 use observe::{Exchange, Kind, TargetTraffic, Traffic};
 use tokio::net::TcpListener;
 
 pub use proxy::{OriginStats, Peer, Upstream};
-
-/// The request id's field, on requests passed on and on every response.
-const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
-/// The W3C trace context's field, on requests passed on.
-const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 pub use routing::Router;
 
 /// Routing table plus the limits every request is held to.

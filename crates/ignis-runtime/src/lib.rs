@@ -62,7 +62,7 @@ pub use engine::{AllocatorKind, MAX_POOL_SLOTS, Runtime, RuntimeSettings};
 pub use error::{BoxError, Error, ErrorKind, LoadError, LogLevel};
 pub use function::{Body, Function, RequestMeta};
 pub use guest::{GuestStats, ROUTE_BUCKETS, route_bucket, wait_on};
-pub use request_id::RequestId;
+pub use request_id::{RequestId, TRACEPARENT, X_REQUEST_ID};
 pub use shared::Platform;
 pub use ticker::IDLE_BEFORE_PARK;
 /// The `wasi:http` host error type (request and response body errors).

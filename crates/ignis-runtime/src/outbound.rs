@@ -745,11 +745,11 @@ impl Outbound {
 /// the guest did not set them.
 fn tag(request: &mut http::Request<WasiBody>, request_id: RequestId) {
     let headers = request.headers_mut();
-    if !headers.contains_key("x-request-id") {
-        headers.insert("x-request-id", request_id.header());
+    if !headers.contains_key(&crate::X_REQUEST_ID) {
+        headers.insert(crate::X_REQUEST_ID, request_id.header());
     }
-    if !headers.contains_key("traceparent") {
-        headers.insert("traceparent", request_id.traceparent());
+    if !headers.contains_key(&crate::TRACEPARENT) {
+        headers.insert(crate::TRACEPARENT, request_id.traceparent());
     }
 }
 

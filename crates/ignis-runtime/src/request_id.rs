@@ -16,8 +16,14 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use uuid::Uuid;
+
+/// The field that carries a request's id (on requests passed on, on
+/// responses, and from a trusted proxy).
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The W3C trace context's field.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// One request's id and trace context. Cheap to copy.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -103,7 +109,7 @@ impl RequestId {
         let mut id = RequestId::new();
         if trust_id
             && let Some(given) = headers
-                .get("x-request-id")
+                .get(&X_REQUEST_ID)
                 .and_then(|v| Uuid::try_parse_ascii(v.as_bytes()).ok())
                 .filter(|u| !u.is_nil())
         {
@@ -111,7 +117,7 @@ impl RequestId {
             id.trace_id = id.id;
         }
         if let Some((trace_id, parent, flags)) = headers
-            .get("traceparent")
+            .get(&TRACEPARENT)
             .and_then(|v| parse_traceparent(v.as_bytes()))
         {
             id.trace_id = trace_id;

@@ -295,8 +295,8 @@ impl Cluster for ClusterNode {
             if let Some(host) = host {
                 h.insert(HOST_HEADER, host);
             }
-            h.insert("x-request-id", request_id.header());
-            h.insert("traceparent", request_id.traceparent());
+            h.insert(ignis_runtime::X_REQUEST_ID, request_id.header());
+            h.insert(ignis_runtime::TRACEPARENT, request_id.traceparent());
             let sent = peers.request(
                 &address,
                 Request::from_parts(parts, ()),
@@ -423,7 +423,8 @@ async fn serve_forwarded(
     let id = RequestId::for_request(req.headers(), true);
     match forwarded(node, directory, req, id).await {
         Ok(mut resp) => {
-            resp.headers_mut().insert("x-request-id", id.header());
+            resp.headers_mut()
+                .insert(ignis_runtime::X_REQUEST_ID, id.header());
             resp
         }
         Err((owner, e)) => {

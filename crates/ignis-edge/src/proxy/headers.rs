@@ -114,13 +114,7 @@ pub(crate) fn add_forwarding(headers: &mut HeaderMap, hop: &Hop<'_>, version: ht
     let ip = hop.peer.ip().to_canonical();
     let proto = if hop.https { "https" } else { "http" };
 
-    let mut xff = match joined(headers, &X_FORWARDED_FOR) {
-        Some(mut prior) if believed => {
-            prior.push_str(", ");
-            prior
-        }
-        _ => String::with_capacity(16),
-    };
+    let mut xff = chain(headers, &X_FORWARDED_FOR, believed, 16);
     let _ = write!(xff, "{ip}");
     set(headers, X_FORWARDED_FOR, xff);
     if !(believed && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -130,13 +124,7 @@ pub(crate) fn add_forwarding(headers: &mut HeaderMap, hop: &Hop<'_>, version: ht
         set(headers, X_FORWARDED_HOST, hop.host.to_string());
     }
 
-    let mut forwarded = match joined(headers, &header::FORWARDED) {
-        Some(mut prior) if believed => {
-            prior.push_str(", ");
-            prior
-        }
-        _ => String::with_capacity(32 + hop.host.len()),
-    };
+    let mut forwarded = chain(headers, &header::FORWARDED, believed, 32 + hop.host.len());
     let _ = match ip {
         IpAddr::V4(v4) => write!(forwarded, "for={v4}"),
         IpAddr::V6(v6) => write!(forwarded, "for=\"[{v6}]\""),
@@ -176,6 +164,19 @@ pub(crate) fn add_via(headers: &mut HeaderMap, version: http::Version) {
         None => {
             headers.insert(header::VIA, HeaderValue::from_static(ours));
         }
+    }
+}
+
+/// The start of this hop's value of `name`: what it already says and `, `
+/// when the peer is believed (the chain goes on), else an empty buffer of
+/// `capacity` (the peer's word is replaced).
+fn chain(headers: &HeaderMap, name: &HeaderName, believed: bool, capacity: usize) -> String {
+    match believed.then(|| joined(headers, name)).flatten() {
+        Some(mut prior) => {
+            prior.push_str(", ");
+            prior
+        }
+        None => String::with_capacity(capacity),
     }
 }
 

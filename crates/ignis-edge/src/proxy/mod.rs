@@ -32,7 +32,6 @@ pub(crate) mod headers;
 mod origin;
 mod pool;
 
-use crate::{TRACEPARENT, X_REQUEST_ID};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,7 +41,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, hea
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use ignis_config::{Balance, HashKey, HostRewrite, IpRange, UpstreamConfig};
-use ignis_runtime::{Body, BoxError, Error, ErrorKind, RequestId};
+use ignis_runtime::{Body, BoxError, Error, ErrorKind, RequestId, TRACEPARENT, X_REQUEST_ID};
 use tokio::sync::Semaphore;
 use tokio_rustls::rustls;
 
