@@ -499,6 +499,7 @@ impl Function {
                     queue.clone(),
                     stats.clone(),
                     config.limits.cpu_time,
+                    demote_after,
                 )),
             ),
             (Some(reuse), _) => (Some(InstancePool::new(reuse, stats.clone())), None),
@@ -714,6 +715,7 @@ impl Function {
                     state,
                     used: Duration::ZERO,
                     demote_after: self.demote_after,
+                    long_polls: None,
                     queue: queue.clone(),
                     stats: self.stats.clone(),
                 })
@@ -817,12 +819,37 @@ async fn run_task(run: GuestRun, cx: TaskContext) -> Result<(), Error> {
 ///
 /// Dropping it cancels the guest wherever it runs (dropping an
 /// `async_task::Task` cancels its future).
-struct Sliced {
+pub(super) struct Sliced {
     state: SlicedState,
     used: Duration,
     demote_after: Duration,
+    /// `Some`: judged by each poll instead of the sum, counting long polls
+    /// in a row (a shared instance's event loop, which serves many requests
+    /// in its life: it is a hog when its polls run guest code that long,
+    /// not when its requests add up).
+    long_polls: Option<u32>,
     queue: Arc<dyn SliceQueue>,
     stats: Arc<GuestStats>,
+}
+
+impl Sliced {
+    /// `guest` on the caller's executor until two polls of it in a row take
+    /// `demote_after` each, then on `queue`.
+    pub(super) fn each_poll(
+        guest: GuestFuture,
+        demote_after: Duration,
+        queue: Arc<dyn SliceQueue>,
+        stats: Arc<GuestStats>,
+    ) -> Sliced {
+        Sliced {
+            state: SlicedState::Inline(guest),
+            used: Duration::ZERO,
+            demote_after,
+            long_polls: Some(0),
+            queue,
+            stats,
+        }
+    }
 }
 
 enum SlicedState {
@@ -841,8 +868,22 @@ impl Future for Sliced {
             if let Poll::Ready(outcome) = guest.as_mut().poll(cx) {
                 return Poll::Ready(outcome);
             }
-            this.used += start.elapsed();
-            if this.used < this.demote_after {
+            let elapsed = start.elapsed();
+            this.used += elapsed;
+            let hog = match &mut this.long_polls {
+                None => this.used >= this.demote_after,
+                // Two long polls in a row: one alone may be this thread
+                // being preempted (the clock is wall time).
+                Some(long) => {
+                    *long = if elapsed >= this.demote_after {
+                        *long + 1
+                    } else {
+                        0
+                    };
+                    *long >= 2
+                }
+            };
+            if !hog {
                 return Poll::Pending;
             }
             let SlicedState::Inline(guest) =

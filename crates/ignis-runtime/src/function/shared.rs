@@ -6,6 +6,15 @@
 //! it is given; the response goes back to the request's own task, whose
 //! body the loop keeps feeding until it is read or dropped.
 //!
+//! A worker starts on the runtime of the request that made it (the
+//! connections' tokio runtime) and moves to its tenant's fair-scheduler
+//! queue once two polls of its loop in a row have each taken half an epoch
+//! tick (it runs guest code that long: a CPU hog), for the rest of its
+//! life. Started on the fair scheduler instead, every request crossed to
+//! its threads and back, two thread wake-ups per request: a third of
+//! serial reuse's throughput on the 0.3 hello, 0.87 of it on the
+//! connections' runtime (docs/BENCHMARKS.md, "Concurrent reuse").
+//!
 //! Invariants:
 //! - A request joins an instance only if it serves fewer than
 //!   `max_concurrent` requests, was given fewer than `max_requests`, is
@@ -217,6 +226,8 @@ pub(super) struct SharedPool {
     queue: Option<Arc<dyn SliceQueue>>,
     stats: Arc<GuestStats>,
     cpu_budget: Duration,
+    /// A poll of a worker's loop this long moves it to the fair scheduler.
+    demote_after: Duration,
     workers: Mutex<Vec<Worker>>,
 }
 
@@ -228,6 +239,7 @@ impl SharedPool {
         queue: Option<Arc<dyn SliceQueue>>,
         stats: Arc<GuestStats>,
         cpu_budget: Duration,
+        demote_after: Duration,
     ) -> Arc<SharedPool> {
         let pool = Arc::new(SharedPool {
             policy,
@@ -236,6 +248,7 @@ impl SharedPool {
             queue,
             stats,
             cpu_budget,
+            demote_after,
             workers: Mutex::new(Vec::new()),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -424,11 +437,25 @@ impl SharedPool {
             rx,
             state.clone(),
         ));
-        let task = match &self.queue {
-            Some(queue) => WorkerTask::Pooled {
+        let task = match (&self.queue, tokio::runtime::Handle::try_current()) {
+            // On the caller's runtime while its polls are short (moving I/O
+            // along, short guest runs), on the fair scheduler once one is
+            // not: each hand-off between the fair scheduler's threads and
+            // the connections' cost two thread wake-ups per request.
+            (Some(queue), Ok(runtime)) => WorkerTask::Tokio(
+                runtime
+                    .spawn(super::Sliced::each_poll(
+                        run,
+                        self.demote_after,
+                        queue.clone(),
+                        self.stats.clone(),
+                    ))
+                    .abort_handle(),
+            ),
+            (Some(queue), Err(_)) => WorkerTask::Pooled {
                 _task: super::spawn_pooled(queue, run, Duration::ZERO),
             },
-            None => WorkerTask::Tokio(tokio::spawn(run).abort_handle()),
+            (None, _) => WorkerTask::Tokio(tokio::spawn(run).abort_handle()),
         };
         workers.push(Worker {
             state: state.clone(),

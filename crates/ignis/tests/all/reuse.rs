@@ -396,6 +396,89 @@ async fn a_03_instance_serves_requests_concurrently_up_to_max_concurrent() {
     server.shutdown().await;
 }
 
+/// Shared instances start on the connections' runtime and stay there while
+/// their event loop's polls are short; a CPU hog on one moves it to its
+/// tenant's queue in the fair scheduler, where it cannot hold back another
+/// tenant's requests. Before this, every shared instance ran on the fair
+/// scheduler from its start (two thread wake-ups per request, a third of
+/// serial reuse's throughput): the first half failed then (the tenant's
+/// queue had run slices for the quick requests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_instance_runs_on_the_connections_runtime_until_it_hogs_the_cpu() {
+    use tokio::io::AsyncWriteExt as _;
+    let text = format!(
+        r#"
+[functions.svc]
+component = "{p3}"
+tenant = "shared"
+cpu_time = "120s"
+wall_time = "240s"
+reuse = {{ max_concurrent = 4 }}
+
+[functions.hello]
+component = "{hello}"
+tenant = "light"
+
+[[routes]]
+path = "/svc/..."
+function = "svc"
+
+[[routes]]
+path = "/hello"
+function = "hello"
+"#,
+        p3 = wasm("limits_p3"),
+        hello = wasm("hello"),
+    );
+    let server = TestServer::start(&text).await;
+    let svc = server.function("svc").clone();
+    let stats = svc.stats();
+    let scheduler = server.scheduler.clone();
+    for _ in 0..5 {
+        let replies = all_at_once(&server, "/svc/who?ms=5", 8).await;
+        assert!(replies.iter().all(|r| r.status == 200));
+    }
+    wait_idle(&svc).await;
+    assert!(
+        stats.reused.load(Ordering::SeqCst) > 0,
+        "no instance shared"
+    );
+    assert_eq!(stats.demoted.load(Ordering::SeqCst), 0);
+    let slices = scheduler.tenant_stats("shared").map_or(0, |t| t.slices);
+    assert_eq!(slices, 0, "quick requests ran on the fair scheduler");
+
+    // Four guests that never yield on their own, twice as many as cores.
+    let mut hogs = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        s.write_all(b"GET /svc/loop HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await
+            .unwrap();
+        hogs.push(s);
+    }
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        scheduler.wait_until(|s| s.tenant_stats("shared").is_some_and(|t| t.slices >= 40)),
+    )
+    .await
+    .expect("the hogs' instances run on the fair scheduler");
+    assert!(stats.demoted.load(Ordering::SeqCst) >= 1);
+    let c = client();
+    for i in 0..30 {
+        let r = get(&c, &server.url("/hello")).await;
+        assert_eq!(r.status, 200, "light request {i}");
+        assert_eq!(
+            stats.active.load(Ordering::SeqCst),
+            4,
+            "light request {i} completed while every hog still runs"
+        );
+    }
+    drop(hogs);
+    wait_idle(&svc).await;
+    assert_eq!(stats.cancelled.load(Ordering::SeqCst), 4);
+    server.shutdown().await;
+}
+
 /// A streaming request on the instance that gets `trapped`: the open
 /// response (head and first part read), or `None` if it went to another.
 async fn stream_on(c: &HttpClient, url: &str, trapped: u64) -> Option<hyper::body::Incoming> {
