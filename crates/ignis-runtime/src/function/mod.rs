@@ -834,7 +834,7 @@ pub(super) struct Sliced {
 
 impl Sliced {
     /// `guest` on the caller's executor until two polls of it in a row take
-    /// `demote_after` each, then on `queue`.
+    /// `demote_after` of the thread's CPU time each, then on `queue`.
     pub(super) fn each_poll(
         guest: GuestFuture,
         demote_after: Duration,
@@ -864,7 +864,15 @@ impl Future for Sliced {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         if let SlicedState::Inline(guest) = &mut this.state {
-            let start = std::time::Instant::now();
+            // A shared instance's loop is timed in its thread's CPU time: on
+            // a loaded machine a poll often lasts half a tick of wall time
+            // because the thread was preempted, and a loop moved for that
+            // would stay on the fair scheduler for good. A request's run is
+            // timed on the wall clock (cheaper; it moves once and then ends).
+            let start = match this.long_polls {
+                Some(_) => crate::sched::CpuInstant::Thread(crate::sched::thread_cpu_time()),
+                None => crate::sched::CpuInstant::Wall(std::time::Instant::now()),
+            };
             if let Poll::Ready(outcome) = guest.as_mut().poll(cx) {
                 return Poll::Ready(outcome);
             }
@@ -872,8 +880,9 @@ impl Future for Sliced {
             this.used += elapsed;
             let hog = match &mut this.long_polls {
                 None => this.used >= this.demote_after,
-                // Two long polls in a row: one alone may be this thread
-                // being preempted (the clock is wall time).
+                // Two long polls in a row: not one burst (an instantiation,
+                // many requests' work arriving at once) but guest code that
+                // keeps running.
                 Some(long) => {
                     *long = if elapsed >= this.demote_after {
                         *long + 1
