@@ -66,7 +66,19 @@ async fn a_03_instance_serves_consecutive_requests_until_max_requests() {
 /// request either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_03_body_in_parts_arrives_whole_and_in_order_on_a_kept_instance() {
-    let server = TestServer::start(&p3("svc", "")).await;
+    body_in_parts_arrives_whole_and_in_order("").await;
+}
+
+/// The same on a shared instance, whose worker reads the start of each
+/// body ahead (up to a bound) before it hands the response over: the part
+/// sent at once and the part sent 20 ms later both arrive, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_03_body_in_parts_arrives_whole_and_in_order_on_a_shared_instance() {
+    body_in_parts_arrives_whole_and_in_order("reuse = { max_concurrent = 4 }").await;
+}
+
+async fn body_in_parts_arrives_whole_and_in_order(reuse: &str) {
+    let server = TestServer::start(&p3("svc", reuse)).await;
     let mut ids = Vec::new();
     for (i, ms) in [0, 20, 0, 0, 20, 0].into_iter().enumerate() {
         let r = one(&server, "svc", &format!("/svc/stream?ms={ms}")).await;
