@@ -9,7 +9,8 @@
 //! not seen; at worst the thread parks under a trickle of short requests and
 //! the next one unparks it.) The next lease unparks it; the first slice of a guest
 //! that starts while the ticker is parked ends one tick after the ticker
-//! resumes, as it would on a running ticker.
+//! resumes, as it would on a running ticker. Told to stop, the thread ends
+//! once no store is left (a guest can only stop at a tick).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -75,7 +76,11 @@ impl Ticker {
 
     fn run(&self, tick: Duration, idle_ticks: u128, advance: impl Fn()) {
         let mut idle = 0u128;
-        while !self.stop.load(Ordering::SeqCst) {
+        // Stopped, it still ticks while a store lives: a guest running on
+        // a scheduler thread ends (or sees its cancellation) only at an
+        // epoch yield, and the scheduler joins that thread after the
+        // ticker was told to stop.
+        while !self.stop.load(Ordering::SeqCst) || self.live.load(Ordering::SeqCst) > 0 {
             if self.live.load(Ordering::SeqCst) > 0 {
                 idle = 0;
             } else {
@@ -200,6 +205,23 @@ mod tests {
         assert!(ticks_pass(&t, start + 50));
         assert!(!t.is_parked());
         t.stop();
+    }
+
+    /// A guest still running when the server stops (a cancelled CPU hog on
+    /// a scheduler thread) can only stop at its next epoch yield, and the
+    /// scheduler joins its threads after the ticker is told to stop. Before
+    /// this, a stopped ticker stopped at once: that guest spun forever and
+    /// the shutdown hung (found by the e2e test
+    /// `a_shared_instance_runs_on_the_connections_runtime_until_it_hogs_the_cpu`);
+    /// this test failed then.
+    #[test]
+    fn a_stopped_ticker_ticks_on_while_a_store_lives() {
+        let t = ticker(Duration::from_millis(1));
+        let lease = t.lease();
+        t.stop();
+        let stopped = t.ticks();
+        assert!(ticks_pass(&t, stopped + 5), "no tick after stop");
+        drop(lease);
     }
 
     /// Leases taken at every point of the thread's cycle (while it ticks,
