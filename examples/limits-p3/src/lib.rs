@@ -10,6 +10,7 @@
 //! | `/busy?ms=N` | spins for N ms of the host clock | 200 `instance request N`, or 504 past the CPU budget |
 //! | `/stream?ms=N` | answers `instance ID request N` at once, then `done` N ms later | 200, the body in two parts |
 //! | `/stream-trap?ms=N` | answers the first part at once, traps N ms later | 200, then the body ends in an error |
+//! | `/big?kib=N` | answers N KiB (default 1024) in 1 KiB writes, KiB `i` all the letter `a + i % 26` | 200, the body in N writes |
 //! | `/who?ms=N` | waits N ms, then names its instance | 200 `instance ID request N` (ID: the clock when the instance first ran) |
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,14 +66,10 @@ fn text(status: u16, body: String) -> Result<Response, ErrorCode> {
     parts(status, body, None)
 }
 
-/// A response whose body is `first`, then, `wait_ms` later, `then` (or a
-/// trap, for `None`).
-fn parts(
-    status: u16,
-    first: String,
-    later: Option<(u64, Option<String>)>,
-) -> Result<Response, ErrorCode> {
-    let (mut body_tx, body_rx) = wit_stream::new();
+/// A `text/plain` response with `status` whose body is what the returned
+/// stream is given.
+fn streamed(status: u16) -> Result<(Response, wit_bindgen::StreamWriter<u8>), ErrorCode> {
+    let (body_tx, body_rx) = wit_stream::new();
     let (body_result_tx, body_result_rx) = wit_future::new(|| Ok(None));
     let headers = Fields::from_list(&[("content-type".to_string(), b"text/plain".to_vec())])
         .map_err(|_| ErrorCode::InternalError(Some("headers".into())))?;
@@ -81,6 +78,17 @@ fn parts(
         .set_status_code(status)
         .map_err(|()| ErrorCode::InternalError(Some("status".into())))?;
     drop(body_result_tx);
+    Ok((response, body_tx))
+}
+
+/// A response whose body is `first`, then, `wait_ms` later, `then` (or a
+/// trap, for `None`).
+fn parts(
+    status: u16,
+    first: String,
+    later: Option<(u64, Option<String>)>,
+) -> Result<Response, ErrorCode> {
+    let (response, mut body_tx) = streamed(status)?;
     wit_bindgen::spawn_local(async move {
         let remaining = body_tx.write_all(first.into_bytes()).await;
         assert!(remaining.is_empty());
@@ -90,6 +98,20 @@ fn parts(
                 panic!("the limits-p3 guest panics mid-body on purpose");
             };
             let remaining = body_tx.write_all(then.into_bytes()).await;
+            assert!(remaining.is_empty());
+        }
+    });
+    Ok(response)
+}
+
+/// A body of `kib` KiB written 1 KiB at a time as fast as the host takes
+/// it; KiB `i` is all the letter `a + i % 26`.
+fn big(kib: u64) -> Result<Response, ErrorCode> {
+    let (response, mut body_tx) = streamed(200)?;
+    wit_bindgen::spawn_local(async move {
+        for i in 0..kib {
+            let chunk = vec![b'a' + (i % 26) as u8; 1024];
+            let remaining = body_tx.write_all(chunk).await;
             assert!(remaining.is_empty());
         }
     });
@@ -127,6 +149,7 @@ impl wasip3::exports::http::handler::Guest for LimitsP3 {
                 format!("instance {id} request {served}\n"),
                 Some((num(&path, "ms", 100), None)),
             ),
+            "big" => big(num(&path, "kib", 1024)),
             "busy" => {
                 let until = monotonic_clock::now() + num(&path, "ms", 10) * 1_000_000;
                 while monotonic_clock::now() < until {

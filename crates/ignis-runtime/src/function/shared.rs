@@ -10,14 +10,15 @@
 //! connections' tokio runtime) and moves to its tenant's fair-scheduler
 //! queue once two polls of its loop in a row have each taken half an epoch
 //! tick of its thread's CPU time (it runs guest code that long: a CPU
-//! hog), for the rest of its life. Started on the fair scheduler instead, every request crossed to
-//! its threads and back, two thread wake-ups per request: a third of
-//! serial reuse's throughput on the 0.3 hello, 0.87 of it on the
-//! connections' runtime (docs/BENCHMARKS.md, "Concurrent reuse").
+//! hog), for the rest of its life. Started on the fair scheduler instead,
+//! every request crossed to its threads and back, two thread wake-ups per
+//! request: a third of serial reuse's throughput on the 0.3 hello, 0.87 of
+//! it on the connections' runtime (docs/BENCHMARKS.md, "Concurrent reuse").
 //!
 //! Before it hands a response over, the worker reads the start of its body
 //! ahead: what the guest writes within [`AHEAD_TURNS`] turns of the loop,
-//! up to the end. A small body then leaves with its head in one write (one
+//! up to the end, at most [`AHEAD_FRAMES`] frames and [`AHEAD_BYTES`] bytes
+//! (host memory outside the guest's limit). A small body then leaves with its head in one write (one
 //! `writev` per request instead of two: 0.95 of serial reuse's throughput),
 //! and a body that takes longer streams as before: its head goes out after
 //! those turns, never held until the body is complete.
@@ -110,15 +111,26 @@ struct Ahead {
 /// costs those turns once (each runs whatever guest code is ready).
 const AHEAD_TURNS: u32 = 64;
 
+/// At most this many frames and this many bytes are taken ahead (a guest
+/// that writes fast must not make the host buffer its body).
+const AHEAD_FRAMES: usize = 16;
+const AHEAD_BYTES: usize = 64 * 1024;
+
 /// Reads what `body` has now, giving the loop [`AHEAD_TURNS`] turns to
-/// produce more, up to its end or an error.
+/// produce more, up to its end, an error, or the frame and byte bounds.
 async fn take_ahead(body: &mut WasiBody) -> Ahead {
     let mut ahead = Ahead::default();
-    let mut turns = 0;
+    let (mut turns, mut bytes) = (0, 0);
     std::future::poll_fn(|cx| {
         loop {
+            if ahead.frames.len() >= AHEAD_FRAMES || bytes >= AHEAD_BYTES {
+                return Poll::Ready(());
+            }
             match http_body::Body::poll_frame(Pin::new(&mut *body), cx) {
-                Poll::Ready(Some(Ok(frame))) => ahead.frames.push_back(Ok(frame)),
+                Poll::Ready(Some(Ok(frame))) => {
+                    bytes += frame.data_ref().map_or(0, Bytes::len);
+                    ahead.frames.push_back(Ok(frame));
+                }
                 Poll::Ready(Some(Err(e))) => {
                     ahead.frames.push_back(Err(e.into()));
                     return Poll::Ready(());
@@ -285,7 +297,8 @@ pub(super) struct SharedPool {
     queue: Option<Arc<dyn SliceQueue>>,
     stats: Arc<GuestStats>,
     cpu_budget: Duration,
-    /// A poll of a worker's loop this long moves it to the fair scheduler.
+    /// Two polls of a worker's loop in a row this long (thread CPU time)
+    /// move it to the fair scheduler.
     demote_after: Duration,
     workers: Mutex<Vec<Worker>>,
 }
@@ -499,8 +512,8 @@ impl SharedPool {
         ));
         let task = match (&self.queue, tokio::runtime::Handle::try_current()) {
             // On the caller's runtime while its polls are short (moving I/O
-            // along, short guest runs), on the fair scheduler once one is
-            // not: each hand-off between the fair scheduler's threads and
+            // along, short guest runs), on the fair scheduler once two in a
+            // row are not: each hand-off between the fair scheduler's threads and
             // the connections' cost two thread wake-ups per request.
             (Some(queue), Ok(runtime)) => WorkerTask::Tokio(
                 runtime

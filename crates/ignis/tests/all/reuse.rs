@@ -491,6 +491,23 @@ function = "hello"
     server.shutdown().await;
 }
 
+/// A guest that writes a large body as fast as the host takes it, on a
+/// shared instance: the worker takes only a bounded start of it ahead (16
+/// frames, 64 KiB) before handing the response over, and the rest streams;
+/// every byte arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_from_a_shared_instance_arrives_whole_and_in_order() {
+    let server = TestServer::start(&p3("svc", "reuse = { max_concurrent = 4 }")).await;
+    let r = get(&client(), &server.url("/svc/big?kib=4096")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 4096 * 1024);
+    for (i, kib) in r.body.chunks(1024).enumerate() {
+        let letter = b'a' + (i % 26) as u8;
+        assert!(kib.iter().all(|&b| b == letter), "KiB {i}");
+    }
+    server.shutdown().await;
+}
+
 /// A streaming request on the instance that gets `trapped`: the open
 /// response (head and first part read), or `None` if it went to another.
 async fn stream_on(c: &HttpClient, url: &str, trapped: u64) -> Option<hyper::body::Incoming> {
