@@ -18,10 +18,11 @@
 //! Before it hands a response over, the worker reads the start of its body
 //! ahead: what the guest writes within [`AHEAD_TURNS`] turns of the loop,
 //! up to the end, at most [`AHEAD_FRAMES`] frames and [`AHEAD_BYTES`] bytes
-//! (host memory outside the guest's limit). A small body then leaves with its head in one write (one
-//! `writev` per request instead of two: 0.95 of serial reuse's throughput),
-//! and a body that takes longer streams as before: its head goes out after
-//! those turns, never held until the body is complete.
+//! (host memory outside the guest's limit). A small body then leaves with
+//! its head in one write (one `writev` per request instead of two: 0.95 of
+//! serial reuse's throughput), and a body that takes longer streams as
+//! before: its head goes out after those turns, never held until the body
+//! is complete.
 //!
 //! Invariants:
 //! - A request joins an instance only if it serves fewer than

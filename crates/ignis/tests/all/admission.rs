@@ -4,20 +4,9 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::harness::*;
-
-/// Sends a GET on a raw connection and returns the open stream; dropping it
-/// disconnects, which cancels the guest.
-async fn hold(server: &TestServer, path: &str) -> TcpStream {
-    let mut s = TcpStream::connect(server.addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    s
-}
 
 async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(60), f)

@@ -293,6 +293,17 @@ pub async fn wait_idle(f: &Function) {
         .expect("function went idle within 30s");
 }
 
+/// Sends a GET for `path` on a raw connection and returns the open stream;
+/// dropping it disconnects, which cancels the request.
+pub async fn hold(server: &TestServer, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    s
+}
+
 /// Sends raw bytes on a fresh connection and returns everything the server
 /// answers until it closes the connection (or 10 s pass).
 pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {

@@ -417,7 +417,6 @@ async fn a_03_instance_serves_requests_concurrently_up_to_max_concurrent() {
 /// queue had run slices for the quick requests).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_instance_runs_on_the_connections_runtime_until_it_hogs_the_cpu() {
-    use tokio::io::AsyncWriteExt as _;
     let text = format!(
         r#"
 [functions.svc]
@@ -462,11 +461,7 @@ function = "hello"
     // Four guests that never yield on their own, twice as many as cores.
     let mut hogs = Vec::new();
     for _ in 0..4 {
-        let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-        s.write_all(b"GET /svc/loop HTTP/1.1\r\nhost: test\r\n\r\n")
-            .await
-            .unwrap();
-        hogs.push(s);
+        hogs.push(hold(&server, "/svc/loop").await);
     }
     tokio::time::timeout(
         Duration::from_secs(60),
@@ -643,7 +638,6 @@ async fn wall_and_cpu_limits_stay_per_request_on_a_shared_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_cancels_its_request_on_a_shared_instance() {
-    use tokio::io::AsyncWriteExt as _;
     let server = TestServer::start(&p3(
         "svc",
         "wall_time = \"120s\"\nreuse = { max_concurrent = 4 }",
@@ -651,10 +645,7 @@ async fn a_client_that_goes_away_cancels_its_request_on_a_shared_instance() {
     .await;
     let (first, _) = who(&one(&server, "svc", "/svc/who?ms=0").await);
     let svc = server.function("svc");
-    let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    conn.write_all(b"GET /svc/who?ms=60000 HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let conn = hold(&server, "/svc/who?ms=60000").await;
     wait_active(svc, 1).await;
     drop(conn);
     // The request ends (its admission slot freed) at once, not when the
