@@ -39,6 +39,7 @@ mod framing;
 pub mod observe;
 pub mod proxy;
 mod routing;
+mod threads;
 pub mod tls;
 
 use std::collections::BTreeMap;
@@ -77,6 +78,8 @@ pub struct Edge {
     directory: Option<Arc<ActorDirectory>>,
     server: ServerConfig,
     upstreams: BTreeMap<String, Arc<Upstream>>,
+    /// The threads that serve accepted connections ([`threads`]).
+    threads: threads::Threads,
 }
 
 /// What a deploy replaces: the routes and the counters they record into.
@@ -132,6 +135,9 @@ impl Edge {
             directory,
             server: manifest.server.clone(),
             upstreams: upstreams.clone(),
+            threads: threads::Threads::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
         }))
     }
 
@@ -610,6 +616,14 @@ impl Server {
         let caps = conn::Caps::new(&self.edge.server);
         let limits = conn::WatchLimits::new(&self.edge.server);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let threads = self
+            .edge
+            .threads
+            .lease()
+            .map_err(|source| EdgeError::Listen {
+                addr: self.local_addr,
+                source,
+            })?;
         let mut shutdown = std::pin::pin!(shutdown);
         let mut failed_accepts = 0u64;
         loop {
@@ -646,15 +660,32 @@ impl Server {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            tokio::spawn(serve_connection(
-                (stream, peer),
+            // Moved to its connection thread: deregistered from this
+            // runtime's reactor here, registered with that thread's there.
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "accepted connection lost");
+                    continue;
+                }
+            };
+            let (mode, edge, builder, stop) = (
                 self.mode.clone(),
                 self.edge.clone(),
                 builder.clone(),
-                conn::Watch::new(limits),
                 stop_rx.clone(),
-                slot,
-            ));
+            );
+            threads.spawn(move || async move {
+                let stream = match tokio::net::TcpStream::from_std(stream) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "accepted connection lost");
+                        return;
+                    }
+                };
+                let watch = conn::Watch::new(limits);
+                serve_connection((stream, peer), mode, edge, builder, watch, stop, slot).await;
+            });
         }
         drop(self.listener);
         let _ = stop_tx.send(true);
@@ -667,6 +698,9 @@ impl Server {
             Ok(()) => tracing::info!("all connections closed"),
             Err(_) => tracing::warn!("grace period over; closing remaining connections"),
         }
+        // The last listener to stop ends the connection threads, closing
+        // what is left on them.
+        drop(threads);
         Ok(())
     }
 }

@@ -217,6 +217,14 @@ pub struct ActorDirectory {
     /// forward to it fails; a stale one that still answers is corrected by
     /// the node it reaches (which places the actor again and forwards on).
     remote: Mutex<HashMap<ActorKey, (String, String)>>,
+    /// The runtime activations run on: the one the directory started in
+    /// (the process's multi-thread runtime), not the connection thread of
+    /// whichever request activated the actor. An activation outlives that
+    /// request and takes messages from every connection thread; pinned to
+    /// one of them it waited behind that thread's connections while the
+    /// other was idle (one hot actor: 0.89× the throughput, measured in
+    /// docs/perf/2026-12-01-proxy-path.md).
+    runtime: tokio::runtime::Handle,
     me: Weak<ActorDirectory>,
 }
 
@@ -295,6 +303,7 @@ impl ActorDirectory {
             per_class,
             cluster,
             remote: Mutex::new(HashMap::new()),
+            runtime: tokio::runtime::Handle::current(),
             me: me.clone(),
         });
         tokio::spawn(run_committer(Arc::downgrade(&dir), commit_rx));
@@ -516,7 +525,7 @@ impl ActorDirectory {
             generation,
             _ended: ended_tx,
         };
-        tokio::spawn(run_activation(task, rx, wait_for));
+        self.runtime.spawn(run_activation(task, rx, wait_for));
         Ok(Handle {
             tx,
             generation,
