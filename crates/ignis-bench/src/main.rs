@@ -50,6 +50,9 @@ enum Cmd {
         /// Open-loop rate (requests/s); closed loop when absent.
         #[arg(long)]
         rate: Option<f64>,
+        /// A new connection for every request (new connections per second).
+        #[arg(long)]
+        reconnect: bool,
     },
     /// Ignis vs nginx as reverse proxies in front of the same origin
     /// (HTTP/1.1, HTTP/1.1 over TLS, HTTP/2 over TLS, new TLS connections).
@@ -514,6 +517,7 @@ fn main() -> anyhow::Result<()> {
                 connections,
                 seconds,
                 rate,
+                reconnect,
             } => {
                 let spec = LoadSpec {
                     addr,
@@ -522,6 +526,7 @@ fn main() -> anyhow::Result<()> {
                     duration: Duration::from_secs_f64(seconds),
                     warmup: Duration::from_secs(1),
                     rate,
+                    reconnect,
                     ..LoadSpec::new("", "", 0, Duration::ZERO)
                 };
                 println!("{}", serde_json::to_string_pretty(&run(&spec).await)?);

@@ -46,6 +46,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -611,85 +612,43 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then stops accepting and gives
     /// in-flight requests `shutdown_grace` to finish.
+    ///
+    /// Every connection thread ([`threads`]) accepts on the listener itself
+    /// and serves what it accepts, unless another thread has fewer
+    /// connections open: then the connection is handed to that one, so
+    /// keep-alive connections spread evenly however they arrive.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), EdgeError> {
-        let builder = Arc::new(Self::builder(&self.edge.server));
-        let caps = conn::Caps::new(&self.edge.server);
-        let limits = conn::WatchLimits::new(&self.edge.server);
+        let (addr, grace) = (self.local_addr, self.edge.server.shutdown_grace);
+        let failed = |source| EdgeError::Listen { addr, source };
+        let threads = self.edge.threads.lease().map_err(failed)?;
+        let listener = self.listener.into_std().map_err(failed)?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let threads = self
-            .edge
-            .threads
-            .lease()
-            .map_err(|source| EdgeError::Listen {
-                addr: self.local_addr,
-                source,
-            })?;
-        let mut shutdown = std::pin::pin!(shutdown);
-        let mut failed_accepts = 0u64;
-        loop {
-            // At the node's cap, wait for a connection to close: new clients
-            // wait in the listen backlog instead of taking descriptors.
-            let permit = tokio::select! {
-                permit = caps.reserve() => permit,
-                () = &mut shutdown => break,
-            };
-            let (stream, peer) = tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok(conn) => {
-                        if failed_accepts > 0 {
-                            tracing::warn!(failed_accepts, "accepting connections again");
-                            failed_accepts = 0;
-                        }
-                        conn
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off and
-                        // keep serving. One line per outage, not per retry.
-                        if failed_accepts == 0 {
-                            tracing::warn!(error = %e, "accept failed; retrying every 10 ms");
-                        }
-                        failed_accepts += 1;
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                },
-                () = &mut shutdown => break,
-            };
-            let Some(slot) = caps.admit(peer.ip(), permit) else {
-                tracing::debug!(%peer, "connection refused: max_connections_per_ip reached");
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            // Moved to its connection thread: deregistered from this
-            // runtime's reactor here, registered with that thread's there.
-            let stream = match stream.into_std() {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "accepted connection lost");
-                    continue;
-                }
-            };
-            let (mode, edge, builder, stop) = (
-                self.mode.clone(),
-                self.edge.clone(),
-                builder.clone(),
-                stop_rx.clone(),
-            );
-            threads.spawn(move || async move {
-                let stream = match tokio::net::TcpStream::from_std(stream) {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "accepted connection lost");
-                        return;
-                    }
-                };
-                let watch = conn::Watch::new(limits);
-                serve_connection((stream, peer), mode, edge, builder, watch, stop, slot).await;
+        let caps = conn::Caps::new(&self.edge.server);
+        let (running, mut accepting) = tokio::sync::mpsc::channel::<()>(1);
+        let acceptor = Arc::new(Acceptor {
+            mode: self.mode,
+            builder: Self::builder(&self.edge.server),
+            limits: conn::WatchLimits::new(&self.edge.server),
+            edge: self.edge,
+            caps: caps.clone(),
+            threads: threads.clone(),
+            stop: stop_rx,
+            failed_accepts: AtomicU64::new(0),
+        });
+        for here in 0..threads.len() {
+            let listener = listener.try_clone().map_err(failed)?;
+            let (acceptor, running) = (acceptor.clone(), running.clone());
+            threads.spawn_on(here, move || async move {
+                acceptor.accept_loop(here, listener).await;
+                drop(running);
             });
         }
-        drop(self.listener);
+        drop((listener, running, acceptor));
+        shutdown.await;
         let _ = stop_tx.send(true);
-        let grace = self.edge.server.shutdown_grace;
+        // Every accept loop has let go of its copy of the listener: nothing
+        // listens any more.
+        let _ = accepting.recv().await;
         tracing::info!(
             ?grace,
             "shutting down: no longer accepting; waiting for in-flight requests"
@@ -705,18 +664,127 @@ impl Server {
     }
 }
 
+/// Resolves once the listener is told to stop (or its run was dropped).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// What every accept loop of one listener shares.
+struct Acceptor {
+    mode: Mode,
+    edge: Arc<Edge>,
+    builder: auto::Builder<TokioExecutor>,
+    limits: conn::WatchLimits,
+    caps: Arc<conn::Caps>,
+    threads: Arc<threads::Pool>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    /// Accepts failed since the last that worked, on any thread.
+    failed_accepts: AtomicU64,
+}
+
+impl Acceptor {
+    /// Accepts on connection thread `here` until told to stop.
+    async fn accept_loop(self: Arc<Self>, here: usize, listener: std::net::TcpListener) {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::error!(error = %e, thread = here, "a connection thread cannot accept");
+                return;
+            }
+        };
+        let mut stop = self.stop.clone();
+        loop {
+            // At the node's cap, wait for a connection to close: new clients
+            // wait in the listen backlog instead of taking descriptors.
+            let permit = tokio::select! {
+                permit = self.caps.reserve() => permit,
+                () = stopped(&mut stop) => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => {
+                        if self.failed_accepts.load(Ordering::Relaxed) > 0 {
+                            let failed_accepts = self.failed_accepts.swap(0, Ordering::Relaxed);
+                            if failed_accepts > 0 {
+                                tracing::warn!(failed_accepts, "accepting connections again");
+                            }
+                        }
+                        conn
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off and
+                        // keep serving. One line per outage (counted over
+                        // all threads), not per retry.
+                        if self.failed_accepts.fetch_add(1, Ordering::Relaxed) == 0 {
+                            tracing::warn!(error = %e, "accept failed; retrying every 10 ms");
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+                () = stopped(&mut stop) => break,
+            };
+            let Some(slot) = self.caps.admit(peer.ip(), permit) else {
+                tracing::debug!(%peer, "connection refused: max_connections_per_ip reached");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let there = self.threads.place(here);
+            if there == here {
+                let load = self.threads.open(here);
+                tokio::spawn(self.clone().serve((stream, peer), slot, load));
+                continue;
+            }
+            // Moved to the other thread: deregistered from this thread's
+            // reactor here, registered with that thread's there.
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "accepted connection lost");
+                    continue;
+                }
+            };
+            let (me, load) = (self.clone(), self.threads.open(there));
+            self.threads.spawn_on(there, move || async move {
+                match tokio::net::TcpStream::from_std(stream) {
+                    Ok(stream) => me.serve((stream, peer), slot, load).await,
+                    Err(e) => tracing::debug!(%peer, error = %e, "accepted connection lost"),
+                }
+            });
+        }
+    }
+
+    async fn serve(
+        self: Arc<Self>,
+        conn: (tokio::net::TcpStream, SocketAddr),
+        slot: conn::Slot,
+        _load: threads::Open,
+    ) {
+        serve_connection(
+            conn,
+            &self.mode,
+            self.edge.clone(),
+            &self.builder,
+            conn::Watch::new(self.limits),
+            self.stop.clone(),
+            slot,
+        )
+        .await;
+    }
+}
+
 /// One accepted connection: the TLS handshake first (bounded), then HTTP
 /// under its [`conn::Watch`].
 async fn serve_connection(
     (stream, peer): (tokio::net::TcpStream, SocketAddr),
-    mode: Mode,
+    mode: &Mode,
     edge: Arc<Edge>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: &auto::Builder<TokioExecutor>,
     watch: Arc<conn::Watch>,
     stop: tokio::sync::watch::Receiver<bool>,
     slot: conn::Slot,
 ) {
-    let (redirect, https) = match &mode {
+    let (redirect, https) = match mode {
         Mode::Plain => (None, false),
         Mode::Tls { .. } => (None, true),
         Mode::Redirect { https_port } => (Some(*https_port), false),
@@ -746,7 +814,8 @@ async fn serve_connection(
             acceptor,
             handshake_timeout,
         } => {
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+            let tls = match tokio::time::timeout(*handshake_timeout, acceptor.accept(stream)).await
+            {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "TLS handshake failed");

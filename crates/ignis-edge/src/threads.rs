@@ -4,16 +4,24 @@
 //! gets from its worker processes, and it is why: on the process's
 //! multi-thread runtime a worker that found I/O work woke the other, which
 //! often found nothing left to steal, on two cores shared with the origin
-//! and the load generator. One connection per thread removes that
-//! coordination; measured in docs/perf/2026-12-01-proxy-path.md (the proxy
-//! at 25.5 against 33.4 µs of CPU per request, the function paths 9-19%
-//! faster).
+//! and the load generator. A connection that stays on one thread removes
+//! that coordination; measured in docs/perf/2026-12-01-connection-threads.md
+//! (the 0.2 hello and key-value writes 14% faster, the proxy's HTTP/2 over
+//! TLS 18%).
 //!
 //! Invariants:
-//! - The listener's accept loop hands each connection, round robin, to one
-//!   thread, which serves it and every task its requests spawn (HTTP/2
-//!   streams, a response's watchdog, origin connections it opens) to the
-//!   end. A single busy connection uses one core, as in nginx.
+//! - Every thread accepts on the listener itself (its own copy of the
+//!   descriptor, registered with its own reactor) and serves what it
+//!   accepts, unless another thread has fewer connections open
+//!   ([`Pool::place`]): then the connection moves there once, at accept.
+//!   A first version dealt every connection from one accept loop on the
+//!   process runtime, round robin; the hand-off (a wake of the serving
+//!   thread, the socket moved between reactors) cost a fifth of the new
+//!   connections per second.
+//! - A connection, and every task its requests spawn (HTTP/2 streams, a
+//!   response's watchdog, origin connections it opens), stays on its
+//!   thread to the end. A single busy connection uses one core, as in
+//!   nginx.
 //! - Work shared by all connections and outliving each of them (actor
 //!   activations, commits, health checks, deploys, the guest scheduler)
 //!   does not run here; it stays on the process's runtime or its own
@@ -22,8 +30,9 @@
 //!   holds a lease ([`Threads::lease`]) and drops it after its grace
 //!   period. With the last lease the threads' runtimes shut down (which
 //!   closes the connections still open) and the threads are joined.
-//! - The hand-off queue of a thread holds accepted connections that hold
-//!   a slot of the node's `max_connections`, so it is bounded by that cap.
+//! - A thread's job queue holds accept loops and connections moved to it;
+//!   each of those holds a slot of the node's `max_connections`, so the
+//!   queue is bounded by that cap.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -65,8 +74,21 @@ impl Threads {
 /// Running connection threads.
 pub(crate) struct Pool {
     lanes: Vec<mpsc::UnboundedSender<Job>>,
-    next: AtomicUsize,
+    /// Connections open on each thread.
+    open: Arc<[AtomicUsize]>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// One connection counted on its thread; uncounted on drop.
+pub(crate) struct Open {
+    open: Arc<[AtomicUsize]>,
+    thread: usize,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.open[self.thread].fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Pool {
@@ -96,24 +118,50 @@ impl Pool {
         }
         Ok(Pool {
             lanes,
-            next: AtomicUsize::new(0),
+            open: (0..count).map(|_| AtomicUsize::new(0)).collect(),
             threads,
         })
     }
 
-    /// Runs the future `make` builds as a task on the next thread (`make`
-    /// runs on that thread, inside its runtime: a socket is registered with
-    /// that thread's reactor there).
-    pub(crate) fn spawn<F>(&self, make: impl FnOnce() -> F + Send + 'static)
+    /// How many threads serve connections.
+    pub(crate) fn len(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// The thread to serve a connection accepted on thread `here`: `here`,
+    /// unless another has fewer connections open (the first such).
+    pub(crate) fn place(&self, here: usize) -> usize {
+        let load = |i: usize| self.open[i].load(Ordering::Relaxed);
+        let fewest = (0..self.open.len())
+            .min_by_key(|&i| load(i))
+            .unwrap_or(here);
+        match load(fewest) < load(here) {
+            true => fewest,
+            false => here,
+        }
+    }
+
+    /// Counts a connection on `thread` until the guard is dropped.
+    pub(crate) fn open(&self, thread: usize) -> Open {
+        self.open[thread].fetch_add(1, Ordering::Relaxed);
+        Open {
+            open: self.open.clone(),
+            thread,
+        }
+    }
+
+    /// Runs the future `make` builds as a task on thread `thread` (`make`
+    /// runs on that thread, inside its runtime: a socket is registered
+    /// with that thread's reactor there).
+    pub(crate) fn spawn_on<F>(&self, thread: usize, make: impl FnOnce() -> F + Send + 'static)
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
         let job: Job = Box::new(move || {
             tokio::spawn(make());
         });
         // A thread's receiver lives as long as this pool's sender.
-        let _ = self.lanes[i].send(job);
+        let _ = self.lanes[thread].send(job);
     }
 }
 
@@ -135,38 +183,58 @@ impl Drop for Pool {
 mod tests {
     use super::*;
 
-    /// Where the futures handed to a pool ran.
-    fn thread_names(pool: &Pool, jobs: usize) -> Vec<String> {
+    /// Where futures handed to threads `0..n` of the pool ran.
+    fn thread_names(pool: &Pool, on: &[usize]) -> Vec<String> {
         let (tx, rx) = std::sync::mpsc::channel();
-        for _ in 0..jobs {
+        for &thread in on {
             let tx = tx.clone();
-            pool.spawn(move || async move {
+            pool.spawn_on(thread, move || async move {
                 // A task of that thread's runtime: it can use the runtime.
                 tokio::task::yield_now().await;
                 let name = std::thread::current().name().map(str::to_string);
                 let _ = tx.send(name.unwrap_or_default());
             });
         }
-        let mut names: Vec<String> = (0..jobs).map(|_| rx.recv().unwrap()).collect();
-        names.sort();
-        names
+        (0..on.len()).map(|_| rx.recv().unwrap()).collect()
     }
 
     #[test]
-    fn connections_are_dealt_round_robin_to_the_threads() {
+    fn work_runs_on_the_thread_it_is_given_to() {
         let threads = Threads::new(3);
         let pool = threads.lease().unwrap();
+        assert_eq!(pool.len(), 3);
+        let mut names = thread_names(&pool, &[2, 0, 1, 2]);
+        names.sort();
         assert_eq!(
-            thread_names(&pool, 6),
+            names,
             [
                 "ignis-conn-0",
-                "ignis-conn-0",
-                "ignis-conn-1",
                 "ignis-conn-1",
                 "ignis-conn-2",
                 "ignis-conn-2"
             ]
         );
+    }
+
+    #[test]
+    fn a_connection_stays_where_it_was_accepted_unless_another_thread_has_fewer() {
+        let threads = Threads::new(3);
+        let pool = threads.lease().unwrap();
+        // All equal: each thread keeps what it accepts.
+        assert_eq!((pool.place(0), pool.place(1), pool.place(2)), (0, 1, 2));
+        let a = pool.open(1);
+        let b = pool.open(1);
+        let c = pool.open(0);
+        // Thread 1 holds two, thread 0 one, thread 2 none.
+        assert_eq!(pool.place(1), 2, "to the thread with the fewest");
+        assert_eq!(pool.place(0), 2);
+        assert_eq!(pool.place(2), 2, "kept: no thread has fewer");
+        drop((a, b));
+        // Thread 0 holds one, the others none.
+        assert_eq!(pool.place(0), 1, "the first of the least loaded");
+        assert_eq!(pool.place(1), 1);
+        drop(c);
+        assert_eq!(pool.place(0), 0, "counts go when connections close");
     }
 
     /// Set when dropped.
@@ -189,7 +257,7 @@ mod tests {
         let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let guard = Dropped(dropped.clone());
-        first.spawn(move || async move {
+        first.spawn_on(1, move || async move {
             let _guard = guard;
             let _ = started_tx.send(());
             std::future::pending::<()>().await;
@@ -210,6 +278,6 @@ mod tests {
 
         // A listener started later gets new threads.
         let again = threads.lease().unwrap();
-        assert_eq!(thread_names(&again, 2), ["ignis-conn-0", "ignis-conn-1"]);
+        assert_eq!(thread_names(&again, &[1]), ["ignis-conn-1"]);
     }
 }
