@@ -136,9 +136,7 @@ impl Edge {
             directory,
             server: manifest.server.clone(),
             upstreams: upstreams.clone(),
-            threads: threads::Threads::new(
-                std::thread::available_parallelism().map_or(2, |n| n.get()),
-            ),
+            threads: threads::Threads::new(threads::count()),
         }))
     }
 

@@ -43,6 +43,24 @@ use tokio::sync::mpsc;
 
 type Job = Box<dyn FnOnce() + Send>;
 
+thread_local! {
+    /// The index of the connection thread this is, if it is one.
+    static CURRENT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// How many connection threads an edge runs: one per core (read once:
+/// `available_parallelism` reads the cgroup's files).
+pub(crate) fn count() -> usize {
+    static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *COUNT.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+}
+
+/// The index of the calling connection thread (`None` on any other
+/// thread).
+pub(crate) fn current() -> Option<usize> {
+    CURRENT.with(|c| c.get())
+}
+
 /// The connection threads of one edge: started by the first running
 /// listener, shared by all of them, ended with the last.
 pub(crate) struct Threads {
@@ -103,6 +121,7 @@ impl Pool {
             let thread = std::thread::Builder::new()
                 .name(format!("ignis-conn-{i}"))
                 .spawn(move || {
+                    CURRENT.with(|c| c.set(Some(i)));
                     runtime.block_on(async {
                         while let Some(job) = rx.recv().await {
                             job();
@@ -191,6 +210,11 @@ mod tests {
             pool.spawn_on(thread, move || async move {
                 // A task of that thread's runtime: it can use the runtime.
                 tokio::task::yield_now().await;
+                assert_eq!(
+                    current(),
+                    Some(thread),
+                    "a connection thread knows its index"
+                );
                 let name = std::thread::current().name().map(str::to_string);
                 let _ = tx.send(name.unwrap_or_default());
             });
@@ -203,6 +227,7 @@ mod tests {
         let threads = Threads::new(3);
         let pool = threads.lease().unwrap();
         assert_eq!(pool.len(), 3);
+        assert_eq!(current(), None, "not a connection thread");
         let mut names = thread_names(&pool, &[2, 0, 1, 2]);
         names.sort();
         assert_eq!(

@@ -11,10 +11,19 @@
 //! ended and the connection is ready for the next request. A connection
 //! whose body is dropped early, or that the origin closed, is dropped.
 //!
-//! Invariants: at most `max_idle` idle connections are kept, none older
-//! than `idle_timeout`; a connection is in the pool or held by exactly one
-//! request; a connection taken from the pool is polled once before use, so
-//! one the origin closed while idle is seen closed and skipped.
+//! Idle connections are kept per connection thread (`crate::threads`), in
+//! the list of the thread whose reactor the socket is registered with: a
+//! request takes one of its own thread's first, so the origin's replies
+//! wake the thread that waits for them and no other. Only when its own
+//! list is empty does it take another thread's (cheaper than a new
+//! connection). Work off the connection threads (a guest's outbound call
+//! on a scheduler thread) has a list of its own.
+//!
+//! Invariants: at most `max_idle` idle connections are kept per list (as
+//! nginx's `keepalive` is per worker), none older than `idle_timeout`; a
+//! connection is in the pool or held by exactly one request; a connection
+//! taken from the pool is polled once before use, so one the origin closed
+//! while idle is seen closed and skipped.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -41,6 +50,9 @@ pub(crate) struct H1 {
     /// The connection future ended (closed or failed).
     done: bool,
     idle_since: Instant,
+    /// The idle list it goes back to: that of the connection thread it
+    /// was opened on (`None`: opened off the connection threads).
+    home: Option<usize>,
 }
 
 impl H1 {
@@ -52,6 +64,7 @@ impl H1 {
             conn: Box::pin(conn),
             done: false,
             idle_since: Instant::now(),
+            home: crate::threads::current(),
         })
     }
 
@@ -100,24 +113,41 @@ impl H1 {
 
 /// The idle connections of one origin.
 pub(crate) struct Pool {
-    idle: Mutex<Vec<H1>>,
+    /// One list per connection thread, and one for every other thread.
+    idle: Box<[Mutex<Vec<H1>>]>,
     max_idle: usize,
     idle_timeout: Duration,
 }
 
 impl Pool {
+    /// The index of the calling thread's idle list: its connection
+    /// thread's, or the last one (off the connection threads).
+    fn list_here(&self) -> usize {
+        let other = self.idle.len() - 1;
+        crate::threads::current().map_or(other, |i| i.min(other))
+    }
+
     pub(crate) fn new(max_idle: usize, idle_timeout: Duration) -> Arc<Pool> {
         Arc::new(Pool {
-            idle: Mutex::new(Vec::new()),
+            idle: (0..=crate::threads::count())
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
             max_idle,
             idle_timeout,
         })
     }
 
-    /// The most recently used idle connection that is still open.
+    /// The most recently used idle connection that is still open: one of
+    /// this thread's, else one of another's.
     pub(crate) fn take(&self) -> Option<H1> {
+        let here = self.list_here();
+        let lists = self.idle.len();
+        (0..lists).find_map(|i| self.take_from(&self.idle[(here + i) % lists]))
+    }
+
+    fn take_from(&self, list: &Mutex<Vec<H1>>) -> Option<H1> {
         loop {
-            let mut conn = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+            let mut conn = list.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
             if conn.idle_since.elapsed() < self.idle_timeout && conn.reusable() {
                 return Some(conn);
             }
@@ -125,14 +155,17 @@ impl Pool {
         }
     }
 
-    /// Keeps `conn` for the next request if it is reusable and there is room.
+    /// Keeps `conn` for the next request if it is reusable and there is
+    /// room in its thread's list.
     pub(crate) fn give_back(&self, mut conn: H1) {
         if !conn.reusable() {
             return;
         }
         let now = Instant::now();
         conn.idle_since = now;
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let other = self.idle.len() - 1;
+        let list = &self.idle[conn.home.map_or(other, |i| i.min(other))];
+        let mut idle = list.lock().unwrap_or_else(|p| p.into_inner());
         // The oldest go first when the pool is full or they have expired
         // (one clock read for all: this runs once per proxied request, over
         // up to `max_idle` connections).
