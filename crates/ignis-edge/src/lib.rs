@@ -629,7 +629,7 @@ impl Server {
             limits: conn::WatchLimits::new(&self.edge.server),
             edge: self.edge,
             caps: caps.clone(),
-            threads: threads.clone(),
+            threads: Arc::downgrade(&threads),
             stop: stop_rx,
             failed_accepts: AtomicU64::new(0),
         });
@@ -674,7 +674,9 @@ struct Acceptor {
     builder: auto::Builder<TokioExecutor>,
     limits: conn::WatchLimits,
     caps: Arc<conn::Caps>,
-    threads: Arc<threads::Pool>,
+    /// Weak: connections hold the acceptor, and must not keep the threads
+    /// (and so themselves) alive past the listener's grace period.
+    threads: std::sync::Weak<threads::Pool>,
     stop: tokio::sync::watch::Receiver<bool>,
     /// Accepts failed since the last that worked, on any thread.
     failed_accepts: AtomicU64,
@@ -727,9 +729,13 @@ impl Acceptor {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let there = self.threads.place(here);
+            // Only gone if the listener's run was dropped without a stop.
+            let Some(threads) = self.threads.upgrade() else {
+                break;
+            };
+            let there = threads.place(here);
             if there == here {
-                let load = self.threads.open(here);
+                let load = threads.open(here);
                 tokio::spawn(self.clone().serve((stream, peer), slot, load));
                 continue;
             }
@@ -742,8 +748,8 @@ impl Acceptor {
                     continue;
                 }
             };
-            let (me, load) = (self.clone(), self.threads.open(there));
-            self.threads.spawn_on(there, move || async move {
+            let (me, load) = (self.clone(), threads.open(there));
+            threads.spawn_on(there, move || async move {
                 match tokio::net::TcpStream::from_std(stream) {
                     Ok(stream) => me.serve((stream, peer), slot, load).await,
                     Err(e) => tracing::debug!(%peer, error = %e, "accepted connection lost"),

@@ -317,3 +317,49 @@ async fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
         .sum();
     assert!(retries >= outages as u64, "{logs}");
 }
+
+/// A request still running when the grace period ends is cut: once the
+/// listener's run returns, its connection is closed, whatever its guest is
+/// doing. (Fails on 608ef3d and e119d5c: the connection's task held the
+/// connection threads, which ran on, serving it, until the guest's wall
+/// limit two minutes later. Before the connection threads, such a task ran
+/// on in the process runtime until the process exited.)
+#[tokio::test]
+async fn a_request_still_running_after_the_grace_period_is_cut() {
+    let server = TestServer::start_full(&format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+cache_dir = "{cache}"
+shutdown_grace = "200ms"
+
+[functions.limits]
+component = "{limits}"
+wall_time = "120s"
+
+[[routes]]
+path = "/limits/..."
+function = "limits"
+"#,
+        cache = shared_cache(),
+        limits = wasm("limits"),
+    ))
+    .await;
+    let mut held = hold(&server, "/limits/sleep?ms=600000").await;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        server
+            .function("limits")
+            .stats()
+            .wait_until(|s| s.active.load(std::sync::atomic::Ordering::SeqCst) == 1),
+    )
+    .await
+    .expect("the request is running");
+    server.shutdown().await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(30), held.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the connection outlived the grace period and its listener"
+    );
+}
