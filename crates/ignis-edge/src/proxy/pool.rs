@@ -120,11 +120,11 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    /// The index of the calling thread's idle list: its connection
-    /// thread's, or the last one (off the connection threads).
-    fn list_here(&self) -> usize {
+    /// The index of the idle list of `thread`: a connection thread's own,
+    /// or the last one (`None`: off the connection threads).
+    fn list_of(&self, thread: Option<usize>) -> usize {
         let other = self.idle.len() - 1;
-        crate::threads::current().map_or(other, |i| i.min(other))
+        thread.map_or(other, |i| i.min(other))
     }
 
     pub(crate) fn new(max_idle: usize, idle_timeout: Duration) -> Arc<Pool> {
@@ -140,7 +140,7 @@ impl Pool {
     /// The most recently used idle connection that is still open: one of
     /// this thread's, else one of another's.
     pub(crate) fn take(&self) -> Option<H1> {
-        let here = self.list_here();
+        let here = self.list_of(crate::threads::current());
         let lists = self.idle.len();
         (0..lists).find_map(|i| self.take_from(&self.idle[(here + i) % lists]))
     }
@@ -163,8 +163,7 @@ impl Pool {
         }
         let now = Instant::now();
         conn.idle_since = now;
-        let other = self.idle.len() - 1;
-        let list = &self.idle[conn.home.map_or(other, |i| i.min(other))];
+        let list = &self.idle[self.list_of(conn.home)];
         let mut idle = list.lock().unwrap_or_else(|p| p.into_inner());
         // The oldest go first when the pool is full or they have expired
         // (one clock read for all: this runs once per proxied request, over

@@ -4,29 +4,12 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
-
 use crate::harness::*;
 
 async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(60), f)
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
-
-/// Request A: sleeps in the `limits` function's only instance until its
-/// connection is dropped. Returns once A is running.
-async fn hold_the_only_instance(server: &TestServer) -> TcpStream {
-    let a = hold(server, "/limits/sleep?ms=600000").await;
-    within(
-        "A running",
-        server
-            .function("limits")
-            .stats()
-            .wait_until(|s| s.active.load(Ordering::SeqCst) == 1),
-    )
-    .await;
-    a
 }
 
 fn capped(mailbox: u32, queue_timeout: &str) -> String {
@@ -65,7 +48,7 @@ async fn a_full_mailbox_sheds_at_once_without_instantiating() {
     let actor = server.gate("limits").clone();
 
     // A holds the only instance; B waits in the one-place mailbox.
-    let a = hold_the_only_instance(&server).await;
+    let a = hold_a_running_request(&server).await;
     let b = {
         let c = c.clone();
         let url = server.url("/limits/sleep?ms=0");
@@ -112,7 +95,7 @@ async fn a_request_waiting_past_the_queue_deadline_is_shed() {
     let limits = server.function("limits").clone();
     let actor = server.gate("limits").clone();
 
-    let a = hold_the_only_instance(&server).await;
+    let a = hold_a_running_request(&server).await;
 
     let b = get(&c, &server.url("/limits/sleep?ms=0")).await;
     assert_eq!(b.status, 503, "{}", b.text());

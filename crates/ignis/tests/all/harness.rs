@@ -304,6 +304,23 @@ pub async fn hold(server: &TestServer, path: &str) -> tokio::net::TcpStream {
     s
 }
 
+/// A request that sleeps in the `limits` function (its `/limits/...` route)
+/// until its connection is dropped. Returns once it is running: the
+/// function's active count is 1.
+pub async fn hold_a_running_request(server: &TestServer) -> tokio::net::TcpStream {
+    let a = hold(server, "/limits/sleep?ms=600000").await;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        server
+            .function("limits")
+            .stats()
+            .wait_until(|s| s.active.load(std::sync::atomic::Ordering::SeqCst) == 1),
+    )
+    .await
+    .expect("timed out waiting for the held request to run");
+    a
+}
+
 /// Sends raw bytes on a fresh connection and returns everything the server
 /// answers until it closes the connection (or 10 s pass).
 pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {

@@ -345,16 +345,7 @@ function = "limits"
         limits = wasm("limits"),
     ))
     .await;
-    let mut held = hold(&server, "/limits/sleep?ms=600000").await;
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        server
-            .function("limits")
-            .stats()
-            .wait_until(|s| s.active.load(std::sync::atomic::Ordering::SeqCst) == 1),
-    )
-    .await
-    .expect("the request is running");
+    let mut held = hold_a_running_request(&server).await;
     server.shutdown().await;
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(30), held.read_to_end(&mut rest)).await;
