@@ -16,10 +16,18 @@
 //!   hand-off left on that side is the one every message makes, to the
 //!   actor's activation and back.
 //!
+//! - each connection thread of the edge (`ignis_edge::connection_thread`)
+//!   has its own connection to each peer, driven on that thread: a
+//!   current-thread runtime polls its reactor only on its own thread, so
+//!   a forward sent on another thread's connection woke that thread twice
+//!   (to write the request, to hand the answer back).
+//!
 //! Invariants:
-//! - One connection per peer address, opened on first use and forgotten
-//!   when it ends (error, peer gone, or a keep-alive ping unanswered for
-//!   [`KEEP_ALIVE_TIMEOUT`]); the map holds only live connections.
+//! - One connection per peer address and connection thread (plus one for
+//!   every other thread), opened on first use and forgotten when it ends
+//!   (error, peer gone, a keep-alive ping unanswered for
+//!   [`KEEP_ALIVE_TIMEOUT`], or its runtime shut down); the maps hold only
+//!   live connections.
 //! - Bodies are read with flow control released as they are consumed and
 //!   a byte limit; every stream and header list is bounded by the
 //!   settings below.
@@ -156,12 +164,44 @@ async fn keep_alive(ping: Option<PingPong>) {
 }
 
 type Sender = h2::client::SendRequest<Bytes>;
+/// One thread's connections: peer address -> (connection id, handle).
+type Conns = Mutex<HashMap<String, (u64, Sender)>>;
 
-/// The forwarding side: one HTTP/2 connection per peer address.
-#[derive(Default)]
+/// The forwarding side: one HTTP/2 connection per peer address and
+/// connection thread.
 pub struct Peers {
-    conns: Mutex<HashMap<String, (u64, Sender)>>,
+    /// One map per connection thread, and one for every other thread.
+    conns: Box<[Conns]>,
     next: AtomicU64,
+}
+
+impl Default for Peers {
+    fn default() -> Peers {
+        Peers {
+            conns: (0..=ignis_edge::connection_threads())
+                .map(|_| Mutex::default())
+                .collect(),
+            next: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Forgets its connection when dropped: when the connection's task ends,
+/// or is dropped with its runtime (connection threads end with the last
+/// listener).
+struct ForgetOnDrop {
+    peers: std::sync::Weak<Peers>,
+    list: usize,
+    address: String,
+    id: u64,
+}
+
+impl Drop for ForgetOnDrop {
+    fn drop(&mut self) {
+        if let Some(peers) = self.peers.upgrade() {
+            peers.forget(self.list, &self.address, self.id);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -169,9 +209,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Peers {
-    /// The connection to `address`, opened if there is none.
-    async fn sender(self: &Arc<Self>, address: &str) -> Result<(u64, Sender), LinkError> {
-        if let Some(s) = lock(&self.conns).get(address) {
+    /// The index of the calling thread's map.
+    fn list_here(&self) -> usize {
+        let other = self.conns.len() - 1;
+        ignis_edge::connection_thread().map_or(other, |i| i.min(other))
+    }
+
+    /// This thread's connection to `address`, opened (and driven on this
+    /// thread) if there is none.
+    async fn sender(
+        self: &Arc<Self>,
+        list: usize,
+        address: &str,
+    ) -> Result<(u64, Sender), LinkError> {
+        if let Some(s) = lock(&self.conns[list]).get(address) {
             return Ok(s.clone());
         }
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await
@@ -195,14 +246,20 @@ impl Peers {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         // Another task may have connected meanwhile: the first one stays,
         // this one closes once its handle is dropped.
-        let chosen = lock(&self.conns)
+        let chosen = lock(&self.conns[list])
             .entry(address.to_string())
             .or_insert((id, send))
             .clone();
-        let address = address.to_string();
         let ping = conn.ping_pong();
-        let peers = Arc::downgrade(self);
+        let forget = ForgetOnDrop {
+            peers: Arc::downgrade(self),
+            list,
+            address: address.to_string(),
+            id,
+        };
+        // On the current runtime: this connection thread's own.
         tokio::spawn(async move {
+            let address = &forget.address;
             tokio::select! {
                 r = &mut conn => if let Err(e) = r {
                     tracing::debug!(peer = %address, error = %e, "cluster connection ended");
@@ -211,15 +268,13 @@ impl Peers {
                     tracing::warn!(peer = %address, "a cluster peer stopped answering pings; its connection is dropped");
                 }
             }
-            if let Some(peers) = peers.upgrade() {
-                peers.forget(&address, id);
-            }
+            drop(forget);
         });
         Ok(chosen)
     }
 
-    fn forget(&self, address: &str, id: u64) {
-        let mut conns = lock(&self.conns);
+    fn forget(&self, list: usize, address: &str, id: u64) {
+        let mut conns = lock(&self.conns[list]);
         if conns.get(address).is_some_and(|(i, _)| *i == id) {
             conns.remove(address);
         }
@@ -235,9 +290,10 @@ impl Peers {
         body: Bytes,
         limit: usize,
     ) -> Result<Response<Bytes>, LinkError> {
-        let (id, send) = self.sender(address).await?;
+        let list = self.list_here();
+        let (id, send) = self.sender(list, address).await?;
         let not_sent = |e: h2::Error| {
-            self.forget(address, id);
+            self.forget(list, address, id);
             LinkError::NotSent(format!("the connection to {address} is gone: {e}"))
         };
         let mut send = send.ready().await.map_err(not_sent)?;
@@ -331,4 +387,63 @@ where
         }
     }
     let _ = std::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A connection is driven by the runtime that opened it; when that
+    /// runtime ends (connection threads end with the last listener), the
+    /// connection is forgotten and the next forward opens a new one. Fails
+    /// before `ForgetOnDrop`: the task that forgot the connection was
+    /// dropped with its runtime before reaching that line, the map kept the
+    /// dead connection, and every later forward to the peer was refused
+    /// as not sent.
+    #[test]
+    fn a_connection_whose_runtime_ended_is_replaced() {
+        let server = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = server
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        server.spawn(async move {
+            while let Ok((io, _)) = listener.accept().await {
+                tokio::spawn(serve(io, |_req| async {
+                    Response::new(Bytes::from_static(b"answered"))
+                }));
+            }
+        });
+        let peers = Arc::new(Peers::default());
+        let forward = |peers: Arc<Peers>, address: String| async move {
+            let request = Request::builder()
+                .uri(format!("http://{address}/"))
+                .body(())
+                .unwrap();
+            peers.request(&address, request, Bytes::new(), 1024).await
+        };
+        for round in 0..3 {
+            let runtime = current_thread();
+            let answer = runtime
+                .block_on(forward(peers.clone(), address.clone()))
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(answer.body().as_ref(), b"answered");
+            drop(runtime);
+            assert!(
+                peers.conns.iter().all(|m| lock(m).is_empty()),
+                "round {round}: the connection outlived its runtime in the map"
+            );
+        }
+    }
 }
