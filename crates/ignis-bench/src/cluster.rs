@@ -361,7 +361,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         left.push(failover(&client, &mut nodes, &format!("left{round}"), "TERM").await?);
         nodes.push(start_node(args, &manifest)?);
     }
-    println!("failover (signal to the first reply from another node; default 5 s leases):");
+    println!("failover (signal to the first reply from another node; default 4 s leases):");
     let killed_summary = summary("kill -9", &killed);
     let left_summary = summary("clean stop", &left);
     let results = serde_json::json!({

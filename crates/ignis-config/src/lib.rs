@@ -160,7 +160,10 @@ impl ClusterConfig {
         ClusterConfig {
             listen: DEFAULT_CLUSTER_LISTEN.parse().expect("valid default"),
             advertise: None,
-            lease: Duration::from_secs(5),
+            // Failover takes up to a lease plus the takeover (tens of
+            // ms): 4 s keeps it under 5 s; with 5 s one failover in three
+            // measured 5.09 s (docs/perf/2026-12-01-cluster-forwarding.md).
+            lease: Duration::from_secs(4),
             forward_timeout: Duration::from_secs(30),
         }
     }

@@ -1571,7 +1571,7 @@ fn cluster_settings_have_defaults_and_bad_ones_are_named() {
     assert_eq!(parse("").unwrap().cluster, None);
     let c = parse("[cluster]\n").unwrap().cluster.unwrap();
     assert_eq!(c, ignis_config::ClusterConfig::with_defaults());
-    assert_eq!(c.lease, Duration::from_secs(5));
+    assert_eq!(c.lease, Duration::from_secs(4));
     assert_eq!(c.listen.to_string(), "127.0.0.1:9903");
     let c = parse(
         "[cluster]\nlisten = \"0.0.0.0:7000\"\nadvertise = \"node-3.internal:7000\"\nlease = \"2s\"\nforward_timeout = \"10s\"\n",
