@@ -65,20 +65,7 @@ use tokio::net::TcpListener;
 
 pub use proxy::{OriginStats, Peer, Upstream};
 pub use routing::Router;
-
-/// How many connection threads an edge runs (one per core).
-pub fn connection_threads() -> usize {
-    threads::count()
-}
-
-/// The index of the calling connection thread (below
-/// [`connection_threads`]), or `None` on any other thread. Per-thread
-/// caches of connections (the proxy's origin connections, the cluster's
-/// links) use it to keep a connection on the thread whose reactor owns its
-/// socket.
-pub fn connection_thread() -> Option<usize> {
-    threads::current()
-}
+pub use threads::PerThread;
 
 /// Routing table plus the limits every request is held to.
 ///

@@ -62,6 +62,50 @@ pub(crate) fn current() -> Option<usize> {
     CURRENT.with(|c| c.get())
 }
 
+/// One value per connection thread, and one shared by every other thread:
+/// for caches of connections (the proxy's origin connections, the
+/// cluster's links) kept on the thread whose reactor owns their sockets,
+/// since a current-thread runtime polls its reactor only on its own thread.
+pub struct PerThread<T> {
+    slots: Box<[T]>,
+}
+
+impl<T> PerThread<T> {
+    /// `make()` for each connection thread and once for the others.
+    pub fn new(mut make: impl FnMut() -> T) -> PerThread<T> {
+        PerThread {
+            slots: (0..=count()).map(|_| make()).collect(),
+        }
+    }
+
+    /// The slot of `thread` (a connection thread's index, as [`current`]
+    /// gives it), or the shared one (`None`).
+    pub fn index_of(&self, thread: Option<usize>) -> usize {
+        let shared = self.slots.len() - 1;
+        thread.map_or(shared, |i| i.min(shared))
+    }
+
+    /// The calling thread's slot.
+    pub fn index_here(&self) -> usize {
+        self.index_of(current())
+    }
+
+    /// Every slot, the calling thread's first and then the others in turn.
+    pub fn here_first(&self) -> impl Iterator<Item = &T> {
+        let here = self.index_here();
+        let n = self.slots.len();
+        (0..n).map(move |i| &self.slots[(here + i) % n])
+    }
+}
+
+impl<T> std::ops::Index<usize> for PerThread<T> {
+    type Output = T;
+
+    fn index(&self, slot: usize) -> &T {
+        &self.slots[slot]
+    }
+}
+
 /// The connection threads of one edge: started by the first running
 /// listener, shared by all of them, ended with the last.
 pub(crate) struct Threads {
@@ -221,6 +265,40 @@ mod tests {
             });
         }
         (0..on.len()).map(|_| rx.recv().unwrap()).collect()
+    }
+
+    /// A connection thread uses its own slot first, any other thread the
+    /// shared one; every slot is visited once.
+    #[test]
+    fn per_thread_slots_start_with_the_callers() {
+        let mut n = 0;
+        let slots = Arc::new(PerThread::new(|| {
+            n += 1;
+            n - 1
+        }));
+        let shared = count();
+        assert_eq!(slots.index_here(), shared, "not a connection thread");
+        let order: Vec<usize> = slots.here_first().copied().collect();
+        assert_eq!(order[0], shared);
+        let mut all = order.clone();
+        all.sort();
+        assert_eq!(all, (0..=shared).collect::<Vec<_>>());
+        assert_eq!(slots.index_of(Some(shared + 5)), shared);
+
+        let threads = Threads::new(count());
+        let pool = threads.lease().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for thread in 0..count() {
+            let (tx, slots) = (tx.clone(), slots.clone());
+            pool.spawn_on(thread, move || async move {
+                let first = slots.here_first().next().copied();
+                let _ = tx.send((thread, slots.index_here(), first));
+            });
+        }
+        for _ in 0..count() {
+            let (thread, here, first) = rx.recv().unwrap();
+            assert_eq!((here, first), (thread, Some(thread)));
+        }
     }
 
     #[test]

@@ -39,6 +39,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
 use super::origin::{OriginStream, ProxyBody};
+use crate::threads::PerThread;
 
 type Conn = http1::Connection<TokioIo<OriginStream>, ProxyBody>;
 
@@ -114,24 +115,15 @@ impl H1 {
 /// The idle connections of one origin.
 pub(crate) struct Pool {
     /// One list per connection thread, and one for every other thread.
-    idle: Box<[Mutex<Vec<H1>>]>,
+    idle: PerThread<Mutex<Vec<H1>>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
 
 impl Pool {
-    /// The index of the idle list of `thread`: a connection thread's own,
-    /// or the last one (`None`: off the connection threads).
-    fn list_of(&self, thread: Option<usize>) -> usize {
-        let other = self.idle.len() - 1;
-        thread.map_or(other, |i| i.min(other))
-    }
-
     pub(crate) fn new(max_idle: usize, idle_timeout: Duration) -> Arc<Pool> {
         Arc::new(Pool {
-            idle: (0..=crate::threads::count())
-                .map(|_| Mutex::new(Vec::new()))
-                .collect(),
+            idle: PerThread::new(Mutex::default),
             max_idle,
             idle_timeout,
         })
@@ -140,9 +132,7 @@ impl Pool {
     /// The most recently used idle connection that is still open: one of
     /// this thread's, else one of another's.
     pub(crate) fn take(&self) -> Option<H1> {
-        let here = self.list_of(crate::threads::current());
-        let lists = self.idle.len();
-        (0..lists).find_map(|i| self.take_from(&self.idle[(here + i) % lists]))
+        self.idle.here_first().find_map(|list| self.take_from(list))
     }
 
     fn take_from(&self, list: &Mutex<Vec<H1>>) -> Option<H1> {
@@ -163,7 +153,7 @@ impl Pool {
         }
         let now = Instant::now();
         conn.idle_since = now;
-        let list = &self.idle[self.list_of(conn.home)];
+        let list = &self.idle[self.idle.index_of(conn.home)];
         let mut idle = list.lock().unwrap_or_else(|p| p.into_inner());
         // The oldest go first when the pool is full or they have expired
         // (one clock read for all: this runs once per proxied request, over

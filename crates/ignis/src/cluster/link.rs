@@ -16,7 +16,7 @@
 //!   hand-off left on that side is the one every message makes, to the
 //!   actor's activation and back.
 //!
-//! - each connection thread of the edge (`ignis_edge::connection_thread`)
+//! - each connection thread of the edge (`ignis_edge::PerThread`)
 //!   has its own connection to each peer, driven on that thread: a
 //!   current-thread runtime polls its reactor only on its own thread, so
 //!   a forward sent on another thread's connection woke that thread twice
@@ -44,6 +44,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::{Ping, PingPong, Reason, RecvStream};
 use http::{HeaderMap, Request, Response};
+use ignis_edge::PerThread;
 use tokio::net::TcpStream;
 
 /// A ping goes out on an idle or busy connection this often...
@@ -171,16 +172,14 @@ type Conns = Mutex<HashMap<String, (u64, Sender)>>;
 /// connection thread.
 pub struct Peers {
     /// One map per connection thread, and one for every other thread.
-    conns: Box<[Conns]>,
+    conns: PerThread<Conns>,
     next: AtomicU64,
 }
 
 impl Default for Peers {
     fn default() -> Peers {
         Peers {
-            conns: (0..=ignis_edge::connection_threads())
-                .map(|_| Mutex::default())
-                .collect(),
+            conns: PerThread::new(Mutex::default),
             next: AtomicU64::new(0),
         }
     }
@@ -209,12 +208,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Peers {
-    /// The index of the calling thread's map.
-    fn list_here(&self) -> usize {
-        let other = self.conns.len() - 1;
-        ignis_edge::connection_thread().map_or(other, |i| i.min(other))
-    }
-
     /// This thread's connection to `address`, opened (and driven on this
     /// thread) if there is none.
     async fn sender(
@@ -290,7 +283,7 @@ impl Peers {
         body: Bytes,
         limit: usize,
     ) -> Result<Response<Bytes>, LinkError> {
-        let list = self.list_here();
+        let list = self.conns.index_here();
         let (id, send) = self.sender(list, address).await?;
         let not_sent = |e: h2::Error| {
             self.forget(list, address, id);
@@ -441,7 +434,7 @@ mod tests {
             assert_eq!(answer.body().as_ref(), b"answered");
             drop(runtime);
             assert!(
-                peers.conns.iter().all(|m| lock(m).is_empty()),
+                peers.conns.here_first().all(|m| lock(m).is_empty()),
                 "round {round}: the connection outlived its runtime in the map"
             );
         }
