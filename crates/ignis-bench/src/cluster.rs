@@ -58,6 +58,11 @@ pub struct Args {
     /// Measure the forwarding overhead only (no JSON written).
     #[arg(long)]
     pub only_forwarding: bool,
+    /// Open-loop rate (messages/s) of the forwarding-overhead runs. The
+    /// recorded figure is at the default; other rates show how much of the
+    /// overhead is waking idle cores (docs/perf/2026-12-01-cluster-forwarding.md).
+    #[arg(long, default_value_t = 400.0)]
+    pub forward_rate: f64,
 }
 
 /// A node with its three addresses.
@@ -129,8 +134,8 @@ fn latency(r: &Report) -> serde_json::Value {
 }
 
 /// Open-loop messages `op` to actor `counter/fwd` (owned by node 0) at
-/// 400/s, sent to node 0 and then to node 1 (which forwards them), for
-/// `args.rounds` rounds; prints and returns the p50s, p99s and the
+/// `args.forward_rate` (400/s by default), sent to node 0 and then to node
+/// 1 (which forwards them), for `args.rounds` rounds; prints and returns the p50s, p99s and the
 /// overhead (median forwarded p50 − median direct p50).
 async fn forwarding(args: &Args, nodes: &[ClusterNode], op: &str) -> serde_json::Value {
     let path = format!("/counter/fwd/{op}");
@@ -142,7 +147,7 @@ async fn forwarding(args: &Args, nodes: &[ClusterNode], op: &str) -> serde_json:
             &path,
             4,
             args.seconds,
-            Some(400.0),
+            Some(args.forward_rate),
         ))
         .await;
         let f = crate::run(&spec(
@@ -150,7 +155,7 @@ async fn forwarding(args: &Args, nodes: &[ClusterNode], op: &str) -> serde_json:
             &path,
             4,
             args.seconds,
-            Some(400.0),
+            Some(args.forward_rate),
         ))
         .await;
         direct_p50.push(d.latency_us.p50 as f64);
@@ -160,7 +165,8 @@ async fn forwarding(args: &Args, nodes: &[ClusterNode], op: &str) -> serde_json:
     }
     let overhead_us = percentile(&forwarded_p50, 0.5) - percentile(&direct_p50, 0.5);
     println!(
-        "forwarding `{op}`: p50 direct {:.0} µs, forwarded {:.0} µs: overhead {overhead_us:.0} µs (target < 100 µs)",
+        "forwarding `{op}` at {}/s: p50 direct {:.0} µs, forwarded {:.0} µs: overhead {overhead_us:.0} µs (target < 100 µs)",
+        args.forward_rate,
         percentile(&direct_p50, 0.5),
         percentile(&forwarded_p50, 0.5)
     );
@@ -181,6 +187,7 @@ async fn forwarding(args: &Args, nodes: &[ClusterNode], op: &str) -> serde_json:
     );
     serde_json::json!({
         "op": op,
+        "rate_per_s": args.forward_rate,
         "direct": direct,
         "forwarded": forwarded,
         "overhead_p50_us": overhead_us,
