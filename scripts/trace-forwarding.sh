@@ -32,6 +32,9 @@ target/release/ignis-bench cluster \
         "forwarding \`whoami\` at"*) kill -INT "$perf_pid" ;;
         esac
     done
+# Stopped above once the storage-free runs are done; here if the
+# benchmark ended without printing that line.
+kill -INT "$perf_pid" 2>/dev/null || true
 wait "$perf_pid" || true
 perf script -i "$out/perf.data" -F comm,pid,tid,time,event,trace >"$out/events.txt" 2>/dev/null
 python3 - "$out/events.txt" <<'PY'

@@ -61,7 +61,7 @@ pub struct Args {
     /// Open-loop rate (messages/s) of the forwarding-overhead runs. The
     /// recorded figure is at the default; other rates show how much of the
     /// overhead is waking idle cores (docs/perf/2026-12-01-cluster-forwarding.md).
-    #[arg(long, default_value_t = 400.0)]
+    #[arg(long, default_value_t = 400.0, value_parser = crate::positive_rate)]
     pub forward_rate: f64,
 }
 

@@ -39,6 +39,18 @@ pub mod plot;
 pub mod proxy;
 pub mod scenario;
 
+/// Parses an open-loop rate argument (requests per second): a finite
+/// number above zero (the load generator divides by it).
+pub fn positive_rate(arg: &str) -> Result<f64, String> {
+    match arg.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        Ok(_) => Err(format!(
+            "a rate is requests per second above zero, not {arg}"
+        )),
+        Err(e) => Err(format!("{arg} is not a number: {e}")),
+    }
+}
+
 /// What to send.
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
@@ -405,7 +417,16 @@ pub async fn run(spec: &LoadSpec) -> Report {
 
 #[cfg(test)]
 mod template_tests {
-    use super::PathTemplate;
+    use super::{PathTemplate, positive_rate};
+
+    #[test]
+    fn rates_are_finite_and_above_zero() {
+        assert_eq!(positive_rate("400"), Ok(400.0));
+        assert_eq!(positive_rate("2.5"), Ok(2.5));
+        for bad in ["0", "-400", "inf", "NaN", "", "400/s"] {
+            assert!(positive_rate(bad).is_err(), "{bad:?} was taken as a rate");
+        }
+    }
 
     #[test]
     fn placeholder_cycles_below_its_modulus() {

@@ -48,7 +48,7 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
         /// Open-loop rate (requests/s); closed loop when absent.
-        #[arg(long)]
+        #[arg(long, value_parser = ignis_bench::positive_rate)]
         rate: Option<f64>,
         /// A new connection for every request (new connections per second).
         #[arg(long)]
@@ -84,7 +84,7 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
         /// Open-loop rate for the latency runs; default: half of wasmtime's throughput.
-        #[arg(long)]
+        #[arg(long, value_parser = ignis_bench::positive_rate)]
         rate: Option<f64>,
         /// Write the JSON results here.
         #[arg(long)]
