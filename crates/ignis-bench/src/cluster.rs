@@ -135,29 +135,25 @@ fn latency(r: &Report) -> serde_json::Value {
 
 /// Open-loop messages `op` to actor `counter/fwd` (owned by node 0) at
 /// `args.forward_rate` (400/s by default), sent to node 0 and then to node
-/// 1 (which forwards them), for `args.rounds` rounds; prints and returns the p50s, p99s and the
-/// overhead (median forwarded p50 − median direct p50).
+/// 1 (which forwards them), for `args.rounds` rounds; prints and returns
+/// the p50s, p99s and the overhead (median forwarded p50 − median direct
+/// p50).
 async fn forwarding(args: &Args, nodes: &[ClusterNode], op: &str) -> serde_json::Value {
     let path = format!("/counter/fwd/{op}");
+    let open_loop = |node: &ClusterNode| {
+        spec(
+            &node.node.http,
+            &path,
+            4,
+            args.seconds,
+            Some(args.forward_rate),
+        )
+    };
     let (mut direct, mut forwarded) = (Vec::new(), Vec::new());
     let (mut direct_p50, mut forwarded_p50) = (Vec::new(), Vec::new());
     for _ in 0..args.rounds {
-        let d = crate::run(&spec(
-            &nodes[0].node.http,
-            &path,
-            4,
-            args.seconds,
-            Some(args.forward_rate),
-        ))
-        .await;
-        let f = crate::run(&spec(
-            &nodes[1].node.http,
-            &path,
-            4,
-            args.seconds,
-            Some(args.forward_rate),
-        ))
-        .await;
+        let d = crate::run(&open_loop(&nodes[0])).await;
+        let f = crate::run(&open_loop(&nodes[1])).await;
         direct_p50.push(d.latency_us.p50 as f64);
         forwarded_p50.push(f.latency_us.p50 as f64);
         direct.push(latency(&d));
