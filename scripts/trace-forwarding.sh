@@ -25,7 +25,7 @@ target/release/ignis-bench cluster \
     --ignis target/release/ignis \
     --counter examples/target/wasm32-wasip2/release/counter.wasm \
     --hello examples/target/wasm32-wasip2/release/hello.wasm \
-    --only-forwarding --rounds 1 --seconds 2 "$@" 2>&1 |
+    --only-forwarding --no-relay --rounds 1 --seconds 2 "$@" 2>&1 |
     while IFS= read -r line; do
         echo "$line"
         case "$line" in

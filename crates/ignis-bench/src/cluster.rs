@@ -8,6 +8,12 @@
 //!   to another node, which forwards them over HTTP/2: the p50 difference is
 //!   the cost of a forward. Twice: a message that touches no storage (the
 //!   forward alone) and a read (one database round trip on the owner).
+//!   Beside the storage-free message, in the same rounds and at the same
+//!   rate, the relay floor: the bench's bare hyper hello loaded directly,
+//!   through nginx and through Ignis's reverse proxy. nginx's difference is
+//!   what one more process in the path costs here with a peer's code in it
+//!   (about 80 µs p50 at 400/s on this two-core VM, where each hop wakes an
+//!   idle thread); the forward's overhead is reported against it.
 //! - **1 vs 3 nodes**: closed-loop increments over 1,000 actors, all sent to
 //!   one node, then the same load split over three (each actor owned by one
 //!   of them, two thirds of the messages forwarded): the per-node
@@ -29,6 +35,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::deploy::{HttpClient, Node, percentile, request, start_with, summary};
+use crate::proxy::Relays;
 use crate::{LoadSpec, Report};
 
 /// Command-line arguments.
@@ -63,6 +70,15 @@ pub struct Args {
     /// overhead is waking idle cores (docs/perf/2026-12-01-cluster-forwarding.md).
     #[arg(long, default_value_t = 400.0, value_parser = crate::positive_rate)]
     pub forward_rate: f64,
+    /// The nginx binary. Next to the storage-free message, in the same
+    /// rounds and at the same rate, the bench measures the relay floor: a
+    /// bare hyper hello directly, through nginx and through Ignis's reverse
+    /// proxy (what one more process in the path costs on this machine).
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    pub nginx: PathBuf,
+    /// Skip the relay floor (no nginx needed).
+    #[arg(long)]
+    pub no_relay: bool,
 }
 
 /// A node with its three addresses.
@@ -137,27 +153,39 @@ fn latency(r: &Report) -> serde_json::Value {
 /// `args.forward_rate` (400/s by default), sent to node 0 and then to node
 /// 1 (which forwards them), for `args.rounds` rounds; prints and returns
 /// the p50s, p99s and the overhead (median forwarded p50 − median direct
-/// p50).
-async fn forwarding(args: &Args, nodes: &[ClusterNode], op: &str) -> serde_json::Value {
+/// p50). With `relays`, each round also loads the origin's `/hello`
+/// directly, through nginx and through Ignis's reverse proxy, with the same
+/// connections and rate: the overhead of one more process in the path with
+/// a peer's code in it, measured beside the forward's.
+async fn forwarding(
+    args: &Args,
+    nodes: &[ClusterNode],
+    op: &str,
+    relays: Option<&Relays>,
+) -> serde_json::Value {
     let path = format!("/counter/fwd/{op}");
-    let open_loop = |node: &ClusterNode| {
-        spec(
-            &node.node.http,
-            &path,
-            4,
-            args.seconds,
-            Some(args.forward_rate),
-        )
-    };
+    let open_loop =
+        |addr: &str, path: &str| spec(addr, path, 4, args.seconds, Some(args.forward_rate));
     let (mut direct, mut forwarded) = (Vec::new(), Vec::new());
     let (mut direct_p50, mut forwarded_p50) = (Vec::new(), Vec::new());
+    // p50s of the origin directly, through Ignis, through nginx.
+    let mut relay_p50: [Vec<f64>; 3] = Default::default();
     for _ in 0..args.rounds {
-        let d = crate::run(&open_loop(&nodes[0])).await;
-        let f = crate::run(&open_loop(&nodes[1])).await;
+        let d = crate::run(&open_loop(&nodes[0].node.http, &path)).await;
+        let f = crate::run(&open_loop(&nodes[1].node.http, &path)).await;
         direct_p50.push(d.latency_us.p50 as f64);
         forwarded_p50.push(f.latency_us.p50 as f64);
         direct.push(latency(&d));
         forwarded.push(latency(&f));
+        for (addr, p50s) in relays
+            .map(Relays::plain)
+            .into_iter()
+            .flatten()
+            .zip(&mut relay_p50)
+        {
+            let r = crate::run(&open_loop(addr, "/hello")).await;
+            p50s.push(r.latency_us.p50 as f64);
+        }
     }
     let overhead_us = percentile(&forwarded_p50, 0.5) - percentile(&direct_p50, 0.5);
     println!(
@@ -166,6 +194,25 @@ async fn forwarding(args: &Args, nodes: &[ClusterNode], op: &str) -> serde_json:
         percentile(&direct_p50, 0.5),
         percentile(&forwarded_p50, 0.5)
     );
+    let relay = relays.map(|_| {
+        let [origin, ignis, nginx] = relay_p50.each_ref().map(|v| percentile(v, 0.5));
+        println!(
+            "relay floor at {}/s: bare hyper p50 {origin:.0} µs, through nginx {nginx:.0} µs (+{:.0}), \
+             through Ignis's reverse proxy {ignis:.0} µs (+{:.0}); the forward's overhead / nginx's {:.2}",
+            args.forward_rate,
+            nginx - origin,
+            ignis - origin,
+            overhead_us / (nginx - origin)
+        );
+        serde_json::json!({
+            "origin_p50_us": relay_p50[0],
+            "ignis_proxy_p50_us": relay_p50[1],
+            "nginx_p50_us": relay_p50[2],
+            "nginx_overhead_p50_us": nginx - origin,
+            "ignis_proxy_overhead_p50_us": ignis - origin,
+            "forward_overhead_over_nginx": overhead_us / (nginx - origin),
+        })
+    });
     // Closed loop, the cores saturated: what a forward costs in CPU shows
     // as the throughput lost (steadier than latency on a noisy machine).
     let (mut direct_rps, mut forwarded_rps) = (Vec::new(), Vec::new());
@@ -190,6 +237,7 @@ async fn forwarding(args: &Args, nodes: &[ClusterNode], op: &str) -> serde_json:
         "closed_loop_direct_per_s": direct_rps,
         "closed_loop_forwarded_per_s": forwarded_rps,
         "closed_loop_ratio": ratio,
+        "relay_floor": relay,
     })
 }
 
@@ -275,8 +323,19 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     post(&client, &nodes[0].url("/counter/fwd/incr"))
         .await
         .context("placing the actor")?;
-    let bare = forwarding(args, &nodes, "whoami").await;
-    let read = forwarding(args, &nodes, "get").await;
+    let relays = if args.no_relay {
+        None
+    } else {
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Some(
+            Relays::start(&args.ignis, &args.nginx, &dir.join("relays"), workers)
+                .await
+                .context("starting the relay floor's origin and proxies (--no-relay skips it)")?,
+        )
+    };
+    let bare = forwarding(args, &nodes, "whoami", relays.as_ref()).await;
+    drop(relays);
+    let read = forwarding(args, &nodes, "get", None).await;
     if args.only_forwarding {
         drop(nodes);
         let _ = std::fs::remove_dir_all(&dir);

@@ -171,55 +171,88 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The origin (this binary's bare hyper hello) with Ignis's reverse proxy
+/// and nginx in front of it, all answering; stopped on drop.
+pub(crate) struct Relays {
+    origin: Server,
+    ignis: Server,
+    nginx: Server,
+    cert: PathBuf,
+}
+
+impl Relays {
+    /// Starts the three in `dir` (a certificate from `ignis cert` for the
+    /// TLS listeners; nginx with `workers` worker processes) and waits
+    /// until each answers `/hello`.
+    pub(crate) async fn start(
+        ignis: &Path,
+        nginx: &Path,
+        dir: &Path,
+        workers: usize,
+    ) -> anyhow::Result<Relays> {
+        std::fs::create_dir_all(dir)?;
+        let status = Command::new(ignis)
+            .args(["cert", "--host", "localhost", "--out"])
+            .arg(dir.join("tls"))
+            .stdout(Stdio::null())
+            .status()
+            .context("running ignis cert")?;
+        if !status.success() {
+            bail!("ignis cert failed");
+        }
+        let (cert, key) = (dir.join("tls/cert.pem"), dir.join("tls/key.pem"));
+        let origin_port = free_port()?;
+        let origin = Server {
+            name: "origin",
+            child: Command::new(std::env::current_exe()?)
+                .args([
+                    "hyper-hello",
+                    "--listen",
+                    &format!("127.0.0.1:{origin_port}"),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting the origin")?,
+            plain: format!("127.0.0.1:{origin_port}"),
+            tls: String::new(),
+        };
+        wait_ready(&origin.plain, "/hello").await?;
+        let ignis = start_ignis(ignis, dir, origin_port, &cert, &key)?;
+        let nginx = start_nginx(nginx, dir, origin_port, &cert, &key, workers)?;
+        for s in [&ignis, &nginx] {
+            wait_ready(&s.plain, "/hello")
+                .await
+                .with_context(|| s.name)?;
+        }
+        Ok(Relays {
+            origin,
+            ignis,
+            nginx,
+            cert,
+        })
+    }
+
+    /// Plain HTTP addresses: the origin, Ignis in front of it, nginx in
+    /// front of it.
+    pub(crate) fn plain(&self) -> [&str; 3] {
+        [&self.origin.plain, &self.ignis.plain, &self.nginx.plain]
+    }
+}
+
 /// Runs the comparison and prints the table.
 pub async fn proxy_peers(args: Args) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("ignis-bench-proxy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let status = Command::new(&args.ignis)
-        .args(["cert", "--host", "localhost", "--out"])
-        .arg(dir.join("tls"))
-        .stdout(Stdio::null())
-        .status()
-        .context("running ignis cert")?;
-    if !status.success() {
-        bail!("ignis cert failed");
-    }
-    let (cert, key) = (dir.join("tls/cert.pem"), dir.join("tls/key.pem"));
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-
-    let origin_port = free_port()?;
-    let me = std::env::current_exe()?;
-    let _origin = Server {
-        name: "origin",
-        child: Command::new(me)
-            .args([
-                "hyper-hello",
-                "--listen",
-                &format!("127.0.0.1:{origin_port}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting the origin")?,
-        plain: format!("127.0.0.1:{origin_port}"),
-        tls: String::new(),
-    };
-    wait_ready(&format!("127.0.0.1:{origin_port}"), "/hello").await?;
-
-    let ignis = start_ignis(&args.ignis, &dir, origin_port, &cert, &key)?;
-    let nginx = start_nginx(&args.nginx, &dir, origin_port, &cert, &key, workers)?;
-    for s in [&ignis, &nginx] {
-        wait_ready(&s.plain, "/hello")
-            .await
-            .with_context(|| s.name)?;
-    }
+    let relays = Relays::start(&args.ignis, &args.nginx, &dir, workers).await?;
+    let (ignis, nginx, cert) = (&relays.ignis, &relays.nginx, &relays.cert);
     let nginx_version = Command::new(&args.nginx)
         .arg("-v")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
         .unwrap_or_default();
 
-    let tls = client_tls(&cert)?;
+    let tls = client_tls(cert)?;
     let spec_for = |server: &Server, transport: Transport, rate: Option<f64>| {
         let (addr, h2) = match transport {
             Transport::Http1 => (&server.plain, false),
@@ -241,7 +274,7 @@ pub async fn proxy_peers(args: Args) -> anyhow::Result<()> {
         spec
     };
 
-    let servers = [&ignis, &nginx];
+    let servers = [ignis, nginx];
     let mut transports = Vec::new();
     for transport in [Transport::Http1, Transport::Http1Tls, Transport::H2Tls] {
         let mut runs = [PeerRuns::default(), PeerRuns::default()];
