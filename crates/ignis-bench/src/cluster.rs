@@ -12,8 +12,9 @@
 //!   rate, the relay floor: the bench's bare hyper hello loaded directly,
 //!   through nginx and through Ignis's reverse proxy. nginx's difference is
 //!   what one more process in the path costs here with a peer's code in it
-//!   (about 80 µs p50 at 400/s on this two-core VM, where each hop wakes an
-//!   idle thread); the forward's overhead is reported against it.
+//!   (77-96 µs p50 at 400/s on this two-core VM in the runs of 2026-12-01,
+//!   where each hop wakes a sleeping thread); the forward's overhead is
+//!   reported against it.
 //! - **1 vs 3 nodes**: closed-loop increments over 1,000 actors, all sent to
 //!   one node, then the same load split over three (each actor owned by one
 //!   of them, two thirds of the messages forwarded): the per-node
