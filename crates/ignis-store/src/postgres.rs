@@ -57,7 +57,8 @@
 //! Errors: a statement the database refused is [`StoreError::Engine`]
 //! (nothing of the job applied); a database that cannot be reached, or a
 //! connection lost before `COMMIT` was sent, is [`StoreError::Unavailable`]
-//! (nothing applied). A connection lost *while* `COMMIT` was in flight
+//! (nothing applied), including a session the server ended while a
+//! statement was in flight (its FATAL error is that statement's answer). A connection lost *while* `COMMIT` was in flight
 //! leaves the outcome unknown to this node: the job fails with
 //! [`StoreError::Unavailable`] saying so (the writes may be there). The
 //! pool reconnects by itself when the database is back.
@@ -534,13 +535,34 @@ impl From<tokio_postgres::Error> for StoreError {
         {
             return StoreError::Fenced(db.message().to_string());
         }
-        if e.as_db_error().is_some() {
-            return StoreError::Engine(e.to_string());
+        if let Some(db) = e.as_db_error() {
+            // `e` alone says only "db error": the server's words are in `db`.
+            let text = format!("{e}: {db}");
+            if session_ended(db) {
+                return StoreError::Unavailable(text);
+            }
+            return StoreError::Engine(text);
         }
         // No answer from the server: the connection is gone or was never
         // made (refused, timed out, closed, an I/O error).
         StoreError::Unavailable(e.to_string())
     }
+}
+
+/// Whether the server answered by ending the session rather than by
+/// refusing the statement: a FATAL or PANIC error (the backend exits after
+/// sending it: terminated by an administrator, the server shutting down or
+/// crashed, the database dropped), or a connection exception (SQLSTATE
+/// class 08). The statement was cut off with its connection, as when no
+/// answer comes at all: unavailable, not an engine error. A statement in
+/// flight when its backend is terminated gets the FATAL as its answer;
+/// the same connection's next statement would find it closed.
+fn session_ended(db: &tokio_postgres::error::DbError) -> bool {
+    use tokio_postgres::error::Severity;
+    matches!(
+        db.parsed_severity(),
+        Some(Severity::Fatal | Severity::Panic)
+    ) || db.code().code().starts_with("08")
 }
 
 fn pool_error(e: PoolError) -> StoreError {

@@ -723,6 +723,81 @@ async fn postgres_recovers_by_itself_after_its_connections_are_killed() {
     assert_eq!(s.get(&ns, "after").await.unwrap().unwrap().value, b"2");
 }
 
+/// A statement in flight when the server ends its session (here: its
+/// backend terminated by an administrator while it waits on a lock) gets
+/// the FATAL error as its answer. That is the database going away
+/// (`Unavailable`: a retryable 503 upstream), not a statement the database
+/// refused (`Engine`). Fails on the code before the fix, which called every
+/// error the server sent an engine error: an actor's read cut this way
+/// reached its guest as a plain storage failure and the message ended as a
+/// trap (500), seen in
+/// `cluster::losing_the_database_fails_actors_with_503_and_recovers_by_itself`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_statement_whose_session_is_ended_is_unavailable() {
+    let Some((_server, url)) = postgres_database() else {
+        return;
+    };
+    let s = PgStore::open(&url, &PgOptions::default()).await.unwrap();
+    let ns = Namespace::new("t", "s");
+    s.set(&ns, "k", b"1".to_vec()).await.unwrap();
+    // Another session holds the table, so the store's read waits on it.
+    let (blocker, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE ignis_kv IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let read = tokio::spawn({
+        let (s, ns) = (s.clone(), ns.clone());
+        async move { s.get(&ns, "k").await }
+    });
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while blocker
+        .query_one(waiting, &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store's read never waited on the lock"
+        );
+        tokio::task::yield_now().await;
+    }
+    let ended: i64 = blocker
+        .query_one(
+            &format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM ({waiting_pids}) w",
+                waiting_pids = waiting.replace("count(*)", "pid")
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ended, 1);
+    let e = read.await.unwrap().unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    // The lock goes; the pool replaces the ended connection by itself.
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    let mut failures = 0;
+    loop {
+        match s.get(&ns, "k").await {
+            Ok(v) => {
+                assert_eq!(v.unwrap().value, b"1");
+                break;
+            }
+            Err(StoreError::Unavailable(_)) if failures < 32 => failures += 1,
+            Err(e) => panic!("after {failures} failures: {e:?}"),
+        }
+    }
+}
+
 /// One node per database serves actors: a second store asking for the node
 /// lock is refused, naming the session that holds it. When the holder's
 /// session is lost, it writes nothing more (another node may have taken
