@@ -710,17 +710,30 @@ async fn postgres_recovers_by_itself_after_its_connections_are_killed() {
         }
     };
     assert!(written);
+    assert_eq!(
+        read_once_back(&s, &ns, "before", &mut failures, 64).await,
+        b"1"
+    );
+    assert_eq!(s.get(&ns, "after").await.unwrap().unwrap().value, b"2");
+}
+
+/// `key`'s value, read again until the store answers: `Unavailable` is
+/// allowed while the pool replaces dead connections, until `failures`
+/// reaches `max`.
+async fn read_once_back(
+    s: &PgStore,
+    ns: &Namespace,
+    key: &str,
+    failures: &mut u32,
+    max: u32,
+) -> Vec<u8> {
     loop {
-        match s.get(&ns, "before").await {
-            Ok(v) => {
-                assert_eq!(v.unwrap().value, b"1");
-                break;
-            }
-            Err(StoreError::Unavailable(_)) if failures < 64 => failures += 1,
-            Err(e) => panic!("{e:?}"),
+        match s.get(ns, key).await {
+            Ok(v) => return v.expect("the key is there").value,
+            Err(StoreError::Unavailable(_)) if *failures < max => *failures += 1,
+            Err(e) => panic!("after {failures} failures: {e:?}"),
         }
     }
-    assert_eq!(s.get(&ns, "after").await.unwrap().unwrap().value, b"2");
 }
 
 /// A statement in flight when the server ends its session (here: its
@@ -785,17 +798,7 @@ async fn postgres_a_statement_whose_session_is_ended_is_unavailable() {
     assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
     // The lock goes; the pool replaces the ended connection by itself.
     blocker.batch_execute("ROLLBACK").await.unwrap();
-    let mut failures = 0;
-    loop {
-        match s.get(&ns, "k").await {
-            Ok(v) => {
-                assert_eq!(v.unwrap().value, b"1");
-                break;
-            }
-            Err(StoreError::Unavailable(_)) if failures < 32 => failures += 1,
-            Err(e) => panic!("after {failures} failures: {e:?}"),
-        }
-    }
+    assert_eq!(read_once_back(&s, &ns, "k", &mut 0, 32).await, b"1");
 }
 
 /// One node per database serves actors: a second store asking for the node
