@@ -58,10 +58,11 @@
 //! (nothing of the job applied); a database that cannot be reached, or a
 //! connection lost before `COMMIT` was sent, is [`StoreError::Unavailable`]
 //! (nothing applied), including a session the server ended while a
-//! statement was in flight (its FATAL error is that statement's answer). A connection lost *while* `COMMIT` was in flight
-//! leaves the outcome unknown to this node: the job fails with
-//! [`StoreError::Unavailable`] saying so (the writes may be there). The
-//! pool reconnects by itself when the database is back.
+//! statement was in flight (its FATAL error is that statement's answer).
+//! A connection lost *while* `COMMIT` was in flight leaves the outcome
+//! unknown to this node: the job fails with [`StoreError::Unavailable`]
+//! saying so (the writes may be there). The pool reconnects by itself when
+//! the database is back.
 //!
 //! The connection URL's password is never logged nor put in an error:
 //! [`PgStore::target`] is the URL without it.

@@ -766,33 +766,22 @@ async fn postgres_a_statement_whose_session_is_ended_is_unavailable() {
         let (s, ns) = (s.clone(), ns.clone());
         async move { s.get(&ns, "k").await }
     });
-    let waiting = "SELECT count(*) FROM pg_stat_activity \
+    // The store's backend, once its read waits on the lock.
+    let waiting = "FROM pg_stat_activity \
          WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let count = |select: &str| {
+        let (blocker, sql) = (&blocker, format!("SELECT {select} {waiting}"));
+        async move { blocker.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while blocker
-        .query_one(waiting, &[])
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-        == 0
-    {
+    while count("count(*)").await == 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the store's read never waited on the lock"
         );
         tokio::task::yield_now().await;
     }
-    let ended: i64 = blocker
-        .query_one(
-            &format!(
-                "SELECT count(pg_terminate_backend(pid)) FROM ({waiting_pids}) w",
-                waiting_pids = waiting.replace("count(*)", "pid")
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let ended = count("count(pg_terminate_backend(pid))").await;
     assert_eq!(ended, 1);
     let e = read.await.unwrap().unwrap_err();
     assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
